@@ -1,0 +1,36 @@
+"""Loads the compiled extension ``classp_fused._C``: the C++ (CPU) and CUDA kernels of the step op.
+
+The op ``classp_fused::classp_step_`` is declared in csrc/classp_cpu.cpp; its fake (meta)
+implementation lives here so FakeTensor, torch.compile and opcheck can trace it.
+"""
+import torch
+
+try:
+    from . import _C  # noqa: F401  (registers torch.ops.classp_fused.classp_step_)
+    LOAD_ERROR = None
+except ImportError as error:  # the package still works without it, on the foreach backend
+    LOAD_ERROR = error
+
+OP_NAME = "classp_fused::classp_step_"
+
+if LOAD_ERROR is None:
+    @torch.library.register_fake(OP_NAME)
+    def _classp_step_fake(params, grads, accs, lr, threshold, eps, power, apply_scaling,
+                          grad_scale, found_inf):
+        device = params[0].device if params else torch.device("cpu")
+        return torch.empty(len(params), 2, dtype=torch.int64, device=device)
+
+
+def has_kernel(dispatch_key: str) -> bool:
+    """Whether the extension registered a step kernel for ``dispatch_key`` ("CPU", "CUDA")."""
+    return LOAD_ERROR is None and torch._C._dispatch_has_kernel_for_dispatch_key(OP_NAME,
+                                                                                 dispatch_key)
+
+
+def call_step_op(params, grads, accs, lr, threshold, eps, power, apply_scaling, grad_scale,
+                 found_inf):
+    """Run ``torch.ops.classp_fused.classp_step_``; a float lr becomes a 0-dim float64 tensor."""
+    if not isinstance(lr, torch.Tensor):
+        lr = torch.tensor(float(lr), dtype=torch.float64)
+    return torch.ops.classp_fused.classp_step_(params, grads, accs, lr, threshold, eps, power,
+                                               apply_scaling, grad_scale, found_inf)

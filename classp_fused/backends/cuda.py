@@ -1,0 +1,8 @@
+"""Backend ``cuda``: the C++/CUDA kernel in csrc/classp_cuda.cu (chunked multi-tensor launch)."""
+import torch
+
+from .._extension import call_step_op as step, has_kernel  # noqa: F401
+
+
+def is_available(device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_available() and has_kernel("CUDA")

@@ -1,0 +1,184 @@
+"""CLASSP as a ``torch.optim.Optimizer``: param groups, fp32 state, AMP scaling, telemetry."""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from .backends import check_hyperparameters, check_param, classp_step_, resolve_backend
+from .reference import classp_legacy_step_, compute_dtype
+
+MODES = ("paper", "legacy")
+NONFINITE_POLICIES = ("skip", "raise")
+
+
+class CLASSP(Optimizer):
+    r"""CLASSP (Ludwig 2024): AdaGrad-like decay plus a per-element gradient threshold.
+
+    Per element, an update happens only where the gradient is finite and ``g*g > threshold``;
+    there ``A += |g|**power`` and ``param -= lr * g / (eps + A)**(1/power)`` (or ``lr * g``
+    when ``apply_scaling`` is False). Elsewhere the parameter and ``A`` stay bit-identical.
+
+    Args:
+        params: iterable of parameters or of param-group dicts.
+        lr: learning rate, a float or a 0-dim tensor (schedulers work with both).
+        threshold: squared-gradient threshold. Default 0.0: every finite non-zero gradient
+            element updates. The published default 0.5 was meant for a per-tensor gate; under
+            the per-element rule it blocks nearly every element of a typical network (|g| > 0.71),
+            so the sparsity level is a choice to make per model (e.g. 1e-6 to 1e-3).
+        eps: added to the accumulator inside the root (published default 1e-5).
+        power: ``p > 0`` of the accumulated ``|g|**p`` and of the root; 1 (published default)
+            and 2 (AdaGrad) have exact fast paths.
+        apply_scaling: divide by the accumulated root (True, published default) or take plain
+            thresholded SGD steps while still accumulating.
+        mode: ``"paper"`` (the equation, per element) or ``"legacy"`` (the published code's
+            per-tensor gate and L1 accumulator; ``backend="torch"`` only).
+        backend: ``"auto"`` (the fastest kernel for the params' device; see
+            :func:`classp_fused.available_backends`), ``"torch"``, ``"foreach"``, ``"cpp"``,
+            ``"cuda"`` or ``"triton"``. The choice is in ``optimizer.backend``.
+        nonfinite: ``"skip"`` never applies NaN/Inf gradient elements and counts them
+            (``nonfinite_skipped``); ``"raise"`` raises before changing anything.
+
+    State per parameter: ``"accumulator"`` (fp32, fp64 for fp64 params, param-shaped) and
+    ``"step"`` (0-dim fp32). Accumulators stay fp32 for fp16/bf16 params, also after
+    ``load_state_dict``. With ``torch.amp.GradScaler`` gradients are unscaled inside the
+    kernel and a step with ``found_inf`` is a no-op.
+    """
+
+    _step_supports_amp_scaling = True
+
+    def __init__(self, params, lr, threshold: float = 0.0, eps: float = 1e-5, power: float = 1.0,
+                 apply_scaling: bool = True, mode: str = "paper", backend: str = "auto",
+                 nonfinite: str = "skip"):
+        check_hyperparameters(lr, threshold, eps, power)
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        if nonfinite not in NONFINITE_POLICIES:
+            raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
+        defaults = dict(lr=lr, threshold=threshold, eps=eps, power=power,
+                        apply_scaling=apply_scaling)
+        super().__init__(params, defaults)
+        self.mode = mode
+        self.nonfinite = nonfinite
+        first = self.param_groups[0]["params"][0]
+        self.backend = resolve_backend(backend, first.device)
+        if mode == "legacy" and self.backend != "torch":
+            raise ValueError(f"mode='legacy' runs on backend='torch' only, got backend={backend!r}")
+        self._last_counts: list[tuple[Tensor, list[int]]] = []
+        self._nonfinite_total: Optional[Tensor] = None
+
+    def __getstate__(self) -> dict:
+        return {**super().__getstate__(), "mode": self.mode, "nonfinite": self.nonfinite,
+                "backend": self.backend}
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        self._last_counts = []
+        self._nonfinite_total = None
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        check_hyperparameters(group["lr"], group["threshold"], group["eps"], group["power"])
+        for i, p in enumerate(group["params"]):
+            check_param(p, f"params[{i}] of param group {len(self.param_groups) - 1}")
+
+    def _init_group(self, group: dict):
+        params, grads, accs, steps = [], [], [], []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise TypeError("CLASSP does not support sparse gradients")
+            state = self.state[p]
+            if not state:
+                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                state["accumulator"] = torch.zeros_like(
+                    p, dtype=compute_dtype(p), memory_format=torch.contiguous_format)
+            params.append(p)
+            grads.append(p.grad)
+            accs.append(state["accumulator"])
+            steps.append(state["step"])
+        return params, grads, accs, steps
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], float]] = None):
+        """Perform one step. ``closure`` re-evaluates the model and returns the loss."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        grad_scale = getattr(self, "grad_scale", None)
+        found_inf = getattr(self, "found_inf", None)
+        groups = [(group, *self._init_group(group)) for group in self.param_groups]
+        if self.nonfinite == "raise":
+            self._raise_on_nonfinite(groups, grad_scale)
+
+        self._last_counts = []
+        for group, params, grads, accs, steps in groups:
+            if not params:
+                continue
+            hyper = dict(lr=group["lr"], threshold=group["threshold"], eps=group["eps"],
+                         power=group["power"], apply_scaling=group["apply_scaling"],
+                         grad_scale=grad_scale, found_inf=found_inf)
+            if self.mode == "legacy":
+                counts = classp_legacy_step_(params, grads, accs, **hyper)
+            else:
+                counts = classp_step_(params, grads, accs, backend=self.backend, **hyper)
+            if found_inf is None:
+                torch._foreach_add_(steps, 1.0)
+            else:
+                torch._foreach_add_(steps, 1.0 - found_inf.to(steps[0].device, torch.float32))
+            self._last_counts.append((counts, [p.numel() for p in params]))
+            skipped = counts[:, 1].sum()
+            self._nonfinite_total = (skipped if self._nonfinite_total is None
+                                     else self._nonfinite_total + skipped.to(self._nonfinite_total.device))
+        return loss
+
+    @staticmethod
+    def _raise_on_nonfinite(groups, grad_scale) -> None:
+        for index, (_, params, grads, _, _) in enumerate(groups):
+            for i, g in enumerate(grads):
+                scaled = g if grad_scale is None else g.float() / grad_scale.to(g.device)
+                if not bool(torch.isfinite(scaled).all()):
+                    raise FloatingPointError(
+                        f"non-finite gradient in param group {index}, param {i} "
+                        f"(shape {tuple(g.shape)}); nothing was updated (nonfinite='raise')")
+
+    @property
+    def last_update_fraction(self) -> float:
+        """Fraction of the stepped parameters' elements updated by the last step (syncs)."""
+        updated = sum(int(counts[:, 0].sum()) for counts, _ in self._last_counts)
+        total = sum(sum(numels) for _, numels in self._last_counts)
+        return updated / total if total else 0.0
+
+    @property
+    def last_step_counts(self) -> list[Tensor]:
+        """Per param group, the last step's ``(n, 2)`` counts: elements updated, non-finite skipped."""
+        return [counts for counts, _ in self._last_counts]
+
+    @property
+    def nonfinite_skipped(self) -> int:
+        """Non-finite gradient elements skipped since construction (syncs)."""
+        return 0 if self._nonfinite_total is None else int(self._nonfinite_total)
+
+    def state_bytes(self) -> int:
+        """Bytes held in optimizer state tensors (accumulators and step counters)."""
+        return sum(t.numel() * t.element_size() for state in self.state.values()
+                   for t in state.values() if isinstance(t, Tensor))
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load state; accumulators keep their fp32 (fp64) dtype instead of the param's."""
+        saved = {key: dict(value) for key, value in state_dict["state"].items()}
+        ids = [pid for group in state_dict["param_groups"] for pid in group["params"]]
+        super().load_state_dict(state_dict)
+        params = [p for group in self.param_groups for p in group["params"]]
+        for pid, p in zip(ids, params):
+            if pid not in saved:
+                continue
+            state = self.state[p]
+            state["accumulator"] = saved[pid]["accumulator"].to(device=p.device,
+                                                                dtype=compute_dtype(p)).contiguous()
+            state["step"] = saved[pid]["step"].to(device=p.device, dtype=torch.float32)
