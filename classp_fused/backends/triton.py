@@ -1,0 +1,326 @@
+"""Backend ``triton``: the CLASSP step as one Triton kernel launch per parameter dtype.
+
+The tensors of a dtype group are cut into ``CHUNK``-element chunks and one program updates one
+chunk. An int64 table gives each chunk the element offsets of its param, grad and accumulator
+from the group's first tensors, its length and its output row; it is cached per set of tensor
+addresses, so repeated steps on the same tensors do not rebuild it. lr, grad_scale and found_inf
+are read by the kernel (no host sync). Params may be float32, bfloat16 or float16; accumulators
+and arithmetic are float32, and the param is rounded once on write.
+
+On the CPU the kernel runs through the Triton interpreter (``TRITON_INTERPRET=1`` when this
+module is imported).
+"""
+import functools
+import itertools
+import os
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+try:
+    import triton
+    import triton.language as tl
+    from torch.library import triton_op, wrap_triton
+except ImportError:  # the backend is then unavailable
+    triton = None
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+CHUNK = 4096  # elements per program; fixed, so the table does not depend on the tuned BLOCK_SIZE
+TABLE_COLUMNS = 5  # param offset, grad offset, acc offset, length, output row
+KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+ALIGNMENT = 16  # bytes; every tensor the kernel touches starts on this boundary
+
+
+def is_available(device) -> bool:
+    """Whether the kernel runs on ``device``: a GPU, or the CPU when interpreted.
+
+    Interpreted kernels see copies of their tensor arguments, so the address table cannot reach
+    GPU memory then.
+    """
+    device = torch.device(device)
+    if triton is None:
+        return False
+    if device.type == "cuda":
+        return torch.cuda.is_available() and not INTERPRET
+    return device.type == "cpu" and INTERPRET
+
+
+def step(params, grads, accs, lr, threshold, eps, power, apply_scaling, grad_scale, found_inf):
+    """The backend entry point: the op, with a float lr as a 0-dim tensor."""
+    if not isinstance(lr, Tensor):
+        lr = torch.tensor(float(lr))
+    return classp_step_triton(params, grads, accs, lr, threshold, eps, power, apply_scaling,
+                              grad_scale, found_inf)
+
+
+def chunk_table(entries, device="cpu") -> Tensor:
+    """The kernel's ``(chunks, TABLE_COLUMNS)`` int64 table.
+
+    ``entries`` holds one ``(param offset, grad offset, acc offset, numel, row)`` per non-empty
+    tensor, offsets in elements from the group's base tensors. Each chunk gets its three element
+    offsets, its length (at most ``CHUNK``) and the row of the counts it adds to.
+    """
+    chunks = []
+    for p_offset, g_offset, a_offset, numel, row in entries:
+        start = torch.arange(0, numel, CHUNK, dtype=torch.int64, device=device)
+        chunks.append(torch.stack([start + p_offset, start + g_offset, start + a_offset,
+                                   (numel - start).clamp(max=CHUNK), torch.full_like(start, row)],
+                                  dim=1))
+    return torch.cat(chunks)
+
+
+@functools.lru_cache(maxsize=64)
+def _cached_chunk_table(entries, device) -> Tensor:
+    """``chunk_table`` on ``device``, kept for the next steps on the same tensors."""
+    return chunk_table(entries).to(device)
+
+
+def _dtype_groups(params) -> list[list[int]]:
+    """Indices of the non-empty params, grouped by dtype: one launch per group."""
+    groups = {}
+    for i, p in enumerate(params):
+        if p.dtype not in KERNEL_DTYPES:
+            raise TypeError(f"the triton backend supports float32, bfloat16 and float16 params, "
+                            f"got {p.dtype} for params[{i}]")
+        if p.device != params[0].device:
+            raise ValueError(f"params[{i}] is on {p.device}, params[0] on {params[0].device}: "
+                             f"the triton backend needs them on one device")
+        if p.numel():
+            groups.setdefault(p.dtype, []).append(i)
+    return list(groups.values())
+
+
+def _power_path(power: float) -> int:
+    """The kernel's ``FAST_POWER``: 1 or 2 for the exact fast paths, 0 for exp2/log2."""
+    return int(power) if power in (1.0, 2.0) else 0
+
+
+def _new_counts(params, lr) -> Tensor:
+    """Zeroed ``(n, 2)`` int64 counts on the params' device, which the kernel adds to."""
+    device = params[0].device if params else lr.device
+    return torch.zeros(len(params), 2, dtype=torch.int64, device=device)
+
+
+def _on(device, *tensors):
+    return [None if t is None else t.to(device) for t in tensors]
+
+
+def _dense(t: Tensor) -> Tensor:
+    """``t`` if contiguous and ``ALIGNMENT``-aligned, else a contiguous copy."""
+    if t.is_contiguous() and t.data_ptr() % ALIGNMENT == 0:
+        return t
+    return t.clone(memory_format=torch.contiguous_format)
+
+
+def _offset(t: Tensor, base: Tensor) -> int:
+    """Elements from ``base`` to ``t`` in memory (any sign; exact, both being aligned)."""
+    return (t.data_ptr() - base.data_ptr()) // t.element_size()
+
+
+if triton is not None:
+    def _configs():
+        if INTERPRET:  # the interpreter runs a single config
+            return [triton.Config({"BLOCK_SIZE": CHUNK})]
+        return [triton.Config({"BLOCK_SIZE": block}, num_warps=warps)
+                for block in (1024, 2048, 4096) for warps in (4, 8)]
+
+    @triton.jit
+    def _round(x, dtype: tl.constexpr):
+        """float32 ``x`` rounded to ``dtype``, to nearest even.
+
+        bfloat16 is rounded with integer ops, bit for bit as torch rounds it (NaN to 0x7FC0): the
+        interpreter's own cast truncates.
+        """
+        if dtype == tl.bfloat16:
+            bits = x.to(tl.uint32, bitcast=True)
+            bits = tl.where(x != x, 0x7FC00000, bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+            return bits.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        return x.to(dtype)
+
+    @triton.jit
+    def _update_block(p_ptr, g_ptr, a_ptr, idx, bounds, lr, grad_scale_ptr, threshold, eps, power,
+                      FULL: tl.constexpr, FAST_POWER: tl.constexpr, APPLY_SCALING: tl.constexpr):
+        """Update the elements ``idx`` in place; return how many were updated and non-finite.
+
+        Stores are masked per row of ``idx`` (32 bytes of params): a row with an update is
+        written whole, masked-out elements with the values just read, so stores stay vectors.
+        """
+        if FULL:
+            p = tl.load(p_ptr + idx)
+            g = tl.load(g_ptr + idx).to(tl.float32)
+            a = tl.load(a_ptr + idx)
+        else:
+            p = tl.load(p_ptr + idx, mask=bounds, other=0.0)
+            g = tl.load(g_ptr + idx, mask=bounds, other=0.0).to(tl.float32)
+            a = tl.load(a_ptr + idx, mask=bounds, other=0.0)
+        if grad_scale_ptr is not None:
+            g = g / tl.load(grad_scale_ptr).to(tl.float32)
+        finite = tl.abs(g) < float("inf")
+        mask = finite & (g * g > threshold)
+        nonfinite = ~finite
+        if not FULL:
+            nonfinite = nonfinite & bounds
+
+        if FAST_POWER == 1:
+            new_a = a + tl.abs(g)
+        elif FAST_POWER == 2:
+            new_a = a + g * g
+        else:
+            new_a = a + tl.exp2(power * tl.log2(tl.abs(g)))
+        if APPLY_SCALING:
+            if FAST_POWER == 1:
+                g = g / (eps + new_a)
+            elif FAST_POWER == 2:
+                g = g * tl.rsqrt(eps + new_a)
+            else:
+                g = g * tl.exp2(-tl.log2(eps + new_a) / power)
+        new_p = _round(p.to(tl.float32) - lr * g, p.dtype)
+
+        write = tl.max(mask.to(tl.int32), axis=1)[:, None] != 0
+        if not FULL:
+            write = write & bounds
+        tl.store(p_ptr + idx, tl.where(mask, new_p, p), mask=write)
+        tl.store(a_ptr + idx, tl.where(mask, new_a, a), mask=write)
+        return tl.sum(mask.to(tl.int32)), tl.sum(nonfinite.to(tl.int32))
+
+    @triton.jit
+    def _classp_kernel(p_ptr, g_ptr, a_ptr, table_ptr, counts_ptr, lr_ptr, grad_scale_ptr,
+                       found_inf_ptr, threshold, eps, power, FAST_POWER: tl.constexpr,
+                       APPLY_SCALING: tl.constexpr, GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+        """Update the chunk described by row ``program_id`` of the table; add up its counts."""
+        if found_inf_ptr is not None:
+            if tl.load(found_inf_ptr) != 0:
+                return
+        chunk = table_ptr + tl.program_id(0).to(tl.int64) * 5  # TABLE_COLUMNS
+        p_offset = tl.load(chunk)
+        g_offset = tl.load(chunk + 1)
+        a_offset = tl.load(chunk + 2)
+        length = tl.load(chunk + 3)
+        row = tl.load(chunk + 4)
+        lr = tl.load(lr_ptr).to(tl.float32)
+        # GROUP elements of params are 32 bytes; offsets are multiples of 16 bytes
+        idx = tl.arange(0, BLOCK_SIZE // GROUP)[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+        updated = tl.full((), 0, tl.int32)
+        nonfinite = tl.full((), 0, tl.int32)
+        full_end = length - length % BLOCK_SIZE
+        for start in range(0, full_end, BLOCK_SIZE):
+            u, n = _update_block(p_ptr + tl.multiple_of(p_offset + start, GROUP // 2),
+                                 g_ptr + tl.multiple_of(g_offset + start, GROUP // 2),
+                                 a_ptr + tl.multiple_of(a_offset + start, 4),
+                                 idx, None, lr, grad_scale_ptr, threshold, eps, power,
+                                 True, FAST_POWER, APPLY_SCALING)
+            updated += u
+            nonfinite += n
+        if full_end < length:
+            u, n = _update_block(p_ptr + tl.multiple_of(p_offset + full_end, GROUP // 2),
+                                 g_ptr + tl.multiple_of(g_offset + full_end, GROUP // 2),
+                                 a_ptr + tl.multiple_of(a_offset + full_end, 4),
+                                 idx, idx < length - full_end, lr, grad_scale_ptr, threshold, eps,
+                                 power, False, FAST_POWER, APPLY_SCALING)
+            updated += u
+            nonfinite += n
+        tl.atomic_add(counts_ptr + row * 2, updated.to(tl.int64))
+        tl.atomic_add(counts_ptr + row * 2 + 1, nonfinite.to(tl.int64))
+
+    # Tuning runs the kernel several times: only ever on buffers it may scribble on (scratch, or
+    # the concatenated copies of the traceable op), never through the address table of a step.
+    _classp_kernel_autotuned = triton.autotune(
+        configs=_configs(), key=["FAST_POWER", "APPLY_SCALING"],
+        restore_value=["p_ptr", "a_ptr", "counts_ptr"])(_classp_kernel)
+
+    def _launch(kernel, p, g, a, table, counts, lr, grad_scale, found_inf, threshold, eps, power,
+                apply_scaling, **config):
+        """One launch over every chunk of ``table``; ``p``, ``g``, ``a`` are the base tensors."""
+        kernel[(table.shape[0],)](p, g, a, table, counts, lr, grad_scale, found_inf, threshold,
+                                  eps, power, FAST_POWER=_power_path(power),
+                                  APPLY_SCALING=apply_scaling, GROUP=32 // p.element_size(),
+                                  **config)
+
+    @functools.lru_cache
+    def _tuned_config(device, dtype, power_path, apply_scaling):
+        """The autotuner's choice for one kernel variant, tuned on scratch buffers."""
+        configs = _classp_kernel_autotuned.configs
+        if len(configs) == 1:
+            return configs[0]
+        numel = 1 << 22
+        p = torch.randn(numel, device=device).to(dtype)
+        g = torch.randn(numel, device=device).to(dtype)
+        a = torch.rand(numel, device=device)
+        counts = torch.zeros(1, 2, dtype=torch.int64, device=device)
+        lr = torch.tensor(1e-3, device=device)
+        power = float(power_path) if power_path else 3.0
+        _launch(_classp_kernel_autotuned, p, g, a, chunk_table(((0, 0, 0, numel, 0),), device),
+                counts, lr, None, None, 0.0, 1e-5, power, apply_scaling)
+        return _classp_kernel_autotuned.best_config
+
+    @triton_op("classp_fused::classp_step_triton", mutates_args={"params", "accs"})
+    def classp_step_triton(params: list[Tensor], grads: list[Tensor], accs: list[Tensor],
+                           lr: Tensor, threshold: float, eps: float, power: float,
+                           apply_scaling: bool, grad_scale: Optional[Tensor],
+                           found_inf: Optional[Tensor]) -> Tensor:
+        """One CLASSP step in place; returns ``(n, 2)`` int64 counts [updated, non-finite].
+
+        This body is what torch.compile traces: it steps concatenated copies of each dtype group
+        and writes them back. Eager calls take ``_classp_step_in_place`` instead.
+        """
+        counts = _new_counts(params, lr)
+        lr, grad_scale, found_inf = _on(counts.device, lr, grad_scale, found_inf)
+        for rows in _dtype_groups(params):
+            align = ALIGNMENT // params[rows[0]].element_size()
+            numels = [params[i].numel() for i in rows]
+            slots = [numel + (-numel) % align for numel in numels]
+            p, g, a = (torch.cat([F.pad(ts[i].reshape(-1), (0, slot - numel))
+                                  for i, numel, slot in zip(rows, numels, slots)])
+                       for ts in (params, grads, accs))
+            starts = list(itertools.accumulate(slots[:-1], initial=0))
+            table = chunk_table(tuple((s, s, s, n, i) for s, n, i in zip(starts, numels, rows)),
+                                counts.device)
+            _launch(wrap_triton(_classp_kernel_autotuned), p, g, a, table, counts,
+                    lr, grad_scale, found_inf, threshold, eps, power, apply_scaling)
+            for i, s, n in zip(rows, starts, numels):
+                params[i].copy_(p[s:s + n].view_as(params[i]))
+                accs[i].copy_(a[s:s + n].view_as(accs[i]))
+        return counts
+
+    @classp_step_triton.register_fake
+    def _classp_step_fake(params, grads, accs, lr, threshold, eps, power, apply_scaling,
+                          grad_scale, found_inf):
+        return _new_counts(params, lr)
+
+    def _classp_step_in_place(params, grads, accs, lr, threshold, eps, power, apply_scaling,
+                              grad_scale, found_inf):
+        """The eager step: one launch per dtype group on the tensors themselves, by address.
+
+        Non-contiguous or misaligned tensors are stepped through contiguous copies.
+        """
+        counts = _new_counts(params, lr)
+        device = counts.device
+        lr, grad_scale, found_inf = _on(device, lr, grad_scale, found_inf)
+        for rows in _dtype_groups(params):
+            members = [(i, _dense(params[i]), _dense(grads[i]), _dense(accs[i])) for i in rows]
+            _, p0, g0, a0 = members[0]
+            entries = tuple((_offset(p, p0), _offset(g, g0), _offset(a, a0), p.numel(), i)
+                            for i, p, g, a in members)
+            config = _tuned_config(device, p0.dtype, _power_path(power), apply_scaling)
+            _launch(_classp_kernel, p0, g0, a0, _cached_chunk_table(entries, device), counts, lr,
+                    grad_scale, found_inf, threshold, eps, power, apply_scaling,
+                    **config.all_kwargs())
+            for i, p, _, a in members:
+                if p is not params[i]:
+                    params[i].copy_(p)
+                if a is not accs[i]:
+                    accs[i].copy_(a)
+        return counts
+
+    for _device_type in ("cpu", "cuda"):  # one at a time: a tuple shares one enable switch
+        classp_step_triton.register_kernel(_device_type, _classp_step_in_place)
+
+    if INTERPRET:
+        # wrap_triton cannot trace an interpreted kernel: functionalization keeps the op whole.
+        from torch._subclasses.functional_tensor import FunctionalTensorMode
+
+        @classp_step_triton.register_torch_dispatch(FunctionalTensorMode)
+        def _functionalize_whole(mode, op, types, args, kwargs):
+            return mode.__torch_dispatch__(op, types, args, kwargs)
