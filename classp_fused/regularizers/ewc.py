@@ -1,0 +1,117 @@
+"""Elastic Weight Consolidation (Kirkpatrick 2017) and online EWC (Schwarz 2018)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call, grad, jacrev, vmap
+
+from .base import Regularizer, check_choice, check_number
+
+
+class EWC(Regularizer):
+    """EWC: penalty ``(lam/2) * sum_tasks sum F_t * (theta - theta*_t)^2``, diagonal Fisher F.
+
+    The model returns logits of shape (batch, classes); log-probabilities are their
+    log_softmax.
+
+    - ``fisher="empirical"``: squared gradients of the NLL of the true labels (batches must
+      be (input, label)). ``fisher="exact"``: the expectation over the model's predicted
+      classes, sum_c p_c (grad log p_c)^2 (labels are not needed).
+    - ``per_sample=True``: the mean over samples of the per-sample quantity (torch.func).
+      ``per_sample=False``: per batch, the square of the batch-mean gradient (for the exact
+      Fisher, of the batch mean of sqrt(p_c) grad log p_c, one backward per class), weighted
+      by the batch size and divided by N. This approximation never exceeds the per-sample
+      Fisher and equals it for batches of one sample.
+    - ``mode="separate"``: one (F, theta*) pair per task. ``mode="online"``: one pair,
+      F* = gamma * F*_prev + F_new and theta* the latest parameters.
+    """
+
+    def __init__(self, model: nn.Module, lam: float, mode: str = "separate", gamma: float = 1.0,
+                 fisher: str = "empirical", per_sample: bool = False, process_group=None):
+        super().__init__(model, lam, per_sample, process_group)
+        check_choice("mode", mode, ("separate", "online"))
+        check_choice("fisher", fisher, ("empirical", "exact"))
+        self.mode = mode
+        self.fisher = fisher
+        self.gamma = check_number("gamma", gamma, 0.0, 1.0, low_open=True)
+
+    @property
+    def _scale(self) -> float:
+        return self.lam / 2
+
+    def _combine(self, new, anchor):
+        if self.mode == "separate":
+            self.tasks.append((new, anchor))
+            return
+        if self.tasks:
+            old = self.tasks[0][0]
+            new = {name: t + self.gamma * old[name] if name in old else t
+                   for name, t in new.items()}
+        self.tasks = [(new, anchor)]
+
+    def _check_task_count(self, n: int) -> None:
+        if self.mode == "online":
+            super()._check_task_count(n)
+
+    def _importance_sums(self, batches, params):
+        add = {("empirical", False): self._add_empirical_batch,
+               ("empirical", True): self._add_empirical_per_sample,
+               ("exact", False): self._add_exact_batch,
+               ("exact", True): self._add_exact_per_sample}[self.fisher, self.per_sample]
+        sums = {name: self._accumulator(p) for name, p in params.items()}
+        count = 0
+        for x, y in batches:
+            if self.fisher == "empirical" and y is None:
+                raise ValueError("data must yield (input, label) batches for fisher='empirical'")
+            add(x, y, params, sums)
+            count += x.shape[0]
+        return sums, count
+
+    def _sample_output(self, p, x_k: Tensor) -> Tensor:
+        """Logits of one sample as a (1, classes) batch, regularized params taken from ``p``."""
+        return functional_call(self.model, p, (x_k.unsqueeze(0),))
+
+    def _add_empirical_batch(self, x, y, params, sums) -> None:
+        loss = F.cross_entropy(self.model(x), y)
+        grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
+        for name, g in zip(params, grads):
+            if g is not None:
+                sums[name] += x.shape[0] * g.pow(2)
+
+    def _add_exact_batch(self, x, y, params, sums) -> None:
+        log_p = F.log_softmax(self.model(x), dim=-1)
+        sqrt_p = log_p.detach().mul(0.5).exp()
+        for c in range(log_p.shape[-1]):
+            grads = torch.autograd.grad((sqrt_p[:, c] * log_p[:, c]).mean(),
+                                        list(params.values()), retain_graph=True,
+                                        allow_unused=True)
+            for name, g in zip(params, grads):
+                if g is not None:
+                    sums[name] += x.shape[0] * g.pow(2)
+
+    def _add_empirical_per_sample(self, x, y, params, sums) -> None:
+        def nll(p, x_k, y_k):
+            return F.cross_entropy(self._sample_output(p, x_k), y_k.unsqueeze(0))
+
+        detached = {name: p.detach() for name, p in params.items()}
+        per_sample_grad = vmap(grad(nll), in_dims=(None, 0, 0))
+        chunk = self._sample_chunk(params)
+        for x_chunk, y_chunk in zip(x.split(chunk), y.split(chunk)):
+            for name, g in per_sample_grad(detached, x_chunk, y_chunk).items():
+                sums[name] += g.square_().sum(0)
+
+    def _add_exact_per_sample(self, x, y, params, sums) -> None:
+        def log_probs(p, x_k):
+            log_p = F.log_softmax(self._sample_output(p, x_k)[0], dim=-1)
+            return log_p, log_p.detach()
+
+        detached = {name: p.detach() for name, p in params.items()}
+        jacobian = vmap(jacrev(log_probs, has_aux=True), in_dims=(None, 0))
+        with torch.no_grad():
+            num_classes = self.model(x[:1]).shape[-1]
+        for chunk in x.split(self._sample_chunk(params, num_classes)):
+            jac, log_p = jacobian(detached, chunk)
+            prob = log_p.exp()
+            for name, j in jac.items():
+                sums[name] += torch.einsum("bc,bc...->...", prob, j.square_())

@@ -1,0 +1,130 @@
+"""Importance all-reduced across 2 gloo ranks equals a single process on all the data; the
+penalty gradient works on FSDP2-sharded (DTensor) parameters."""
+import socket
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from classp_fused.regularizers import EWC, MAS
+
+WORLD_SIZE = 2
+DTYPE = torch.float64
+CONFIGS = {
+    "mas-batch": (MAS, {}),
+    "mas-per-sample": (MAS, {"per_sample": True}),
+    "mas-local": (MAS, {"local": True}),
+    "ewc-empirical-batch": (EWC, {"lam": 1.0}),
+    "ewc-exact-per-sample": (EWC, {"lam": 1.0, "fisher": "exact", "per_sample": True}),
+}
+
+pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
+                                reason="needs torch.distributed with gloo")
+
+
+def make_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 10), nn.ReLU(), nn.Linear(10, 3)).to(DTYPE)
+
+
+def make_batches():
+    """Four batches; rank r of 2 gets batches 2r and 2r+1."""
+    gen = torch.Generator().manual_seed(1)
+    return [(torch.randn(n, 6, generator=gen, dtype=DTYPE),
+             torch.randint(0, 3, (n,), generator=gen)) for n in (5, 3, 4, 6)]
+
+
+def perturb_(model):
+    gen = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+
+
+def fixed_loss(model):
+    x = torch.randn(4, 6, generator=torch.Generator().manual_seed(3), dtype=DTYPE)
+    return model(x).pow(2).sum()
+
+
+def worker(rank, port, out_dir):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=WORLD_SIZE)
+    try:
+        model, shard = make_model(), make_batches()[2 * rank:2 * rank + 2]
+        results = {}
+        for name, (method, kwargs) in CONFIGS.items():
+            reg = method(model, **kwargs)
+            reg.consolidate(shard)
+            results[name] = reg.importance
+        group = dist.new_group(list(range(WORLD_SIZE)))
+        explicit = MAS(model, per_sample=True, process_group=group)
+        explicit.consolidate(shard)
+        results["explicit-group"] = explicit.importance
+
+        # FSDP2: importance on the unsharded model, then shard it and add the penalty gradient.
+        reg = MAS(model, lam=2.0)
+        reg.consolidate(shard)
+        perturb_(model)
+        mesh = init_device_mesh("cpu", (WORLD_SIZE,))
+        fully_shard(model[0], mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        fixed_loss(model).backward()
+        reg.add_penalty_grad_()
+        results["fsdp-grads"] = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
+        penalty = reg.penalty().detach()
+        dist.all_reduce(penalty)
+        results["fsdp-penalty"] = {"penalty": penalty}
+        torch.save(results, f"{out_dir}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_workers(out_dir, timeout=120):
+    context = mp.start_processes(worker, args=(free_port(), str(out_dir)), nprocs=WORLD_SIZE,
+                                 join=False, start_method="spawn")
+    deadline = time.monotonic() + timeout
+    while not context.join(timeout=1):
+        if time.monotonic() > deadline:
+            for process in context.processes:
+                process.kill()
+            pytest.fail(f"distributed workers did not finish within {timeout} s")
+
+
+def test_all_reduced_importance_equals_single_process(tmp_path):
+    run_workers(tmp_path)
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD_SIZE)]
+
+    data, expected = make_batches(), {}
+    for name, (method, kwargs) in CONFIGS.items():
+        reg = method(make_model(), **kwargs)
+        reg.consolidate(data)
+        expected[name] = reg.importance
+    expected["explicit-group"] = expected["mas-per-sample"]
+    model = make_model()
+    reg = MAS(model, lam=2.0)
+    reg.consolidate(data)
+    perturb_(model)
+    (fixed_loss(model) + reg.penalty()).backward()  # autograd of the penalty as the oracle
+    expected["fsdp-grads"] = {n: p.grad for n, p in model.named_parameters()}
+    expected["fsdp-penalty"] = {"penalty": reg.penalty().detach()}
+
+    for rank, results in enumerate(ranks):
+        assert results.keys() == expected.keys()
+        for name, tensors in expected.items():
+            assert results[name].keys() == tensors.keys()
+            for param, t in tensors.items():
+                torch.testing.assert_close(results[name][param], t,
+                                           msg=f"rank {rank}, {name}, {param}")
