@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from .backends import check_hyperparameters, check_param, classp_step_, resolve_backend
@@ -45,6 +45,12 @@ class CLASSP(Optimizer):
     ``"step"`` (0-dim fp32). Accumulators stay fp32 for fp16/bf16 params, also after
     ``load_state_dict``. With ``torch.amp.GradScaler`` gradients are unscaled inside the
     kernel and a step with ``found_inf`` is a no-op.
+
+    Under FSDP2 (``fully_shard``) parameters, gradients and accumulators are DTensors; the
+    step runs on their local shards, and the counts (``last_update_fraction``,
+    ``nonfinite_skipped``) are this rank's. Under ``torch.compile`` the per-step input
+    validation is skipped; give ``lr`` as a tensor so that a scheduler changing it causes no
+    recompilation.
     """
 
     _step_supports_amp_scaling = True
@@ -62,12 +68,21 @@ class CLASSP(Optimizer):
         super().__init__(params, defaults)
         self.mode = mode
         self.nonfinite = nonfinite
-        first = self.param_groups[0]["params"][0]
-        self.backend = resolve_backend(backend, first.device)
+        self.backend = resolve_backend(backend, self._device())
         if mode == "legacy" and self.backend != "torch":
             raise ValueError(f"mode='legacy' runs on backend='torch' only, got backend={backend!r}")
-        self._last_counts: list[tuple[Tensor, list[int]]] = []
-        self._nonfinite_total: Optional[Tensor] = None
+        # (counts, numels) per stepped group of the last step. A dict entry, not an attribute:
+        # torch.compile drops attribute stores on optimizers and guards on a list's length.
+        self._telemetry: dict[str, list[tuple[Tensor, list[int]]]] = {"last_counts": []}
+        self._nonfinite_total = self._zero_count()
+
+    def _device(self) -> torch.device:
+        """The device of the first parameter (ZeroRedundancyOptimizer may leave a rank none)."""
+        params = [p for group in self.param_groups for p in group["params"]]
+        return params[0].device if params else torch.device("cpu")
+
+    def _zero_count(self) -> Tensor:
+        return torch.zeros((), dtype=torch.int64, device=self._device())
 
     def __getstate__(self) -> dict:
         return {**super().__getstate__(), "mode": self.mode, "nonfinite": self.nonfinite,
@@ -75,18 +90,23 @@ class CLASSP(Optimizer):
 
     def __setstate__(self, state: dict) -> None:
         super().__setstate__(state)
-        self._last_counts = []
-        self._nonfinite_total = None
+        self._telemetry = {"last_counts": []}
+        self._nonfinite_total = self._zero_count()
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         check_hyperparameters(group["lr"], group["threshold"], group["eps"], group["power"])
         for i, p in enumerate(group["params"]):
-            check_param(p, f"params[{i}] of param group {len(self.param_groups) - 1}")
+            check_param(_local(p), f"params[{i}] of param group {len(self.param_groups) - 1}")
 
-    def _init_group(self, group: dict):
-        params, grads, accs, steps = [], [], [], []
+    def _init_group(self, group: dict, params: list, grads: list, accs: list,
+                    steps: list) -> None:
+        """Append the group's stepped tensors (local shards of DTensors) to the lists.
+
+        State is created here on first use; the lists are filled in place, the form
+        torch.compile traces without running the state initialization in the graph.
+        """
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -97,11 +117,10 @@ class CLASSP(Optimizer):
                 state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
                 state["accumulator"] = torch.zeros_like(
                     p, dtype=compute_dtype(p), memory_format=torch.contiguous_format)
-            params.append(p)
-            grads.append(p.grad)
-            accs.append(state["accumulator"])
+            params.append(_local(p))
+            grads.append(_local(p.grad))
+            accs.append(_local(state["accumulator"]))
             steps.append(state["step"])
-        return params, grads, accs, steps
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None):
@@ -112,11 +131,15 @@ class CLASSP(Optimizer):
                 loss = closure()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        groups = [(group, *self._init_group(group)) for group in self.param_groups]
+        groups = []
+        for group in self.param_groups:
+            params, grads, accs, steps = [], [], [], []
+            self._init_group(group, params, grads, accs, steps)
+            groups.append((group, params, grads, accs, steps))
         if self.nonfinite == "raise":
             self._raise_on_nonfinite(groups, grad_scale)
 
-        self._last_counts = []
+        last_counts = []
         for group, params, grads, accs, steps in groups:
             if not params:
                 continue
@@ -131,10 +154,9 @@ class CLASSP(Optimizer):
                 torch._foreach_add_(steps, 1.0)
             else:
                 torch._foreach_add_(steps, 1.0 - found_inf.to(steps[0].device, torch.float32))
-            self._last_counts.append((counts, [p.numel() for p in params]))
-            skipped = counts[:, 1].sum()
-            self._nonfinite_total = (skipped if self._nonfinite_total is None
-                                     else self._nonfinite_total + skipped.to(self._nonfinite_total.device))
+            last_counts.append((counts, [p.numel() for p in params]))
+            self._nonfinite_total.add_(counts[:, 1].sum().to(self._nonfinite_total.device))
+        self._telemetry["last_counts"] = last_counts
         return loss
 
     @staticmethod
@@ -150,19 +172,20 @@ class CLASSP(Optimizer):
     @property
     def last_update_fraction(self) -> float:
         """Fraction of the stepped parameters' elements updated by the last step (syncs)."""
-        updated = sum(int(counts[:, 0].sum()) for counts, _ in self._last_counts)
-        total = sum(sum(numels) for _, numels in self._last_counts)
+        last_counts = self._telemetry["last_counts"]
+        updated = sum(int(counts[:, 0].sum()) for counts, _ in last_counts)
+        total = sum(sum(numels) for _, numels in last_counts)
         return updated / total if total else 0.0
 
     @property
     def last_step_counts(self) -> list[Tensor]:
         """Per param group, the last step's ``(n, 2)`` counts: elements updated, non-finite skipped."""
-        return [counts for counts, _ in self._last_counts]
+        return [counts for counts, _ in self._telemetry["last_counts"]]
 
     @property
     def nonfinite_skipped(self) -> int:
         """Non-finite gradient elements skipped since construction (syncs)."""
-        return 0 if self._nonfinite_total is None else int(self._nonfinite_total)
+        return int(self._nonfinite_total)
 
     def state_bytes(self) -> int:
         """Bytes held in optimizer state tensors (accumulators and step counters)."""
@@ -182,3 +205,14 @@ class CLASSP(Optimizer):
             state["accumulator"] = saved[pid]["accumulator"].to(device=p.device,
                                                                 dtype=compute_dtype(p)).contiguous()
             state["step"] = saved[pid]["step"].to(device=p.device, dtype=torch.float32)
+
+
+def _local(t: Tensor) -> Tensor:
+    """The part of ``t`` this rank holds: a DTensor's local shard, any other tensor itself."""
+    if type(t) in (Tensor, nn.Parameter):  # the common case, without importing DTensor
+        return t
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed support
+        return t
+    return t.to_local() if isinstance(t, DTensor) else t

@@ -277,20 +277,6 @@ def test_step_hooks_run_around_step(backend):
     assert calls == ["pre", "post"]
 
 
-def test_sparse_and_complex_grads_rejected(backend):
-    p = torch.nn.Parameter(torch.randn(4, 3))
-    opt = CLASSP([p], lr=0.1, backend=backend)
-    p.grad = torch.randn(4, 3).to_sparse()
-    with pytest.raises(TypeError, match="sparse"):
-        opt.step()
-    with pytest.raises(TypeError, match="sparse"):
-        classp_fused.classp_step_([p.detach()], [torch.randn(4, 3).to_sparse()],
-                                  [torch.zeros(4, 3)], lr=0.1, backend=backend)
-    with pytest.raises(TypeError, match="complex"):
-        classp_fused.classp_step_([p.detach()], [torch.randn(4, 3, dtype=torch.complex64)],
-                                  [torch.zeros(4, 3)], lr=0.1, backend=backend)
-
-
 def test_amp_found_inf_step_is_a_no_op(backend):
     model = tiny_model()
     opt = CLASSP(model.parameters(), lr=0.05, backend=backend)

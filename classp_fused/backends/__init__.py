@@ -3,7 +3,9 @@
 Every backend implements ``step(params, grads, accs, lr, threshold, eps, power, apply_scaling,
 grad_scale, found_inf) -> Tensor`` updating ``params`` and ``accs`` in place and returning an
 int64 tensor of shape ``(len(params), 2)``: per tensor, the number of elements updated and the
-number of non-finite gradient elements skipped. Inputs are validated here, once, for all.
+number of non-finite gradient elements skipped. Inputs are validated here, once, for all;
+under ``torch.compile`` the validation (Python-side checks, which would break the graph) is
+skipped.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from typing import Sequence
 
 import torch
 from torch import Tensor
+from torch._subclasses.fake_tensor import is_fake
 
 from ..reference import compute_dtype
 
@@ -23,8 +26,13 @@ _MODULES = {"torch": "reference_backend", "foreach": "foreach", "cpp": "cpp", "c
 PARAM_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+_loaded: dict = {}
+
+
 def _module(name: str):
-    return importlib.import_module(f"{__name__}.{_MODULES[name]}")
+    if name not in _loaded:
+        _loaded[name] = importlib.import_module(f"{__name__}.{_MODULES[name]}")
+    return _loaded[name]
 
 
 def available_backends(device: str | torch.device = "cpu") -> list[str]:
@@ -34,38 +42,46 @@ def available_backends(device: str | torch.device = "cpu") -> list[str]:
 
 
 _AUTO_ORDER = {"cuda": ("cuda", "triton"), "cpu": ("cpp",)}
-_warned_fallback: set[str] = set()
+_auto_choice: dict[str, str] = {}  # device type -> backend, filled by the first ``auto``
 
 
 def resolve_backend(name: str, device: str | torch.device) -> str:
     """Map ``auto`` to a concrete backend for ``device``; check that a named one can run there."""
     device = torch.device(device)
+    if name == "auto" and device.type in _auto_choice:
+        return _auto_choice[device.type]
     if name not in BACKENDS + ("auto",):
         raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {name!r}")
-    usable = available_backends(device)
     if name != "auto":
-        if name not in usable:
+        if not _module(name).is_available(device):
             raise RuntimeError(f"backend {name!r} is not available on device {device.type!r}; "
-                               f"available there: {usable}")
+                               f"available there: {available_backends(device)}")
         return name
-    for candidate in _AUTO_ORDER.get(device.type, ()):
-        if candidate in usable:
-            return candidate
-    if device.type not in _warned_fallback:
-        _warned_fallback.add(device.type)
+    fused = [candidate for candidate in _AUTO_ORDER.get(device.type, ())
+             if _module(candidate).is_available(device)]
+    if not fused:
         warnings.warn(f"classp_fused: no fused kernel for device {device.type!r} "
                       f"(extension not built or not supported); using the 'foreach' backend",
                       RuntimeWarning, stacklevel=3)
-    return "foreach"
+    _auto_choice[device.type] = fused[0] if fused else "foreach"
+    return _auto_choice[device.type]
 
 
 def check_hyperparameters(lr, threshold: float, eps: float, power: float) -> None:
-    """Raise ValueError naming the first out-of-range hyperparameter."""
+    """Raise ValueError naming the first out-of-range hyperparameter.
+
+    The value of a tensor ``lr`` is checked only when it holds data on the CPU (reading it from
+    an accelerator would synchronize every step; a FakeTensor has no value).
+    """
     if isinstance(lr, Tensor) and lr.numel() != 1:
         raise ValueError(f"lr as a tensor must hold one element, got shape {tuple(lr.shape)}")
-    lr_value = float(lr) if not isinstance(lr, Tensor) else float(lr.detach().cpu())
-    if not lr_value >= 0.0:
-        raise ValueError(f"lr must be a non-negative number, got {lr_value}")
+    if not isinstance(lr, Tensor) or (lr.device.type == "cpu" and not is_fake(lr)):
+        try:
+            lr_value = float(lr)
+        except (TypeError, ValueError):
+            raise ValueError(f"lr must be a non-negative number, got {lr!r}") from None
+        if not lr_value >= 0.0:
+            raise ValueError(f"lr must be a non-negative number, got {lr_value}")
     if not (isinstance(threshold, (int, float)) and threshold >= 0.0):
         raise ValueError(f"threshold must be a non-negative number, got {threshold!r}")
     if not (isinstance(eps, (int, float)) and eps >= 0.0):
@@ -103,6 +119,9 @@ def check_step_inputs(params: Sequence[Tensor], grads: Sequence[Tensor], accs: S
             raise ValueError(f"{name} must be a one-element tensor or None")
     for i, (p, g, a) in enumerate(zip(params, grads, accs)):
         check_param(p, f"params[{i}]")
+        if p.device != params[0].device:
+            raise RuntimeError(f"params[{i}] is on {p.device}, expected params[0]'s device "
+                               f"{params[0].device} (one step runs on one device)")
         if not isinstance(g, Tensor):
             raise TypeError(f"grads[{i}] must be a tensor, got {type(g).__name__}")
         if g.is_sparse or g.layout != torch.strided:
@@ -132,8 +151,11 @@ def classp_step_(params: Sequence[Tensor], grads: Sequence[Tensor], accs: Sequen
     Column 0 counts the elements updated, column 1 the non-finite gradient elements skipped.
     """
     params, grads, accs = list(params), list(grads), list(accs)
-    check_step_inputs(params, grads, accs, lr, threshold, eps, power, grad_scale, found_inf)
     device = params[0].device if params else torch.device("cpu")
-    name = resolve_backend(backend, device)
+    if torch.compiler.is_compiling():
+        name = backend if backend != "auto" else resolve_backend(backend, device)
+    else:
+        check_step_inputs(params, grads, accs, lr, threshold, eps, power, grad_scale, found_inf)
+        name = resolve_backend(backend, device)
     return _module(name).step(params, grads, accs, lr, float(threshold), float(eps), float(power),
                               bool(apply_scaling), grad_scale, found_inf)

@@ -1,6 +1,5 @@
 """Backend ``foreach``: the CLASSP step with torch._foreach ops, grouped by device and dtype."""
 import torch
-from torch.utils._foreach_utils import _group_tensors_by_device_and_dtype
 
 
 def is_available(device) -> bool:
@@ -52,15 +51,17 @@ def _step_group(params, grads, accs, lr, threshold, eps, power, apply_scaling, g
 
 def step(params, grads, accs, lr, threshold, eps, power, apply_scaling, grad_scale, found_inf):
     device = params[0].device if params else torch.device("cpu")
-    counts = torch.zeros(len(params), 2, dtype=torch.int64, device=device)
-    groups = _group_tensors_by_device_and_dtype([params, grads, accs], with_indices=True)
-    for (group_params, group_grads, group_accs), indices in groups.values():
-        nonempty = [i for i, p in enumerate(group_params) if p.numel()]
-        if not nonempty:
-            continue
-        rows = _step_group([group_params[i] for i in nonempty], [group_grads[i] for i in nonempty],
-                           [group_accs[i] for i in nonempty], lr, threshold, eps, power,
-                           apply_scaling, grad_scale, found_inf)
-        for i, row in zip(nonempty, rows):
-            counts[indices[i]] = row.to(device)
-    return counts
+    groups: dict = {}  # (device, dtype) -> indices of non-empty tensors, in traceable Python
+    for i, p in enumerate(params):
+        if p.numel():
+            groups.setdefault((p.device, p.dtype), []).append(i)
+    rows = [torch.zeros(2, dtype=torch.int64, device=device)] * len(params)
+    for indices in groups.values():
+        group_rows = _step_group([params[i] for i in indices], [grads[i] for i in indices],
+                                 [accs[i] for i in indices], lr, threshold, eps, power,
+                                 apply_scaling, grad_scale, found_inf)
+        for i, row in zip(indices, group_rows):
+            rows[i] = row.to(device)
+    if not rows:
+        return torch.zeros(0, 2, dtype=torch.int64, device=device)
+    return torch.stack(rows)
