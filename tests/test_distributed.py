@@ -256,3 +256,59 @@ def test_zero_redundancy_optimizer_matches_ddp():
 
 def test_distributed_checkpoint_round_trip_continues_identically(tmp_path):
     run_ranks(dcp_ranks, CPU_BACKENDS, str(tmp_path))
+
+
+def fsdp2_mas_dcp_ranks(rank, backends, checkpoint_dir):
+    """FSDP2 with a MAS penalty: model, optimizer and MAS state go through one DCP checkpoint."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor
+
+    from classp_fused import MAS
+
+    mesh = init_device_mesh("cpu", (WORLD_SIZE,))
+    batches = [local_batch(x, rank) for x in global_batches()]
+    first, second = batches[:STEPS], batches[STEPS:]
+    for backend in backends:
+        def run(seed, load_from=None):
+            """MAS consolidated on the unsharded model, then FSDP2 and CLASSP."""
+            model = make_model(seed)
+            mas = MAS(model, lam=0.5)
+            mas.consolidate([x + seed for x in first[:2]])
+            model = shard(model, mesh)
+            optimizer = CLASSP(model.parameters(), backend=backend, **HYPER)
+            if load_from is not None:
+                model_state, optim_state = get_state_dict(model, optimizer)
+                state = {"model": model_state, "optim": optim_state, "mas": mas.state_dict()}
+                dcp.load(state, checkpoint_id=load_from)
+                set_state_dict(model, optimizer, model_state_dict=state["model"],
+                               optim_state_dict=state["optim"])
+                mas.load_state_dict(state["mas"])
+            return model, optimizer, mas
+
+        model, optimizer, mas = run(seed=0)
+        train(model, optimizer, first, after_backward=mas.add_penalty_grad_)
+        model_state, optim_state = get_state_dict(model, optimizer)
+        mas_state = mas.state_dict()
+        params = dict(model.named_parameters())
+        for tensors in mas_state["tasks"][0].values():
+            for name, t in tensors.items():
+                assert isinstance(t, DTensor) and t.placements == params[name].placements
+        path = f"{checkpoint_dir}/fsdp2-mas-{backend}"
+        dcp.save({"model": model_state, "optim": optim_state, "mas": mas_state},
+                 checkpoint_id=path)
+        saved = {key: {name: t.full_tensor() for name, t in tensors.items()}
+                 for key, tensors in mas_state["tasks"][0].items()}
+        train(model, optimizer, second, after_backward=mas.add_penalty_grad_)
+
+        restored, restored_optimizer, restored_mas = run(seed=3, load_from=path)
+        for key, tensors in restored_mas.state_dict()["tasks"][0].items():
+            for name, t in tensors.items():
+                assert torch.equal(t.full_tensor(), saved[key][name])
+        train(restored, restored_optimizer, second, after_backward=restored_mas.add_penalty_grad_)
+        assert_matches(restored, restored_optimizer, model, optimizer, exact=True)
+
+
+def test_fsdp2_mas_checkpoint_round_trip_continues_identically(tmp_path):
+    run_ranks(fsdp2_mas_dcp_ranks, CPU_BACKENDS, str(tmp_path))

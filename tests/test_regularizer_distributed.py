@@ -1,5 +1,6 @@
 """Importance all-reduced across 2 gloo ranks equals a single process on all the data; the
-penalty gradient works on FSDP2-sharded (DTensor) parameters."""
+penalty gradient and the state round trip work on FSDP2-sharded (DTensor) parameters."""
+import copy
 import socket
 import time
 
@@ -52,6 +53,7 @@ def fixed_loss(model):
 def worker(rank, port, out_dir):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
@@ -71,6 +73,7 @@ def worker(rank, port, out_dir):
         # FSDP2: importance on the unsharded model, then shard it and add the penalty gradient.
         reg = MAS(model, lam=2.0)
         reg.consolidate(shard)
+        full_state = copy.deepcopy(reg.state_dict())  # plain full tensors, as torch.save keeps
         perturb_(model)
         mesh = init_device_mesh("cpu", (WORLD_SIZE,))
         fully_shard(model[0], mesh=mesh)
@@ -81,6 +84,24 @@ def worker(rank, port, out_dir):
         penalty = reg.penalty().detach()
         dist.all_reduce(penalty)
         results["fsdp-penalty"] = {"penalty": penalty}
+
+        # state_dict: DTensors laid out like the parameters; loads from full tensors and into
+        # an unsharded model.
+        params, state = dict(model.named_parameters()), reg.state_dict()["tasks"][0]
+        for tensors in state.values():
+            for name, t in tensors.items():
+                assert isinstance(t, DTensor) and t.device_mesh == mesh
+                assert t.placements == params[name].placements
+        results["fsdp-state"] = {f"{key}.{name}": t.full_tensor()
+                                 for key, tensors in state.items() for name, t in tensors.items()}
+        from_full = MAS(model, lam=2.0)
+        from_full.load_state_dict(full_state)
+        assert torch.equal(from_full.penalty(), reg.penalty())
+        unsharded = MAS(make_model(), lam=2.0)
+        unsharded.load_state_dict(reg.state_dict())
+        results["unsharded-state"] = {
+            f"{key}.{name}": t for key, tensors in unsharded.state_dict()["tasks"][0].items()
+            for name, t in tensors.items()}
         torch.save(results, f"{out_dir}/rank{rank}.pt")
     finally:
         dist.destroy_process_group()
@@ -120,6 +141,9 @@ def test_all_reduced_importance_equals_single_process(tmp_path):
     (fixed_loss(model) + reg.penalty()).backward()  # autograd of the penalty as the oracle
     expected["fsdp-grads"] = {n: p.grad for n, p in model.named_parameters()}
     expected["fsdp-penalty"] = {"penalty": reg.penalty().detach()}
+    expected["fsdp-state"] = expected["unsharded-state"] = {
+        f"{key}.{name}": t for key, tensors in reg.state_dict()["tasks"][0].items()
+        for name, t in tensors.items()}
 
     for rank, results in enumerate(ranks):
         assert results.keys() == expected.keys()

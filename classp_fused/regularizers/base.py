@@ -7,8 +7,9 @@ theta*)^2``. Only parameters with ``requires_grad=True`` are regularized.
 Under FSDP2 the parameters are DTensors: ``add_penalty_grad_`` and ``penalty`` work on each
 rank's local shard (``penalty`` is then this rank's share). Importance is computed by
 ``consolidate`` on the unsharded model (one copy per rank, each rank on its part of the
-data); after ``fully_shard`` the state tensors are cut to each parameter's local shard the
-first time they are used.
+data); after ``fully_shard`` the state tensors become DTensors laid out like their parameters
+(same mesh and placements) the first time they are used or ``state_dict`` is called, so the
+state can be saved and loaded with torch.distributed.checkpoint.
 """
 from __future__ import annotations
 
@@ -37,6 +38,16 @@ Task = tuple
 def _local(t: Tensor) -> Tensor:
     """The tensor this rank holds: a DTensor's local shard, any other tensor itself."""
     return t.to_local() if isinstance(t, DTensor) else t
+
+
+def _like_param(t: Tensor, p: Tensor) -> Tensor:
+    """``t`` (full-shaped, plain or DTensor) laid out like ``p``: on p's mesh and placements
+    when ``p`` is a DTensor, else a plain tensor on p's device."""
+    if isinstance(p, DTensor):
+        if isinstance(t, DTensor):
+            return t.redistribute(p.device_mesh, p.placements)
+        return distribute_tensor(t.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
+    return (t.full_tensor() if isinstance(t, DTensor) else t).to(p.device)
 
 
 def check_choice(name: str, value, choices: tuple) -> None:
@@ -171,18 +182,16 @@ class Regularizer(abc.ABC):
         for name, p in self.model.named_parameters():
             if name in importance and p.requires_grad:
                 params.append(p)
-                imps.append(self._match_shard(importance, name, p))
-                anchors.append(self._match_shard(anchor, name, p))
+                imps.append(_local(self._match_shard(importance, name, p)))
+                anchors.append(_local(self._match_shard(anchor, name, p)))
         return params, imps, anchors
 
     @staticmethod
     def _match_shard(state: dict[str, Tensor], name: str, p: Tensor) -> Tensor:
-        """``state[name]``, cut (once, in place in ``state``) to ``p``'s local shard if needed."""
+        """``state[name]``, made (once, in place in ``state``) a DTensor like ``p`` if ``p`` is."""
         t = state[name]
-        if isinstance(p, DTensor) and t.shape != p.to_local().shape:
-            t = distribute_tensor(t.to(p.device), p.device_mesh, p.placements,
-                                  src_data_rank=None).to_local()
-            state[name] = t
+        if isinstance(p, DTensor) and not isinstance(t, DTensor):
+            t = state[name] = _like_param(t, p)
         return t
 
     def penalty(self) -> Tensor:
@@ -213,7 +222,10 @@ class Regularizer(abc.ABC):
     # ----------------------------------------------------------------- state
     @property
     def importance(self) -> dict[str, Tensor]:
-        """Importance per parameter name; for several remembered tasks, their elementwise sum."""
+        """Importance per parameter name; for several remembered tasks, their elementwise sum.
+
+        Under FSDP2 an entry is a DTensor once the state has been laid out like its parameter.
+        """
         if len(self.tasks) == 1:
             return dict(self.tasks[0][0])
         total: dict[str, Tensor] = {}
@@ -223,18 +235,32 @@ class Regularizer(abc.ABC):
         return total
 
     def state_bytes(self) -> int:
-        """Bytes of all tensors kept: importance and anchor of every remembered task."""
-        return sum(t.numel() * t.element_size()
+        """Bytes this rank keeps: importance and anchor of every remembered task."""
+        return sum(_local(t).numel() * t.element_size()
                    for task in self.tasks for state in task for t in state.values())
 
     def state_dict(self) -> dict:
-        """Tensors and plain values only, so ``torch.load(weights_only=True)`` reads it."""
+        """Tensors and plain values only, so ``torch.load(weights_only=True)`` reads it.
+
+        For a DTensor parameter (FSDP2) the entries are DTensors with its mesh and placements,
+        as torch.distributed.checkpoint needs; the returned tensors are the state itself, so
+        ``dcp.load`` into them loads in place.
+        """
+        params = dict(self.model.named_parameters())
+        for task in self.tasks:
+            for state in task:
+                for name in state:
+                    self._match_shard(state, name, params[name])
         return {"method": type(self).__name__,
                 "tasks": [{"importance": dict(imp), "anchor": dict(anchor)}
                           for imp, anchor in self.tasks]}
 
     def load_state_dict(self, state: dict) -> None:
-        """Restore the tasks of ``state_dict()``; hyperparameters stay the constructor's."""
+        """Restore the tasks of ``state_dict()``; hyperparameters stay the constructor's.
+
+        Entries are full-shaped plain tensors (a single-process ``torch.save``) or DTensors
+        (torch.distributed.checkpoint); each is re-laid out like its parameter.
+        """
         if state.get("method") != type(self).__name__:
             raise ValueError(f"state is for {state.get('method')!r}, not {type(self).__name__}")
         params = dict(self.model.named_parameters())
@@ -245,9 +271,9 @@ class Regularizer(abc.ABC):
                 tensors = {}
                 for name, t in task[key].items():
                     p = params.get(name)
-                    if p is None or t.shape not in (p.shape, _local(p).shape):
+                    if p is None or t.shape != p.shape:
                         raise ValueError(f"state {key} {name!r} matches no parameter of the model")
-                    tensors[name] = t.to(device=p.device, dtype=p.dtype)
+                    tensors[name] = _like_param(t.to(dtype=p.dtype), p)
                 pair.append(tensors)
             tasks.append(tuple(pair))
         self._check_task_count(len(tasks))
