@@ -1,0 +1,202 @@
+"""Results over seeds: aggregation, JSON, CSV, a markdown table and PNG plots (Agg, no pyplot).
+
+Every file is written atomically: a temporary file in the target's directory, then os.replace.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterable
+
+from matplotlib.figure import Figure
+
+from .metrics import mean_std, sequence_metrics
+
+SCALARS = ("avg_acc", "bwt", "forgetting", "state_bytes", "seconds", "peak_rss_delta_bytes")
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the whole new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        os.unlink(tmp)
+        raise
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN and infinities become null, so the file is strict JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def write_json(path: Path, value: Any) -> None:
+    atomic_write(path, (json.dumps(_json_safe(value), indent=1, allow_nan=False) + "\n").encode())
+
+
+def _spread(per_seed: list) -> dict:
+    mean, std = mean_std(per_seed)
+    return {"mean": mean, "std": std, "per_seed": per_seed}
+
+
+def aggregate(cells: Iterable[dict]) -> dict[str, dict]:
+    """Group finished cells by benchmark and method; mean, std and per-seed value of each metric.
+
+    Returns {benchmark: {"tasks": [...], "settings": {...}, "methods": {method: {"hparams",
+    "seeds", "acc_matrix", "avg_acc", "bwt", "forgetting", "state_bytes", "seconds",
+    "peak_rss_delta_bytes"[, "update_density"]}}}}, each metric as {"mean", "std", "per_seed"}
+    and "settings" the benchmark's protocol (epochs, batch size, scenario, ...).
+    """
+    grouped: dict[str, dict[str, list[dict]]] = {}
+    for cell in cells:
+        grouped.setdefault(cell["benchmark"], {}).setdefault(cell["method"], []).append(cell)
+    results = {}
+    for benchmark, methods in grouped.items():
+        summaries = {}
+        for method, runs in methods.items():
+            rows = [{**sequence_metrics(run["acc_matrix"]), **run} for run in runs]
+            summary = {"hparams": runs[0]["settings"]["hparams"],
+                       "seeds": [run["seed"] for run in runs],
+                       "acc_matrix": _spread([row["acc_matrix"] for row in rows])}
+            summary.update({key: _spread([row[key] for row in rows]) for key in SCALARS})
+            if runs[0]["update_density"] is not None:
+                summary["update_density"] = _spread([run["update_density"] for run in runs])
+            summaries[method] = summary
+        first = next(iter(methods.values()))[0]
+        settings = {k: v for k, v in first["settings"].items() if k != "hparams"}
+        results[benchmark] = {"tasks": first["tasks"], "settings": settings, "methods": summaries}
+    return results
+
+
+def write_csv(path: Path, results: dict) -> None:
+    """One row per benchmark, method and seed (update_density: mean over tasks)."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(["benchmark", "method", "seed", *SCALARS, "update_density"])
+    for benchmark, entry in results.items():
+        for method, summary in entry["methods"].items():
+            density = summary.get("update_density", {}).get("per_seed")
+            for i, seed in enumerate(summary["seeds"]):
+                values = [summary[key]["per_seed"][i] for key in SCALARS]
+                mean_density = sum(density[i]) / len(density[i]) if density else ""
+                writer.writerow([benchmark, method, seed, *values, mean_density])
+    atomic_write(path, out.getvalue().encode())
+
+
+def _bytes(n: float) -> str:
+    if n < 1024:
+        return f"{n:.0f} B"
+    if n < 1024 ** 2:
+        return f"{n / 1024:.1f} KiB"
+    return f"{n / 1024 ** 2:.1f} MiB"
+
+
+def _pm(stat: dict, digits: int = 3) -> str:
+    mean, std = stat["mean"], stat["std"]
+    if mean is None or not math.isfinite(mean):
+        return "n/a"
+    return f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def markdown_table(results: dict) -> str:
+    """Mean ± std over seeds per benchmark and method."""
+    lines = ["| benchmark | method | avg acc | BWT | forgetting | state | seconds"
+             " | update density |",
+             "|---|---|---|---|---|---|---|---|"]
+    for benchmark, entry in results.items():
+        for method, s in entry["methods"].items():
+            density = "—"
+            if "update_density" in s:
+                per_task = s["update_density"]["mean"]
+                density = f"{sum(per_task) / len(per_task):.3f}"
+            lines.append(f"| {benchmark} | {method} | {_pm(s['avg_acc'])} | {_pm(s['bwt'])} |"
+                         f" {_pm(s['forgetting'])} | {_bytes(s['state_bytes']['mean'])} |"
+                         f" {_pm(s['seconds'], 1)} | {density} |")
+    return "\n".join(lines)
+
+
+def _save(fig: Figure, path: Path) -> None:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    atomic_write(path, buffer.getvalue())
+
+
+def plot_accuracy_matrices(benchmark: str, entry: dict, path: Path) -> None:
+    """One heatmap of the mean accuracy matrix per method."""
+    methods = entry["methods"]
+    cols = min(len(methods), 5)
+    rows = math.ceil(len(methods) / cols)
+    fig = Figure(figsize=(3.2 * cols + 1, 3.2 * rows), layout="constrained")
+    axes = fig.subplots(rows, cols, squeeze=False)
+    t = len(entry["tasks"])
+    image = None
+    for ax, (method, summary) in zip(axes.flat, methods.items()):
+        matrix = summary["acc_matrix"]["mean"]
+        image = ax.imshow(matrix, vmin=0.0, vmax=1.0, cmap="viridis")
+        if t <= 10:
+            for i in range(t):
+                for j in range(t):
+                    ax.text(j, i, f"{matrix[i][j]:.2f}", ha="center", va="center", fontsize=7,
+                            color="white" if matrix[i][j] < 0.6 else "black")
+        ax.set_title(method, fontsize=10)
+        ax.set_xlabel("evaluated task j")
+        ax.set_ylabel("after training task i")
+        ax.set_xticks(range(t))
+        ax.set_yticks(range(t))
+    for ax in list(axes.flat)[len(methods):]:
+        ax.set_axis_off()
+    fig.colorbar(image, ax=axes, shrink=0.8, label="accuracy R[i][j]")
+    fig.suptitle(f"{benchmark}: accuracy matrix (mean over seeds)")
+    _save(fig, path)
+
+
+def plot_task_accuracy(benchmark: str, entry: dict, path: Path) -> None:
+    """Per task, its accuracy after each training stage, one line per method (± std band)."""
+    tasks = entry["tasks"]
+    fig = Figure(figsize=(3.2 * len(tasks) + 1.5, 3.2), layout="constrained")
+    axes = fig.subplots(1, len(tasks), squeeze=False, sharey=True)[0]
+    stages = list(range(len(tasks)))
+    for j, ax in enumerate(axes):
+        for method, summary in entry["methods"].items():
+            mean = [row[j] for row in summary["acc_matrix"]["mean"]]
+            std = [row[j] for row in summary["acc_matrix"]["std"]]
+            line, = ax.plot(stages, mean, marker="o", markersize=3, label=method)
+            ax.fill_between(stages, [m - s for m, s in zip(mean, std)],
+                            [m + s for m, s in zip(mean, std)], alpha=0.15,
+                            color=line.get_color())
+        ax.axvline(j, color="grey", linewidth=0.8, linestyle=":")
+        ax.set_title(f"task {j}: {tasks[j]}", fontsize=9)
+        ax.set_xlabel("after training task")
+        ax.set_xticks(stages)
+        ax.set_ylim(0.0, 1.02)
+    axes[0].set_ylabel("test accuracy")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside right center", fontsize=8)
+    fig.suptitle(f"{benchmark}: accuracy of each task across the sequence")
+    _save(fig, path)
+
+
+def write_plots(results: dict, directory: Path) -> list[Path]:
+    """Both plots for every benchmark; returns the files written."""
+    paths = []
+    for benchmark, entry in results.items():
+        matrix_path = directory / f"{benchmark}-acc-matrix.png"
+        curves_path = directory / f"{benchmark}-task-accuracy.png"
+        plot_accuracy_matrices(benchmark, entry, matrix_path)
+        plot_task_accuracy(benchmark, entry, curves_path)
+        paths += [matrix_path, curves_path]
+    return paths

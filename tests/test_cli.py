@@ -1,0 +1,247 @@
+"""End to end: ``classp-fused run`` on tiny configurations, resume, and every bad-input case."""
+import csv
+import gzip
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from classp_fused.cli import main
+
+from test_cl_streams import write_idx_dir
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+TINY = ["--seeds", "1", "--epochs", "1", "--max-per-task", "40"]
+
+
+def run_main(capsys, *argv):
+    code = main(["run", *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def cell_files(out: Path) -> dict[str, int]:
+    """Cell checkpoint path (relative) -> modification time in ns."""
+    return {str(p.relative_to(out)): p.stat().st_mtime_ns for p in (out / "cells").rglob("*.json")}
+
+
+def check_results(out: Path, benchmarks: dict[str, tuple[int, list[str]]], seeds: int):
+    """results.json, results.csv and the plots exist and hold sensible values.
+
+    ``benchmarks`` maps each expected benchmark to its number of tasks and its methods.
+    """
+    results = json.loads((out / "results.json").read_text())
+    assert list(results["benchmarks"]) == list(benchmarks)
+    for name, (tasks, methods) in benchmarks.items():
+        entry = results["benchmarks"][name]
+        assert len(entry["tasks"]) == tasks
+        assert list(entry["methods"]) == methods
+        for method, summary in entry["methods"].items():
+            assert len(summary["seeds"]) == seeds
+            matrix = np.array(summary["acc_matrix"]["mean"])
+            assert matrix.shape == (tasks, tasks)
+            assert np.all((matrix >= 0) & (matrix <= 1))
+            per_seed = np.array(summary["acc_matrix"]["per_seed"])
+            assert per_seed.shape == (seeds, tasks, tasks)
+            for key in ("avg_acc", "bwt", "forgetting", "state_bytes", "seconds",
+                        "peak_rss_delta_bytes"):
+                assert set(summary[key]) == {"mean", "std", "per_seed"}
+                assert len(summary[key]["per_seed"]) == seeds
+            assert 0.0 <= summary["avg_acc"]["mean"] <= 1.0
+            assert summary["avg_acc"]["per_seed"][0] == pytest.approx(per_seed[0, -1].mean())
+            assert -1.0 <= summary["bwt"]["mean"] <= 1.0
+            assert summary["seconds"]["mean"] > 0
+            if method.startswith("classp"):
+                density = summary["update_density"]["mean"]
+                assert len(density) == tasks and all(0.0 <= d <= 1.0 for d in density)
+                assert summary["state_bytes"]["mean"] > 0
+            else:
+                assert "update_density" not in summary
+    with open(out / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == sum(len(methods) for _, methods in benchmarks.values()) * seeds
+    assert all(0.0 <= float(row["avg_acc"]) <= 1.0 for row in rows)
+    for name in benchmarks:
+        for kind in ("acc-matrix", "task-accuracy"):
+            assert (out / "plots" / f"{name}-{kind}.png").read_bytes()[:8] == PNG_MAGIC
+    return results
+
+
+def test_run_in_process_writes_results_table_and_plots(tmp_path, capsys):
+    out = tmp_path / "run"
+    code, stdout, stderr = run_main(capsys, *TINY, "--methods", "sgd,classp", "--out", str(out))
+    assert code == 0, stderr
+    results = check_results(out, {"split-digits": (5, ["sgd", "classp"]),
+                                  "permuted-digits": (5, ["sgd", "classp"])}, 1)
+    assert results["benchmarks"]["split-digits"]["methods"]["sgd"]["state_bytes"]["mean"] == 0
+    assert "| benchmark | method | avg acc |" in stdout
+    assert "| split-digits | classp |" in stdout
+    assert str(out / "plots" / "permuted-digits-acc-matrix.png") in stdout
+    assert "[4/4]" in stderr
+    assert len(cell_files(out)) == 4
+
+
+def test_all_methods_run_on_split_digits(tmp_path, capsys):
+    out = tmp_path / "all"
+    code, stdout, stderr = run_main(capsys, *TINY, "--benchmark", "split-digits",
+                                    "--scenario", "class", "--out", str(out))
+    assert code == 0, stderr
+    from classp_fused.cl.methods import METHODS
+    results = check_results(out, {"split-digits": (5, list(METHODS))}, 1)
+    methods = results["benchmarks"]["split-digits"]["methods"]
+    # EWC keeps an importance and an anchor per task, online EWC and MAS one pair.
+    assert methods["ewc"]["state_bytes"]["mean"] == 5 * methods["online-ewc"]["state_bytes"]["mean"]
+    assert methods["mas"]["state_bytes"]["mean"] == methods["online-ewc"]["state_bytes"]["mean"]
+
+
+def test_module_entry_point_with_config_file(tmp_path):
+    out = tmp_path / "from-config"
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"benchmark": ["permuted-digits"], "methods": "sgd,mas",
+                                  "seeds": [3, 5], "epochs": 1, "max_per_task": 30,
+                                  "hparams": {"mas": {"lam": 0.5}}, "out": "ignored"}))
+    proc = subprocess.run([sys.executable, "-m", "classp_fused", "run", "--config", str(config),
+                           "--out", str(out)], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert not Path("ignored").exists()
+    results = check_results(out, {"permuted-digits": (5, ["sgd", "mas"])}, 2)
+    mas = results["benchmarks"]["permuted-digits"]["methods"]["mas"]
+    assert mas["seeds"] == [3, 5]
+    assert mas["hparams"]["lam"] == 0.5
+    assert "| permuted-digits | mas |" in proc.stdout
+
+
+def test_resume_runs_only_missing_cells(tmp_path, capsys):
+    out = tmp_path / "resume"
+    argv = [*TINY, "--seeds", "2", "--benchmark", "split-digits", "--methods", "sgd,classp",
+            "--out", str(out)]
+    assert run_main(capsys, *argv)[0] == 0
+    before = cell_files(out)
+    assert len(before) == 4
+    deleted = "cells/split-digits/classp/seed1.json"
+    (out / deleted).unlink()
+    # a kill while writing leaves at most a stray temp file and a corrupt cell is not reused
+    (out / "cells/split-digits/sgd/.seed0.json.x.tmp").write_text("{")
+    corrupt = "cells/split-digits/sgd/seed1.json"
+    (out / corrupt).write_text('{"benchmark": "split-')
+
+    code, stdout, _ = run_main(capsys, *argv, "--resume")
+    assert code == 0
+    after = cell_files(out)
+    assert set(after) == set(before)
+    rerun = {path for path in after if after[path] != before.get(path)}
+    assert rerun == {deleted, corrupt}
+    assert "2 cells run, 2 kept" in stdout
+    results = json.loads((out / "results.json").read_text())
+    assert (results["settings"]["cells_run"], results["settings"]["cells_kept"]) == (2, 2)
+    check_results(out, {"split-digits": (5, ["sgd", "classp"])}, 2)
+
+
+def test_resume_reruns_cells_whose_settings_changed(tmp_path, capsys):
+    out = tmp_path / "changed"
+    argv = [*TINY, "--benchmark", "split-digits", "--methods", "sgd,adam", "--out", str(out)]
+    assert run_main(capsys, *argv)[0] == 0
+    code, stdout, _ = run_main(capsys, *argv, "--hparam", "adam.lr=0.01", "--resume")
+    assert code == 0
+    assert "1 cells run, 1 kept" in stdout
+    adam = json.loads((out / "cells/split-digits/adam/seed0.json").read_text())
+    assert adam["settings"]["hparams"]["lr"] == 0.01
+
+
+def test_domain_sequence_and_paper_protocol_on_idx_dirs(tmp_path, capsys, monkeypatch):
+    # fewer consolidation samples than training examples: importance on a subset only
+    monkeypatch.setattr("classp_fused.cl.train.CONSOLIDATION_SAMPLES", 24)
+    mnist = write_idx_dir(tmp_path / "mnist", n_train=40, n_test=20, size=12, seed=1)
+    fashion = write_idx_dir(tmp_path / "fashion", n_train=40, n_test=20, size=12, gz=False, seed=2)
+    out = tmp_path / "vision"
+    code, stdout, stderr = run_main(capsys, "--benchmark", "mnist-fashion,paper-vision",
+                                    "--mnist-dir", str(mnist), "--fashion-dir", str(fashion),
+                                    "--seeds", "1", "--out", str(out))
+    assert code == 0, stderr
+    from classp_fused.cl.methods import METHODS
+    paper_methods = ["classp-legacy", "classp", "ewc", "sgd"]
+    results = check_results(out, {"mnist-fashion": (2, list(METHODS)),
+                                  "paper-vision": (2, paper_methods)}, 1)
+    paper = results["benchmarks"]["paper-vision"]
+    assert paper["tasks"] == ["mnist", "fashion-mnist"]
+    legacy = paper["methods"]["classp-legacy"]
+    assert legacy["hparams"]["per_task"] == [{"apply_scaling": False, "threshold": 0.5},
+                                             {"apply_scaling": True, "threshold": 0.0}]
+    # the per-tensor gate ignores threshold 0.5: every element is updated
+    assert legacy["update_density"]["mean"] == [1.0, 1.0]
+    assert paper["methods"]["ewc"]["hparams"]["lam"] == 10000.0
+    cell = json.loads((out / "cells/paper-vision/sgd/seed0.json").read_text())
+    assert cell["settings"]["epochs"] == [4, 1] and cell["settings"]["batch_size"] == 32
+
+
+def test_listings(capsys):
+    assert main(["methods"]) == 0
+    listing = capsys.readouterr().out
+    assert "classp+mas" in listing and "threshold=" in listing
+    assert main(["benchmarks"]) == 0
+    assert "paper-vision" in capsys.readouterr().out
+
+
+def malformed_idx_dir(tmp_path: Path) -> Path:
+    directory = write_idx_dir(tmp_path / "malformed")
+    good = gzip.decompress((directory / "train-images-idx3-ubyte.gz").read_bytes())
+    (directory / "train-images-idx3-ubyte.gz").write_bytes(gzip.compress(good[:-5]))
+    return directory
+
+
+BAD_INPUTS = {
+    "unknown method": (["--methods", "sgd,nope"], "unknown method 'nope'"),
+    "unknown benchmark": (["--benchmark", "split-digits,cifar"], "unknown benchmark 'cifar'"),
+    "missing mnist option": (["--benchmark", "mnist-fashion"], "needs --mnist-dir"),
+    "missing dataset dir": (["--benchmark", "mnist-fashion", "--mnist-dir", "{tmp}/none"],
+                            "dataset directory does not exist"),
+    "malformed idx": (["--benchmark", "paper-vision", "--mnist-dir", "{malformed}",
+                       "--fashion-dir", "{malformed}"], "train-images-idx3-ubyte.gz: IDX payload"),
+    "unwritable out": (["--out", "{file}/sub"], "is not a directory"),
+    "out is a file": (["--out", "{file}"], "is not a directory"),
+    "unknown hparam": (["--hparam", "classp.momentum=0.9"], "has no hyperparameter 'momentum'"),
+    "bad hparam value": (["--hparam", "classp.threshold=-1"], "classp: threshold must be"),
+    "bad hparam syntax": (["--hparam", "classp"], "METHOD.KEY=VALUE"),
+    "zero seeds": (["--seeds", "0"], "positive integer"),
+    "bad epochs": (["--epochs", "two"], "positive integer"),
+    "unknown flag": (["--fast"], "unrecognized arguments"),
+    "config not json": (["--config", "{file}"], "cannot read config"),
+    "config unknown key": (["--config", "{config}"], "unknown option 'speed'"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, case):
+    argv, message = BAD_INPUTS[case]
+    a_file = tmp_path / "a-file"
+    a_file.write_text("not json")
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"speed": 2}))
+    fill = {"tmp": str(tmp_path), "file": str(a_file), "config": str(config),
+            "malformed": str(malformed_idx_dir(tmp_path)) if case == "malformed idx" else ""}
+    argv = [arg.format(**fill) for arg in argv]
+    out = tmp_path / "out"
+    if "--out" not in argv:
+        argv += ["--out", str(out)]
+    entries_before = sorted(os.listdir(tmp_path))
+    code, stdout, stderr = run_main(capsys, *argv)
+    assert code == 2
+    assert stdout == ""
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("classp-fused: error: ")
+    assert message in lines[0]
+    assert sorted(os.listdir(tmp_path)) == entries_before
+    assert a_file.read_text() == "not json"
+
+
+def test_bad_input_through_the_module_entry_point(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "classp_fused", "run", "--methods", "nope",
+                           "--out", str(tmp_path / "out")], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("classp-fused: error: unknown method 'nope'")
+    assert not (tmp_path / "out").exists()
