@@ -17,7 +17,10 @@ if LOAD_ERROR is None:
     @torch.library.register_fake(OP_NAME)
     def _classp_step_fake(params, grads, accs, lr, threshold, eps, power, apply_scaling,
                           grad_scale, found_inf):
-        device = params[0].device if params else torch.device("cpu")
+        # As the kernels choose: the params' device, else a non-CPU scalar argument's.
+        scalars = [t for t in (grad_scale, found_inf, lr) if t is not None]
+        device = params[0].device if params else next(
+            (t.device for t in scalars if t.device.type != "cpu"), torch.device("cpu"))
         return torch.empty(len(params), 2, dtype=torch.int64, device=device)
 
 

@@ -1,0 +1,86 @@
+// Input checks of classp_fused::classp_step_, shared by its CPU and CUDA kernels.
+#pragma once
+
+#include <ATen/MemoryOverlap.h>
+#include <ATen/core/Tensor.h>
+#include <c10/core/ScalarType.h>
+
+#include <cmath>
+#include <cstdint>
+#include <optional>
+#include <vector>
+
+namespace classp {
+
+// The accumulator and arithmetic dtype for a parameter dtype.
+inline c10::ScalarType compute_dtype(c10::ScalarType param_dtype) {
+  return param_dtype == c10::kDouble ? c10::kDouble : c10::kFloat;
+}
+
+// TORCH_CHECKs what the op needs: the Python wrapper validates too, but the op can be called
+// directly. Every tensor of the lists must live on `device`; a device of type CPU for the CPU
+// kernel, the params' CUDA device for the CUDA kernel. `lr` may live on the CPU or on `device`.
+inline void check_step_inputs(at::TensorList params, at::TensorList grads, at::TensorList accs,
+                              const at::Tensor& lr, double threshold, double eps, double power,
+                              const std::optional<at::Tensor>& grad_scale,
+                              const std::optional<at::Tensor>& found_inf,
+                              const c10::Device& device) {
+  TORCH_CHECK(params.size() == grads.size() && params.size() == accs.size(),
+              "classp_step_: params, grads and accs must have the same length, got ",
+              params.size(), ", ", grads.size(), ", ", accs.size());
+  TORCH_CHECK(lr.defined() && lr.numel() == 1 && at::isFloatingType(lr.scalar_type()),
+              "classp_step_: lr must be a one-element floating-point tensor");
+  TORCH_CHECK(lr.device().is_cpu() || lr.device() == device, "classp_step_: lr is on ",
+              lr.device(), ", expected the CPU or the params' device ", device);
+  TORCH_CHECK(threshold >= 0.0, "classp_step_: threshold must be >= 0, got ", threshold);
+  TORCH_CHECK(eps >= 0.0, "classp_step_: eps must be >= 0, got ", eps);
+  TORCH_CHECK(power > 0.0 && std::isfinite(power),
+              "classp_step_: power must be a finite number > 0, got ", power);
+  for (const auto* scalar : {&grad_scale, &found_inf}) {
+    if (scalar->has_value()) {
+      const at::Tensor& t = **scalar;
+      const char* name = scalar == &grad_scale ? "grad_scale" : "found_inf";
+      TORCH_CHECK(t.numel() == 1, "classp_step_: ", name, " must hold one element, got ",
+                  t.numel());
+      TORCH_CHECK(t.device() == device, "classp_step_: ", name, " is on ", t.device(),
+                  ", expected the params' device ", device);
+    }
+  }
+  for (size_t i = 0; i < params.size(); ++i) {
+    const at::Tensor& param = params[i];
+    const at::Tensor& grad = grads[i];
+    const at::Tensor& acc = accs[i];
+    TORCH_CHECK(param.defined() && grad.defined() && acc.defined(), "classp_step_: params[", i,
+                "], grads[", i, "] and accs[", i, "] must be defined tensors");
+    const auto dtype = param.scalar_type();
+    TORCH_CHECK(dtype == c10::kFloat || dtype == c10::kBFloat16 || dtype == c10::kHalf ||
+                    dtype == c10::kDouble,
+                "classp_step_: params[", i, "] must be float16, bfloat16, float32 or float64, got ",
+                dtype);
+    TORCH_CHECK(grad.scalar_type() == dtype, "classp_step_: grads[", i, "] has dtype ",
+                grad.scalar_type(), ", expected the param's ", dtype);
+    TORCH_CHECK(acc.scalar_type() == compute_dtype(dtype), "classp_step_: accs[", i,
+                "] has dtype ", acc.scalar_type(), ", expected ", compute_dtype(dtype),
+                " for a ", dtype, " param");
+    TORCH_CHECK(param.layout() == c10::kStrided && grad.layout() == c10::kStrided &&
+                    acc.layout() == c10::kStrided,
+                "classp_step_: params[", i, "], grads[", i, "] and accs[", i,
+                "] must be dense (strided) tensors");
+    TORCH_CHECK(grad.sizes() == param.sizes(), "classp_step_: grads[", i, "] has shape ",
+                grad.sizes(), ", expected the param's ", param.sizes());
+    TORCH_CHECK(acc.sizes() == param.sizes(), "classp_step_: accs[", i, "] has shape ",
+                acc.sizes(), ", expected the param's ", param.sizes());
+    TORCH_CHECK(param.device() == device, "classp_step_: params[", i, "] is on ", param.device(),
+                ", expected ", device);
+    TORCH_CHECK(grad.device() == device, "classp_step_: grads[", i, "] is on ", grad.device(),
+                ", expected the param's device ", device);
+    TORCH_CHECK(acc.device() == device, "classp_step_: accs[", i, "] is on ", acc.device(),
+                ", expected the param's device ", device);
+    TORCH_CHECK(at::has_internal_overlap(param) != at::MemOverlap::Yes &&
+                    at::has_internal_overlap(acc) != at::MemOverlap::Yes,
+                "classp_step_: params[", i, "] and accs[", i,
+                "] must not have internal overlap (e.g. from expand())");
+  }
+}
+
+}  // namespace classp

@@ -1,0 +1,127 @@
+// CUDA kernel registration of classp_fused::classp_step_: checks, layouts, device scalars and
+// the counts output; the kernels themselves are in classp_cuda.cu. Built only with CUDA.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <array>
+#include <optional>
+#include <vector>
+
+#include "classp_checks.h"
+#include "classp_cuda.h"
+
+namespace classp {
+namespace {
+
+// `t` read on the device when it lives there, else its value now.
+ScalarArg scalar_arg(const at::Tensor& t, const char* name) {
+  if (t.device().is_cpu()) {
+    return {nullptr, false, t.item<double>()};
+  }
+  TORCH_CHECK(t.scalar_type() == at::kFloat || t.scalar_type() == at::kDouble, "classp_step_: ",
+              name, " on the GPU must be float32 or float64, got ", t.scalar_type());
+  return {t.data_ptr(), t.scalar_type() == at::kDouble, 0.0};
+}
+
+// The device of the step: the params', or for an empty list that of a CUDA scalar argument.
+c10::Device step_device(at::TensorList params, const at::Tensor& lr,
+                        const std::optional<at::Tensor>& grad_scale,
+                        const std::optional<at::Tensor>& found_inf) {
+  if (!params.empty()) {
+    return params[0].device();
+  }
+  for (const auto* t : {&grad_scale, &found_inf}) {
+    if (t->has_value() && (*t)->is_cuda()) {
+      return (*t)->device();
+    }
+  }
+  return lr.device();
+}
+
+ParamDtype param_dtype(c10::ScalarType dtype) {
+  switch (dtype) {
+    case at::kFloat:
+      return ParamDtype::kFloat;
+    case at::kBFloat16:
+      return ParamDtype::kBFloat16;
+    case at::kHalf:
+      return ParamDtype::kHalf;
+    case at::kDouble:
+      return ParamDtype::kDouble;
+    default:
+      TORCH_CHECK(false, "classp_step_: unsupported dtype ", dtype);
+  }
+}
+
+at::Tensor classp_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList accs,
+                            const at::Tensor& lr, double threshold, double eps, double power,
+                            bool apply_scaling, const std::optional<at::Tensor>& grad_scale,
+                            const std::optional<at::Tensor>& found_inf) {
+  const c10::Device device = step_device(params, lr, grad_scale, found_inf);
+  TORCH_CHECK(device.is_cuda(), "classp_step_: the CUDA kernel got tensors on ", device);
+  check_step_inputs(params, grads, accs, lr, threshold, eps, power, grad_scale, found_inf,
+                    device);
+  const c10::cuda::CUDAGuard device_guard(device);
+  const int64_t n = static_cast<int64_t>(params.size());
+  at::Tensor counts = at::zeros({n, 2}, at::TensorOptions().dtype(at::kLong).device(device));
+
+  StepArgs args{};
+  args.lr = scalar_arg(lr, "lr");
+  args.has_grad_scale = grad_scale.has_value();
+  if (args.has_grad_scale) {
+    args.grad_scale = scalar_arg(*grad_scale, "grad_scale");
+  }
+  args.has_found_inf = found_inf.has_value();
+  if (args.has_found_inf) {
+    args.found_inf = scalar_arg(*found_inf, "found_inf");
+  }
+  args.threshold = threshold;
+  args.eps = eps;
+  args.power = power;
+  args.apply_scaling = apply_scaling;
+
+  // Tensors laid out differently are updated on contiguous copies, written back afterwards.
+  std::vector<at::Tensor> work_params(n), work_grads(n), work_accs(n);
+  std::array<std::vector<DeviceTensors>, 4> by_dtype;  // indexed by ParamDtype
+  for (int64_t i = 0; i < n; ++i) {
+    if (params[i].numel() == 0) {
+      continue;
+    }
+    const bool direct = params[i].is_non_overlapping_and_dense() &&
+                        grads[i].strides() == params[i].strides() &&
+                        accs[i].strides() == params[i].strides();
+    work_params[i] = direct ? params[i] : params[i].contiguous();
+    work_grads[i] = direct ? grads[i] : grads[i].contiguous();
+    work_accs[i] = direct ? accs[i] : accs[i].contiguous();
+    by_dtype[static_cast<int>(param_dtype(params[i].scalar_type()))].push_back(
+        {work_params[i].data_ptr(), work_grads[i].data_ptr(), work_accs[i].data_ptr(),
+         params[i].numel(), i});
+  }
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  for (size_t dtype = 0; dtype < by_dtype.size(); ++dtype) {
+    if (!by_dtype[dtype].empty()) {
+      C10_CUDA_CHECK(launch_classp_step(static_cast<ParamDtype>(dtype), by_dtype[dtype], args,
+                                        counts.data_ptr<int64_t>(), stream));
+    }
+  }
+  for (int64_t i = 0; i < n; ++i) {
+    if (work_params[i].defined() && !work_params[i].is_same(params[i])) {
+      params[i].copy_(work_params[i]);
+    }
+    if (work_accs[i].defined() && !work_accs[i].is_same(accs[i])) {
+      accs[i].copy_(work_accs[i]);
+    }
+  }
+  return counts;
+}
+
+}  // namespace
+}  // namespace classp
+
+TORCH_LIBRARY_IMPL(classp_fused, CUDA, m) {
+  m.impl("classp_step_", &classp::classp_step_cuda);
+}
