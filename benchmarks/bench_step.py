@@ -1,0 +1,248 @@
+"""Time, throughput and extra memory of one optimizer step: CLASSP backends vs torch.optim peers.
+
+Each case steps a fixed set of parameters whose gradients are populated once (standard normal,
+the same every round). CLASSP backends and the peers run through their ``torch.optim``
+optimizer's ``step()``; the torch.compile'd reference is the reference step function compiled
+once per shape set. Every round of a case is paired with one step of fused Adagrad on tensors of
+its own with the same size, layout and dtype, timed just before it (fused Adagrad itself too),
+so the ratio to fused Adagrad survives the machine's bandwidth drifting during the run and both
+steps see caches holding the other's data, as a training step's forward and backward leave them.
+
+Cases (a subset of size x layout x dtype x power x threshold that runs in minutes):
+
+- fp32, power 1, threshold 0, at the core sizes, one tensor and ``MANY`` tensors of mixed sizes:
+  every CLASSP backend of the device and every peer; the compiled reference at two sizes, one
+  tensor (compiling takes ~20 s on CPU, more for many tensors).
+- the largest size, one tensor: the fused CLASSP kernels, fused Adagrad and fused Adam.
+- one tensor at the two mid sizes: bf16 parameters (CLASSP, fused Adagrad, fused Adam), power 2,
+  and threshold ``MASKING_THRESHOLD`` (CLASSP backends).
+
+The Triton backend is left out on CPU, where it runs only in the (slow) interpreter.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import pytest
+import torch
+from torch._C._profiler import _EventType
+
+from classp_fused import CLASSP, available_backends
+from classp_fused import reference
+
+LR = 1e-3
+EPS = 1e-5
+MANY = 200
+MASKING_THRESHOLD = 2.7  # g*g > 2.7 passes ~10% of standard-normal gradient elements
+BASELINE = "adagrad/fused"
+PEERS = ("adagrad/fused", "adagrad/foreach", "adagrad/for-loop", "adam/fused")
+FUSED_CLASSP = ("cpp", "cuda", "triton")
+SIZES = {
+    "cpu": dict(core=(10**5, 10**6, 10**7), large=(5 * 10**7,), mid=(10**6, 10**7),
+                compiled=(10**6, 10**7)),
+    "cuda": dict(core=(10**5, 10**6, 10**7, 10**8), large=(10**9,), mid=(10**7, 10**8),
+                 compiled=(10**7, 10**8)),
+}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+TIME_BUDGET_S = 1.0
+MIN_ROUNDS, MAX_ROUNDS = 5, 300
+# Temporaries per element (bytes, fp32) beyond params, grads and state; used to skip GPU sizes
+# that would not fit. The fused kernels allocate none.
+TEMPORARY_BYTES = {"classp/torch": 40, "classp/foreach": 40, "adagrad/foreach": 12,
+                   "adagrad/for-loop": 12}
+
+
+@dataclass(frozen=True)
+class Case:
+    """One benchmark: an implementation on ``size`` elements split into ``tensors`` tensors."""
+
+    impl: str
+    size: int
+    tensors: int
+    dtype: str
+    power: float | None = None
+    threshold: float | None = None
+
+    def __str__(self) -> str:
+        hyper = "" if self.power is None else f"-p{self.power:g}-thr{self.threshold:g}"
+        return f"{self.impl}-{self.size:.0e}-{self.tensors}t-{self.dtype}{hyper}"
+
+
+def cases(device_type: str) -> list[Case]:
+    """The benchmark plan for ``device_type`` (see the module docstring)."""
+    sizes = SIZES[device_type]
+    classp = [f"classp/{name}" for name in available_backends(device_type)
+              if not (device_type == "cpu" and name == "triton")]
+    fused = [impl for impl in classp if impl.split("/")[1] in FUSED_CLASSP]
+    plan = []
+    for n in sizes["core"]:
+        for tensors in (1, MANY):
+            plan += [Case(impl, n, tensors, "fp32", 1.0, 0.0) for impl in classp]
+            if tensors == 1 and n in sizes["compiled"]:
+                plan.append(Case("classp/torch+compile", n, 1, "fp32", 1.0, 0.0))
+            plan += [Case(impl, n, tensors, "fp32") for impl in PEERS]
+    for n in sizes["large"]:
+        plan += [Case(impl, n, 1, "fp32", 1.0, 0.0) for impl in fused]
+        plan += [Case(impl, n, 1, "fp32") for impl in ("adagrad/fused", "adam/fused")]
+    for n in sizes["mid"]:
+        plan += [Case(impl, n, 1, "bf16", 1.0, 0.0) for impl in classp]
+        plan += [Case(impl, n, 1, "bf16") for impl in ("adagrad/fused", "adam/fused")]
+        plan += [Case(impl, n, 1, "fp32", 2.0, 0.0) for impl in classp]
+        plan += [Case(impl, n, 1, "fp32", 1.0, MASKING_THRESHOLD) for impl in classp]
+    return plan
+
+
+def pytest_generate_tests(metafunc):
+    if "case" in metafunc.fixturenames:
+        plan = cases(metafunc.config.getoption("--bench-device"))
+        metafunc.parametrize("case", plan, ids=[str(case) for case in plan])
+
+
+def tensor_sizes(total: int, count: int) -> list[int]:
+    """``count`` sizes summing to ``total``, log-spaced over three decades, in shuffled order."""
+    weights = torch.logspace(0, 3, count, dtype=torch.float64)
+    sizes = (weights / weights.sum() * total).floor().long().clamp_min(1)
+    sizes[-1] += total - sizes.sum()
+    order = torch.randperm(count, generator=torch.Generator().manual_seed(0))
+    return sizes[order].tolist()
+
+
+def bytes_per_element(case: Case) -> int:
+    """Minimum traffic of one dense step: read param, grad and state, write param and state."""
+    param = DTYPES[case.dtype].itemsize
+    state = {"classp": 4, "adagrad": param, "adam": 2 * param}[case.impl.split("/")[0]]
+    return 3 * param + 2 * state
+
+
+def make_params(case: Case, device: torch.device) -> list[torch.nn.Parameter]:
+    """Parameters of the case's layout with standard-normal gradients populated."""
+    generator = torch.Generator(device).manual_seed(0)
+    params = []
+    for n in tensor_sizes(case.size, case.tensors):
+        p = torch.nn.Parameter(torch.randn(n, generator=generator, device=device,
+                                           dtype=DTYPES[case.dtype]))
+        p.grad = torch.randn(n, generator=generator, device=device, dtype=DTYPES[case.dtype])
+        params.append(p)
+    return params
+
+
+@torch.no_grad()
+def _reference_step(params, grads, accs, threshold: float, power: float):
+    return reference.classp_step_(params, grads, accs, lr=LR, threshold=threshold, eps=EPS,
+                                  power=power, apply_scaling=True)
+
+
+def make_step(case: Case, params):
+    """A zero-argument callable that performs one step of the case's implementation."""
+    family, variant = case.impl.split("/")
+    if case.impl == "classp/torch+compile":
+        grads = [p.grad for p in params]
+        accs = [torch.zeros_like(p, dtype=torch.float32) for p in params]
+        torch._dynamo.reset()
+        compiled = torch.compile(_reference_step, dynamic=False)
+        return lambda: compiled(params, grads, accs, case.threshold, case.power)
+    if family == "classp":
+        optimizer = CLASSP(params, lr=LR, threshold=case.threshold, eps=EPS, power=case.power,
+                           backend=variant)
+    elif family == "adagrad":
+        flags = {"fused": dict(fused=True), "foreach": dict(foreach=True),
+                 "for-loop": dict(foreach=False)}[variant]
+        optimizer = torch.optim.Adagrad(params, lr=LR, **flags)
+    else:
+        optimizer = torch.optim.Adam(params, lr=LR, fused=True)
+    return optimizer.step
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def seconds(fn, device: torch.device) -> float:
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def peak_extra_bytes(step, device: torch.device) -> int:
+    """Peak memory allocated by one step above what was allocated before it."""
+    if device.type == "cuda":
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        step()
+        synchronize(device)
+        return torch.cuda.max_memory_allocated(device) - before
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                profile_memory=True) as prof:
+        step()
+
+    def walk(nodes):
+        for node in nodes:
+            yield node
+            yield from walk(node.children)
+
+    events = sorted((node.start_time_ns, node.extra_fields.alloc_size)
+                    for node in walk(prof.profiler.kineto_results.experimental_event_tree())
+                    if node.tag == _EventType.Allocation)
+    live = peak = 0
+    for _, size in events:
+        live += size
+        peak = max(peak, live)
+    return peak
+
+
+def fits(case: Case, device: torch.device) -> bool:
+    """Whether the case and its paired fused-Adagrad baseline fit in the GPU's free memory."""
+    if device.type != "cuda":
+        return True
+    param = DTYPES[case.dtype].itemsize
+    state = (bytes_per_element(case) - 3 * param) // 2
+    per_element = 2 * param + state + TEMPORARY_BYTES.get(case.impl, 0) + 3 * param
+    free, _ = torch.cuda.mem_get_info(device)
+    return case.size * per_element < 0.85 * free
+
+
+def test_step(benchmark, case: Case, device: torch.device, bandwidth: dict):
+    if not fits(case, device):
+        pytest.skip(f"{case.size:.0e} elements do not fit in the free GPU memory")
+    params = make_params(case, device)
+    step = make_step(case, params)
+    if case.impl == "classp/torch+compile":
+        with torch._inductor.config.patch(force_disable_caches=True):
+            first_call_s = seconds(step, device)
+    else:
+        first_call_s = seconds(step, device)
+    estimate = max(seconds(step, device) for _ in range(3))
+    rounds = max(MIN_ROUNDS, min(MAX_ROUNDS, int(TIME_BUDGET_S / estimate)))
+    peak = peak_extra_bytes(step, device)
+
+    baseline_case = Case(BASELINE, case.size, case.tensors, case.dtype)
+    baseline = make_step(baseline_case, make_params(baseline_case, device))
+    baseline()
+    paired = []
+
+    def setup():
+        paired.append(seconds(baseline, device))
+
+    def target():
+        step()
+        synchronize(device)
+
+    benchmark.pedantic(target, setup=setup, rounds=rounds, warmup_rounds=1)
+    if benchmark.stats is None:  # --benchmark-disable: ran once as a test
+        return
+    median = benchmark.stats.stats.median
+    gbs = bytes_per_element(case) * case.size / median / 1e9
+    baseline_median = statistics.median(paired)
+    reference_gbs = bandwidth["update_gbs_best"]
+    benchmark.extra_info.update(
+        impl=case.impl, size=case.size, tensors=case.tensors, dtype=case.dtype,
+        power=case.power, threshold=case.threshold, bytes_per_element=bytes_per_element(case),
+        first_call_s=first_call_s, peak_extra_mb=peak / 1e6, gbs=gbs,
+        bandwidth_gbs=reference_gbs, bandwidth_fraction=gbs / reference_gbs,
+        baseline_median_s=baseline_median, ratio_to_baseline=median / baseline_median)
