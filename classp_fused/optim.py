@@ -7,7 +7,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from .backends import check_hyperparameters, check_param, classp_step_, resolve_backend
+from .backends import check_hyperparameters, check_param, resolve_backend, run_backend
 from .reference import classp_legacy_step_, compute_dtype
 
 MODES = ("paper", "legacy")
@@ -105,7 +105,9 @@ class CLASSP(Optimizer):
         """Append the group's stepped tensors (local shards of DTensors) to the lists.
 
         State is created here on first use; the lists are filled in place, the form
-        torch.compile traces without running the state initialization in the graph.
+        torch.compile traces without running the state initialization in the graph. Params
+        were validated when their group was added, and torch checks a grad's dtype, shape and
+        device on assignment, so only the layout is left to check per step.
         """
         for p in group["params"]:
             if p.grad is None:
@@ -121,6 +123,24 @@ class CLASSP(Optimizer):
             grads.append(_local(p.grad))
             accs.append(_local(state["accumulator"]))
             steps.append(state["step"])
+
+    def _advance_steps(self, group: dict, steps: list, increment) -> None:
+        """Add ``increment`` to the step counters of the group's stepped params.
+
+        A per-tensor add costs over 1 us on the CPU, more than the kernel for small tensors,
+        so a group's counters are kept as views of one buffer and advanced by a single add;
+        the buffer is rebuilt when the set of stepped params changes.
+        """
+        if torch.compiler.is_compiling() or any(t.device != steps[0].device for t in steps):
+            torch._foreach_add_(steps, increment)
+            return
+        base = steps[0]._base
+        if base is None or base.numel() != len(steps) or any(t._base is not base for t in steps):
+            base = torch.stack(steps)
+            stepped = [p for p in group["params"] if p.grad is not None]
+            for p, view in zip(stepped, base.unbind()):
+                self.state[p]["step"] = view
+        base.add_(increment)
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None):
@@ -149,11 +169,12 @@ class CLASSP(Optimizer):
             if self.mode == "legacy":
                 counts = classp_legacy_step_(params, grads, accs, **hyper)
             else:
-                counts = classp_step_(params, grads, accs, backend=self.backend, **hyper)
-            if found_inf is None:
-                torch._foreach_add_(steps, 1.0)
-            else:
-                torch._foreach_add_(steps, 1.0 - found_inf.to(steps[0].device, torch.float32))
+                if not torch.compiler.is_compiling():
+                    check_hyperparameters(hyper["lr"], hyper["threshold"], hyper["eps"],
+                                          hyper["power"])
+                counts = run_backend(self.backend, params, grads, accs, **hyper)
+            self._advance_steps(group, steps, 1.0 if found_inf is None else
+                                1.0 - found_inf.to(params[0].device, torch.float32))
             last_counts.append((counts, [p.numel() for p in params]))
             self._nonfinite_total.add_(counts[:, 1].sum().to(self._nonfinite_total.device))
         self._telemetry["last_counts"] = last_counts
@@ -161,7 +182,7 @@ class CLASSP(Optimizer):
 
     @staticmethod
     def _raise_on_nonfinite(groups, grad_scale) -> None:
-        for index, (_, params, grads, _, _) in enumerate(groups):
+        for index, (_, _, grads, _, _) in enumerate(groups):
             for i, g in enumerate(grads):
                 scaled = g if grad_scale is None else g.float() / grad_scale.to(g.device)
                 if not bool(torch.isfinite(scaled).all()):
@@ -202,9 +223,11 @@ class CLASSP(Optimizer):
             if pid not in saved:
                 continue
             state = self.state[p]
-            state["accumulator"] = saved[pid]["accumulator"].to(device=p.device,
-                                                                dtype=compute_dtype(p)).contiguous()
-            state["step"] = saved[pid]["step"].to(device=p.device, dtype=torch.float32)
+            # copies: the loaded state never aliases the tensors of the state_dict it came from
+            state["accumulator"] = saved[pid]["accumulator"].to(
+                device=p.device, dtype=compute_dtype(p), memory_format=torch.contiguous_format,
+                copy=True)
+            state["step"] = saved[pid]["step"].to(device=p.device, dtype=torch.float32, copy=True)
 
 
 def _local(t: Tensor) -> Tensor:

@@ -347,3 +347,19 @@ def test_legacy_mode_reproduces_the_tensor_gate():
     before = p.detach().clone()
     blocked.step()
     assert torch.equal(p, before)
+
+
+def test_step_counters_follow_which_params_have_grads(backend):
+    a, b, c = (torch.nn.Parameter(random_like((5,))) for _ in range(3))
+    opt = CLASSP([a, b, c], lr=0.1, backend=backend)
+    pattern = [(a, b, c), (a, c), (a, c), (a, b, c), (b,)]
+    for with_grad in pattern:
+        for p in (a, b, c):
+            p.grad = random_like((5,)) if any(p is q for q in with_grad) else None
+        opt.step()
+    assert [opt.state[p]["step"].item() for p in (a, b, c)] == [4, 3, 4]
+    reloaded = CLASSP([a, b, c], lr=0.1, backend=backend)
+    reloaded.load_state_dict(opt.state_dict())
+    opt.step()  # stepping the source must not move the loaded counters or accumulators
+    assert [reloaded.state[p]["step"].item() for p in (a, b, c)] == [4, 3, 4]
+    assert not torch.equal(reloaded.state[b]["accumulator"], opt.state[b]["accumulator"])

@@ -151,11 +151,20 @@ def classp_step_(params: Sequence[Tensor], grads: Sequence[Tensor], accs: Sequen
     Column 0 counts the elements updated, column 1 the non-finite gradient elements skipped.
     """
     params, grads, accs = list(params), list(grads), list(accs)
+    if not torch.compiler.is_compiling():
+        check_step_inputs(params, grads, accs, lr, threshold, eps, power, grad_scale, found_inf)
+    return run_backend(backend, params, grads, accs, lr=lr, threshold=threshold, eps=eps,
+                       power=power, apply_scaling=apply_scaling, grad_scale=grad_scale,
+                       found_inf=found_inf)
+
+
+def run_backend(backend: str, params: list, grads: list, accs: list, *, lr, threshold, eps,
+                power, apply_scaling, grad_scale, found_inf) -> Tensor:
+    """Run a backend's step on inputs already validated (by ``classp_step_`` or the optimizer)."""
     device = params[0].device if params else torch.device("cpu")
     if torch.compiler.is_compiling():
         name = backend if backend != "auto" else resolve_backend(backend, device)
     else:
-        check_step_inputs(params, grads, accs, lr, threshold, eps, power, grad_scale, found_inf)
         name = resolve_backend(backend, device)
     return _module(name).step(params, grads, accs, lr, float(threshold), float(eps), float(power),
                               bool(apply_scaling), grad_scale, found_inf)
