@@ -3,6 +3,8 @@
 The op ``classp_fused::classp_step_`` is declared in csrc/classp_cpu.cpp; its fake (meta)
 implementation lives here so FakeTensor, torch.compile and opcheck can trace it.
 """
+import functools
+
 import torch
 
 try:
@@ -30,10 +32,16 @@ def has_kernel(dispatch_key: str) -> bool:
                                                                                  dispatch_key)
 
 
+@functools.lru_cache(maxsize=16)
+def _lr_tensor(lr: float) -> torch.Tensor:
+    """A float lr as the op's 0-dim float64 tensor, made once per value (the op only reads it)."""
+    return torch.tensor(lr, dtype=torch.float64)
+
+
 def call_step_op(params, grads, accs, lr, threshold, eps, power, apply_scaling, grad_scale,
                  found_inf):
     """Run ``torch.ops.classp_fused.classp_step_``; a float lr becomes a 0-dim float64 tensor."""
     if not isinstance(lr, torch.Tensor):
-        lr = torch.tensor(float(lr), dtype=torch.float64)
+        lr = _lr_tensor(float(lr))
     return torch.ops.classp_fused.classp_step_(params, grads, accs, lr, threshold, eps, power,
                                                apply_scaling, grad_scale, found_inf)

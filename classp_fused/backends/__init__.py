@@ -153,18 +153,16 @@ def classp_step_(params: Sequence[Tensor], grads: Sequence[Tensor], accs: Sequen
     params, grads, accs = list(params), list(grads), list(accs)
     if not torch.compiler.is_compiling():
         check_step_inputs(params, grads, accs, lr, threshold, eps, power, grad_scale, found_inf)
+        backend = resolve_backend(backend, params[0].device if params else "cpu")
+    elif backend == "auto":
+        backend = resolve_backend(backend, params[0].device if params else "cpu")
     return run_backend(backend, params, grads, accs, lr=lr, threshold=threshold, eps=eps,
                        power=power, apply_scaling=apply_scaling, grad_scale=grad_scale,
                        found_inf=found_inf)
 
 
-def run_backend(backend: str, params: list, grads: list, accs: list, *, lr, threshold, eps,
-                power, apply_scaling, grad_scale, found_inf) -> Tensor:
-    """Run a backend's step on inputs already validated (by ``classp_step_`` or the optimizer)."""
-    device = params[0].device if params else torch.device("cpu")
-    if torch.compiler.is_compiling():
-        name = backend if backend != "auto" else resolve_backend(backend, device)
-    else:
-        name = resolve_backend(backend, device)
+def run_backend(name: str, params: list, grads: list, accs: list, *, lr, threshold, eps, power,
+                apply_scaling, grad_scale, found_inf) -> Tensor:
+    """Run backend ``name`` (resolved, not "auto") on inputs already validated."""
     return _module(name).step(params, grads, accs, lr, float(threshold), float(eps), float(power),
                               bool(apply_scaling), grad_scale, found_inf)
