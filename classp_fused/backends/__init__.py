@@ -151,10 +151,10 @@ def classp_step_(params: Sequence[Tensor], grads: Sequence[Tensor], accs: Sequen
     Column 0 counts the elements updated, column 1 the non-finite gradient elements skipped.
     """
     params, grads, accs = list(params), list(grads), list(accs)
-    if not torch.compiler.is_compiling():
+    compiling = torch.compiler.is_compiling()
+    if not compiling:
         check_step_inputs(params, grads, accs, lr, threshold, eps, power, grad_scale, found_inf)
-        backend = resolve_backend(backend, params[0].device if params else "cpu")
-    elif backend == "auto":
+    if not compiling or backend == "auto":  # while compiling, a named backend is taken as given
         backend = resolve_backend(backend, params[0].device if params else "cpu")
     return run_backend(backend, params, grads, accs, lr=lr, threshold=threshold, eps=eps,
                        power=power, apply_scaling=apply_scaling, grad_scale=grad_scale,
