@@ -5,28 +5,23 @@ Each test spawns its ranks once and runs every CPU backend in them; the checks r
 ranks, so a failure surfaces as the rank's traceback.
 """
 import copy
-import datetime
-import socket
-import time
 
-import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
+import distributed_helpers
 from classp_fused import CLASSP
+from distributed_helpers import WORLD_SIZE, requires_gloo
 from helpers import CPU_BACKENDS
 
-WORLD_SIZE = 2
 STEPS = 4
 HYPER = dict(lr=0.05, threshold=1e-6)
 # A hang fails within these (the tests take a few seconds each).
 COLLECTIVE_TIMEOUT_S = 20
 TEST_TIMEOUT_S = 60
 
-pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
-                                reason="needs torch.distributed with gloo")
+pytestmark = requires_gloo
 
 
 def make_model(seed=0):
@@ -213,33 +208,10 @@ def dcp_ranks(rank, backends, checkpoint_dir):
 
 
 # ---------------------------------------------------------------- launching
-def _rank_entry(rank, body, port, args):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=WORLD_SIZE,
-                            timeout=datetime.timedelta(seconds=COLLECTIVE_TIMEOUT_S))
-    try:
-        body(rank, *args)
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run_ranks(body, *args):
-    """Run ``body(rank, *args)`` on WORLD_SIZE spawned ranks; a rank's exception fails the test."""
-    context = mp.start_processes(_rank_entry, args=(body, _free_port(), args),
-                                 nprocs=WORLD_SIZE, join=False, start_method="spawn")
-    deadline = time.monotonic() + TEST_TIMEOUT_S
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"ranks did not finish within {TEST_TIMEOUT_S} s")
+    """``distributed_helpers.run_ranks`` with this file's timeouts."""
+    distributed_helpers.run_ranks(body, *args, timeout_s=TEST_TIMEOUT_S,
+                                  collective_timeout_s=COLLECTIVE_TIMEOUT_S)
 
 
 def test_ddp_replicas_identical_and_match_single_process():

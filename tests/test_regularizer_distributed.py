@@ -1,18 +1,14 @@
 """Importance all-reduced across 2 gloo ranks equals a single process on all the data; the
 penalty gradient and the state round trip work on FSDP2-sharded (DTensor) parameters."""
 import copy
-import socket
-import time
 
-import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from classp_fused.regularizers import EWC, MAS
+from distributed_helpers import WORLD_SIZE, requires_gloo, run_ranks
 
-WORLD_SIZE = 2
 DTYPE = torch.float64
 CONFIGS = {
     "mas-batch": (MAS, {}),
@@ -22,8 +18,7 @@ CONFIGS = {
     "ewc-exact-per-sample": (EWC, {"lam": 1.0, "fisher": "exact", "per_sample": True}),
 }
 
-pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
-                                reason="needs torch.distributed with gloo")
+pytestmark = requires_gloo
 
 
 def make_model():
@@ -50,82 +45,59 @@ def fixed_loss(model):
     return model(x).pow(2).sum()
 
 
-def worker(rank, port, out_dir):
+def worker(rank, out_dir):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
     from torch.distributed.tensor import DTensor
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=WORLD_SIZE)
-    try:
-        model, shard = make_model(), make_batches()[2 * rank:2 * rank + 2]
-        results = {}
-        for name, (method, kwargs) in CONFIGS.items():
-            reg = method(model, **kwargs)
-            reg.consolidate(shard)
-            results[name] = reg.importance
-        group = dist.new_group(list(range(WORLD_SIZE)))
-        explicit = MAS(model, per_sample=True, process_group=group)
-        explicit.consolidate(shard)
-        results["explicit-group"] = explicit.importance
-
-        # FSDP2: importance on the unsharded model, then shard it and add the penalty gradient.
-        reg = MAS(model, lam=2.0)
+    model, shard = make_model(), make_batches()[2 * rank:2 * rank + 2]
+    results = {}
+    for name, (method, kwargs) in CONFIGS.items():
+        reg = method(model, **kwargs)
         reg.consolidate(shard)
-        full_state = copy.deepcopy(reg.state_dict())  # plain full tensors, as torch.save keeps
-        perturb_(model)
-        mesh = init_device_mesh("cpu", (WORLD_SIZE,))
-        fully_shard(model[0], mesh=mesh)
-        fully_shard(model, mesh=mesh)
-        fixed_loss(model).backward()
-        reg.add_penalty_grad_()
-        results["fsdp-grads"] = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
-        penalty = reg.penalty().detach()
-        dist.all_reduce(penalty)
-        results["fsdp-penalty"] = {"penalty": penalty}
+        results[name] = reg.importance
+    group = dist.new_group(list(range(WORLD_SIZE)))
+    explicit = MAS(model, per_sample=True, process_group=group)
+    explicit.consolidate(shard)
+    results["explicit-group"] = explicit.importance
 
-        # state_dict: DTensors laid out like the parameters; loads from full tensors and into
-        # an unsharded model.
-        params, state = dict(model.named_parameters()), reg.state_dict()["tasks"][0]
-        for tensors in state.values():
-            for name, t in tensors.items():
-                assert isinstance(t, DTensor) and t.device_mesh == mesh
-                assert t.placements == params[name].placements
-        results["fsdp-state"] = {f"{key}.{name}": t.full_tensor()
-                                 for key, tensors in state.items() for name, t in tensors.items()}
-        from_full = MAS(model, lam=2.0)
-        from_full.load_state_dict(full_state)
-        assert torch.equal(from_full.penalty(), reg.penalty())
-        unsharded = MAS(make_model(), lam=2.0)
-        unsharded.load_state_dict(reg.state_dict())
-        results["unsharded-state"] = {
-            f"{key}.{name}": t for key, tensors in unsharded.state_dict()["tasks"][0].items()
-            for name, t in tensors.items()}
-        torch.save(results, f"{out_dir}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
+    # FSDP2: importance on the unsharded model, then shard it and add the penalty gradient.
+    reg = MAS(model, lam=2.0)
+    reg.consolidate(shard)
+    full_state = copy.deepcopy(reg.state_dict())  # plain full tensors, as torch.save keeps
+    perturb_(model)
+    mesh = init_device_mesh("cpu", (WORLD_SIZE,))
+    fully_shard(model[0], mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    fixed_loss(model).backward()
+    reg.add_penalty_grad_()
+    results["fsdp-grads"] = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
+    penalty = reg.penalty().detach()
+    dist.all_reduce(penalty)
+    results["fsdp-penalty"] = {"penalty": penalty}
 
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run_workers(out_dir, timeout=120):
-    context = mp.start_processes(worker, args=(free_port(), str(out_dir)), nprocs=WORLD_SIZE,
-                                 join=False, start_method="spawn")
-    deadline = time.monotonic() + timeout
-    while not context.join(timeout=1):
-        if time.monotonic() > deadline:
-            for process in context.processes:
-                process.kill()
-            pytest.fail(f"distributed workers did not finish within {timeout} s")
+    # state_dict: DTensors laid out like the parameters; loads from full tensors and into
+    # an unsharded model.
+    params, state = dict(model.named_parameters()), reg.state_dict()["tasks"][0]
+    for tensors in state.values():
+        for name, t in tensors.items():
+            assert isinstance(t, DTensor) and t.device_mesh == mesh
+            assert t.placements == params[name].placements
+    results["fsdp-state"] = {f"{key}.{name}": t.full_tensor()
+                             for key, tensors in state.items() for name, t in tensors.items()}
+    from_full = MAS(model, lam=2.0)
+    from_full.load_state_dict(full_state)
+    assert torch.equal(from_full.penalty(), reg.penalty())
+    unsharded = MAS(make_model(), lam=2.0)
+    unsharded.load_state_dict(reg.state_dict())
+    results["unsharded-state"] = {
+        f"{key}.{name}": t for key, tensors in unsharded.state_dict()["tasks"][0].items()
+        for name, t in tensors.items()}
+    torch.save(results, f"{out_dir}/rank{rank}.pt")
 
 
 def test_all_reduced_importance_equals_single_process(tmp_path):
-    run_workers(tmp_path)
+    run_ranks(worker, str(tmp_path), timeout_s=120)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD_SIZE)]
 
     data, expected = make_batches(), {}
