@@ -21,6 +21,7 @@ from typing import Iterable, Iterator
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.func import functional_call, jacrev, vmap
 
 try:
     from torch.distributed.tensor import DTensor, distribute_tensor
@@ -74,9 +75,13 @@ class Regularizer(abc.ABC):
     Subclasses implement ``_importance_sums(batches, params)`` (per-parameter sums over
     samples and the sample count) and ``_combine(new, anchor)`` (how a new task's importance
     enters ``self.tasks``), and set ``_scale`` (the penalty's factor in front of the sum).
+    Those using ``_add_per_sample`` also define ``_sample_losses``, ``_sample_weights`` and
+    ``_statistic``.
     """
 
     _scale: float
+    # Elementwise statistic of a per-sample gradient (torch.abs, torch.square); takes ``out=``.
+    _statistic = None
 
     def __init__(self, model: nn.Module, lam: float, per_sample: bool, process_group=None):
         if not isinstance(model, nn.Module):
@@ -173,6 +178,104 @@ class Regularizer(abc.ABC):
     def _accumulator(p: Tensor) -> Tensor:
         """A zero sum for ``p`` in at least float32."""
         return torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32))
+
+    # ----------------------------------------------------------------- per-sample sums
+    def _sample_losses(self, output: Tensor, y: Tensor | None) -> Tensor:
+        """Per-sample scalars L_kc, shape (batch, outputs), from the model output."""
+        raise NotImplementedError
+
+    def _sample_weights(self, losses: Tensor) -> Tensor | None:
+        """Weights w_kc of the per-sample terms from the detached ``losses``; None for ones."""
+        return None
+
+    def _add_per_sample(self, x: Tensor, y: Tensor | None, params, sums) -> None:
+        """Add sum_k sum_c w_kc stat(dL_kc / d theta) over the batch ``x`` to ``sums``.
+
+        Parameters of nn.Linear layers that are called once per forward on 2-D inputs and
+        used nowhere else take the exact outer-product form from one batch backward per
+        output column (``_add_linear_per_sample``); the others take per-sample gradients from
+        torch.func vmap, with the former held fixed. Samples must not interact in eval().
+        """
+        handled, outputs = self._add_linear_per_sample(x, y, params, sums)
+        rest = {name: p.detach() for name, p in params.items() if name not in handled}
+        if rest:
+            fixed = {name: params[name].detach() for name in handled}
+            self._add_vmap_per_sample(x, y, rest, fixed, outputs, sums)
+
+    def _add_linear_per_sample(self, x, y, params, sums) -> tuple[set[str], int]:
+        """Per-sample sums of the eligible Linear parameters; return their names and outputs.
+
+        For a Linear layer on (batch, in) inputs X with output gradients Delta (row k:
+        dL_kc / dy_k, all rows from one backward of sum_k L_kc), the per-sample weight gradient
+        is delta_k x_k^T, so for stat = abs or square the sum over samples is
+        (w_c * stat(Delta))^T @ stat(X), and the bias sum is that of w_c * stat(Delta).
+        """
+        names = {}
+        for prefix, module in self.model.named_modules():
+            if isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward:
+                local = {n: f"{prefix}.{n}" if prefix else n
+                         for n, _ in module.named_parameters(recurse=False)}
+                local = {n: full for n, full in local.items() if full in params}
+                if local:
+                    names[module] = local
+        calls = {module: [] for module in names}
+
+        def hook(module, inputs, output):
+            # The added zero's gradient is dL/dy even if later ops modify the output in place.
+            probe = torch.zeros_like(output, requires_grad=True)
+            calls[module].append((inputs[0] if inputs else None, probe))
+            return output + probe
+
+        handles = [module.register_forward_hook(hook, prepend=True) for module in names]
+        try:
+            losses = self._sample_losses(self.model(x), y)
+        finally:
+            for handle in handles:
+                handle.remove()
+        uses = _parameter_uses(losses.grad_fn)
+        layers = [(names[m], *calls[m][0]) for m in names
+                  if len(calls[m]) == 1 and isinstance(calls[m][0][0], Tensor)
+                  and calls[m][0][0].dim() == 2
+                  and all(uses.get(id(params[full])) == 1 for full in names[m].values())]
+        outputs = losses.shape[1]
+        if not layers:
+            return set(), outputs
+        weights = self._sample_weights(losses.detach())
+        inputs = [self._statistic(x_in.detach()) for _, x_in, _ in layers]
+        for c in range(outputs):
+            deltas = torch.autograd.grad(losses[:, c].sum(), [probe for *_, probe in layers],
+                                         retain_graph=c + 1 < outputs, allow_unused=True)
+            for (local, _, _), x_stat, delta in zip(layers, inputs, deltas):
+                if delta is None:
+                    continue
+                d = self._statistic(delta)
+                if weights is not None:
+                    d.mul_(weights[:, c, None])
+                if "weight" in local:
+                    sums[local["weight"]] += d.T @ x_stat
+                if "bias" in local:
+                    sums[local["bias"]] += d.sum(0)
+        return {full for local, _, _ in layers for full in local.values()}, outputs
+
+    def _add_vmap_per_sample(self, x, y, rest, fixed, outputs: int, sums) -> None:
+        """Per-sample sums of the parameters ``rest`` from torch.func per-sample Jacobians."""
+        def sample_losses(p, x_k, y_k):
+            output = functional_call(self.model, {**fixed, **p}, (x_k.unsqueeze(0),))
+            losses = self._sample_losses(output, None if y_k is None else y_k.unsqueeze(0))[0]
+            return losses, losses.detach()
+
+        jacobian = vmap(jacrev(sample_losses, has_aux=True),
+                        in_dims=(None, 0, None if y is None else 0))
+        chunk = self._sample_chunk(rest, outputs)
+        x_chunks = x.split(chunk)
+        y_chunks = [None] * len(x_chunks) if y is None else y.split(chunk)
+        for x_chunk, y_chunk in zip(x_chunks, y_chunks):
+            jac, losses = jacobian(rest, x_chunk, y_chunk)
+            weights = self._sample_weights(losses)
+            for name, j in jac.items():
+                j = self._statistic(j, out=j)
+                sums[name] += (j.sum((0, 1)) if weights is None
+                               else torch.einsum("bc,bc...->...", weights, j))
 
     # ----------------------------------------------------------------- penalty
     def _terms(self, task: Task) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
@@ -292,3 +395,20 @@ class Regularizer(abc.ABC):
     @abc.abstractmethod
     def _combine(self, new: dict[str, Tensor], anchor: dict[str, Tensor]) -> None:
         """Enter a finished task's importance ``new`` and its ``anchor`` into ``self.tasks``."""
+
+
+def _parameter_uses(root) -> dict[int, int]:
+    """For each leaf tensor (by id) of the autograd graph below ``root``, its number of uses."""
+    uses: dict[int, int] = {}
+    seen, stack = {root}, [root] if root is not None else []
+    while stack:
+        for child, _ in stack.pop().next_functions:
+            if child is None:
+                continue
+            leaf = getattr(child, "variable", None)
+            if leaf is not None:
+                uses[id(leaf)] = uses.get(id(leaf), 0) + 1
+            if child not in seen:
+                seen.add(child)
+                stack.append(child)
+    return uses

@@ -3,8 +3,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
-from torch.func import functional_call, grad, jacrev, vmap
+from torch import nn
 
 from .base import Regularizer, check_choice, check_number
 
@@ -18,7 +17,10 @@ class EWC(Regularizer):
     - ``fisher="empirical"``: squared gradients of the NLL of the true labels (batches must
       be (input, label)). ``fisher="exact"``: the expectation over the model's predicted
       classes, sum_c p_c (grad log p_c)^2 (labels are not needed).
-    - ``per_sample=True``: the mean over samples of the per-sample quantity (torch.func).
+    - ``per_sample=True``: the mean over samples of the per-sample quantity: for single-use
+      Linear layers on 2-D inputs the exact form (w_c Delta_c^2)^T @ X^2 from one backward
+      per batch (and class, for the exact Fisher), for other parameters per-sample gradients
+      via torch.func.
       ``per_sample=False``: per batch, the square of the batch-mean gradient (for the exact
       Fisher, of the batch mean of sqrt(p_c) grad log p_c, one backward per class), weighted
       by the batch size and divided by N. This approximation never exceeds the per-sample
@@ -26,6 +28,8 @@ class EWC(Regularizer):
     - ``mode="separate"``: one (F, theta*) pair per task. ``mode="online"``: one pair,
       F* = gamma * F*_prev + F_new and theta* the latest parameters.
     """
+
+    _statistic = staticmethod(torch.square)
 
     def __init__(self, model: nn.Module, lam: float, mode: str = "separate", gamma: float = 1.0,
                  fisher: str = "empirical", per_sample: bool = False, process_group=None):
@@ -39,6 +43,14 @@ class EWC(Regularizer):
     @property
     def _scale(self) -> float:
         return self.lam / 2
+
+    def _sample_losses(self, output, y):
+        if self.fisher == "exact":
+            return F.log_softmax(output, dim=-1)
+        return F.cross_entropy(output, y, reduction="none")[:, None]
+
+    def _sample_weights(self, losses):
+        return losses.exp() if self.fisher == "exact" else None
 
     def _combine(self, new, anchor):
         if self.mode == "separate":
@@ -56,9 +68,9 @@ class EWC(Regularizer):
 
     def _importance_sums(self, batches, params):
         add = {("empirical", False): self._add_empirical_batch,
-               ("empirical", True): self._add_empirical_per_sample,
+               ("empirical", True): self._add_per_sample,
                ("exact", False): self._add_exact_batch,
-               ("exact", True): self._add_exact_per_sample}[self.fisher, self.per_sample]
+               ("exact", True): self._add_per_sample}[self.fisher, self.per_sample]
         sums = {name: self._accumulator(p) for name, p in params.items()}
         count = 0
         for x, y in batches:
@@ -67,10 +79,6 @@ class EWC(Regularizer):
             add(x, y, params, sums)
             count += x.shape[0]
         return sums, count
-
-    def _sample_output(self, p, x_k: Tensor) -> Tensor:
-        """Logits of one sample as a (1, classes) batch, regularized params taken from ``p``."""
-        return functional_call(self.model, p, (x_k.unsqueeze(0),))
 
     def _add_empirical_batch(self, x, y, params, sums) -> None:
         loss = F.cross_entropy(self.model(x), y)
@@ -89,29 +97,3 @@ class EWC(Regularizer):
             for name, g in zip(params, grads):
                 if g is not None:
                     sums[name] += x.shape[0] * g.pow(2)
-
-    def _add_empirical_per_sample(self, x, y, params, sums) -> None:
-        def nll(p, x_k, y_k):
-            return F.cross_entropy(self._sample_output(p, x_k), y_k.unsqueeze(0))
-
-        detached = {name: p.detach() for name, p in params.items()}
-        per_sample_grad = vmap(grad(nll), in_dims=(None, 0, 0))
-        chunk = self._sample_chunk(params)
-        for x_chunk, y_chunk in zip(x.split(chunk), y.split(chunk)):
-            for name, g in per_sample_grad(detached, x_chunk, y_chunk).items():
-                sums[name] += g.square_().sum(0)
-
-    def _add_exact_per_sample(self, x, y, params, sums) -> None:
-        def log_probs(p, x_k):
-            log_p = F.log_softmax(self._sample_output(p, x_k)[0], dim=-1)
-            return log_p, log_p.detach()
-
-        detached = {name: p.detach() for name, p in params.items()}
-        jacobian = vmap(jacrev(log_probs, has_aux=True), in_dims=(None, 0))
-        with torch.no_grad():
-            num_classes = self.model(x[:1]).shape[-1]
-        for chunk in x.split(self._sample_chunk(params, num_classes)):
-            jac, log_p = jacobian(detached, chunk)
-            prob = log_p.exp()
-            for name, j in jac.items():
-                sums[name] += torch.einsum("bc,bc...->...", prob, j.square_())

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, vmap
+from torch.func import grad, vmap
 
 from .base import Regularizer, check_choice, check_number
 
@@ -18,7 +18,9 @@ class MAS(Regularizer):
     - ``per_sample=False``: the batch form of the original code, sum over batches of
       |gradient of the batch's summed squared output norm|, divided by N. It never exceeds
       the per-sample form and equals it for batches of one sample.
-    - ``per_sample=True``: the paper's definition, per-sample gradients via torch.func.
+    - ``per_sample=True``: the paper's definition: for single-use Linear layers on 2-D inputs
+      the exact form |Delta|^T @ |X| from one backward per batch, for other parameters
+      per-sample gradients via torch.func.
     - ``local=True``: the Hebbian variant, per Linear/Conv layer from its own input and
       output (captured by forward hooks): mean_k |d ||layer(x_k)||^2 / d theta| with the
       layer input held fixed. For a Linear layer on (batch, in) inputs this is
@@ -33,6 +35,8 @@ class MAS(Regularizer):
     Labels in the data are ignored.
     """
 
+    _statistic = staticmethod(torch.abs)
+
     def __init__(self, model: nn.Module, lam: float = 1.0, accumulate: str = "sum",
                  alpha: float = 0.5, per_sample: bool = False, local: bool = False,
                  process_group=None):
@@ -46,6 +50,9 @@ class MAS(Regularizer):
     def _scale(self) -> float:
         return self.lam
 
+    def _sample_losses(self, output, y):
+        return output.pow(2).flatten(1).sum(1, keepdim=True)
+
     def _importance_sums(self, batches, params):
         sums = {name: self._accumulator(p) for name, p in params.items()}
         count = 0
@@ -53,7 +60,7 @@ class MAS(Regularizer):
             if self.local:
                 self._add_hebbian(x, params, sums)
             elif self.per_sample:
-                self._add_per_sample(x, params, sums)
+                self._add_per_sample(x, None, params, sums)
             else:
                 self._add_batch(x, params, sums)
             count += x.shape[0]
@@ -77,16 +84,6 @@ class MAS(Regularizer):
         for name, g in zip(params, grads):
             if g is not None:
                 sums[name] += g.abs()
-
-    def _add_per_sample(self, x: Tensor, params, sums) -> None:
-        def squared_norm(p, x_k):
-            return functional_call(self.model, p, (x_k.unsqueeze(0),)).pow(2).sum()
-
-        detached = {name: p.detach() for name, p in params.items()}
-        per_sample_grad = vmap(grad(squared_norm), in_dims=(None, 0))
-        for chunk in x.split(self._sample_chunk(params)):
-            for name, g in per_sample_grad(detached, chunk).items():
-                sums[name] += g.abs_().sum(0)
 
     def _add_hebbian(self, x: Tensor, params, sums) -> None:
         def hook(layer, inputs, output):
