@@ -1,7 +1,9 @@
-"""Shared test data: fresh random tensors (never zeros) and bitwise comparison."""
+"""Shared test data and models: fresh random tensors (never zeros), bitwise comparison."""
 import torch
+from torch import nn
 
 import classp_fused
+from classp_fused.regularizers import Regularizer
 
 CPU_BACKENDS = classp_fused.available_backends("cpu")
 
@@ -36,3 +38,35 @@ def train_steps(model, optimizer, steps=5, seed=1, scheduler=None):
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
+
+
+class MixedModel(nn.Module):
+    """Conv2d, a Linear on 4-D input, a single-use Linear, a Linear called twice and a Linear
+    whose weight is also used outside its call: every route of per-sample importance."""
+
+    def __init__(self, classes: int):
+        super().__init__()
+        self.conv = nn.Conv2d(1, 2, 3)
+        self.rows = nn.Linear(3, 3)
+        self.mid = nn.Linear(18, 10)
+        self.shared = nn.Linear(10, 10)
+        self.head = nn.Linear(10, classes)
+
+    def forward(self, x):
+        h = torch.tanh(self.rows(torch.tanh(self.conv(x)))).flatten(1)
+        h = torch.tanh(self.shared(torch.tanh(self.shared(torch.relu(self.mid(h))))))
+        return self.head(h) + 0.1 * self.head.weight.sum()
+
+
+def spy_linear_form(monkeypatch, enabled: bool) -> set:
+    """Record the params the regularizers' Linear form handles; ``enabled=False`` makes it
+    handle none, so every param goes through vmap."""
+    original, handled = Regularizer._add_linear_per_sample, set()
+
+    def spy(self, x, y, params, sums):
+        names, outputs = original(self, x, y, params if enabled else {}, sums)
+        handled.update(names)
+        return names, outputs
+
+    monkeypatch.setattr(Regularizer, "_add_linear_per_sample", spy)
+    return handled

@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from classp_fused.regularizers import EWC, Regularizer
+from classp_fused.regularizers import EWC
+from helpers import MixedModel, spy_linear_form
 
 DTYPE = torch.float64
 FEATURES, CLASSES = 5, 4
@@ -224,48 +225,17 @@ def test_bad_data_raises():
         reg.consolidate(iter([]))
 
 
-class Mixed(nn.Module):
-    """Conv2d, a Linear on 4-D input, a single-use Linear, a Linear called twice and a Linear
-    whose weight is also used outside its call."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(1, 2, 3)
-        self.rows = nn.Linear(3, 3)
-        self.mid = nn.Linear(18, 10)
-        self.shared = nn.Linear(10, 10)
-        self.head = nn.Linear(10, CLASSES)
-
-    def forward(self, x):
-        h = torch.tanh(self.rows(torch.tanh(self.conv(x)))).flatten(1)
-        h = torch.tanh(self.shared(torch.tanh(self.shared(torch.relu(self.mid(h))))))
-        return self.head(h) + 0.1 * self.head.weight.sum()
-
-
-def linear_fast_path(monkeypatch, enabled):
-    """Record the params the Linear fast path handles; ``enabled=False`` makes it handle none."""
-    original, handled = Regularizer._add_linear_per_sample, set()
-
-    def spy(self, x, y, params, sums):
-        names, outputs = original(self, x, y, params if enabled else {}, sums)
-        handled.update(names)
-        return names, outputs
-
-    monkeypatch.setattr(Regularizer, "_add_linear_per_sample", spy)
-    return handled
-
-
 @pytest.mark.parametrize("fisher", ["empirical", "exact"])
 def test_linear_fast_path_equals_vmap_path_on_a_mixed_model(monkeypatch, fisher):
     torch.manual_seed(0)
-    model = Mixed().to(DTYPE)
+    model = MixedModel(CLASSES).to(DTYPE)
     gen = torch.Generator().manual_seed(1)
     data = [(torch.randn(n, 1, 5, 5, generator=gen, dtype=DTYPE),
              torch.randint(0, CLASSES, (n,), generator=gen)) for n in (5, 3)]
     results = []
     for enabled in (True, False):
         with monkeypatch.context() as m:
-            handled = linear_fast_path(m, enabled)
+            handled = spy_linear_form(m, enabled)
             reg = EWC(model, lam=1.0, fisher=fisher, per_sample=True)
             reg.consolidate(data)
         results.append(reg.importance)

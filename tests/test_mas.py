@@ -6,6 +6,7 @@ import torch
 from torch import nn
 
 from classp_fused.regularizers import MAS, Regularizer
+from helpers import MixedModel, spy_linear_form
 
 DTYPE = torch.float64
 
@@ -269,40 +270,9 @@ def test_bad_model_and_data_raise():
         MAS(frozen).consolidate(batches([2]))
 
 
-class Mixed(nn.Module):
-    """Conv2d, a Linear on 4-D input, a single-use Linear, a Linear called twice and a Linear
-    whose weight is also used outside its call."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(1, 2, 3)
-        self.rows = nn.Linear(3, 3)
-        self.mid = nn.Linear(18, 10)
-        self.shared = nn.Linear(10, 10)
-        self.head = nn.Linear(10, 4)
-
-    def forward(self, x):
-        h = torch.tanh(self.rows(torch.tanh(self.conv(x)))).flatten(1)
-        h = torch.tanh(self.shared(torch.tanh(self.shared(torch.relu(self.mid(h))))))
-        return self.head(h) + 0.1 * self.head.weight.sum()
-
-
 def mixed_model(seed=0):
     torch.manual_seed(seed)
-    return Mixed().to(DTYPE)
-
-
-def linear_fast_path(monkeypatch, enabled):
-    """Record the params the Linear fast path handles; ``enabled=False`` makes it handle none."""
-    original, handled = Regularizer._add_linear_per_sample, set()
-
-    def spy(self, x, y, params, sums):
-        names, outputs = original(self, x, y, params if enabled else {}, sums)
-        handled.update(names)
-        return names, outputs
-
-    monkeypatch.setattr(Regularizer, "_add_linear_per_sample", spy)
-    return handled
+    return MixedModel(4).to(DTYPE)
 
 
 def test_linear_fast_path_equals_vmap_path_on_a_mixed_model(monkeypatch):
@@ -312,7 +282,7 @@ def test_linear_fast_path_equals_vmap_path_on_a_mixed_model(monkeypatch):
     results = []
     for enabled in (True, False):
         with monkeypatch.context() as m:
-            handled = linear_fast_path(m, enabled)
+            handled = spy_linear_form(m, enabled)
             reg = MAS(model, per_sample=True)
             reg.consolidate(data)
         results.append(reg.importance)
