@@ -144,10 +144,25 @@ def zero_ranks(rank, backends):
         assert state_bytes.item() == ddp_optimizer.state_bytes()
 
 
+def dcp_load(model, optimizer, checkpoint_id, **extra):
+    """Load a DCP checkpoint into ``model``, ``optimizer`` and each ``extra`` object's state."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optim": optim_state,
+             **{key: obj.state_dict() for key, obj in extra.items()}}
+    dcp.load(state, checkpoint_id=checkpoint_id)
+    set_state_dict(model, optimizer, model_state_dict=state["model"],
+                   optim_state_dict=state["optim"])
+    for key, obj in extra.items():
+        obj.load_state_dict(state[key])
+
+
 def dcp_ranks(rank, backends, checkpoint_dir):
     """Save after STEPS steps, load into fresh objects, and continue exactly as the original."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import get_state_dict
     from torch.distributed.device_mesh import init_device_mesh
     from torch.nn.parallel import DistributedDataParallel
 
@@ -168,11 +183,7 @@ def dcp_ranks(rank, backends, checkpoint_dir):
 
         restored = shard(make_model(seed=5), mesh)
         restored_optimizer = CLASSP(restored.parameters(), backend=backend, **HYPER)
-        model_state, optim_state = get_state_dict(restored, restored_optimizer)
-        state = {"model": model_state, "optim": optim_state}
-        dcp.load(state, checkpoint_id=path)
-        set_state_dict(restored, restored_optimizer, model_state_dict=state["model"],
-                       optim_state_dict=state["optim"])
+        dcp_load(restored, restored_optimizer, path)
         train(restored, restored_optimizer, second)
         assert_matches(restored, restored_optimizer, model, optimizer, exact=True)
 
@@ -183,12 +194,7 @@ def dcp_ranks(rank, backends, checkpoint_dir):
             mas = MAS(model.module, lam=0.5)
             mas.consolidate([x + seed for x in first[:2]])
             if load_from is not None:
-                model_state, optim_state = get_state_dict(model, optimizer)
-                state = {"model": model_state, "optim": optim_state, "mas": mas.state_dict()}
-                dcp.load(state, checkpoint_id=load_from)
-                set_state_dict(model, optimizer, model_state_dict=state["model"],
-                               optim_state_dict=state["optim"])
-                mas.load_state_dict(state["mas"])
+                dcp_load(model, optimizer, load_from, mas=mas)
             return model, optimizer, mas
 
         model, optimizer, mas = run(seed=0)
@@ -233,7 +239,7 @@ def test_distributed_checkpoint_round_trip_continues_identically(tmp_path):
 def fsdp2_mas_dcp_ranks(rank, backends, checkpoint_dir):
     """FSDP2 with a MAS penalty: model, optimizer and MAS state go through one DCP checkpoint."""
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    from torch.distributed.checkpoint.state_dict import get_state_dict
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import DTensor
 
@@ -251,12 +257,7 @@ def fsdp2_mas_dcp_ranks(rank, backends, checkpoint_dir):
             model = shard(model, mesh)
             optimizer = CLASSP(model.parameters(), backend=backend, **HYPER)
             if load_from is not None:
-                model_state, optim_state = get_state_dict(model, optimizer)
-                state = {"model": model_state, "optim": optim_state, "mas": mas.state_dict()}
-                dcp.load(state, checkpoint_id=load_from)
-                set_state_dict(model, optimizer, model_state_dict=state["model"],
-                               optim_state_dict=state["optim"])
-                mas.load_state_dict(state["mas"])
+                dcp_load(model, optimizer, load_from, mas=mas)
             return model, optimizer, mas
 
         model, optimizer, mas = run(seed=0)
