@@ -24,16 +24,18 @@ def default_array_bytes(device: torch.device) -> int:
     return GIB
 
 
-def _synchronize(device: torch.device) -> None:
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work (a no-op on the CPU)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def _seconds(fn, device: torch.device) -> float:
-    _synchronize(device)
+def seconds(fn, device: torch.device) -> float:
+    """Wall time of one ``fn()`` call, the device's queued work included."""
+    synchronize(device)
     start = time.perf_counter()
     fn()
-    _synchronize(device)
+    synchronize(device)
     return time.perf_counter() - start
 
 
@@ -51,10 +53,10 @@ def measure(device: str | torch.device = "cpu", array_bytes: int | None = None,
                "update": (lambda: a.add_(b, alpha=1e-9), 3 * 4 * n)}
     rates = {name: [] for name in kernels}
     for fn, _ in kernels.values():
-        _seconds(fn, device)
+        seconds(fn, device)
     for _ in range(repeats):
         for name, (fn, nbytes) in kernels.items():
-            rates[name].append(nbytes / _seconds(fn, device) / 1e9)
+            rates[name].append(nbytes / seconds(fn, device) / 1e9)
     del a, b, c
     result = {"device": str(device), "array_mb": 4 * n / 1e6, "repeats": repeats,
               "threads": torch.get_num_threads() if device.type == "cpu" else None}

@@ -22,7 +22,6 @@ The Triton backend is left out on CPU, where it runs only in the (slow) interpre
 from __future__ import annotations
 
 import statistics
-import time
 from dataclasses import dataclass
 
 import pytest
@@ -31,6 +30,8 @@ from torch._C._profiler import _EventType
 
 from classp_fused import CLASSP, available_backends
 from classp_fused import reference
+
+from bandwidth import seconds, synchronize
 
 LR = 1e-3
 EPS = 1e-5
@@ -153,19 +154,6 @@ def make_step(case: Case, params):
     else:
         optimizer = torch.optim.Adam(params, lr=LR, fused=True)
     return optimizer.step
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def seconds(fn, device: torch.device) -> float:
-    synchronize(device)
-    start = time.perf_counter()
-    fn()
-    synchronize(device)
-    return time.perf_counter() - start
 
 
 def peak_extra_bytes(step, device: torch.device) -> int:
