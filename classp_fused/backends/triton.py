@@ -28,7 +28,6 @@ except ImportError:  # the backend is then unavailable
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 CHUNK = 4096  # elements per program; fixed, so the table does not depend on the tuned BLOCK_SIZE
-TABLE_COLUMNS = 5  # param offset, grad offset, acc offset, length, output row
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 ALIGNMENT = 16  # bytes; every tensor the kernel touches starts on this boundary
 
@@ -56,7 +55,7 @@ def step(params, grads, accs, lr, threshold, eps, power, apply_scaling, grad_sca
 
 
 def chunk_table(entries, device="cpu") -> Tensor:
-    """The kernel's ``(chunks, TABLE_COLUMNS)`` int64 table.
+    """The kernel's ``(chunks, 5)`` int64 table (``TABLE_COLUMNS``).
 
     ``entries`` holds one ``(param offset, grad offset, acc offset, numel, row)`` per non-empty
     tensor, offsets in elements from the group's base tensors. Each chunk gets its three element
@@ -120,6 +119,8 @@ def _offset(t: Tensor, base: Tensor) -> int:
 
 
 if triton is not None:
+    TABLE_COLUMNS = tl.constexpr(5)  # param offset, grad offset, acc offset, length, output row
+
     def _configs():
         if INTERPRET:  # the interpreter runs a single config
             return [triton.Config({"BLOCK_SIZE": CHUNK})]
@@ -193,7 +194,7 @@ if triton is not None:
         if found_inf_ptr is not None:
             if tl.load(found_inf_ptr) != 0:
                 return
-        chunk = table_ptr + tl.program_id(0).to(tl.int64) * 5  # TABLE_COLUMNS
+        chunk = table_ptr + tl.program_id(0).to(tl.int64) * TABLE_COLUMNS
         p_offset = tl.load(chunk)
         g_offset = tl.load(chunk + 1)
         a_offset = tl.load(chunk + 2)
