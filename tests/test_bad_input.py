@@ -86,26 +86,42 @@ BAD_INPUTS = {
         _replace(PARAMS, torch.zeros(1, 3).expand(4, 3)), ValueError,
         r"params\[0\]: a parameter with internal overlap"),
     "lr NaN": (
-        _with(lr=float("nan")), ValueError, r"lr must be a non-negative number, got nan"),
+        _with(lr=float("nan")), ValueError, r"lr must be a finite non-negative number, got nan"),
     "lr tensor NaN": (
         _with(lr=torch.tensor(float("nan"))), ValueError,
-        r"lr must be a non-negative number, got nan"),
+        r"lr must be a finite non-negative number, got nan"),
     "lr negative": (
-        _with(lr=-0.1), ValueError, r"lr must be a non-negative number, got -0.1"),
+        _with(lr=-0.1), ValueError, r"lr must be a finite non-negative number, got -0.1"),
     "lr tensor of two elements": (
         _with(lr=torch.tensor([0.1, 0.2])), ValueError,
         r"lr as a tensor must hold one element, got shape \(2,\)"),
     "lr not a number": (
-        _with(lr="fast"), ValueError, r"lr must be a non-negative number, got 'fast'"),
+        _with(lr="fast"), ValueError, r"lr must be a finite non-negative number, got 'fast'"),
+    "lr infinite": (
+        _with(lr=float("inf")), ValueError, r"lr must be a finite non-negative number, got inf"),
+    "lr tensor -inf": (
+        _with(lr=torch.tensor(-float("inf"))), ValueError,
+        r"lr must be a finite non-negative number, got -inf"),
+    "lr a numeric string": (
+        _with(lr="0.1"), ValueError, r"lr must be a finite non-negative number, got '0.1'"),
+    "lr integer tensor": (
+        _with(lr=torch.tensor(1)), TypeError,
+        r"lr as a tensor must be floating point, got torch.int64"),
     "power 0": (
         _with(power=0.0), ValueError, r"power must be a finite number > 0, got 0.0"),
     "power inf": (
         _with(power=float("inf")), ValueError, r"power must be a finite number > 0, got inf"),
     "eps negative": (
-        _with(eps=-1e-8), ValueError, r"eps must be a non-negative number, got -1e-08"),
+        _with(eps=-1e-8), ValueError, r"eps must be a finite non-negative number, got -1e-08"),
     "threshold NaN": (
         _with(threshold=float("nan")), ValueError,
-        r"threshold must be a non-negative number, got nan"),
+        r"threshold must be a finite non-negative number, got nan"),
+    "threshold infinite": (
+        _with(threshold=float("inf")), ValueError,
+        r"threshold must be a finite non-negative number, got inf"),
+    "threshold a string": (
+        _with(threshold="0.1"), ValueError,
+        r"threshold must be a finite non-negative number, got '0.1'"),
     "grad_scale of two elements": (
         _with(grad_scale=torch.ones(2)), ValueError,
         r"grad_scale must be a one-element tensor or None"),
@@ -166,11 +182,11 @@ def test_optimizer_rejects_sparse_grads(backend):
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("key, value, message", [
-    ("lr", float("nan"), r"lr must be a non-negative number, got nan"),
-    ("lr", torch.tensor(-1.0), r"lr must be a non-negative number, got -1.0"),
+    ("lr", float("nan"), r"lr must be a finite non-negative number, got nan"),
+    ("lr", torch.tensor(-1.0), r"lr must be a finite non-negative number, got -1.0"),
     ("power", 0.0, r"power must be a finite number > 0, got 0.0"),
-    ("eps", -1.0, r"eps must be a non-negative number, got -1.0"),
-    ("threshold", -1.0, r"threshold must be a non-negative number, got -1.0"),
+    ("eps", -1.0, r"eps must be a finite non-negative number, got -1.0"),
+    ("threshold", -1.0, r"threshold must be a finite non-negative number, got -1.0"),
 ])
 def test_param_group_edited_to_a_bad_value_fails_the_step(backend, key, value, message):
     p = torch.nn.Parameter(random_like((4, 3)))
