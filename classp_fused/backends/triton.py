@@ -88,6 +88,11 @@ _tables: OrderedDict = OrderedDict()  # (entries, device) -> table, most recentl
 _kept_tables: dict = {}  # tables a CUDA graph captured: its replays read them
 
 
+def _capturing(device: torch.device) -> bool:
+    """Whether work enqueued now on ``device`` is being captured into a CUDA graph."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
 def _work_table(entries, device: torch.device) -> Tensor:
     """``chunk_table(entries)`` on ``device``, cached for the next steps on the same tensors.
 
@@ -97,7 +102,7 @@ def _work_table(entries, device: torch.device) -> Tensor:
     never dropped.
     """
     key = (entries, device)
-    capturing = device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+    capturing = _capturing(device)
     table = _kept_tables.get(key)
     if table is None:
         table = _tables.get(key)
