@@ -28,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -80,30 +81,35 @@ def peers(impls, size, tensors, dtype="fp32") -> list[Case]:
     return [Case(impl, size, tensors, dtype) for impl in impls]
 
 
-def plan(backends: list[str], sizes: dict) -> list[list[Case]]:
-    """Groups of cases, most important first. ``backends``: the CLASSP backends to run (e.g.
-    ``["cuda", "triton"]``); ``sizes``: ``one`` (sizes in one tensor, all peers), ``many``
-    (totals in ``MANY`` tensors), ``largest`` (one tensor, the fused kernels and the compiled
-    Adagrad), ``variants`` (one tensor: bf16, power 2 and 0.5, masking)."""
+def group(kind: str, n: int, backends: list[str]) -> list[Case]:
+    """The cases of one group: ``kind`` "one" (``n`` elements in one tensor, every peer),
+    "many" (``n`` in ``MANY`` tensors, every peer), "largest" (one tensor, the fused kernels,
+    fused Adam and the compiled Adagrad), "bf16" (one bf16 tensor) or "powers" (one tensor:
+    power 2, power 0.5 and the masking threshold, against the compiled Adagrad)."""
     fused = [f"classp/{name}" for name in backends]
-    groups = []
-    for n in sizes["one"]:
-        groups.append(classp(fused + ["classp/naive+compile"], n, 1) + peers(PEERS, n, 1))
-    for n in sizes["many"]:
-        groups.append(classp(fused, n, MANY) + peers(PEERS, n, MANY))
-    for n in sizes["variants"]:
-        groups.append(classp(fused, n, 1, "bf16")
-                      + peers(("adam/fused", "adagrad/compiled"), n, 1, "bf16"))
-        groups.append(classp(fused, n, 1, power=2.0) + classp(fused, n, 1, power=0.5)
-                      + classp(fused, n, 1, threshold=MASKING_THRESHOLD)
-                      + peers((BASELINE,), n, 1))
-    for n in sizes["largest"]:
-        groups.append(classp(fused, n, 1) + peers(("adam/fused", BASELINE), n, 1))
-    return groups
+    if kind == "one":
+        return classp(fused + ["classp/naive+compile"], n, 1) + peers(PEERS, n, 1)
+    if kind == "many":
+        return classp(fused, n, MANY) + peers(PEERS, n, MANY)
+    if kind == "largest":
+        return classp(fused, n, 1) + peers(("adam/fused", BASELINE), n, 1)
+    if kind == "bf16":
+        return classp(fused, n, 1, "bf16") + peers(("adam/fused", BASELINE), n, 1, "bf16")
+    if kind == "powers":
+        return (classp(fused, n, 1, power=2.0) + classp(fused, n, 1, power=0.5)
+                + classp(fused, n, 1, threshold=MASKING_THRESHOLD) + peers((BASELINE,), n, 1))
+    raise ValueError(f"unknown group kind {kind!r}")
 
 
-# Sized for the H200 (see benchmarks/gpu_check.sh): about three minutes, compiles included.
-GPU_SIZES = dict(one=(10**6, 10**8), many=(10**7, 10**8), variants=(10**8,), largest=(10**9,))
+def plan(backends: list[str], groups: list[tuple[str, int]]) -> list[list[Case]]:
+    """The cases of ``groups`` ((kind, size) pairs, see ``group``) for the CLASSP ``backends``."""
+    return [group(kind, n, backends) for kind, n in groups]
+
+
+# Most important first: groups not started within the suite's time budget are skipped. Sized
+# for the H200 (benchmarks/gpu_check.sh): about three minutes, compiles included.
+GPU_GROUPS = [("one", 10**8), ("largest", 10**9), ("many", 10**8), ("powers", 10**8),
+              ("bf16", 10**8), ("many", 10**7), ("one", 10**6)]
 
 
 def bytes_per_element(case: Case) -> int:
@@ -312,32 +318,37 @@ def fits(cases: list[Case], device: torch.device) -> bool:
 
 def run(device: str | torch.device = "cuda", groups: Optional[list[list[Case]]] = None,
         rounds: int = 5, round_budget_s: float = 0.02, budget_s: float = 240.0,
-        probe_bytes: Optional[int] = None) -> dict:
-    """Run the suite; returns the JSON-ready results (machine, bandwidth, one row per case)."""
+        probe_bytes: Optional[int] = None, output: Optional[Path] = None) -> dict:
+    """Run the suite; returns the JSON-ready results (machine, bandwidth, one row per case),
+    also written to ``output`` after every group (a run cut short keeps what it measured)."""
     device = torch.device(device)
     started = time.perf_counter()
     if groups is None:
         backends = [name for name in ("cuda", "triton") if name in available_backends(device)]
-        groups = plan(backends, GPU_SIZES)
-    probe = bandwidth.measure(device, probe_bytes)
-    rows, skipped = [], []
-    for cases in groups:
-        if time.perf_counter() - started > budget_s:
-            skipped += [str(case) for case in cases]
-            continue
-        if not fits(cases, device):
-            skipped += [f"{case} (memory)" for case in cases]
-            continue
-        rows += measure_group(cases, device, rounds, round_budget_s)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        groups = plan(backends, GPU_GROUPS)
     name = (torch.cuda.get_device_name(device) if device.type == "cuda"
             else "CPU (suite smoke run)")
-    return {"device": {"type": device.type, "name": name, "torch": torch.__version__,
-                       "cuda": torch.version.cuda},
-            "datetime": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-            "bandwidth": probe, "rows": rows, "skipped": skipped,
-            "wall_s": time.perf_counter() - started}
+    results = {"device": {"type": device.type, "name": name, "torch": torch.__version__,
+                          "cuda": torch.version.cuda},
+               "datetime": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
+               "bandwidth": bandwidth.measure(device, probe_bytes), "rows": [], "skipped": [],
+               "wall_s": 0.0}
+    for index, cases in enumerate(groups):
+        if time.perf_counter() - started > budget_s:
+            results["skipped"] += [str(case) for group in groups[index:] for case in group]
+            break
+        if fits(cases, device):
+            results["rows"] += measure_group(cases, device, rounds, round_budget_s)
+        else:
+            results["skipped"] += [f"{case} (memory)" for case in cases]
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        results["wall_s"] = time.perf_counter() - started
+        if output is not None:
+            output.write_text(json.dumps(results, indent=1))
+    if output is not None:
+        output.write_text(json.dumps(results, indent=1))
+    return results
 
 
 def main(argv=None) -> int:
@@ -347,8 +358,10 @@ def main(argv=None) -> int:
                         help="groups not started by then are skipped (and listed)")
     parser.add_argument("--output", type=Path, default=HERE / "gpu_step_cuda.json")
     args = parser.parse_args(argv)
-    results = run("cuda", budget_s=args.budget_s)
-    args.output.write_text(json.dumps(results, indent=1))
+    if not torch.cuda.is_available():
+        print("the GPU suite needs a CUDA device; this torch sees none", file=sys.stderr)
+        return 2
+    results = run("cuda", budget_s=args.budget_s, output=args.output)
     print(f"wrote {args.output} ({len(results['rows'])} cases, "
           f"{results['wall_s'] / 60:.1f} min)")
     return 0

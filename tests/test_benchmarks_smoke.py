@@ -82,7 +82,7 @@ def test_bandwidth_probe_is_sane():
 
 def test_gpu_plan_pairs_every_group_with_peers_that_exist_on_cuda():
     gpu = load("gpu")
-    groups = gpu.plan(["cuda", "triton"], gpu.GPU_SIZES)
+    groups = gpu.plan(["cuda", "triton"], gpu.GPU_GROUPS)
     cases = [case for group in groups for case in group]
     assert {c.impl for c in cases} == {"classp/cuda", "classp/triton", "classp/naive+compile",
                                        "adam/fused", "adagrad/foreach", "adagrad/compiled"}
@@ -98,7 +98,7 @@ def test_gpu_plan_pairs_every_group_with_peers_that_exist_on_cuda():
             (10**8, 200, "fp32", 1.0, 0.0), (10**8, 1, "bf16", 1.0, 0.0),
             (10**8, 1, "fp32", 2.0, 0.0), (10**8, 1, "fp32", 0.5, 0.0)} <= layouts
     compiles = [c for c in cases if c.impl in gpu.COMPILED]
-    assert len(compiles) <= 9  # each costs seconds to tens of seconds on the GPU machine
+    assert len(compiles) <= 10  # each costs seconds to tens of seconds on the GPU machine
 
 
 def test_gpu_suite_measures_and_reports_on_the_cpu(tmp_path):
