@@ -188,14 +188,16 @@ def check_stepped_group(index: int, group: Mapping, state: Mapping,
     """Raise if the params of a group that have a grad cannot be stepped together.
 
     Checks the group's hyperparameters (they may have been edited since it was added), that
-    its stepped params share one device, and each grad and existing accumulator against its
-    param; ``dtypes`` are those the group's backend steps. Returns whether an accumulator sits on another device than its param (the param
-    moved; the step moves its state along). Runs before every step: the common case is one
-    combined test per param, the detailed checks run only to name what failed.
+    its stepped params share one device and have a dtype its backend steps (``dtypes``), that
+    grads are dense, and each existing accumulator against its param. Returns whether an
+    accumulator sits on another device than its param (the param moved; the step moves its
+    state along). Runs before every step, so the common case costs one combined test per
+    param, and grads are not compared with their param again: torch checks dtype, shape and
+    device when a grad is assigned or accumulated.
     """
     check_hyperparameters(*(group[key] for key in HYPERPARAMETERS),
                           where=f"param group {index}: ")
-    device, moved = None, False
+    device, moved, strided = None, False, torch.strided
     for i, p in enumerate(group["params"]):
         g = p.grad
         if g is None:
@@ -204,10 +206,8 @@ def check_stepped_group(index: int, group: Mapping, state: Mapping,
             device = p.device
         entry = state.get(p)
         acc = entry["accumulator"] if entry else None
-        if (g.layout is not torch.strided or g.dtype is not p.dtype or p.dtype not in dtypes
-                or p.device != device
-                or g.device != device or g.shape != p.shape
-                or acc is not None and (acc.dtype is not _ACC_DTYPES.get(p.dtype)
+        if (g.layout is not strided or p.dtype not in dtypes or p.device != device
+                or acc is not None and (acc.dtype is not _ACC_DTYPES[p.dtype]
                                         or acc.shape != p.shape)):
             _explain_stepped(f"param group {index}, param {i}", p, acc, device, dtypes)
         moved = moved or acc is not None and acc.device != device
