@@ -8,11 +8,11 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from .backends import BACKENDS, as_scalar_lr, resolve_backend, run_backend
+from .backends import BACKENDS, as_scalar_lr, param_dtypes, resolve_backend, run_backend
 from .reference import classp_legacy_step_, compute_dtype
 from .telemetry import StepTelemetry
-from .validation import (FOREIGN_KEYS, check_group, check_hyperparameters, check_state_dict,
-                         check_stepped_group, foreign_keys, group_tensors)
+from .validation import (FOREIGN_KEYS, PARAM_DTYPES, check_group, check_hyperparameters,
+                         check_state_dict, check_stepped_group, foreign_keys, group_tensors)
 
 MODES = ("paper", "legacy")
 NONFINITE_POLICIES = ("skip", "raise")
@@ -161,11 +161,12 @@ class CLASSP(Optimizer):
         """
         moved = []
         for index, group in enumerate(self.param_groups):
-            if check_stepped_group(index, group, self.state):
+            first = next((p for p in group["params"] if p.grad is not None), None)
+            dtypes = PARAM_DTYPES
+            if first is not None and self.mode == "paper":
+                dtypes = param_dtypes(self._backend_for(_local(first).device))
+            if check_stepped_group(index, group, self.state, dtypes):
                 moved.append(group)
-            stepped = next((p for p in group["params"] if p.grad is not None), None)
-            if stepped is not None:
-                self._backend_for(_local(stepped).device)
         if self.nonfinite == "raise":
             self._raise_on_nonfinite(grad_scale)
         return moved

@@ -148,8 +148,13 @@ def check_group(group: Mapping, index: int) -> None:
     where = f"param group {index}: "
     check_hyperparameters(*(group[key] for key in HYPERPARAMETERS), where=where)
     check_foreign_keys(group, index)
+    first = {}
     for i, p in enumerate(group["params"]):
         check_param(p, f"params[{i}] of param group {index}")
+        j = first.setdefault(id(p), i)
+        if j != i:
+            raise ValueError(f"params[{i}] of param group {index} repeats params[{j}]; "
+                             f"list each param once")
 
 
 def group_tensors(params) -> list:
@@ -178,18 +183,21 @@ def _is_off(value) -> bool:
     return value is None or (not isinstance(value, (str, Tensor)) and value == 0)
 
 
-def check_stepped_group(index: int, group: Mapping, state: Mapping) -> bool:
+def check_stepped_group(index: int, group: Mapping, state: Mapping,
+                        dtypes: Sequence[torch.dtype] = PARAM_DTYPES) -> bool:
     """Raise if the params of a group that have a grad cannot be stepped together.
 
     Checks the group's hyperparameters (they may have been edited since it was added), that
-    its stepped params share one device, and each grad and existing accumulator against its
-    param. Returns whether an accumulator sits on another device than its param (the param
-    moved; the step moves its state along). Runs before every step: the common case is one
-    combined test per param, the detailed checks run only to name what failed.
+    its stepped params share one device and have a dtype its backend steps (``dtypes``), that
+    grads are dense, and each existing accumulator against its param. Returns whether an
+    accumulator sits on another device than its param (the param moved; the step moves its
+    state along). Runs before every step, so the common case costs one combined test per
+    param, and grads are not compared with their param again: torch checks dtype, shape and
+    device when a grad is assigned or accumulated.
     """
     check_hyperparameters(*(group[key] for key in HYPERPARAMETERS),
                           where=f"param group {index}: ")
-    device, moved = None, False
+    device, moved, strided = None, False, torch.strided
     for i, p in enumerate(group["params"]):
         g = p.grad
         if g is None:
@@ -198,11 +206,10 @@ def check_stepped_group(index: int, group: Mapping, state: Mapping) -> bool:
             device = p.device
         entry = state.get(p)
         acc = entry["accumulator"] if entry else None
-        if (g.layout is not torch.strided or g.dtype is not p.dtype or p.device != device
-                or g.device != device or g.shape != p.shape
-                or acc is not None and (acc.dtype is not _ACC_DTYPES.get(p.dtype)
+        if (g.layout is not strided or p.dtype not in dtypes or p.device != device
+                or acc is not None and (acc.dtype is not _ACC_DTYPES[p.dtype]
                                         or acc.shape != p.shape)):
-            _explain_stepped(f"param group {index}, param {i}", p, acc, device)
+            _explain_stepped(f"param group {index}, param {i}", p, acc, device, dtypes)
         moved = moved or acc is not None and acc.device != device
     return moved
 
@@ -211,7 +218,8 @@ _ACC_DTYPES = {torch.float16: torch.float32, torch.bfloat16: torch.float32,
                torch.float32: torch.float32, torch.float64: torch.float64}
 
 
-def _explain_stepped(where: str, p: Tensor, acc, device: torch.device) -> None:
+def _explain_stepped(where: str, p: Tensor, acc, device: torch.device,
+                     dtypes: Sequence[torch.dtype]) -> None:
     """Raise the error that names what ``check_stepped_group`` found wrong with ``p``."""
     if p.grad.is_sparse:
         raise TypeError(f"CLASSP does not support sparse gradients ({where})")
@@ -219,6 +227,9 @@ def _explain_stepped(where: str, p: Tensor, acc, device: torch.device) -> None:
         raise RuntimeError(f"{where} is on {p.device} but the group's first stepped param "
                            f"is on {device}: one group steps on one device")
     check_param(p, where)
+    if p.dtype not in dtypes:
+        raise TypeError(f"{where} is {p.dtype}; this group's backend steps "
+                        f"{', '.join(str(d) for d in dtypes)}")
     check_grad(p, p.grad, f"the grad of {where}")
     if acc is not None:
         check_accumulator(p, acc, f"the accumulator of {where}", same_device=False)

@@ -2,6 +2,7 @@
 classp_fused.classp_step_ on every CPU backend and, where the case can reach it, the optimizer.
 Edge cases that must work (zero-element and 0-dim tensors, empty lists) are checked as well.
 Invalid constructor arguments are covered in test_optim.py."""
+import numpy as np
 import pytest
 import torch
 
@@ -161,6 +162,20 @@ def test_zero_element_and_zero_dim_tensors_work(backend):
         assert p.shape == shape and a.shape == shape
         torch.testing.assert_close(p, ref_p, rtol=1e-6, atol=1e-7)
         torch.testing.assert_close(a, ref_a, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("lr", [np.float32(0.1), torch.tensor(0.1), torch.tensor([0.1]),
+                                torch.tensor([[0.1]])], ids=["numpy", "()", "(1,)", "(1,1)"])
+def test_every_accepted_lr_form_steps_like_a_float(backend, lr):
+    params, grads, accs = _inputs()
+    expected = [[t.clone() for t in ts] for ts in (params, grads, accs)]
+    counts = classp_step_(params, grads, accs, lr=lr, threshold=1e-4, backend=backend)
+    expected_counts = reference_step_(*expected, lr=0.1, threshold=1e-4, eps=1e-5, power=1.0,
+                                      apply_scaling=True)
+    assert torch.equal(counts, expected_counts)
+    torch.testing.assert_close(params[0], expected[0][0], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(accs[0], expected[2][0], rtol=1e-6, atol=1e-7)
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)

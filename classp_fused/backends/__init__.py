@@ -16,7 +16,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from ..validation import check_step_inputs
+from ..validation import PARAM_DTYPES, check_step_inputs
 
 BACKENDS = ("torch", "foreach", "cpp", "cuda", "triton")
 _MODULES = {"torch": "reference_backend", "foreach": "foreach", "cpp": "cpp", "cuda": "cuda",
@@ -36,6 +36,11 @@ def available_backends(device: str | torch.device = "cpu") -> list[str]:
     """Names of the backends that can run a step on ``device``, fastest first after ``auto``."""
     device = torch.device(device)
     return [name for name in BACKENDS if _module(name).is_available(device)]
+
+
+def param_dtypes(name: str) -> tuple:
+    """The param dtypes backend ``name`` can step (the triton kernel has no float64)."""
+    return getattr(_module(name), "KERNEL_DTYPES", PARAM_DTYPES)
 
 
 _AUTO_ORDER = {"cuda": ("cuda", "triton"), "cpu": ("cpp",)}
