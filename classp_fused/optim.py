@@ -51,8 +51,8 @@ class CLASSP(Optimizer):
     Param groups are checked when added and before every step; ``step``, ``add_param_group``
     and ``load_state_dict`` check everything before changing anything, so an error leaves the
     optimizer as it was. Keys of other optimizers' groups that CLASSP has no use for
-    (``weight_decay``, ``momentum``, ``betas``, ...; see ``validation.FOREIGN_KEYS``) are
-    ignored with a warning when set to 0/False/None, as Hugging Face's Trainer writes
+    (``weight_decay``, ``momentum``, ``betas``, ...; ``classp_fused.validation.FOREIGN_KEYS``)
+    are ignored with a warning when set to 0/False/None, as Hugging Face's Trainer writes
     ``weight_decay=0.0``; any other value raises, since CLASSP would not do what it asks
     (weight decay, for one, would move every weight at every step, against sparse updates).
 
@@ -195,8 +195,9 @@ class CLASSP(Optimizer):
                     steps: list) -> None:
         """Append the group's stepped tensors (local shards of DTensors) to the lists.
 
-        State is created here on first use; the lists are filled in place, the form torch.compile traces without running the state
-        initialization in the graph. The inputs were checked by ``_check_step``.
+        State is created here on first use; the lists are filled in place, the form
+        torch.compile traces without running the state initialization in the graph. The inputs
+        were checked by ``_check_step``.
         """
         for p in group["params"]:
             if p.grad is None:
@@ -288,7 +289,7 @@ class CLASSP(Optimizer):
                    for t in state.values() if isinstance(t, Tensor))
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Load state after checking all of it (see :func:`classp_fused.validation.check_state_dict`).
+        """Load state after checking all of it (:func:`classp_fused.validation.check_state_dict`).
 
         Accumulators keep their fp32 (fp64) dtype instead of taking the param's; a ``step`` saved
         as a Python number becomes a 0-dim fp32 tensor. A bad dict raises and changes nothing.

@@ -150,7 +150,8 @@ def test_copies_step_like_the_original(backend, duplicate):
     for p, q in zip(originals, copies):
         assert torch.equal(p, q)
         assert torch.equal(optimizer.state[p]["accumulator"], twin.state[q]["accumulator"])
-        assert optimizer.state[p]["accumulator"].data_ptr() != twin.state[q]["accumulator"].data_ptr()
+        assert (optimizer.state[p]["accumulator"].data_ptr()
+                != twin.state[q]["accumulator"].data_ptr())
 
 
 # ------------------------------------------------------------------ lr
@@ -407,7 +408,8 @@ def test_a_bad_later_group_fails_the_step_before_any_group_changes(backend, spoi
 def test_a_group_on_two_devices_fails_the_step_before_anything_changes():
     if "cpp" not in CPU_BACKENDS:
         pytest.skip("the cpp backend is not built")
-    cpu, meta = torch.nn.Parameter(random_like((3,))), torch.nn.Parameter(torch.ones(3, device="meta"))
+    cpu = torch.nn.Parameter(random_like((3,)))
+    meta = torch.nn.Parameter(torch.ones(3, device="meta"))
     other = torch.nn.Parameter(random_like((2,)))
     optimizer = CLASSP([{"params": [other]}, {"params": [cpu, meta]}], lr=0.1, backend="cpp")
     for p in (cpu, meta, other):
@@ -423,7 +425,8 @@ def test_a_group_on_two_devices_fails_the_step_before_anything_changes():
 def test_a_dtype_the_backend_cannot_step_fails_before_anything_changes():
     if "triton" not in CPU_BACKENDS:
         pytest.skip("the triton backend is not available")
-    first, wide = torch.nn.Parameter(random_like((3,))), torch.nn.Parameter(random_like((3,), torch.float64))
+    first = torch.nn.Parameter(random_like((3,)))
+    wide = torch.nn.Parameter(random_like((3,), torch.float64))
     optimizer = CLASSP([{"params": [first]}, {"params": [wide]}], lr=0.1, backend="triton")
     first.grad, wide.grad = random_like((3,)), random_like((3,), torch.float64)
     before = snapshot(optimizer)

@@ -99,8 +99,9 @@ def run_backend(name: str, params: list, grads: list, accs: list, *, lr, thresho
     Every backend gets the same forms: a one-element lr tensor as 0-dim, any other lr (a numpy
     scalar, say) and the other hyperparameters as Python numbers.
     """
-    return _module(name).step(params, grads, accs, as_scalar_lr(lr), float(threshold), float(eps), float(power),
-                              bool(apply_scaling), grad_scale, found_inf)
+    return _module(name).step(params, grads, accs, as_scalar_lr(lr), float(threshold),
+                              float(eps), float(power), bool(apply_scaling), grad_scale,
+                              found_inf)
 
 
 def as_scalar_lr(lr):
