@@ -86,10 +86,10 @@ class CLASSP(Optimizer):
         self.nonfinite = nonfinite
         self._requested_backend = backend
         self._warned_keys: set[str] = set()
-        self._telemetry = StepTelemetry()
         defaults = dict(lr=lr, threshold=threshold, eps=eps, power=power,
                         apply_scaling=apply_scaling)
         super().__init__(params, defaults)
+        self._telemetry = StepTelemetry(self._placed_device())
         for device in {p.device for group in self.param_groups for p in group["params"]}:
             if device.type != "meta":  # meta params are placed later; resolved at the step
                 resolve_backend(backend, device)
@@ -119,6 +119,11 @@ class CLASSP(Optimizer):
         params = [p for group in self.param_groups for p in group["params"]]
         return params[0].device if params else torch.device("cpu")
 
+    def _placed_device(self) -> torch.device:
+        """The first parameter's device, the CPU while params are on the meta device."""
+        device = self._device()
+        return torch.device("cpu") if device.type == "meta" else device
+
     def __getstate__(self) -> dict:
         return {**super().__getstate__(), "mode": self.mode, "nonfinite": self.nonfinite,
                 "backend": self._requested_backend}
@@ -130,7 +135,7 @@ class CLASSP(Optimizer):
         if backend is not None:  # unpickling; load_state_dict passes state and groups only
             self._requested_backend = backend
             self._warned_keys = set()
-            self._telemetry = StepTelemetry()
+            self._telemetry = StepTelemetry(self._placed_device())
 
     def add_param_group(self, param_group: dict) -> None:
         """Add a param group; a group that CLASSP cannot step raises and is not added."""
