@@ -204,17 +204,22 @@ class CLASSP(Optimizer):
         torch.compile traces without running the state initialization in the graph. The inputs
         were checked by ``_check_step``.
         """
+        all_state = self.state
         for p in group["params"]:
-            if p.grad is None:
+            grad = p.grad
+            if grad is None:
                 continue
-            state = self.state[p]
+            state = all_state[p]
             if not state:
                 state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
                 state["accumulator"] = torch.zeros_like(
                     p, dtype=compute_dtype(p), memory_format=torch.contiguous_format)
-            params.append(_local(p))
-            grads.append(_local(p.grad))
-            accs.append(_local(state["accumulator"]))
+            acc = state["accumulator"]
+            if type(p) is not nn.Parameter or type(grad) is not Tensor:  # maybe DTensors
+                p, grad, acc = _local(p), _local(grad), _local(acc)
+            params.append(p)
+            grads.append(grad)
+            accs.append(acc)
             steps.append(state["step"])
 
     def _advance_steps(self, group: dict, steps: list, increment) -> None:
@@ -222,9 +227,10 @@ class CLASSP(Optimizer):
 
         A per-tensor add costs over 1 us on the CPU, more than the kernel for small tensors,
         so a group's counters are kept as views of one buffer and advanced by a single add;
-        the buffer is rebuilt when the set of stepped params changes.
+        the buffer is rebuilt when the set of stepped params changes. (A group's stepped params,
+        and so their counters, share one device: ``_check_step`` saw to it.)
         """
-        if torch.compiler.is_compiling() or any(t.device != steps[0].device for t in steps):
+        if torch.compiler.is_compiling():
             torch._foreach_add_(steps, increment)
             return
         base = steps[0]._base

@@ -321,7 +321,8 @@ for dtype, power, amp in [(d, p, True) for d in ("fp32", "bf16", "fp16") for p i
     # amp: grad_scale and found_inf pointers and a tensor lr; else neither, and lr by value
     lr = "*fp64" if amp else "constexpr"
     signature = dict(p_ptr="*" + dtype, g_ptr="*" + dtype, a_ptr="*fp32", table_ptr="*i64",
-                     num_chunks="i64", counts_ptr="*i64", lr_ptr=lr, lr_value="fp32",
+                     num_chunks="i64" if amp else "i32",  # as Triton types the int it gets
+                     counts_ptr="*i64", lr_ptr=lr, lr_value="fp32",
                      grad_scale_ptr=scalar, found_inf_ptr=scalar, threshold="fp32", eps="fp32",
                      power="fp32", FAST_POWER="constexpr", APPLY_SCALING="constexpr",
                      GROUP="constexpr", BLOCK_SIZE="constexpr")

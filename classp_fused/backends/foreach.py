@@ -51,8 +51,8 @@ def _step_flat(param, grad, acc, lr, threshold, eps, power, apply_scaling, grad_
 
 def _segment_counts(mask, nonfinite, numels):
     """Per segment of ``numels`` elements (each > 0), its ``[selected, non-finite]`` counts."""
-    running = torch.stack([mask, nonfinite], dim=1).cumsum(0)
-    ends = torch.stack([segment[-1] for segment in running.split(numels)])
+    running = torch.stack([mask, nonfinite]).cumsum(1)
+    ends = torch.stack([segment[:, -1] for segment in running.split(numels, dim=1)])
     return torch.diff(ends, dim=0, prepend=torch.zeros_like(ends[:1]))
 
 
@@ -69,17 +69,20 @@ def _step_group(params, grads, accs, lr, threshold, eps, power, apply_scaling, g
 
 
 def step(params, grads, accs, lr, threshold, eps, power, apply_scaling, grad_scale, found_inf):
+    """The step over tensors on one device (validated by the caller), grouped by dtype."""
     device = params[0].device if params else torch.device("cpu")
-    groups: dict = {}  # (device, dtype) -> indices of non-empty tensors, in traceable Python
+    groups: dict = {}  # dtype -> indices of non-empty tensors, in traceable Python
     for i, p in enumerate(params):
         if p.numel():
-            groups.setdefault((p.device, p.dtype), []).append(i)
-    zero = torch.zeros(2, dtype=torch.int64, device=device)
-    rows = [zero] * len(params)
-    for indices in groups.values():
-        group_counts = _step_group([params[i] for i in indices], [grads[i] for i in indices],
-                                   [accs[i] for i in indices], lr, threshold, eps, power,
-                                   apply_scaling, grad_scale, found_inf)
-        for i, row in zip(indices, group_counts.to(device).unbind()):
+            groups.setdefault(p.dtype, []).append(i)
+    results = [(indices, _step_group([params[i] for i in indices], [grads[i] for i in indices],
+                                     [accs[i] for i in indices], lr, threshold, eps, power,
+                                     apply_scaling, grad_scale, found_inf))
+               for indices in groups.values()]
+    if len(results) == 1 and len(results[0][0]) == len(params):
+        return results[0][1]
+    rows = [torch.zeros(2, dtype=torch.int64, device=device)] * len(params)
+    for indices, counts in results:
+        for i, row in zip(indices, counts.unbind()):
             rows[i] = row
     return torch.stack(rows) if rows else torch.zeros(0, 2, dtype=torch.int64, device=device)

@@ -176,9 +176,15 @@ def _dense(t: Tensor) -> Tensor:
     return t.clone(memory_format=torch.contiguous_format)
 
 
-def _offset(t: Tensor, base: Tensor) -> int:
-    """Elements from ``base`` to ``t`` in memory (any sign; exact, both being aligned)."""
-    return (t.data_ptr() - base.data_ptr()) // t.element_size()
+def _entries(members) -> tuple:
+    """The ``chunk_table`` entries of ``(row, param, grad, acc)`` members (dense, aligned, one
+    dtype): element offsets from the first member's tensors, each address read once."""
+    _, p0, g0, a0 = members[0]
+    p_base, g_base, a_base = p0.data_ptr(), g0.data_ptr(), a0.data_ptr()
+    p_size, a_size = p0.element_size(), a0.element_size()
+    return tuple(((p.data_ptr() - p_base) // p_size, (g.data_ptr() - g_base) // p_size,
+                  (a.data_ptr() - a_base) // a_size, p.numel(), row)
+                 for row, p, g, a in members)
 
 
 if triton is not None:
@@ -388,8 +394,7 @@ if triton is not None:
         for rows in _dtype_groups(params):
             members = [(i, _dense(params[i]), _dense(grads[i]), _dense(accs[i])) for i in rows]
             _, p0, g0, a0 = members[0]
-            entries = tuple((_offset(p, p0), _offset(g, g0), _offset(a, a0), p.numel(), i)
-                            for i, p, g, a in members)
+            entries = _entries(members)
             config = _tuned_config(device, p0.dtype, _power_path(power), apply_scaling)
             _launch(_classp_kernel, p0, g0, a0, _work_table(entries, device), counts, lr,
                     grad_scale, found_inf, threshold, eps, power, apply_scaling,
