@@ -3,7 +3,9 @@
 Every backend implements ``step(params, grads, accs, lr, threshold, eps, power, apply_scaling,
 grad_scale, found_inf) -> Tensor`` updating ``params`` and ``accs`` in place and returning an
 int64 tensor of shape ``(len(params), 2)``: per tensor, the number of elements updated and the
-number of non-finite gradient elements skipped. Inputs are validated once, for all backends
+number of non-finite gradient elements skipped, and ``is_available(device)``; a backend that
+steps fewer param dtypes than the four names them in ``KERNEL_DTYPES``, so that a caller can
+refuse them before any kernel runs. Inputs are validated once, for all backends
 (:mod:`classp_fused.validation`); under ``torch.compile`` the validation (Python-side checks,
 which would break the graph) is skipped.
 """
