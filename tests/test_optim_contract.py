@@ -132,6 +132,19 @@ def test_state_dict_is_a_copy_and_keeps_group_options(backend):
                            next(iter(fresh.state.values()))["accumulator"])
 
 
+def test_named_params_keep_their_names_through_a_state_dict(backend):
+    model = tiny_model()
+    optimizer = CLASSP(model.named_parameters(), lr=0.05, backend=backend)
+    train_steps(model, optimizer, 1)
+    names = [name for name, _ in model.named_parameters()]
+    assert optimizer.state_dict()["param_groups"][0]["param_names"] == names
+    twin = _twin(model)
+    fresh = CLASSP(twin.named_parameters(), lr=0.5, backend=backend)
+    fresh.load_state_dict(optimizer.state_dict())
+    assert fresh.param_groups[0]["param_names"] == names and fresh.param_groups[0]["lr"] == 0.05
+    assert all(fresh.state[q]["step"].item() == 1 for q in twin.parameters())
+
+
 # ------------------------------------------------------------------ copies
 @pytest.mark.parametrize("duplicate", [copy.deepcopy, lambda o: pickle.loads(pickle.dumps(o))],
                          ids=["deepcopy", "pickle"])
