@@ -51,8 +51,8 @@ class CLASSP(Optimizer):
     Param groups are checked when added and before every step; ``step``, ``add_param_group``
     and ``load_state_dict`` check everything before changing anything, so an error leaves the
     optimizer as it was. Keys of other optimizers' groups that CLASSP has no use for
-    (``weight_decay``, ``momentum``, ``betas``, ...; see ``validation.FOREIGN_KEYS``) are
-    ignored with a warning when set to 0/False/None, as Hugging Face's Trainer writes
+    (``weight_decay``, ``momentum``, ``betas``, ...; ``classp_fused.validation.FOREIGN_KEYS``)
+    are ignored with a warning when set to 0/False/None, as Hugging Face's Trainer writes
     ``weight_decay=0.0``; any other value raises, since CLASSP would not do what it asks
     (weight decay, for one, would move every weight at every step, against sparse updates).
 
@@ -86,10 +86,10 @@ class CLASSP(Optimizer):
         self.nonfinite = nonfinite
         self._requested_backend = backend
         self._warned_keys: set[str] = set()
-        self._telemetry = StepTelemetry()
         defaults = dict(lr=lr, threshold=threshold, eps=eps, power=power,
                         apply_scaling=apply_scaling)
         super().__init__(params, defaults)
+        self._telemetry = StepTelemetry(self._placed_device())
         for device in {p.device for group in self.param_groups for p in group["params"]}:
             if device.type != "meta":  # meta params are placed later; resolved at the step
                 resolve_backend(backend, device)
@@ -119,6 +119,11 @@ class CLASSP(Optimizer):
         params = [p for group in self.param_groups for p in group["params"]]
         return params[0].device if params else torch.device("cpu")
 
+    def _placed_device(self) -> torch.device:
+        """The first parameter's device, the CPU while params are on the meta device."""
+        device = self._device()
+        return torch.device("cpu") if device.type == "meta" else device
+
     def __getstate__(self) -> dict:
         return {**super().__getstate__(), "mode": self.mode, "nonfinite": self.nonfinite,
                 "backend": self._requested_backend}
@@ -130,7 +135,7 @@ class CLASSP(Optimizer):
         if backend is not None:  # unpickling; load_state_dict passes state and groups only
             self._requested_backend = backend
             self._warned_keys = set()
-            self._telemetry = StepTelemetry()
+            self._telemetry = StepTelemetry(self._placed_device())
 
     def add_param_group(self, param_group: dict) -> None:
         """Add a param group; a group that CLASSP cannot step raises and is not added."""
@@ -195,8 +200,9 @@ class CLASSP(Optimizer):
                     steps: list) -> None:
         """Append the group's stepped tensors (local shards of DTensors) to the lists.
 
-        State is created here on first use; the lists are filled in place, the form torch.compile traces without running the state
-        initialization in the graph. The inputs were checked by ``_check_step``.
+        State is created here on first use; the lists are filled in place, the form
+        torch.compile traces without running the state initialization in the graph. The inputs
+        were checked by ``_check_step``.
         """
         all_state = self.state
         for p in group["params"]:
@@ -294,7 +300,7 @@ class CLASSP(Optimizer):
                    for t in state.values() if isinstance(t, Tensor))
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Load state after checking all of it (see :func:`classp_fused.validation.check_state_dict`).
+        """Load state after checking all of it (:func:`classp_fused.validation.check_state_dict`).
 
         Accumulators keep their fp32 (fp64) dtype instead of taking the param's; a ``step`` saved
         as a Python number becomes a 0-dim fp32 tensor. A bad dict raises and changes nothing.

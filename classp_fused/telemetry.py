@@ -13,9 +13,11 @@ class StepTelemetry:
     on a list's length.
     """
 
-    def __init__(self) -> None:
-        # "last": one (counts, numels, backend) per stepped group of the last step
-        self._entries: dict = {"last": [], "nonfinite": torch.zeros((), dtype=torch.int64)}
+    def __init__(self, device: torch.device) -> None:
+        # "last": one (counts, numels, backend) per stepped group of the last step; the total
+        # is made on the params' device here, not in a step (which may be captured in a graph)
+        self._entries: dict = {"last": [],
+                               "nonfinite": torch.zeros((), dtype=torch.int64, device=device)}
 
     def record(self, steps: list[tuple[Tensor, list[int], str]]) -> None:
         """Keep one step's ``(counts, numels, backend)`` per stepped group; add its skips."""
@@ -23,7 +25,7 @@ class StepTelemetry:
         for counts, _, _ in steps:
             skipped = counts[:, 1].sum()
             total = self._entries["nonfinite"]
-            if total.device != skipped.device:  # follow the params' device: adds never sync
+            if total.device != skipped.device:  # the params moved: follow them
                 total = self._entries["nonfinite"] = total.to(skipped.device)
             total.add_(skipped)
 

@@ -126,7 +126,7 @@ def _check_like_param(param: Tensor, t: Tensor, where: str, same_device: bool = 
 def check_step_inputs(params: Sequence[Tensor], grads: Sequence[Tensor], accs: Sequence[Tensor],
                       lr, threshold: float, eps: float, power: float,
                       grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
-    """Validate one op call's inputs; raise TypeError/ValueError/RuntimeError naming the argument."""
+    """Validate one op call's inputs; raise TypeError/ValueError/RuntimeError naming the input."""
     if not (len(params) == len(grads) == len(accs)):
         raise ValueError(f"params, grads and accs must have the same length, got "
                          f"{len(params)}, {len(grads)}, {len(accs)}")

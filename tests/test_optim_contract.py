@@ -132,6 +132,19 @@ def test_state_dict_is_a_copy_and_keeps_group_options(backend):
                            next(iter(fresh.state.values()))["accumulator"])
 
 
+def test_named_params_keep_their_names_through_a_state_dict(backend):
+    model = tiny_model()
+    optimizer = CLASSP(model.named_parameters(), lr=0.05, backend=backend)
+    train_steps(model, optimizer, 1)
+    names = [name for name, _ in model.named_parameters()]
+    assert optimizer.state_dict()["param_groups"][0]["param_names"] == names
+    twin = _twin(model)
+    fresh = CLASSP(twin.named_parameters(), lr=0.5, backend=backend)
+    fresh.load_state_dict(optimizer.state_dict())
+    assert fresh.param_groups[0]["param_names"] == names and fresh.param_groups[0]["lr"] == 0.05
+    assert all(fresh.state[q]["step"].item() == 1 for q in twin.parameters())
+
+
 # ------------------------------------------------------------------ copies
 @pytest.mark.parametrize("duplicate", [copy.deepcopy, lambda o: pickle.loads(pickle.dumps(o))],
                          ids=["deepcopy", "pickle"])
@@ -150,7 +163,8 @@ def test_copies_step_like_the_original(backend, duplicate):
     for p, q in zip(originals, copies):
         assert torch.equal(p, q)
         assert torch.equal(optimizer.state[p]["accumulator"], twin.state[q]["accumulator"])
-        assert optimizer.state[p]["accumulator"].data_ptr() != twin.state[q]["accumulator"].data_ptr()
+        assert (optimizer.state[p]["accumulator"].data_ptr()
+                != twin.state[q]["accumulator"].data_ptr())
 
 
 # ------------------------------------------------------------------ lr
@@ -407,7 +421,8 @@ def test_a_bad_later_group_fails_the_step_before_any_group_changes(backend, spoi
 def test_a_group_on_two_devices_fails_the_step_before_anything_changes():
     if "cpp" not in CPU_BACKENDS:
         pytest.skip("the cpp backend is not built")
-    cpu, meta = torch.nn.Parameter(random_like((3,))), torch.nn.Parameter(torch.ones(3, device="meta"))
+    cpu = torch.nn.Parameter(random_like((3,)))
+    meta = torch.nn.Parameter(torch.ones(3, device="meta"))
     other = torch.nn.Parameter(random_like((2,)))
     optimizer = CLASSP([{"params": [other]}, {"params": [cpu, meta]}], lr=0.1, backend="cpp")
     for p in (cpu, meta, other):
@@ -423,7 +438,8 @@ def test_a_group_on_two_devices_fails_the_step_before_anything_changes():
 def test_a_dtype_the_backend_cannot_step_fails_before_anything_changes():
     if "triton" not in CPU_BACKENDS:
         pytest.skip("the triton backend is not available")
-    first, wide = torch.nn.Parameter(random_like((3,))), torch.nn.Parameter(random_like((3,), torch.float64))
+    first = torch.nn.Parameter(random_like((3,)))
+    wide = torch.nn.Parameter(random_like((3,), torch.float64))
     optimizer = CLASSP([{"params": [first]}, {"params": [wide]}], lr=0.1, backend="triton")
     first.grad, wide.grad = random_like((3,)), random_like((3,), torch.float64)
     before = snapshot(optimizer)

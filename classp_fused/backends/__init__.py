@@ -3,7 +3,9 @@
 Every backend implements ``step(params, grads, accs, lr, threshold, eps, power, apply_scaling,
 grad_scale, found_inf) -> Tensor`` updating ``params`` and ``accs`` in place and returning an
 int64 tensor of shape ``(len(params), 2)``: per tensor, the number of elements updated and the
-number of non-finite gradient elements skipped. Inputs are validated once, for all backends
+number of non-finite gradient elements skipped, and ``is_available(device)``; a backend that
+steps fewer param dtypes than the four names them in ``KERNEL_DTYPES``, so that a caller can
+refuse them before any kernel runs. Inputs are validated once, for all backends
 (:mod:`classp_fused.validation`); under ``torch.compile`` the validation (Python-side checks,
 which would break the graph) is skipped.
 """
@@ -99,8 +101,9 @@ def run_backend(name: str, params: list, grads: list, accs: list, *, lr, thresho
     Every backend gets the same forms: a one-element lr tensor as 0-dim, any other lr (a numpy
     scalar, say) and the other hyperparameters as Python numbers.
     """
-    return _module(name).step(params, grads, accs, as_scalar_lr(lr), float(threshold), float(eps), float(power),
-                              bool(apply_scaling), grad_scale, found_inf)
+    return _module(name).step(params, grads, accs, as_scalar_lr(lr), float(threshold),
+                              float(eps), float(power), bool(apply_scaling), grad_scale,
+                              found_inf)
 
 
 def as_scalar_lr(lr):
