@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Regularizer, check_choice, check_number
+from .base import Regularizer
+from .checks import check_choice, check_number
 
 
 class EWC(Regularizer):

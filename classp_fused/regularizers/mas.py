@@ -5,7 +5,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad, vmap
 
-from .base import Regularizer, check_choice, check_number
+from .base import Regularizer
+from .checks import check_choice, check_number
 
 HEBBIAN_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 

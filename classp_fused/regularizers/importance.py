@@ -1,0 +1,201 @@
+"""Importance passes: the eval()-mode context, batches, all-reduce and per-sample sums.
+
+``ImportancePasses`` is mixed into ``Regularizer``; it uses ``self.model``,
+``self.process_group`` and the subclass's ``_statistic``, ``_sample_losses`` and
+``_sample_weights``.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.func import functional_call, jacrev, vmap
+
+# Bound on the per-sample gradient elements held at once (512 MiB in float32); larger vmap
+# chunks run markedly faster per sample on CPU than small ones.
+PER_SAMPLE_ELEMENTS = 2**27
+
+
+class ImportancePasses:
+    """The machinery of an importance pass over a model's data."""
+
+    # Elementwise statistic of a per-sample gradient (torch.abs, torch.square); takes ``out=``.
+    _statistic = None
+
+    @contextlib.contextmanager
+    def _importance_pass(self) -> Iterator[None]:
+        """eval() mode and grad enabled; training flags, requires_grad and buffers restored."""
+        training = [(m, m.training) for m in self.model.modules()]
+        requires_grad = [(p, p.requires_grad) for p in self.model.parameters()]
+        buffers = [(m, n, b, b.clone()) for m in self.model.modules()
+                   for n, b in m.named_buffers(recurse=False)]
+        self.model.eval()
+        try:
+            with torch.enable_grad():
+                yield
+        finally:
+            for module, flag in training:
+                module.training = flag
+            for p, flag in requires_grad:
+                p.requires_grad_(flag)
+            with torch.no_grad():
+                for module, name, buffer, saved in buffers:
+                    buffer.copy_(saved)
+                    setattr(module, name, buffer)
+
+    def _batches(self, data) -> Iterator[tuple[Tensor, Tensor | None]]:
+        """Yield (input, label or None) with tensors on the model's device; raise if empty."""
+        device = next(self.model.parameters()).device
+        empty = True
+        for batch in [data] if isinstance(data, Tensor) else data:
+            if isinstance(batch, Tensor):
+                x, y = batch, None
+            elif isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
+                x, y = batch[0], batch[1] if len(batch) > 1 else None
+            else:
+                raise TypeError("data must yield input tensors or (input, label) sequences, "
+                                f"got a batch of type {type(batch).__name__}")
+            empty = False
+            yield x.to(device), None if y is None else y.to(device)
+        if empty:
+            raise ValueError("data is empty: consolidate needs at least one batch")
+
+    def _all_reduce_(self, sums: list[Tensor], count: int) -> float:
+        """Sum ``sums`` in place and ``count`` across ranks when distributed; return the count."""
+        if self.process_group is None and not (dist.is_available() and dist.is_initialized()):
+            return float(count)
+        for s in sums:
+            dist.all_reduce(s, group=self.process_group)
+        total = torch.tensor(float(count), dtype=torch.float64, device=sums[0].device)
+        dist.all_reduce(total, group=self.process_group)
+        return total.item()
+
+    @staticmethod
+    def _sample_chunk(params: dict[str, Tensor], outputs_per_sample: int = 1) -> int:
+        """Samples per vmap call so that per-sample gradients stay within PER_SAMPLE_ELEMENTS."""
+        numel = outputs_per_sample * sum(p.numel() for p in params.values())
+        return max(1, PER_SAMPLE_ELEMENTS // numel)
+
+    @staticmethod
+    def _accumulator(p: Tensor) -> Tensor:
+        """A zero sum for ``p`` in at least float32."""
+        return torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32))
+
+    # ----------------------------------------------------------------- per-sample sums
+    def _sample_losses(self, output: Tensor, y: Tensor | None) -> Tensor:
+        """Per-sample scalars L_kc, shape (batch, outputs), from the model output."""
+        raise NotImplementedError
+
+    def _sample_weights(self, losses: Tensor) -> Tensor | None:
+        """Weights w_kc of the per-sample terms from the detached ``losses``; None for ones."""
+        return None
+
+    def _add_per_sample(self, x: Tensor, y: Tensor | None, params, sums) -> None:
+        """Add sum_k sum_c w_kc stat(dL_kc / d theta) over the batch ``x`` to ``sums``.
+
+        Parameters of nn.Linear layers that are called once per forward on 2-D inputs and
+        used nowhere else take the exact outer-product form from one batch backward per
+        output column (``_add_linear_per_sample``); the others take per-sample gradients from
+        torch.func vmap, with the former held fixed. Samples must not interact in eval().
+        """
+        handled, outputs = self._add_linear_per_sample(x, y, params, sums)
+        rest = {name: p.detach() for name, p in params.items() if name not in handled}
+        if rest:
+            fixed = {name: params[name].detach() for name in handled}
+            self._add_vmap_per_sample(x, y, rest, fixed, outputs, sums)
+
+    def _add_linear_per_sample(self, x, y, params, sums) -> tuple[set[str], int]:
+        """Per-sample sums of the eligible Linear parameters; return their names and outputs.
+
+        For a Linear layer on (batch, in) inputs X with output gradients Delta (row k:
+        dL_kc / dy_k, all rows from one backward of sum_k L_kc), the per-sample weight gradient
+        is delta_k x_k^T, so for stat = abs or square the sum over samples is
+        (w_c * stat(Delta))^T @ stat(X), and the bias sum is that of w_c * stat(Delta).
+        """
+        names = {}
+        for prefix, module in self.model.named_modules():
+            if isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward:
+                local = {n: f"{prefix}.{n}" if prefix else n
+                         for n, _ in module.named_parameters(recurse=False)}
+                local = {n: full for n, full in local.items() if full in params}
+                if local:
+                    names[module] = local
+        calls = {module: [] for module in names}
+
+        def hook(module, inputs, output):
+            # The added zero's gradient is dL/dy even if later ops modify the output in place.
+            probe = torch.zeros_like(output, requires_grad=True)
+            calls[module].append((inputs[0] if inputs else None, probe))
+            return output + probe
+
+        handles = [module.register_forward_hook(hook, prepend=True) for module in names]
+        try:
+            losses = self._sample_losses(self.model(x), y)
+        finally:
+            for handle in handles:
+                handle.remove()
+        uses = _parameter_uses(losses.grad_fn)
+        layers = [(names[m], *calls[m][0]) for m in names
+                  if len(calls[m]) == 1 and isinstance(calls[m][0][0], Tensor)
+                  and calls[m][0][0].dim() == 2
+                  and all(uses.get(id(params[full])) == 1 for full in names[m].values())]
+        outputs = losses.shape[1]
+        if not layers:
+            return set(), outputs
+        weights = self._sample_weights(losses.detach())
+        inputs = [self._statistic(x_in.detach()) for _, x_in, _ in layers]
+        for c in range(outputs):
+            deltas = torch.autograd.grad(losses[:, c].sum(), [probe for *_, probe in layers],
+                                         retain_graph=c + 1 < outputs, allow_unused=True)
+            for (local, _, _), x_stat, delta in zip(layers, inputs, deltas):
+                if delta is None:
+                    continue
+                d = self._statistic(delta)
+                if weights is not None:
+                    d.mul_(weights[:, c, None])
+                if "weight" in local:
+                    sums[local["weight"]] += d.T @ x_stat
+                if "bias" in local:
+                    sums[local["bias"]] += d.sum(0)
+        return {full for local, _, _ in layers for full in local.values()}, outputs
+
+    def _add_vmap_per_sample(self, x, y, rest, fixed, outputs: int, sums) -> None:
+        """Per-sample sums of the parameters ``rest`` from torch.func per-sample Jacobians."""
+        def sample_losses(p, x_k, y_k):
+            output = functional_call(self.model, {**fixed, **p}, (x_k.unsqueeze(0),))
+            losses = self._sample_losses(output, None if y_k is None else y_k.unsqueeze(0))[0]
+            return losses, losses.detach()
+
+        jacobian = vmap(jacrev(sample_losses, has_aux=True),
+                        in_dims=(None, 0, None if y is None else 0))
+        chunk = self._sample_chunk(rest, outputs)
+        x_chunks = x.split(chunk)
+        y_chunks = [None] * len(x_chunks) if y is None else y.split(chunk)
+        for x_chunk, y_chunk in zip(x_chunks, y_chunks):
+            jac, losses = jacobian(rest, x_chunk, y_chunk)
+            weights = self._sample_weights(losses)
+            for name, j in jac.items():
+                j = self._statistic(j, out=j)
+                sums[name] += (j.sum((0, 1)) if weights is None
+                               else torch.einsum("bc,bc...->...", weights, j))
+
+
+
+def _parameter_uses(root) -> dict[int, int]:
+    """For each leaf tensor (by id) of the autograd graph below ``root``, its number of uses."""
+    uses: dict[int, int] = {}
+    seen, stack = {root}, [root] if root is not None else []
+    while stack:
+        for child, _ in stack.pop().next_functions:
+            if child is None:
+                continue
+            leaf = getattr(child, "variable", None)
+            if leaf is not None:
+                uses[id(leaf)] = uses.get(id(leaf), 0) + 1
+            if child not in seen:
+                seen.add(child)
+                stack.append(child)
+    return uses
