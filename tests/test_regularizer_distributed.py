@@ -78,7 +78,8 @@ def worker(rank, out_dir):
 
     # state_dict: DTensors laid out like the parameters; loads from full tensors and into
     # an unsharded model.
-    params, state = dict(model.named_parameters()), reg.state_dict()["tasks"][0]
+    params, saved = dict(model.named_parameters()), reg.state_dict()
+    state = {key: saved[key] for key in ("importance", "anchor")}
     for tensors in state.values():
         for name, t in tensors.items():
             assert isinstance(t, DTensor) and t.device_mesh == mesh
@@ -91,8 +92,8 @@ def worker(rank, out_dir):
     unsharded = MAS(make_model(), lam=2.0)
     unsharded.load_state_dict(reg.state_dict())
     results["unsharded-state"] = {
-        f"{key}.{name}": t for key, tensors in unsharded.state_dict()["tasks"][0].items()
-        for name, t in tensors.items()}
+        f"{key}.{name}": t for key in ("importance", "anchor")
+        for name, t in unsharded.state_dict()[key].items()}
     torch.save(results, f"{out_dir}/rank{rank}.pt")
 
 
@@ -114,8 +115,8 @@ def test_all_reduced_importance_equals_single_process(tmp_path):
     expected["fsdp-grads"] = {n: p.grad for n, p in model.named_parameters()}
     expected["fsdp-penalty"] = {"penalty": reg.penalty().detach()}
     expected["fsdp-state"] = expected["unsharded-state"] = {
-        f"{key}.{name}": t for key, tensors in reg.state_dict()["tasks"][0].items()
-        for name, t in tensors.items()}
+        f"{key}.{name}": t for key in ("importance", "anchor")
+        for name, t in reg.state_dict()[key].items()}
 
     for rank, results in enumerate(ranks):
         assert results.keys() == expected.keys()

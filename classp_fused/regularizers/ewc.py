@@ -26,15 +26,21 @@ class EWC(Regularizer):
       Fisher, of the batch mean of sqrt(p_c) grad log p_c, one backward per class), weighted
       by the batch size and divided by N. This approximation never exceeds the per-sample
       Fisher and equals it for batches of one sample.
-    - ``mode="separate"``: one (F, theta*) pair per task. ``mode="online"``: one pair,
-      F* = gamma * F*_prev + F_new and theta* the latest parameters.
+    - ``mode="separate"``: the penalty of every task, sum_t F_t (theta - theta*_t)^2, held
+      exactly in constant memory: ``importance`` = sum_t F_t, ``anchor`` = sum_t F_t
+      theta*_t / sum_t F_t, and one float64 residual scalar per parameter, so state_bytes()
+      does not grow with the task count and the penalty gradient is one pass.
+      ``keep_task_importances=True`` also keeps each task's F_t (``task_importances``; they
+      count in state_bytes() and are saved in state_dict()).
+      ``mode="online"``: F* = gamma * F*_prev + F_new and theta* the latest parameters.
     """
 
     _statistic = staticmethod(torch.square)
 
     def __init__(self, model: nn.Module, lam: float, mode: str = "separate", gamma: float = 1.0,
-                 fisher: str = "empirical", per_sample: bool = False, process_group=None):
-        super().__init__(model, lam, per_sample, process_group)
+                 fisher: str = "empirical", per_sample: bool = False, process_group=None,
+                 keep_task_importances: bool = False):
+        super().__init__(model, lam, per_sample, process_group, keep_task_importances)
         check_choice("mode", mode, ("separate", "online"))
         check_choice("fisher", fisher, ("empirical", "exact"))
         self.mode = mode
@@ -53,19 +59,24 @@ class EWC(Regularizer):
     def _sample_weights(self, losses):
         return losses.exp() if self.fisher == "exact" else None
 
-    def _combine(self, new, anchor):
-        if self.mode == "separate":
-            self.tasks.append((new, anchor))
-            return
-        if self.tasks:
-            old = self.tasks[0][0]
-            new = {name: t + self.gamma * old[name] if name in old else t
-                   for name, t in new.items()}
-        self.tasks = [(new, anchor)]
-
-    def _check_task_count(self, n: int) -> None:
+    def _merge(self, old_imp, old_anchor, new_imp, new_anchor):
         if self.mode == "online":
-            super()._check_task_count(n)
+            return self.gamma * old_imp + new_imp, new_anchor, None
+        # F1 (x - m1)^2 + F2 (x - m2)^2 = F (x - m)^2 + F1 F2 / F (m1 - m2)^2, F = F1 + F2.
+        total = old_imp + new_imp
+        positive = total > 0
+        safe = torch.where(positive, total, torch.ones_like(total))
+        anchor = torch.where(positive, (old_imp * old_anchor + new_imp * new_anchor) / safe,
+                             new_anchor)
+        gap = (old_anchor - new_anchor).to(torch.float64)
+        residual = (old_imp.to(torch.float64) * new_imp / safe * gap.square()).sum()
+        return total, anchor, residual
+
+    def _method_name(self) -> str:
+        return f"EWC-{self.mode}"
+
+    def _folds_tasks_exactly(self) -> bool:
+        return self.mode == "separate"
 
     def _importance_sums(self, batches, params):
         add = {("empirical", False): self._add_empirical_batch,

@@ -47,9 +47,8 @@ class ImportancePasses:
                     setattr(module, name, buffer)
 
     def _batches(self, data) -> Iterator[tuple[Tensor, Tensor | None]]:
-        """Yield (input, label or None) with tensors on the model's device; raise if empty."""
+        """Yield (input, label or None) with tensors on the model's device."""
         device = next(self.model.parameters()).device
-        empty = True
         for batch in [data] if isinstance(data, Tensor) else data:
             if isinstance(batch, Tensor):
                 x, y = batch, None
@@ -58,10 +57,7 @@ class ImportancePasses:
             else:
                 raise TypeError("data must yield input tensors or (input, label) sequences, "
                                 f"got a batch of type {type(batch).__name__}")
-            empty = False
             yield x.to(device), None if y is None else y.to(device)
-        if empty:
-            raise ValueError("data is empty: consolidate needs at least one batch")
 
     def _all_reduce_(self, sums: list[Tensor], count: int) -> float:
         """Sum ``sums`` in place and ``count`` across ranks when distributed; return the count."""

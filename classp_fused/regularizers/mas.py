@@ -67,14 +67,7 @@ class MAS(Regularizer):
             count += x.shape[0]
         return sums, count
 
-    def _combine(self, new, anchor):
-        if self.tasks:
-            old = self.tasks[0][0]
-            new = {name: t if name not in old else self._merge(old[name], t)
-                   for name, t in new.items()}
-        self.tasks = [(new, anchor)]
-
-    def _merge(self, old: Tensor, new: Tensor) -> Tensor:
+    def _merge_importance(self, old: Tensor, new: Tensor) -> Tensor:
         if self.accumulate == "sum":
             return old + new
         return self.alpha * old + (1 - self.alpha) * new

@@ -4,9 +4,9 @@ from __future__ import annotations
 from torch import Tensor
 
 try:
-    from torch.distributed.tensor import DTensor, distribute_tensor
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 except ImportError:  # torch built without distributed support
-    DTensor, distribute_tensor = (), None
+    DTensor, Shard, distribute_tensor = (), (), None
 
 
 def local(t: Tensor) -> Tensor:
