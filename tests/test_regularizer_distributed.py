@@ -125,3 +125,119 @@ def test_all_reduced_importance_equals_single_process(tmp_path):
             for param, t in tensors.items():
                 torch.testing.assert_close(results[name][param], t,
                                            msg=f"rank {rank}, {name}, {param}")
+
+
+def sharded_configs():
+    """Every variant that consolidates on shards: MAS batch/per-sample x sum/ema, EWC
+    empirical/exact x batch/per-sample x separate/online."""
+    configs = {}
+    for form in ("batch", "per-sample"):
+        per_sample = form == "per-sample"
+        configs[f"mas-{form}-sum"] = (MAS, {"per_sample": per_sample})
+        configs[f"mas-{form}-ema"] = (MAS, {"per_sample": per_sample, "accumulate": "ema",
+                                            "alpha": 0.3})
+        for fisher in ("empirical", "exact"):
+            ewc = {"fisher": fisher, "per_sample": per_sample}
+            configs[f"ewc-{fisher}-{form}-separate"] = (EWC, ewc)
+            configs[f"ewc-{fisher}-{form}-online"] = (EWC, {**ewc, "mode": "online",
+                                                             "gamma": 0.6})
+    return configs
+
+
+SHARDED_CONFIGS = sharded_configs()
+
+
+class ScaledNet(nn.Module):
+    """Two Linear layers and a one-element logit scale: on 2 ranks that param's shard on rank 1
+    is empty."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body, self.head = nn.Linear(6, 10), nn.Linear(10, 3)
+        self.scale = nn.Parameter(1 + 0.1 * torch.randn(1))
+        self.to(DTYPE)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.body(x))) * self.scale
+
+
+def task_data(task, rank):
+    """Consolidation data: task 0 on both ranks (rank 1 with an empty batch too), task 1 on
+    rank 0 alone (rank 1 has none)."""
+    gen = torch.Generator().manual_seed(10 + task)
+    sizes = [[(5, 3), (4, 0, 6)], [(3, 2, 4), ()]][task]
+    batches = [[(torch.randn(n, 6, generator=gen, dtype=DTYPE),
+                 torch.randint(0, 3, (n,), generator=gen)) for n in s] for s in sizes]
+    return batches[rank] if rank is not None else batches[0] + batches[1]
+
+
+def train_inputs(rank):
+    gen = torch.Generator().manual_seed(20)
+    xs = [torch.randn(4, 6, generator=gen, dtype=DTYPE) for _ in range(WORLD_SIZE)]
+    return xs[rank] if rank is not None else xs
+
+
+def run_sequence(model, reg, rank):
+    """Two task boundaries with two SGD steps (loss plus explicit penalty) between them;
+    ``rank`` None is the single process on every rank's data."""
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    reg.consolidate(task_data(0, rank))
+    for _ in range(2):
+        optimizer.zero_grad()
+        xs = train_inputs(rank)
+        loss = (model(xs).pow(2).mean() if rank is not None
+                else sum(model(x).pow(2).mean() for x in xs) / WORLD_SIZE)
+        loss.backward()
+        reg.add_penalty_grad_()
+        optimizer.step()
+    reg.consolidate(task_data(1, rank))
+
+
+def sharded_worker(rank, out_dir):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (WORLD_SIZE,))
+    results = {}
+    for name, (method, kwargs) in SHARDED_CONFIGS.items():
+        model = ScaledNet()
+        for module in (model.body, model.head, model):
+            fully_shard(module, mesh=mesh)
+        assert model.scale.to_local().numel() == (1 if rank == 0 else 0)
+        reg = method(model, lam=1.5, **kwargs)
+        run_sequence(model, reg, rank)
+        penalty = reg.penalty().detach()
+        dist.all_reduce(penalty)
+        results[name] = {**{f"importance.{n}": t.full_tensor() for n, t in reg.importance.items()},
+                         **{f"anchor.{n}": t.full_tensor() for n, t in reg.anchor.items()},
+                         "penalty": penalty}
+    model = ScaledNet()
+    fully_shard(model, mesh=mesh)
+    try:
+        MAS(model, local=True).consolidate(task_data(0, rank))
+    except ValueError as error:
+        assert "local=False" in str(error)
+    else:
+        raise AssertionError("MAS(local=True) consolidated a sharded model")
+    torch.save(results, f"{out_dir}/sharded{rank}.pt")
+
+
+def test_consolidate_on_fsdp2_shards_equals_single_process_for_every_variant(tmp_path):
+    run_ranks(sharded_worker, str(tmp_path), timeout_s=300)
+    expected = {}
+    for name, (method, kwargs) in SHARDED_CONFIGS.items():
+        model = ScaledNet()
+        reg = method(model, lam=1.5, **kwargs)
+        run_sequence(model, reg, None)
+        expected[name] = {**{f"importance.{n}": t for n, t in reg.importance.items()},
+                          **{f"anchor.{n}": t for n, t in reg.anchor.items()},
+                          "penalty": reg.penalty().detach()}
+    for rank in range(WORLD_SIZE):
+        results = torch.load(tmp_path / f"sharded{rank}.pt", weights_only=True)
+        assert results.keys() == expected.keys()
+        for name, tensors in expected.items():
+            assert results[name].keys() == tensors.keys()
+            for key, t in tensors.items():
+                torch.testing.assert_close(results[name][key], t, rtol=1e-5, atol=1e-12,
+                                           msg=f"rank {rank}, {name}, {key}")

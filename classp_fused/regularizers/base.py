@@ -15,11 +15,12 @@ Two ways to apply the penalty while training a new task:
   stable for every lambda.
 
 Under FSDP2 the parameters are DTensors: ``add_penalty_grad_``, ``proximal_step_`` and
-``penalty`` work on each rank's local shard (``penalty`` is then this rank's share). Importance
-is computed by ``consolidate`` on the unsharded model (one copy per rank, each rank on its part
-of the data); after ``fully_shard`` the state tensors become DTensors laid out like their
-parameters (same mesh and placements) the first time they are used or ``state_dict`` is called,
-so the state can be saved and loaded with torch.distributed.checkpoint.
+``penalty`` work on each rank's local shard (``penalty`` is then this rank's share), and
+``consolidate`` runs on the sharded model at any task boundary, each rank on its part of the
+data, keeping only its shards (``sharded``). State consolidated before ``fully_shard`` becomes
+DTensors laid out like the parameters (same mesh and placements) the first time it is used or
+``state_dict`` is called, so the state can be saved and loaded with
+torch.distributed.checkpoint.
 """
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ from . import penalty as penalty_ops
 from . import stability
 from .checks import check_number
 from .importance import ImportancePasses
-from .shards import DTensor, local
+from .shards import DTensor, local, wrap_like
 from .state import TaskState
 
 
@@ -76,8 +77,11 @@ class Regularizer(ImportancePasses, TaskState, abc.ABC):
         in eval() mode with the model's training flags, requires_grad flags, buffers and
         existing .grad left exactly as found. When torch.distributed is initialized (or a
         process group was given) the sums and sample counts are all-reduced, so every rank
-        ends with the importance of all ranks' data; every rank must call it. Give the
-        regularizer the plain module (``ddp.module``), not a DistributedDataParallel wrapper.
+        ends with the importance of all ranks' data; every rank must call it, also one with
+        no data for this task. Give the regularizer the plain module (``ddp.module``), not a
+        DistributedDataParallel wrapper. On an FSDP2-sharded model (``fully_shard`` per layer
+        and root) each rank computes the importance of its own shards from FSDP2's
+        reduce-scatter (``sharded``); ``MAS(local=True)`` is refused there.
 
         Data without a single sample (on all ranks together) raises ValueError and leaves the
         state as it was. With ``optimizer`` or ``lr`` (not both), one ``StiffnessWarning``
@@ -86,15 +90,26 @@ class Regularizer(ImportancePasses, TaskState, abc.ABC):
         if optimizer is not None or lr is not None:
             stability.check_step_source(optimizer, lr)
         params = self._regularized_params()
-        if any(isinstance(p, DTensor) for p in params.values()):
-            raise TypeError("consolidate needs the unsharded model: run it before fully_shard")
+        device = local(next(iter(params.values()))).device
+        shards = [isinstance(p, DTensor) for p in params.values()]
         with self._importance_pass():
-            sums, count = self._importance_sums(self._batches(data), params)
-        count = self._all_reduce_(list(sums.values()), count)
+            if all(shards):
+                error = self._sharded_variant_error()
+                if error:
+                    raise ValueError(error)
+                sums, count = self._sharded_importance_sums(self._batches(data), params)
+                count = self._all_reduce_([], count, device)
+            elif any(shards):
+                raise TypeError("consolidate needs all regularized parameters sharded by "
+                                "FSDP2 or none")
+            else:
+                sums, count = self._importance_sums(self._batches(data), params)
+                count = self._all_reduce_(list(sums.values()), count, device)
         if count == 0:
             raise ValueError("data is empty: consolidate saw no samples (an empty batch or a "
                              "loader that yields none); the importance is left as it was")
-        new = {name: (s / count).to(params[name].dtype) for name, s in sums.items()}
+        new = {name: wrap_like((s / count).to(params[name].dtype), params[name])
+               for name, s in sums.items()}
         anchor = {name: p.detach().clone() for name, p in params.items()}
         self._enter_task(new, anchor)
         if optimizer is not None or lr is not None:
@@ -185,6 +200,10 @@ class Regularizer(ImportancePasses, TaskState, abc.ABC):
         t = torch.tensor(values, dtype=torch.float64, device=local(params[0]).device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.process_group)
         return t.tolist()
+
+    def _sharded_variant_error(self) -> str | None:
+        """Why this configuration cannot consolidate an FSDP2-sharded model, or None."""
+        return None
 
     @abc.abstractmethod
     def _importance_sums(self, batches, params: dict[str, nn.Parameter]) -> tuple[dict, int]:

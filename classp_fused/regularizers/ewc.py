@@ -79,10 +79,7 @@ class EWC(Regularizer):
         return self.mode == "separate"
 
     def _importance_sums(self, batches, params):
-        add = {("empirical", False): self._add_empirical_batch,
-               ("empirical", True): self._add_per_sample,
-               ("exact", False): self._add_exact_batch,
-               ("exact", True): self._add_per_sample}[self.fisher, self.per_sample]
+        add = self._add_per_sample if self.per_sample else self._add_batch_form
         sums = {name: self._accumulator(p) for name, p in params.items()}
         count = 0
         for x, y in batches:
@@ -92,20 +89,17 @@ class EWC(Regularizer):
             count += x.shape[0]
         return sums, count
 
-    def _add_empirical_batch(self, x, y, params, sums) -> None:
-        loss = F.cross_entropy(self.model(x), y)
-        grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
-        for name, g in zip(params, grads):
-            if g is not None:
-                sums[name] += x.shape[0] * g.pow(2)
-
-    def _add_exact_batch(self, x, y, params, sums) -> None:
+    def _batch_losses(self, x, y, reforward):
+        """Empirical: the batch-mean NLL of the labels. Exact: per class c, the batch mean of
+        sqrt(p_c) log p_c. Each gradient statistic is weighted by the batch size."""
+        if self.fisher == "empirical":
+            if y is None:
+                raise ValueError("data must yield (input, label) batches for fisher='empirical'")
+            yield F.cross_entropy(self.model(x), y), x.shape[0]
+            return
         log_p = F.log_softmax(self.model(x), dim=-1)
-        sqrt_p = log_p.detach().mul(0.5).exp()
         for c in range(log_p.shape[-1]):
-            grads = torch.autograd.grad((sqrt_p[:, c] * log_p[:, c]).mean(),
-                                        list(params.values()), retain_graph=True,
-                                        allow_unused=True)
-            for name, g in zip(params, grads):
-                if g is not None:
-                    sums[name] += x.shape[0] * g.pow(2)
+            if c and reforward:
+                log_p = F.log_softmax(self.model(x), dim=-1)
+            sqrt_p = log_p.detach().mul(0.5).exp()
+            yield (sqrt_p[:, c] * log_p[:, c]).mean(), x.shape[0]

@@ -14,6 +14,8 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.func import functional_call, jacrev, vmap
 
+from . import sharded
+
 # Bound on the per-sample gradient elements held at once (512 MiB in float32); larger vmap
 # chunks run markedly faster per sample on CPU than small ones.
 PER_SAMPLE_ELEMENTS = 2**27
@@ -47,7 +49,7 @@ class ImportancePasses:
                     setattr(module, name, buffer)
 
     def _batches(self, data) -> Iterator[tuple[Tensor, Tensor | None]]:
-        """Yield (input, label or None) with tensors on the model's device."""
+        """Yield (input, label or None) with tensors on the model's device; skip empty ones."""
         device = next(self.model.parameters()).device
         for batch in [data] if isinstance(data, Tensor) else data:
             if isinstance(batch, Tensor):
@@ -57,17 +59,57 @@ class ImportancePasses:
             else:
                 raise TypeError("data must yield input tensors or (input, label) sequences, "
                                 f"got a batch of type {type(batch).__name__}")
-            yield x.to(device), None if y is None else y.to(device)
+            if x.shape[0]:  # a batch without samples adds nothing
+                yield x.to(device), None if y is None else y.to(device)
 
-    def _all_reduce_(self, sums: list[Tensor], count: int) -> float:
+    def _all_reduce_(self, sums: list[Tensor], count: int, device: torch.device) -> float:
         """Sum ``sums`` in place and ``count`` across ranks when distributed; return the count."""
         if self.process_group is None and not (dist.is_available() and dist.is_initialized()):
             return float(count)
         for s in sums:
             dist.all_reduce(s, group=self.process_group)
-        total = torch.tensor(float(count), dtype=torch.float64, device=sums[0].device)
+        total = torch.tensor(float(count), dtype=torch.float64, device=device)
         dist.all_reduce(total, group=self.process_group)
         return total.item()
+
+    def _batch_losses(self, x: Tensor, y: Tensor | None, reforward: bool
+                      ) -> Iterator[tuple[Tensor, float]]:
+        """The batch form's scalar losses on (x, y) and the weight of each one's gradient
+        statistic; ``reforward`` runs a fresh forward for each loss after the first (FSDP2
+        frees the unsharded weights after each backward)."""
+        raise NotImplementedError
+
+    def _add_batch_form(self, x: Tensor, y: Tensor | None, params, sums) -> None:
+        """Add weight * stat(gradient) of each of the batch form's losses to ``sums``."""
+        for loss, weight in self._batch_losses(x, y, reforward=False):
+            grads = torch.autograd.grad(loss, list(params.values()), retain_graph=True,
+                                        allow_unused=True)
+            for name, g in zip(params, grads):
+                if g is not None:
+                    sums[name] += weight * self._statistic(g)
+
+    def _sharded_importance_sums(self, batches, params) -> tuple[dict, int]:
+        """Importance sums of this rank's shards of an FSDP2 model (see ``sharded``), and the
+        number of samples this rank saw. Every rank must call it."""
+        state = {"weight": 1.0, "stand_in": False}
+
+        def statistic(g: Tensor) -> Tensor:
+            if state["stand_in"]:
+                return torch.zeros_like(g)
+            return self._statistic(g) * state["weight"]
+
+        count = 0
+        group = self.process_group
+        with sharded.statistic_gradients(self.model, params, statistic):
+            for x, y, stand_in in sharded.lockstep(sharded.units(batches, self.per_sample),
+                                                   group):
+                state["stand_in"] = stand_in
+                for loss, weight in self._batch_losses(x, y, reforward=True):
+                    state["weight"] = float(weight)
+                    loss.backward()
+                count += x.shape[0]
+            sums = sharded.shard_sums(params)
+        return sums, count
 
     @staticmethod
     def _sample_chunk(params: dict[str, Tensor], outputs_per_sample: int = 1) -> int:

@@ -30,3 +30,11 @@ def match_shard(state: dict[str, Tensor], name: str, p: Tensor) -> Tensor:
     if isinstance(p, DTensor) and not isinstance(t, DTensor):
         t = state[name] = like_param(t, p)
     return t
+
+
+def wrap_like(t: Tensor, like: Tensor) -> Tensor:
+    """Local tensor ``t`` as a DTensor laid out like ``like`` when that is one, else ``t``."""
+    if isinstance(like, DTensor):
+        return DTensor.from_local(t, like.device_mesh, like.placements, shape=like.shape,
+                                  stride=like.stride())
+    return t

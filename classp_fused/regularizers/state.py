@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from .shards import DTensor, Shard, like_param, local, match_shard
+from .shards import DTensor, Shard, like_param, local, match_shard, wrap_like
 
 
 class TaskState:
@@ -72,8 +72,8 @@ class TaskState:
                 old_anchor = match_shard(self._anchor, name, imp)
                 merged = self._merge(local(old_imp), local(old_anchor),
                                      local(imp), local(anchor[name]))
-                importance[name] = _wrap(merged[0], imp)
-                anchors[name] = _wrap(merged[1], imp)
+                importance[name] = wrap_like(merged[0], imp)
+                anchors[name] = wrap_like(merged[1], imp)
                 if merged[2] is not None:
                     increments[name] = merged[2]
             else:
@@ -186,14 +186,6 @@ class TaskState:
     def _folds_tasks_exactly(self) -> bool:
         """Whether several per-task states fold into this method's state without loss."""
         return False
-
-
-def _wrap(t: Tensor, like: Tensor) -> Tensor:
-    """Local tensor ``t`` as a DTensor laid out like ``like`` when that is one."""
-    if isinstance(like, DTensor):
-        return DTensor.from_local(t, like.device_mesh, like.placements, shape=like.shape,
-                                  stride=like.stride())
-    return t
 
 
 def _sum_over_mesh(t: Tensor, like: Tensor) -> Tensor:
