@@ -119,6 +119,19 @@ class TaskState:
             state["task_importances"] = [dict(task) for task in self.task_importances]
         return state
 
+    def empty_state_dict(self) -> dict:
+        """A template shaped like ``state_dict()`` after a consolidate, zeros laid out like the
+        parameters (DTensors under FSDP2): what ``torch.distributed.checkpoint.load`` loads
+        into before ``load_state_dict``. Per-task importances are not part of it."""
+        params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        with torch.no_grad():
+            state = {"method": self._method_name(), "tasks_seen": 0,
+                     "importance": {n: torch.zeros_like(p) for n, p in params.items()},
+                     "anchor": {n: torch.zeros_like(p) for n, p in params.items()},
+                     "residual": {n: torch.zeros((), dtype=torch.float64) for n in params}
+                     if self._folds_tasks_exactly() else {}}
+        return state
+
     def load_state_dict(self, state: dict) -> None:
         """Restore ``state_dict()``; hyperparameters stay the constructor's.
 
