@@ -61,6 +61,9 @@ def worker(rank, out_dir):
         reg = method(model, **kwargs)
         reg.consolidate(shard)
         results[name] = reg.importance
+    silent = MAS(model, per_sample=True)  # rank 1 has no data and still joins the all-reduce
+    silent.consolidate(shard if rank == 0 else [])
+    results["rank-without-data"] = silent.importance
     group = dist.new_group(list(range(WORLD_SIZE)))
     explicit = MAS(model, per_sample=True, process_group=group)
     explicit.consolidate(shard)
@@ -121,6 +124,9 @@ def test_all_reduced_importance_equals_single_process(rank_results):
         reg.consolidate(data)
         expected[name] = reg.importance
     expected["explicit-group"] = expected["mas-per-sample"]
+    rank_0_only = MAS(make_model(), per_sample=True)
+    rank_0_only.consolidate(data[:2])
+    expected["rank-without-data"] = rank_0_only.importance
     model = make_model()
     reg = MAS(model, lam=2.0)
     reg.consolidate(data)
