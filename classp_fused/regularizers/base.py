@@ -92,16 +92,15 @@ class Regularizer(ImportancePasses, TaskState, abc.ABC):
         params = self._regularized_params()
         device = local(next(iter(params.values()))).device
         shards = [isinstance(p, DTensor) for p in params.values()]
+        if any(shards) and not all(shards):
+            raise TypeError("consolidate needs all regularized parameters sharded by FSDP2 "
+                            "or none")
+        if all(shards) and self._sharded_variant_error():
+            raise ValueError(self._sharded_variant_error())
         with self._importance_pass():
             if all(shards):
-                error = self._sharded_variant_error()
-                if error:
-                    raise ValueError(error)
                 sums, count = self._sharded_importance_sums(self._batches(data), params)
                 count = self._all_reduce_([], count, device)
-            elif any(shards):
-                raise TypeError("consolidate needs all regularized parameters sharded by "
-                                "FSDP2 or none")
             else:
                 sums, count = self._importance_sums(self._batches(data), params)
                 count = self._all_reduce_(list(sums.values()), count, device)
