@@ -28,6 +28,7 @@ VARIANTS = {
     "EWC empirical batch": (EWC, {"lam": 1.0}),
     "EWC empirical per-sample": (EWC, {"lam": 1.0, "per_sample": True}),
     "EWC exact batch": (EWC, {"lam": 1.0, "fisher": "exact"}),
+    "EWC exact per-sample": (EWC, {"lam": 1.0, "fisher": "exact", "per_sample": True}),
 }
 BATCH = 32
 
