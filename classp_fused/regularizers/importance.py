@@ -112,17 +112,19 @@ class ImportancePasses:
                 state["weight"] = float(weight)
                 loss.backward()
 
+        def single_samples() -> bool:
+            return self.per_sample and not state["linear"]
+
         count, checked, group = 0, False, self.process_group
-        split = lambda: self.per_sample and not state["linear"]  # noqa: E731
         with sharded.statistic_gradients(self.model, params, statistic) as unsharded, \
                 sharded.linear_records(owners) as records:
-            for x, y, stand_in in sharded.lockstep(sharded.units(batches, split), group):
+            units = sharded.units(batches, single_samples)
+            for x, y, stand_in in sharded.lockstep(units, group):
                 state["stand_in"] = stand_in
                 if not state["linear"]:
                     batch_form(x, y)
                 elif not self._sharded_linear_form(x, y, state, records, unsharded, checked):
-                    state["linear"] = False  # every rank: the check is all-reduced
-                    state["stand_in"] = stand_in
+                    state["linear"] = False  # on every rank: the check is all-reduced
                     for x_k, y_k, stand_in_k in sharded.lockstep(sharded.samples(x, y), group):
                         state["stand_in"] = stand_in_k
                         batch_form(x_k, y_k)
