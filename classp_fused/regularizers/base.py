@@ -147,7 +147,9 @@ class Regularizer(ImportancePasses, TaskState, abc.ABC):
         .grad: finite and g^2 > threshold), elsewhere the element stays put. ``lr=`` instead
         of an optimizer takes eta = lr everywhere. It is a contraction toward m for any lam,
         never increases the penalty, and equals the explicit step to first order in c. One
-        multi-tensor pass on local tensors (FSDP2 shards).
+        multi-tensor pass on local tensors (FSDP2 shards). CLASSP's mask is judged from .grad
+        as it stands: under a GradScaler that passes its scale to the step, .grad is still
+        scaled, so unscale first (``scaler.unscale_(optimizer)``) or the mask is too wide.
         """
         lr = stability.check_step_source(optimizer, lr)
         params, imps, anchors, _ = self._terms()
