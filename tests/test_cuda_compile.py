@@ -29,27 +29,29 @@ NVCC = find_nvcc()
 pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc not found")
 
 
-def nvcc_command(source, output, mode="-c"):
+def nvcc_command(source, output, *extra):
     includes = [f"-I{path}" for path in cpp_extension.include_paths()]
-    target = (["-arch=compute_90"] if mode == "-ptx"
-              else ["-gencode", "arch=compute_90,code=sm_90"])
-    return [NVCC, mode, str(ROOT / source), "-o", str(output), "-std=c++20", "-O3", *target,
-            "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE", "-Xcompiler", "-fPIC",
-            *cpp_extension.COMMON_NVCC_FLAGS, *includes]
+    return [NVCC, "-c", str(ROOT / source), "-o", str(output), "-std=c++20", "-O3",
+            "-gencode", "arch=compute_90,code=sm_90", "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE",
+            "-Xcompiler", "-fPIC", *cpp_extension.COMMON_NVCC_FLAGS, *includes, *extra]
 
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory):
-    """Objects of both sources and the kernel's PTX, compiled in parallel."""
+    """Objects of both sources, compiled in parallel, and the kernel's PTX (kept from its
+    compilation)."""
     out = tmp_path_factory.mktemp("nvcc")
     outputs = {source: out / (Path(source).name + ".o") for source in SOURCES}
-    outputs["ptx"] = out / "classp_cuda.ptx"
-    jobs = {name: subprocess.Popen(nvcc_command(KERNEL if name == "ptx" else name, output,
-                                                "-ptx" if name == "ptx" else "-c"),
-                                   cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                   text=True)
-            for name, output in outputs.items()}
-    logs = {name: (job.communicate(timeout=600)[0], job.returncode) for name, job in jobs.items()}
+    keep = out / "intermediate"
+    keep.mkdir()
+    jobs = {source: subprocess.Popen(
+                nvcc_command(source, output, *(["-keep", f"-keep-dir={keep}"]
+                                               if source == KERNEL else [])),
+                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for source, output in outputs.items()}
+    logs = {source: (job.communicate(timeout=600)[0], job.returncode)
+            for source, job in jobs.items()}
+    outputs["ptx"] = next(keep.glob("*.ptx"), None)
     return outputs, logs
 
 
@@ -84,8 +86,8 @@ def test_kernel_ptx_has_128_bit_streaming_loads(built):
     stores, grads in 128-bit loads with the streaming (evict-first) hint, nothing in local
     memory (the packs stay in registers)."""
     outputs, logs = built
-    log, returncode = logs["ptx"]
-    assert returncode == 0, log
+    log, returncode = logs[KERNEL]
+    assert returncode == 0 and outputs["ptx"] is not None, log
     kernels = step_kernels(outputs["ptx"].read_text(), r"\.entry\s+(\w+)")
     assert len(kernels) == VARIANTS, sorted(kernels)
     for name, body in kernels.items():

@@ -1,9 +1,9 @@
 """Backend ``foreach``: the CLASSP step in plain tensor ops, on any device, without a kernel.
 
 The non-empty tensors of each (device, dtype) group are concatenated into flat buffers, stepped
-there in a fixed number of ops, and written back with ``torch._foreach_copy_``: the ops a step
-dispatches do not grow with the number of tensors (only views do), so many small tensors cost
-little more than one large one.
+there in a fixed number of ops, and written back with one op per list:
+the ops a step dispatches do not grow with the number of tensors (only views do), so many
+small tensors cost little more than one large one.
 """
 import torch
 
@@ -56,6 +56,14 @@ def _segment_counts(mask, nonfinite, numels):
     return torch.diff(ends, dim=0, prepend=torch.zeros_like(ends[:1]))
 
 
+def _write_back(targets, flat, numels):
+    """Copy the consecutive segments of ``flat`` into ``targets``; all contiguous: in one op."""
+    if all(t.is_contiguous() for t in targets):
+        torch.split_with_sizes_copy(flat, numels, out=[t.view(-1) for t in targets])
+    else:
+        torch._foreach_copy_(targets, [x.view_as(t) for x, t in zip(flat.split(numels), targets)])
+
+
 def _step_group(params, grads, accs, lr, threshold, eps, power, apply_scaling, grad_scale,
                 found_inf):
     """Step non-empty tensors of one device and dtype; returns their ``(n, 2)`` counts."""
@@ -64,7 +72,7 @@ def _step_group(params, grads, accs, lr, threshold, eps, power, apply_scaling, g
         _flat(params), _flat(grads), _flat(accs), lr, threshold, eps, power, apply_scaling,
         grad_scale, found_inf)
     for targets, flat in ((params, new_param), (accs, new_acc)):
-        torch._foreach_copy_(targets, [x.view_as(t) for x, t in zip(flat.split(numels), targets)])
+        _write_back(targets, flat, numels)
     return _segment_counts(mask, nonfinite, numels)
 
 
