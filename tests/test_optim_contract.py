@@ -9,10 +9,12 @@ import warnings
 import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
 
 from classp_fused import CLASSP
 from classp_fused.reference import classp_step_ as reference_step_
 from classp_fused.validation import FOREIGN_KEYS
+from distributed_helpers import requires_gloo
 from helpers import CPU_BACKENDS, bits, random_like, tiny_model, train_steps
 
 
@@ -357,6 +359,34 @@ def test_deferred_initialization_resolves_the_backend_on_the_materialized_device
     for p, q in zip(model.parameters(), reference.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
         assert optimizer.state[p]["accumulator"].device.type == "cpu"
+
+
+@requires_gloo
+def test_fsdp2_model_built_on_meta_gets_the_kernel_of_its_device():
+    """The FSDP2 recipe for large models: shard on meta, build the optimizer, ``to_empty``."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        with torch.device("meta"):
+            model = tiny_model()
+        mesh = init_device_mesh("cpu", (1,))
+        fully_shard(model[0], mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        optimizer = CLASSP(model.parameters(), lr=0.05)
+        assert optimizer.backend == "auto"
+        model.to_empty(device="cpu")
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "DTensor random operators")
+            for layer in (model[0], model[2]):
+                layer.reset_parameters()
+        train_steps(model, optimizer, 1)
+        assert optimizer.backend == CLASSP([torch.nn.Parameter(torch.ones(1))], lr=0.1).backend
+        assert optimizer.last_update_fraction == 1.0
+        assert all(s["accumulator"].device.type == "cpu" for s in optimizer.state.values())
+    finally:
+        dist.destroy_process_group()
 
 
 class _swap_params_on_conversion:
