@@ -47,9 +47,8 @@ EPS = 1e-5
 MANY = 200
 MASKING_THRESHOLD = 2.7  # g*g > 2.7 passes ~10% of standard-normal gradient elements
 BASELINE = "adagrad/compiled"  # kernel-time reference: Inductor's Adagrad, 20 B per fp32 element
-HOST_BASELINE = "adam/fused"  # host-time reference: torch's fused kernel
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
-COMPILED = ("adagrad/compiled", "classp/naive+compile")
+COMPILED = ("adagrad/compiled", "classp/naive+compile")  # each compiles in the group's set-up
 PEERS = ("adam/fused", "adagrad/foreach", "adagrad/compiled")
 
 
