@@ -31,7 +31,8 @@ stage() {  # stage NAME SECONDS COMMAND...: run with a limit, log to $OUT/NAME.l
 
 : >"$OUT/summary.txt"
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  "$PYTHON" -c "import torch, triton; print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
+  "$PYTHON" -c "import torch, triton
+print('torch', torch.__version__, 'cuda', torch.version.cuda, 'triton', triton.__version__)"
 } >"$OUT/machine.txt" 2>&1
 cat "$OUT/machine.txt"
 
