@@ -9,7 +9,7 @@ group's implementations in turn, so that all see the same drift of the machine, 
 measured for
 
 - kernel time: the device time of the kernels and copies of one step (``torch.profiler``, CUDA
-  activity), what bandwidth is judged by;
+  activity; one session of five steps after the rounds), what bandwidth is judged by;
 - eager time: back-to-back ``step()`` calls between CUDA events, host launch time included;
 - graph time: replays of the captured step between CUDA events;
 - host time: one ``step()`` call on an idle GPU, without waiting for its kernels.
@@ -214,7 +214,7 @@ def capture(step, device: torch.device) -> Callable[[], None]:
     return graph.replay
 
 
-def kernel_seconds(step, device: torch.device, repeats: int = 3) -> Optional[float]:
+def kernel_seconds(step, device: torch.device, repeats: int = 5) -> Optional[float]:
     """Device time of the kernels and copies of one ``step()`` (profiler), or None on a CPU."""
     if device.type != "cuda":
         return None
@@ -275,7 +275,9 @@ def prepare(case: Case, device: torch.device) -> Contender:
 
 def measure_group(cases: list[Case], device: torch.device, rounds: int,
                   round_budget_s: float) -> list[dict]:
-    """Measure a group's cases in ``rounds`` interleaved rounds; one result per case."""
+    """Measure a group's cases in ``rounds`` interleaved rounds, then their kernel time (one
+    profiler session each: sessions cost far more than a step); one result per case."""
+    torch._dynamo.reset()  # a group's compiles start from a clean cache: no recompile limit hit
     contenders = []
     for case in cases:
         try:
@@ -293,10 +295,11 @@ def measure_group(cases: list[Case], device: torch.device, rounds: int,
             c.figures["eager_s"].append(clock.per_call(c.step, repeats))
             if c.replay is not None:
                 c.figures["graph_s"].append(clock.per_call(c.replay, repeats))
-            kernel = kernel_seconds(c.step, device)
-            if kernel is not None:
-                c.figures["kernel_s"].append(kernel)
             c.figures["host_s"].append(host_seconds(c.step, device))
+    for c in contenders:
+        kernel = kernel_seconds(c.step, device) if c.step is not None else None
+        if kernel is not None:
+            c.figures["kernel_s"].append(kernel)
     results = []
     for c in contenders:
         result = {**asdict(c.case), "bytes_per_element": bytes_per_element(c.case),

@@ -26,7 +26,7 @@ a CUDA machine builds the extension, runs the GPU tests and
 
 LEGEND = """\
 - **kernel**: device time of the kernels and copies of one step (`torch.profiler`, CUDA
-  activity), median over rounds; **GB/s** and the bandwidth fractions use it.
+  activity, five steps after the timed rounds); **GB/s** and the bandwidth fractions use it.
 - **eager**: back-to-back `step()` calls between CUDA events (host launch time included when
   the step is host-bound); **graph**: replays of the step captured in a CUDA graph; **host**:
   one `step()` call on an idle GPU, without waiting for its kernels.
@@ -110,9 +110,9 @@ def section(path: Path) -> list[str]:
         lines += ["Errors (step or graph capture):", "", *failures, ""]
     if run["skipped"]:
         lines += ["Not run (time budget or memory): " + ", ".join(run["skipped"]), ""]
-    noise = [max(v) / min(v) for r in run["rows"] for v in [r["kernel_s_rounds"]] if v]
+    noise = [max(v) / min(v) for r in run["rows"] for v in [r["eager_s_rounds"]] if v]
     if noise:
-        lines += [f"Noise: the largest/smallest kernel time over rounds has median "
+        lines += [f"Noise: the largest/smallest eager step time over rounds has median "
                   f"{statistics.median(noise):.3f} and maximum {max(noise):.3f} across cases.",
                   ""]
     return lines

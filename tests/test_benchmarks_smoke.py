@@ -130,8 +130,8 @@ def test_gpu_report_from_synthetic_results(tmp_path):
                     power=1.0 if classp else None, threshold=0.0 if classp else None,
                     bytes_per_element=32 if impl == "adam/fused" else 20, first_call_s=1.0,
                     kernel_s=kernel, eager_s=2 * kernel, graph_s=None if error else graph,
-                    host_s=host, graph_error=error, error=None,
-                    kernel_s_rounds=[kernel, kernel * 1.01], eager_s_rounds=[],
+                    host_s=host, graph_error=error, error=None, kernel_s_rounds=[kernel],
+                    eager_s_rounds=[2 * kernel, 2.02 * kernel],
                     graph_s_rounds=[], host_s_rounds=[])
     run = {"device": {"type": "cuda", "name": "Test GPU", "torch": "2.11.0", "cuda": "13.0"},
            "datetime": "2026-11-30 03:00 UTC", "wall_s": 180.0, "skipped": ["a-1e9 (memory)"],

@@ -7,7 +7,8 @@ the same tensors neither rebuild nor copy it. Programs are persistent: as many a
 at once, each striding over the chunks and adding its counts when the chunks' row changes.
 Grads, read once, are loaded with the evict-first hint. lr is read by the kernel from its
 tensor, or passed by value when it lives on the CPU; grad_scale and found_inf are read by the
-kernel: a step copies nothing from the host and never synchronizes. Params may be float32,
+kernel. No step synchronizes, and once its table is cached a step copies nothing from the
+host (a new table comes from pinned memory, asynchronously). Params may be float32,
 bfloat16 or float16; accumulators and arithmetic are float32, and the param is rounded once on
 write.
 
