@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import warnings
+from itertools import repeat
+from operator import attrgetter, is_, itemgetter
 from typing import Callable, Optional
 
 import torch
@@ -11,8 +13,9 @@ from torch.optim import Optimizer
 from .backends import BACKENDS, as_scalar_lr, param_dtypes, resolve_backend, run_backend
 from .reference import classp_legacy_step_, compute_dtype
 from .telemetry import StepTelemetry
-from .validation import (FOREIGN_KEYS, PARAM_DTYPES, check_group, check_hyperparameters,
-                         check_state_dict, check_stepped_group, foreign_keys, group_tensors)
+from .validation import (FOREIGN_KEYS, HYPERPARAMETERS, PARAM_DTYPES, check_group,
+                         check_hyperparameters, check_state_dict, check_stepped_group,
+                         foreign_keys, group_tensors)
 
 MODES = ("paper", "legacy")
 NONFINITE_POLICIES = ("skip", "raise")
@@ -86,6 +89,7 @@ class CLASSP(Optimizer):
         self.nonfinite = nonfinite
         self._requested_backend = backend
         self._warned_keys: set[str] = set()
+        self._plans: dict[int, _GroupPlan] = {}
         defaults = dict(lr=lr, threshold=threshold, eps=eps, power=power,
                         apply_scaling=apply_scaling)
         super().__init__(params, defaults)
@@ -136,6 +140,7 @@ class CLASSP(Optimizer):
             self._requested_backend = backend
             self._warned_keys = set()
             self._telemetry = StepTelemetry(self._placed_device())
+        self._plans = {}  # load_state_dict replaced the state the plans were built on
 
     def add_param_group(self, param_group: dict) -> None:
         """Add a param group; a group that CLASSP cannot step raises and is not added."""
@@ -159,13 +164,22 @@ class CLASSP(Optimizer):
                               f"(param group {index}): {FOREIGN_KEYS[key]}",
                               UserWarning, stacklevel=3)
 
-    def _check_step(self, grad_scale: Optional[Tensor]) -> list[dict]:
+    def _check_step(self, grad_scale: Optional[Tensor]) -> tuple[list, list[dict]]:
         """Raise if any group cannot be stepped, before any state or param changes.
 
-        Returns the groups whose params moved to another device than their state.
+        Returns, per group, its plan if the plan still holds (the group's tensors are those it
+        was validated with, see :class:`_GroupPlan`) or None, and the groups whose params moved
+        to another device than their state.
         """
-        moved = []
+        plans, moved = [], []
         for index, group in enumerate(self.param_groups):
+            plan = self._plans.get(id(group))
+            if plan is not None and plan.holds(group, self.state):
+                check_hyperparameters(*(group[key] for key in HYPERPARAMETERS),
+                                      where=f"param group {index}: ")
+                plans.append(plan)
+                continue
+            plans.append(None)
             first = next((p for p in group["params"] if p.grad is not None), None)
             dtypes = PARAM_DTYPES
             if first is not None and self.mode == "paper":
@@ -174,7 +188,7 @@ class CLASSP(Optimizer):
                 moved.append(group)
         if self.nonfinite == "raise":
             self._raise_on_nonfinite(grad_scale)
-        return moved
+        return plans, moved
 
     def _move_state(self, group: dict) -> None:
         """Move the state of the group's params to the params' devices (after a move)."""
@@ -222,17 +236,18 @@ class CLASSP(Optimizer):
             accs.append(acc)
             steps.append(state["step"])
 
-    def _advance_steps(self, group: dict, steps: list, increment) -> None:
+    def _advance_steps(self, group: dict, steps: list, increment) -> Optional[Tensor]:
         """Add ``increment`` to the step counters of the group's stepped params.
 
         A per-tensor add costs over 1 us on the CPU, more than the kernel for small tensors,
         so a group's counters are kept as views of one buffer and advanced by a single add;
         the buffer is rebuilt when the set of stepped params changes. (A group's stepped params,
-        and so their counters, share one device: ``_check_step`` saw to it.)
+        and so their counters, share one device: ``_check_step`` saw to it.) Returns the buffer
+        (None while compiling).
         """
         if torch.compiler.is_compiling():
             torch._foreach_add_(steps, increment)
-            return
+            return None
         base = steps[0]._base
         if base is None or base.numel() != len(steps) or any(t._base is not base for t in steps):
             base = torch.stack(steps)
@@ -240,6 +255,7 @@ class CLASSP(Optimizer):
             for p, view in zip(stepped, base.unbind()):
                 self.state[p]["step"] = view
         base.add_(increment)
+        return base
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None):
@@ -254,30 +270,53 @@ class CLASSP(Optimizer):
                 loss = closure()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        if not torch.compiler.is_compiling():
-            for group in self._check_step(grad_scale):
+        compiling = torch.compiler.is_compiling()
+        plans = [None] * len(self.param_groups)
+        if not compiling:
+            plans, moved = self._check_step(grad_scale)
+            for group in moved:
                 self._move_state(group)
 
         steps = []
-        for group in self.param_groups:
-            params, grads, accs, counters = [], [], [], []
-            self._init_group(group, params, grads, accs, counters)
-            if not params:
-                continue
-            backend = self._backend_for(params[0].device)
-            hyper = dict(lr=as_scalar_lr(group["lr"]), threshold=group["threshold"],
-                         eps=group["eps"], power=group["power"],
-                         apply_scaling=group["apply_scaling"], grad_scale=grad_scale,
-                         found_inf=found_inf)
-            if self.mode == "legacy":
-                counts = classp_legacy_step_(params, grads, accs, **hyper)
+        for group, plan in zip(self.param_groups, plans):
+            increment = 1.0 if found_inf is None else None
+            if plan is None:
+                params, grads, accs, counters = [], [], [], []
+                self._init_group(group, params, grads, accs, counters)
+                if not params:
+                    self._plans.pop(id(group), None)
+                    continue
+                if increment is None:
+                    increment = 1.0 - found_inf.to(params[0].device, torch.float32)
+                counts = self._run(group, params, grads, accs, grad_scale, found_inf)
+                base = self._advance_steps(group, counters, increment)
+                plan = None if compiling else _GroupPlan.build(group, self.state, params, base)
+                if plan is not None:
+                    self._plans[id(group)] = plan
+                else:
+                    self._plans.pop(id(group), None)
+                numels = plan.numels if plan is not None else [p.numel() for p in params]
             else:
-                counts = run_backend(backend, params, grads, accs, **hyper)
-            self._advance_steps(group, counters, 1.0 if found_inf is None else
-                                1.0 - found_inf.to(params[0].device, torch.float32))
-            steps.append((counts, [p.numel() for p in params], backend))
+                if increment is None:
+                    increment = 1.0 - found_inf.to(plan.params[0].device, torch.float32)
+                params = plan.params
+                counts = self._run(group, params, plan.grads, plan.accs, grad_scale, found_inf)
+                plan.steps.add_(increment)
+                numels = plan.numels
+            steps.append((counts, numels, self._backend_for(params[0].device)))
         self._telemetry.record(steps)
         return loss
+
+    def _run(self, group: dict, params: list, grads: list, accs: list,
+             grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> Tensor:
+        """Step one group's tensors with its hyperparameters; returns the kernel's counts."""
+        hyper = dict(lr=as_scalar_lr(group["lr"]), threshold=group["threshold"],
+                     eps=group["eps"], power=group["power"],
+                     apply_scaling=group["apply_scaling"], grad_scale=grad_scale,
+                     found_inf=found_inf)
+        if self.mode == "legacy":
+            return classp_legacy_step_(params, grads, accs, **hyper)
+        return run_backend(self._backend_for(params[0].device), params, grads, accs, **hyper)
 
     @property
     def last_update_fraction(self) -> float:
@@ -331,3 +370,84 @@ def _local(t: Tensor) -> Tensor:
     except ImportError:  # torch built without distributed support
         return t
     return t.to_local() if isinstance(t, DTensor) else t
+
+
+_strided = torch.strided
+_get_grads = attrgetter("grad")
+_get_accumulator = itemgetter("accumulator")
+_get_step = itemgetter("step")
+
+
+class _GroupPlan:
+    """A param group's stepped tensors as the last validated step found them, to step again
+    without re-checking each tensor while nothing that the checks depend on can have changed.
+
+    It holds while the group lists the same param objects, the same params have a grad, every
+    grad is dense, the optimizer's state dict, each param's state entry and the accumulator
+    and step counter in it are the same objects, and each param's storage address is the one
+    seen then. A ``p.data = other`` swap gives the param new memory (both tensors exist at the
+    swap) and so drops the plan: dtype, shape and device are checked again. Grads are looked up
+    at every step (a backward pass may make new ones; torch checks their dtype, shape and device
+    against the param when they are set). Plain tensors on a device with storage only: DTensors
+    and meta params are checked at every step.
+    """
+
+    __slots__ = ("group", "state", "param_ids", "has_grad", "params", "grads", "entry_ids",
+                 "acc_ids", "step_ids", "addresses", "accs", "steps", "numels")
+
+    @classmethod
+    def build(cls, group: dict, state, params: list, base: Optional[Tensor]):
+        """The plan of a group just stepped through ``params`` (its stepped params) with step
+        counters viewing ``base``; None where the group's tensors are not planned."""
+        if base is None or any(type(p) is not nn.Parameter and type(p) is not Tensor
+                               or p.device.type == "meta" for p in params):
+            return None
+        plan = cls()
+        plan.group, plan.state = group, state
+        all_params = group["params"]
+        plan.param_ids = list(map(id, all_params))
+        grads = list(map(_get_grads, all_params))
+        plan.has_grad = [g is not None for g in grads]
+        plan.params = params
+        plan.grads = [g for g in grads if g is not None]
+        if any(type(g) is not Tensor for g in plan.grads):
+            return None
+        entries = [state[p] for p in params]
+        plan.entry_ids = list(map(id, entries))
+        plan.accs = list(map(_get_accumulator, entries))
+        plan.acc_ids = list(map(id, plan.accs))
+        plan.step_ids = list(map(id, map(_get_step, entries)))
+        plan.addresses = list(map(Tensor.data_ptr, params))
+        plan.steps = base
+        plan.numels = [p.numel() for p in params]
+        return plan
+
+    def holds(self, group: dict, state) -> bool:
+        """Whether the group's tensors are still those of the plan; takes the group's current
+        grads into the plan."""
+        all_params = group["params"]
+        if group is not self.group or state is not self.state or list(
+                map(id, all_params)) != self.param_ids:
+            return False
+        grads = list(map(_get_grads, all_params))
+        if any(map(is_, grads, repeat(None))):
+            if [g is not None for g in grads] != self.has_grad:
+                return False
+            grads = [g for g in grads if g is not None]
+        elif not all(self.has_grad):
+            return False
+        params = self.params
+        if (any(layout is not _strided for layout in map(attrgetter("layout"), grads))
+                or any(type(g) is not Tensor for g in grads)):
+            return False
+        entries = list(map(state.get, params))
+        try:
+            if (list(map(id, entries)) != self.entry_ids
+                    or list(map(id, map(_get_accumulator, entries))) != self.acc_ids
+                    or list(map(id, map(_get_step, entries))) != self.step_ids
+                    or list(map(Tensor.data_ptr, params)) != self.addresses):
+                return False
+        except (KeyError, TypeError):  # an entry emptied or removed
+            return False
+        self.grads = grads
+        return True
