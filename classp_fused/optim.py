@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from ._extension import steppable_as_is
 from .backends import BACKENDS, as_scalar_lr, param_dtypes, resolve_backend, run_backend
 from .reference import classp_legacy_step_, compute_dtype
 from .telemetry import StepTelemetry
@@ -279,35 +280,34 @@ class CLASSP(Optimizer):
 
         steps = []
         for group, plan in zip(self.param_groups, plans):
-            increment = 1.0 if found_inf is None else None
             if plan is None:
                 params, grads, accs, counters = [], [], [], []
                 self._init_group(group, params, grads, accs, counters)
                 if not params:
                     self._plans.pop(id(group), None)
                     continue
-                if increment is None:
-                    increment = 1.0 - found_inf.to(params[0].device, torch.float32)
-                counts = self._run(group, params, grads, accs, grad_scale, found_inf)
-                base = self._advance_steps(group, counters, increment)
-                plan = None if compiling else _GroupPlan.build(group, self.state, params, base)
-                if plan is not None:
-                    self._plans[id(group)] = plan
-                else:
-                    self._plans.pop(id(group), None)
-                numels = plan.numels if plan is not None else [p.numel() for p in params]
             else:
-                if increment is None:
-                    increment = 1.0 - found_inf.to(plan.params[0].device, torch.float32)
-                params = plan.params
-                counts = self._run(group, params, plan.grads, plan.accs, grad_scale, found_inf)
+                params, grads, accs = plan.params, plan.grads, plan.accs
+            device = params[0].device
+            backend = self._backend_for(device)
+            counts = self._run(group, backend, params, grads, accs, grad_scale, found_inf)
+            increment = 1.0 if found_inf is None else 1.0 - found_inf.to(device, torch.float32)
+            if plan is None:
+                base = self._advance_steps(group, counters, increment)
+                plan = None if compiling else _GroupPlan.build(group, self.state, params, grads,
+                                                                    base)
+                if plan is None:
+                    self._plans.pop(id(group), None)
+                    steps.append((counts, [p.numel() for p in params], backend))
+                    continue
+                self._plans[id(group)] = plan
+            else:
                 plan.steps.add_(increment)
-                numels = plan.numels
-            steps.append((counts, numels, self._backend_for(params[0].device)))
+            steps.append((counts, plan.numels, backend))
         self._telemetry.record(steps)
         return loss
 
-    def _run(self, group: dict, params: list, grads: list, accs: list,
+    def _run(self, group: dict, backend: str, params: list, grads: list, accs: list,
              grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> Tensor:
         """Step one group's tensors with its hyperparameters; returns the kernel's counts."""
         hyper = dict(lr=as_scalar_lr(group["lr"]), threshold=group["threshold"],
@@ -316,7 +316,7 @@ class CLASSP(Optimizer):
                      found_inf=found_inf)
         if self.mode == "legacy":
             return classp_legacy_step_(params, grads, accs, **hyper)
-        return run_backend(self._backend_for(params[0].device), params, grads, accs, **hyper)
+        return run_backend(backend, params, grads, accs, **hyper)
 
     @property
     def last_update_fraction(self) -> float:
@@ -372,7 +372,6 @@ def _local(t: Tensor) -> Tensor:
     return t.to_local() if isinstance(t, DTensor) else t
 
 
-_strided = torch.strided
 _get_grads = attrgetter("grad")
 _get_accumulator = itemgetter("accumulator")
 _get_step = itemgetter("step")
@@ -380,54 +379,49 @@ _get_step = itemgetter("step")
 
 class _GroupPlan:
     """A param group's stepped tensors as the last validated step found them, to step again
-    without re-checking each tensor while nothing that the checks depend on can have changed.
+    without the explaining per-tensor checks while the group is as it was.
 
-    It holds while the group lists the same param objects, the same params have a grad, every
-    grad is dense, the optimizer's state dict, each param's state entry and the accumulator
-    and step counter in it are the same objects, and each param's storage address is the one
-    seen then. A ``p.data = other`` swap gives the param new memory (both tensors exist at the
-    swap) and so drops the plan: dtype, shape and device are checked again. Grads are looked up
-    at every step (a backward pass may make new ones; torch checks their dtype, shape and device
-    against the param when they are set). Plain tensors on a device with storage only: DTensors
-    and meta params are checked at every step.
+    It holds while the group lists the same param objects, the same params have a grad, the
+    optimizer's state dict, each param's state entry and the accumulator and step counter in it
+    are the same objects, and every (param, grad, accumulator) is still dense, dtype- and
+    shape-consistent and on the plan's device (one C++ pass over the metadata,
+    ``_extension.steppable_as_is``: a ``p.data = other`` swap or a new grad is seen there). Grads
+    are taken from the params at every step and not held. Plain tensors only (DTensors are
+    checked at every step), and only where the extension is built.
     """
 
-    __slots__ = ("group", "state", "param_ids", "has_grad", "params", "grads", "entry_ids",
-                 "acc_ids", "step_ids", "addresses", "accs", "steps", "numels")
+    __slots__ = ("group", "state", "all_params", "has_grad", "params", "grads", "entries",
+                 "accs", "counters", "device", "steps", "numels")
 
     @classmethod
-    def build(cls, group: dict, state, params: list, base: Optional[Tensor]):
-        """The plan of a group just stepped through ``params`` (its stepped params) with step
-        counters viewing ``base``; None where the group's tensors are not planned."""
-        if base is None or any(type(p) is not nn.Parameter and type(p) is not Tensor
-                               or p.device.type == "meta" for p in params):
+    def build(cls, group: dict, state, params: list, grads: list, base: Optional[Tensor]):
+        """The plan of a group just stepped through ``params`` (its stepped params) and
+        ``grads`` with step counters viewing ``base``; None where the group cannot be planned."""
+        all_params = list(group["params"])
+        stepped = [p for p in all_params if p.grad is not None]
+        if (base is None or steppable_as_is is None or len(stepped) != len(params)
+                or not all(map(is_, stepped, params))  # DTensors step on their local shards
+                or any(type(p) is not nn.Parameter and type(p) is not Tensor for p in params)):
             return None
         plan = cls()
-        plan.group, plan.state = group, state
-        all_params = group["params"]
-        plan.param_ids = list(map(id, all_params))
-        grads = list(map(_get_grads, all_params))
-        plan.has_grad = [g is not None for g in grads]
-        plan.params = params
-        plan.grads = [g for g in grads if g is not None]
-        if any(type(g) is not Tensor for g in plan.grads):
-            return None
-        entries = [state[p] for p in params]
-        plan.entry_ids = list(map(id, entries))
-        plan.accs = list(map(_get_accumulator, entries))
-        plan.acc_ids = list(map(id, plan.accs))
-        plan.step_ids = list(map(id, map(_get_step, entries)))
-        plan.addresses = list(map(Tensor.data_ptr, params))
+        plan.group, plan.state, plan.all_params = group, state, all_params
+        plan.has_grad = [p.grad is not None for p in all_params]
+        plan.params, plan.grads = params, grads
+        plan.entries = [state[p] for p in params]
+        plan.accs = list(map(_get_accumulator, plan.entries))
+        plan.counters = list(map(_get_step, plan.entries))
+        plan.device = params[0].device
         plan.steps = base
         plan.numels = [p.numel() for p in params]
         return plan
 
     def holds(self, group: dict, state) -> bool:
-        """Whether the group's tensors are still those of the plan; takes the group's current
-        grads into the plan."""
+        """Whether the group's tensors are still those of the plan, and steppable; takes the
+        group's current grads into the plan."""
         all_params = group["params"]
-        if group is not self.group or state is not self.state or list(
-                map(id, all_params)) != self.param_ids:
+        if (group is not self.group or state is not self.state
+                or len(all_params) != len(self.all_params)
+                or not all(map(is_, all_params, self.all_params))):
             return False
         grads = list(map(_get_grads, all_params))
         if any(map(is_, grads, repeat(None))):
@@ -436,18 +430,15 @@ class _GroupPlan:
             grads = [g for g in grads if g is not None]
         elif not all(self.has_grad):
             return False
-        params = self.params
-        if (any(layout is not _strided for layout in map(attrgetter("layout"), grads))
-                or any(type(g) is not Tensor for g in grads)):
-            return False
-        entries = list(map(state.get, params))
+        params, entries = self.params, self.entries
         try:
-            if (list(map(id, entries)) != self.entry_ids
-                    or list(map(id, map(_get_accumulator, entries))) != self.acc_ids
-                    or list(map(id, map(_get_step, entries))) != self.step_ids
-                    or list(map(Tensor.data_ptr, params)) != self.addresses):
+            if (not all(map(is_, map(state.get, params), entries))
+                    or not all(map(is_, map(_get_accumulator, entries), self.accs))
+                    or not all(map(is_, map(_get_step, entries), self.counters))):
                 return False
-        except (KeyError, TypeError):  # an entry emptied or removed
+        except KeyError:  # an entry emptied
+            return False
+        if not steppable_as_is(params, grads, self.accs) or params[0].device != self.device:
             return False
         self.grads = grads
         return True
