@@ -52,9 +52,10 @@ class CLASSP(Optimizer):
         nonfinite: ``"skip"`` never applies NaN/Inf gradient elements and counts them
             (``nonfinite_skipped``); ``"raise"`` raises before changing anything.
 
-    Param groups are checked when added and before every step; ``step``, ``add_param_group``
-    and ``load_state_dict`` check everything before changing anything, so an error leaves the
-    optimizer as it was. Keys of other optimizers' groups that CLASSP has no use for
+    Param groups are checked when added and before every step (a group whose params, state
+    entries and accumulators are the objects its last step saw, by one C++ pass over their
+    metadata); ``step``, ``add_param_group`` and ``load_state_dict`` check everything before
+    changing anything, so an error leaves the optimizer as it was. Keys of other optimizers' groups that CLASSP has no use for
     (``weight_decay``, ``momentum``, ``betas``, ...; ``classp_fused.validation.FOREIGN_KEYS``)
     are ignored with a warning when set to 0/False/None, as Hugging Face's Trainer writes
     ``weight_decay=0.0``; any other value raises, since CLASSP would not do what it asks
