@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import abc
 import math
-from typing import Iterable
+from typing import Iterable, Optional
 
 import torch
 from torch import Tensor, nn
 
 from . import penalty as penalty_ops
+from .batches import Forward, Labels, ModelCall, default_forward
 from .checks import check_number
 from .importance import ImportancePasses
 from .shards import DTensor
@@ -49,22 +50,36 @@ class Regularizer(ImportancePasses, TaskState, abc.ABC):
         self.process_group = process_group
         self.tasks: list[Task] = []
 
-    def consolidate(self, data: Iterable) -> None:
+    def consolidate(self, data: Iterable, forward: Optional[Forward] = None,
+                    labels: Labels = None) -> None:
         """Compute the importance on ``data`` at a task boundary and anchor the current params.
 
-        ``data`` is an iterable of batches (a DataLoader, a list); a batch is an input tensor
-        or an (input, label, ...) sequence; a single tensor counts as one batch. The pass runs
+        ``data`` is an iterable of batches (a DataLoader, a list); a single tensor counts as
+        one batch. ``forward(model, batch)`` returns the logits; without it a batch is an
+        input tensor or an (input, label, ...) sequence (the model gets the input) or a
+        mapping of keyword arguments (``model(**batch)`` without the labels entry, e.g. a
+        transformers batch with its attention mask). A model output with ``.logits`` (a
+        transformers ModelOutput) gives its logits. ``labels`` (EWC's empirical Fisher) is a
+        key or index of the batch or a callable ``labels(batch)``; by default a sequence's
+        second entry or a mapping's ``"labels"``. The pass runs
         in eval() mode with the model's training flags, requires_grad flags, buffers and
         existing .grad left exactly as found. When torch.distributed is initialized (or a
         process group was given) the sums and sample counts are all-reduced, so every rank
         ends with the importance of all ranks' data; every rank must call it. Give the
         regularizer the plain module (``ddp.module``), not a DistributedDataParallel wrapper.
         """
+        if forward is not None and not callable(forward):
+            raise TypeError(f"forward must be a callable forward(model, batch) or None, "
+                            f"got {type(forward).__name__}")
+        if labels is not None and not (callable(labels) or isinstance(labels, (str, int))):
+            raise TypeError("labels must be a batch key or index, a callable labels(batch) "
+                            f"or None, got {type(labels).__name__}")
         params = self._regularized_params()
         if any(isinstance(p, DTensor) for p in params.values()):
             raise TypeError("consolidate needs the unsharded model: run it before fully_shard")
+        self._call = ModelCall(self.model, forward or default_forward(labels))
         with self._importance_pass():
-            sums, count = self._importance_sums(self._batches(data), params)
+            sums, count = self._importance_sums(self._batches(data, labels), params)
         count = self._all_reduce_(list(sums.values()), count)
         new = {name: (s / count).to(params[name].dtype) for name, s in sums.items()}
         anchor = {name: p.detach().clone() for name, p in params.items()}

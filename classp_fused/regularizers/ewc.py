@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import Regularizer
+from .batches import batch_size
 from .checks import check_choice, check_number
 
 
@@ -78,18 +79,18 @@ class EWC(Regularizer):
             if self.fisher == "empirical" and y is None:
                 raise ValueError("data must yield (input, label) batches for fisher='empirical'")
             add(x, y, params, sums)
-            count += x.shape[0]
+            count += batch_size(x, y)
         return sums, count
 
     def _add_empirical_batch(self, x, y, params, sums) -> None:
-        loss = F.cross_entropy(self.model(x), y)
+        loss = F.cross_entropy(self._logits(x), y)
         grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
         for name, g in zip(params, grads):
             if g is not None:
-                sums[name] += x.shape[0] * g.pow(2)
+                sums[name] += batch_size(x, y) * g.pow(2)
 
     def _add_exact_batch(self, x, y, params, sums) -> None:
-        log_p = F.log_softmax(self.model(x), dim=-1)
+        log_p = F.log_softmax(self._logits(x), dim=-1)
         sqrt_p = log_p.detach().mul(0.5).exp()
         for c in range(log_p.shape[-1]):
             grads = torch.autograd.grad((sqrt_p[:, c] * log_p[:, c]).mean(),
@@ -97,4 +98,4 @@ class EWC(Regularizer):
                                         allow_unused=True)
             for name, g in zip(params, grads):
                 if g is not None:
-                    sums[name] += x.shape[0] * g.pow(2)
+                    sums[name] += batch_size(x, y) * g.pow(2)

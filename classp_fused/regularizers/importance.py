@@ -7,12 +7,15 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.func import functional_call, jacrev, vmap
+from torch.func import jacrev, vmap
+
+from .batches import (Labels, batch_size, labels_of, sample_dims, split_batch, tensor_leaves,
+                      to_device, unsqueeze_samples)
 
 # Bound on the per-sample gradient elements held at once (512 MiB in float32); larger vmap
 # chunks run markedly faster per sample on CPU than small ones.
@@ -46,22 +49,20 @@ class ImportancePasses:
                     buffer.copy_(saved)
                     setattr(module, name, buffer)
 
-    def _batches(self, data) -> Iterator[tuple[Tensor, Tensor | None]]:
-        """Yield (input, label or None) with tensors on the model's device; raise if empty."""
+    def _batches(self, data, labels: Labels = None) -> Iterator[tuple[Any, Tensor | None]]:
+        """Yield (batch, labels or None) with tensors on the model's device; raise if empty."""
         device = next(self.model.parameters()).device
         empty = True
         for batch in [data] if isinstance(data, Tensor) else data:
-            if isinstance(batch, Tensor):
-                x, y = batch, None
-            elif isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
-                x, y = batch[0], batch[1] if len(batch) > 1 else None
-            else:
-                raise TypeError("data must yield input tensors or (input, label) sequences, "
-                                f"got a batch of type {type(batch).__name__}")
+            batch = to_device(batch, device)
             empty = False
-            yield x.to(device), None if y is None else y.to(device)
+            yield batch, labels_of(batch, labels)
         if empty:
             raise ValueError("data is empty: consolidate needs at least one batch")
+
+    def _logits(self, batch) -> Tensor:
+        """The logits of the model call chosen by ``consolidate`` (``forward``) on ``batch``."""
+        return self._call(batch)
 
     def _all_reduce_(self, sums: list[Tensor], count: int) -> float:
         """Sum ``sums`` in place and ``count`` across ranks when distributed; return the count."""
@@ -133,7 +134,7 @@ class ImportancePasses:
 
         handles = [module.register_forward_hook(hook, prepend=True) for module in names]
         try:
-            losses = self._sample_losses(self.model(x), y)
+            losses = self._sample_losses(self._logits(x), y)
         finally:
             for handle in handles:
                 handle.remove()
@@ -163,25 +164,42 @@ class ImportancePasses:
         return {full for local, _, _ in layers for full in local.values()}, outputs
 
     def _add_vmap_per_sample(self, x, y, rest, fixed, outputs: int, sums) -> None:
-        """Per-sample sums of the parameters ``rest`` from torch.func per-sample Jacobians."""
+        """Per-sample sums of the parameters ``rest`` from torch.func per-sample Jacobians.
+
+        The batch ``x`` may be any nesting of tensors, mappings and sequences: its tensors
+        with the batch's leading size are split per sample, the others shared."""
+        if not tensor_leaves(x):
+            raise TypeError("per_sample=True splits batches into samples: a batch must be "
+                            "tensors in sequences or mappings, got one of type "
+                            f"{type(x).__name__}")
+        dims = sample_dims(x, batch_size(x))
+
         def sample_losses(p, x_k, y_k):
-            output = functional_call(self.model, {**fixed, **p}, (x_k.unsqueeze(0),))
+            output = self._call.functional({**fixed, **p}, unsqueeze_samples(x_k, dims))
             losses = self._sample_losses(output, None if y_k is None else y_k.unsqueeze(0))[0]
             return losses, losses.detach()
 
         jacobian = vmap(jacrev(sample_losses, has_aux=True),
-                        in_dims=(None, 0, None if y is None else 0))
+                        in_dims=(None, dims, None if y is None else 0))
         chunk = self._sample_chunk(rest, outputs)
-        x_chunks = x.split(chunk)
+        x_chunks = split_batch(x, dims, chunk)
         y_chunks = [None] * len(x_chunks) if y is None else y.split(chunk)
         for x_chunk, y_chunk in zip(x_chunks, y_chunks):
-            jac, losses = jacobian(rest, x_chunk, y_chunk)
+            try:
+                jac, losses = jacobian(rest, x_chunk, y_chunk)
+            except RuntimeError as error:
+                if "vmap" not in str(error):
+                    raise
+                raise RuntimeError(
+                    "per_sample=True runs the model under torch.func.vmap, which this model's "
+                    "forward does not support (data-dependent control flow such as transformers' "
+                    "attention-mask handling); per_sample=False on batches of one sample gives "
+                    "the per-sample importance") from error
             weights = self._sample_weights(losses)
             for name, j in jac.items():
                 j = self._statistic(j, out=j)
                 sums[name] += (j.sum((0, 1)) if weights is None
                                else torch.einsum("bc,bc...->...", weights, j))
-
 
 
 def _parameter_uses(root) -> dict[int, int]:
