@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from . import penalty as penalty_ops
+from .amp import current_grad_scale
 from .batches import Forward, Labels, ModelCall, default_forward
 from .checks import check_number
 from .importance import ImportancePasses
@@ -98,15 +99,19 @@ class Regularizer(ImportancePasses, TaskState, abc.ABC):
             total = penalty_ops.penalty_sum(*self._terms(task), total)
         return self._scale * total
 
-    def add_penalty_grad_(self) -> None:
+    def add_penalty_grad_(self, scaler=None, optimizer=None) -> None:
         """Add the penalty's gradient ``2*scale*Omega*(theta - theta*)`` to each param's .grad.
 
-        Call it after backward; a missing .grad is created. One multi-tensor pass per task,
-        elementwise on local tensors, so it works where adding the penalty to the loss does
-        not (FSDP2).
+        Call it once per optimizer step, after backward (or before it: gradients add up); a
+        missing .grad is created. Under a ``torch.amp.GradScaler`` give ``scaler`` and the
+        ``optimizer`` it steps: the gradient is then added at the gradients' current scale,
+        times the scale before ``scaler.unscale_(optimizer)`` and as is after it, so either
+        order takes the unscaled step. One multi-tensor pass per task, elementwise on local
+        tensors, so it works where adding the penalty to the loss does not (FSDP2).
         """
+        grad_scale = current_grad_scale(scaler, optimizer)
         for task in self.tasks:
-            penalty_ops.add_penalty_grad_(*self._terms(task), 2 * self._scale)
+            penalty_ops.add_penalty_grad_(*self._terms(task), 2 * self._scale, grad_scale)
 
     @abc.abstractmethod
     def _importance_sums(self, batches, params: dict[str, nn.Parameter]) -> tuple[dict, int]:
