@@ -48,6 +48,24 @@ def _trainer(root, callbacks, **kwargs):
     return pl.Trainer(callbacks=[checkpoints, *callbacks], **{**options, **kwargs})
 
 
+def _record_step_norms(module) -> list:
+    """Make ``module`` build a CLASSP that records the gradient norm each step sees: after
+    Lightning's closure, penalty and clipping."""
+    norms = []
+
+    class Recording(CLASSP):
+        def step(self, closure=None):
+            with torch.enable_grad():
+                loss = closure()
+            norms.append(float(torch.cat([p.grad.float().flatten()
+                                          for p in module.parameters()]).norm()))
+            super().step()
+            return loss
+
+    module.configure_optimizers = lambda: Recording(module.parameters(), lr=0.05, threshold=1e-6)
+    return norms
+
+
 def _snapshot(module, trainer, regularizer):
     optimizer = trainer.optimizers[0]
     return {"params": {n: bits(p).clone() for n, p in module.named_parameters()},
@@ -100,19 +118,7 @@ def test_penalty_once_per_step_before_clipping_with_accumulation(tmp_path):
     with torch.no_grad():  # move away from the anchor: a large penalty gradient
         for p in module.parameters():
             p.add_(0.1)
-    step_norms = []
-
-    class Recording(CLASSP):
-        """Records the gradient norm the step sees: after Lightning's closure and clipping."""
-
-        def step(self, closure=None):
-            with torch.enable_grad():
-                loss = closure()
-            step_norms.append(float(torch.cat([p.grad.flatten() for p in module.parameters()]).norm()))
-            super().step()
-            return loss
-
-    module.configure_optimizers = lambda: Recording(module.parameters(), lr=0.05, threshold=1e-6)
+    step_norms = _record_step_norms(module)
     penalty_calls = []
     add = mas.add_penalty_grad_
     mas.add_penalty_grad_ = lambda *a, **k: (penalty_calls.append(a), add(*a, **k))
@@ -122,13 +128,60 @@ def test_penalty_once_per_step_before_clipping_with_accumulation(tmp_path):
     assert max(step_norms) <= 0.5 * (1 + 1e-5)  # the penalty was clipped with the loss
 
 
-def test_bf16_autocast_runs_with_the_callback(tmp_path):
-    module = Classifier()
-    callback = ContinualCallback(MAS(module.net, lam=1.0), data=_consolidation)
+class ClippedClassifier(Classifier):
+    """Lightning refuses gradient_clip_val for an optimizer that unscales inside its step
+    (CLASSP) under any mixed precision, bf16 included; the documented workaround clips in the
+    hook, after unscaling where a scaler is in use."""
+
+    def configure_gradient_clipping(self, optimizer, gradient_clip_val=None,
+                                    gradient_clip_algorithm=None):
+        if gradient_clip_val:
+            scaler = getattr(self.trainer.precision_plugin, "scaler", None)
+            if scaler is not None:
+                scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(self.parameters(), gradient_clip_val)
+
+
+class PenaltyOnly(Classifier):
+    """A zero loss: the gradients are the penalty's alone, also under fp16 autocast."""
+
+    def training_step(self, batch, batch_index):
+        return self.net(batch[0]).float().sum() * 0.0
+
+
+def test_16_mixed_penalty_at_the_scalers_scale_takes_the_fp32_step(tmp_path):
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    def run(plugins):
+        module = PenaltyOnly()
+        mas = MAS(module.net, lam=10.0)
+        callback = ContinualCallback(mas, data=_consolidation)
+        _trainer(tmp_path / "a", [callback], max_epochs=1, plugins=plugins).fit(module, _loader(0))
+        with torch.no_grad():
+            for p in module.parameters():
+                p.add_(0.1)
+        _trainer(tmp_path / "b", [callback], max_epochs=1, plugins=plugins).fit(module, _loader(1))
+        return module
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    scaled = run([MixedPrecision("16-mixed", "cpu", scaler=scaler)])
+    assert scaler.get_scale() == 2.0 ** 10
+    for p, q in zip(scaled.parameters(), run([]).parameters()):
+        assert torch.equal(bits(p), bits(q))
+
+
+def test_bf16_with_clipping_through_configure_gradient_clipping(tmp_path):
+    with pytest.raises(RuntimeError, match="does not allow for gradient clipping"):
+        _trainer(tmp_path / "refused", [], max_epochs=1, precision="bf16-mixed",
+                 gradient_clip_val=0.5).fit(Classifier(), _loader(0))
+    module = ClippedClassifier()
+    callback = ContinualCallback(MAS(module.net, lam=1e4), data=_consolidation)
+    norms = _record_step_norms(module)
     for task in range(2):
-        _trainer(tmp_path / str(task), [callback], max_epochs=1,
-                 precision="bf16-mixed").fit(module, _loader(task))
-    assert callback.run.tasks_done == 2
+        _trainer(tmp_path / str(task), [callback], max_epochs=1, precision="bf16-mixed",
+                 gradient_clip_val=0.5).fit(module, _loader(task))
+    assert callback.run.tasks_done == 2 and len(norms) == 2 * BATCHES
+    assert max(norms) <= 0.5 * (1 + 1e-5)
     assert all(torch.isfinite(p).all() for p in module.parameters())
 
 
