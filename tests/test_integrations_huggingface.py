@@ -180,3 +180,19 @@ def test_penalty_at_step_begin_under_a_grad_scaler_takes_the_fp32_step(optimizer
 
     for p, q in zip(run(True).parameters(), run(False).parameters()):
         assert torch.equal(bits(p), bits(q))
+
+
+def test_default_consolidation_data_is_the_trainers_training_data(tmp_path):
+    model = _model()
+    ewc = EWC(model, lam=1.0)  # empirical Fisher: labels from the collated batches' "labels"
+    callback = ContinualCallback(ewc)
+    _trainer(model, callback, tmp_path, 0).train()
+    assert len(ewc.tasks) == 1
+    assert sum(float(t.sum()) for t in ewc.importance.values()) > 0
+
+
+def test_bad_callback_arguments_raise():
+    with pytest.raises(TypeError, match="regularizer must be"):
+        ContinualCallback(regularizer=torch.nn.Linear(2, 2))
+    with pytest.raises(TypeError, match="forward must be"):
+        ContinualCallback(forward=3)

@@ -21,10 +21,9 @@ TaskData = Union[None, Iterable, Callable[[int], Iterable]]
 def unwrap_optimizer(optimizer) -> torch.optim.Optimizer:
     """The torch optimizer inside a framework's wrapper (accelerate's AcceleratedOptimizer,
     Lightning's LightningOptimizer), or ``optimizer`` itself."""
-    for attribute in ("optimizer", "_optimizer"):
-        inner = getattr(optimizer, attribute, None)
-        if isinstance(inner, torch.optim.Optimizer):
-            return unwrap_optimizer(inner)
+    inner = getattr(optimizer, "optimizer", None) or getattr(optimizer, "_optimizer", None)
+    if inner is not None:
+        return unwrap_optimizer(inner)
     if not isinstance(optimizer, torch.optim.Optimizer):
         raise TypeError(f"expected a torch.optim.Optimizer, got {type(optimizer).__name__}")
     return optimizer
