@@ -75,7 +75,7 @@ class ContinualRun:
     def add_penalty(self, optimizer, scaler=None) -> None:
         """Add the penalty gradient to the gradients of ``optimizer``'s step (at the scaler's
         current scale)."""
-        if self.regularizer is not None and self.regularizer.tasks:
+        if self.regularizer is not None and self.regularizer.tasks_seen:
             optimizer = unwrap_optimizer(optimizer)
             self.regularizer.add_penalty_grad_(scaler, optimizer if scaler is not None else None)
 

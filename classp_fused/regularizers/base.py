@@ -1,58 +1,78 @@
 """The regularizer interface shared by MAS and EWC.
 
-A regularizer keeps importance Omega and anchor theta* per parameter name; its penalty is
-``scale * sum Omega * (theta - theta*)^2``. Only parameters with ``requires_grad=True`` are
-regularized. The importance passes live in ``importance``, the task state in ``state``, the
-penalty and its gradient in ``penalty``.
+A regularizer keeps, per regularized parameter (``requires_grad=True``), an importance Omega
+and an anchor m; its penalty is ``scale * (sum Omega * (theta - m)^2 + residual)``
+(``state``). The importance passes live in ``importance``, the penalty, its gradient and the
+proximal step in ``penalty``, the stability bound of the explicit step in ``stability``.
 
-Under FSDP2 the parameters are DTensors: ``add_penalty_grad_`` and ``penalty`` work on each
-rank's local shard (``penalty`` is then this rank's share). Importance is computed by
-``consolidate`` on the unsharded model (one copy per rank, each rank on its part of the
-data); after ``fully_shard`` the state tensors become DTensors laid out like their parameters
-(same mesh and placements) the first time they are used or ``state_dict`` is called, so the
-state can be saved and loaded with torch.distributed.checkpoint.
+Two ways to apply the penalty while training a new task:
+
+- explicit (the papers'): ``add_penalty_grad_()`` after backward, before the optimizer step.
+  It diverges once step size * 2 * scale * Omega passes 2; ``stability_bounds`` and
+  ``max_stable_lr`` give the bound, and ``consolidate(data, optimizer=...)`` warns
+  (``StiffnessWarning``) when the next explicit step would be unstable.
+- proximal: ``proximal_step_(optimizer)`` after ``optimizer.step()``, before ``zero_grad``;
+  stable for every lambda.
+
+Under FSDP2 the parameters are DTensors: ``add_penalty_grad_``, ``proximal_step_`` and
+``penalty`` work on each rank's local shard (``penalty`` is then this rank's share), and
+``consolidate`` runs on the sharded model at any task boundary, each rank on its part of the
+data, keeping only its shards (``sharded``). State consolidated before ``fully_shard`` becomes
+DTensors laid out like the parameters (same mesh and placements) the first time it is used or
+``state_dict`` is called, so the state can be saved and loaded with
+torch.distributed.checkpoint.
 """
 from __future__ import annotations
 
 import abc
 import math
+import warnings
 from typing import Iterable, Optional
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from . import penalty as penalty_ops
+from . import stability
 from .amp import current_grad_scale
 from .batches import Forward, Labels, ModelCall, default_forward
 from .checks import check_number
 from .importance import ImportancePasses
-from .shards import DTensor
-from .state import Task, TaskState
+from .shards import DTensor, local, wrap_like
+from .state import TaskState
+
+
+class StiffnessWarning(UserWarning):
+    """The explicit penalty step would diverge at the optimizer's step size."""
 
 
 class Regularizer(ImportancePasses, TaskState, abc.ABC):
-    """Base class: consolidate at task boundaries, the penalty and its gradient, state.
+    """Base class: consolidate at task boundaries, the penalty in explicit or proximal form.
 
     Subclasses implement ``_importance_sums(batches, params)`` (per-parameter sums over
-    samples and the sample count) and ``_combine(new, anchor)`` (how a new task's importance
-    enters ``self.tasks``), and set ``_scale`` (the penalty's factor in front of the sum).
-    Those using ``_add_per_sample`` also define ``_sample_losses``, ``_sample_weights`` and
-    ``_statistic``.
+    samples and the sample count) and ``_merge(old_imp, old_anchor, new_imp, new_anchor)``
+    (how a finished task enters the state), and set ``_scale`` (the penalty's factor in front
+    of the sum). Those using ``_add_per_sample`` also define ``_sample_losses``,
+    ``_sample_weights`` and ``_statistic``.
     """
 
     _scale: float
 
-    def __init__(self, model: nn.Module, lam: float, per_sample: bool, process_group=None):
+    def __init__(self, model: nn.Module, lam: float, per_sample: bool, process_group=None,
+                 keep_task_importances: bool = False):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
+        if next(model.parameters(), None) is None:
+            raise ValueError(f"model ({type(model).__name__}) has no parameters to regularize")
         self.model = model
         self.lam = check_number("lam", lam, 0.0, math.inf)
         self.per_sample = bool(per_sample)
         self.process_group = process_group
-        self.tasks: list[Task] = []
+        self._reset_state(bool(keep_task_importances))
 
     def consolidate(self, data: Iterable, forward: Optional[Forward] = None,
-                    labels: Labels = None) -> None:
+                    labels: Labels = None, *, optimizer=None, lr: float | None = None) -> None:
         """Compute the importance on ``data`` at a task boundary and anchor the current params.
 
         ``data`` is an iterable of batches (a DataLoader, a list); a single tensor counts as
@@ -66,8 +86,15 @@ class Regularizer(ImportancePasses, TaskState, abc.ABC):
         in eval() mode with the model's training flags, requires_grad flags, buffers and
         existing .grad left exactly as found. When torch.distributed is initialized (or a
         process group was given) the sums and sample counts are all-reduced, so every rank
-        ends with the importance of all ranks' data; every rank must call it. Give the
-        regularizer the plain module (``ddp.module``), not a DistributedDataParallel wrapper.
+        ends with the importance of all ranks' data; every rank must call it, also one with
+        no data for this task. Give the regularizer the plain module (``ddp.module``), not a
+        DistributedDataParallel wrapper. On an FSDP2-sharded model (``fully_shard`` per layer
+        and root) each rank computes the importance of its own shards from FSDP2's
+        reduce-scatter (``sharded``); ``MAS(local=True)`` is refused there.
+
+        Data without a single sample (on all ranks together) raises ValueError and leaves the
+        state as it was. With ``optimizer`` or ``lr`` (not both), one ``StiffnessWarning``
+        names the stiffest parameter when the next explicit step would be unstable.
         """
         if forward is not None and not callable(forward):
             raise TypeError(f"forward must be a callable forward(model, batch) or None, "
@@ -75,16 +102,35 @@ class Regularizer(ImportancePasses, TaskState, abc.ABC):
         if labels is not None and not (callable(labels) or isinstance(labels, (str, int))):
             raise TypeError("labels must be a batch key or index, a callable labels(batch) "
                             f"or None, got {type(labels).__name__}")
+        if optimizer is not None or lr is not None:
+            stability.check_step_source(optimizer, lr)
         params = self._regularized_params()
-        if any(isinstance(p, DTensor) for p in params.values()):
-            raise TypeError("consolidate needs the unsharded model: run it before fully_shard")
-        self._call = ModelCall(self.model, forward or default_forward(labels))
+        self._call = ModelCall(self.model, forward or default_forward)
+        batches = self._batches(data, labels, whole=forward is not None)
+        device = local(next(iter(params.values()))).device
+        shards = [isinstance(p, DTensor) for p in params.values()]
         with self._importance_pass():
-            sums, count = self._importance_sums(self._batches(data, labels), params)
-        count = self._all_reduce_(list(sums.values()), count)
-        new = {name: (s / count).to(params[name].dtype) for name, s in sums.items()}
+            if all(shards):
+                error = self._sharded_variant_error()
+                if error:
+                    raise ValueError(error)
+                sums, count = self._sharded_importance_sums(_tensor_inputs(batches), params)
+                count = self._all_reduce_([], count, device)
+            elif any(shards):
+                raise TypeError("consolidate needs all regularized parameters sharded by "
+                                "FSDP2 or none")
+            else:
+                sums, count = self._importance_sums(batches, params)
+                count = self._all_reduce_(list(sums.values()), count, device)
+        if count == 0:
+            raise ValueError("data is empty: consolidate saw no samples (an empty batch or a "
+                             "loader that yields none); the importance is left as it was")
+        new = {name: wrap_like((s / count).to(params[name].dtype), params[name])
+               for name, s in sums.items()}
         anchor = {name: p.detach().clone() for name, p in params.items()}
-        self._combine(new, anchor)
+        self._enter_task(new, anchor)
+        if optimizer is not None or lr is not None:
+            self._warn_if_stiff(optimizer, lr)
 
     def _regularized_params(self) -> dict[str, nn.Parameter]:
         params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
@@ -95,28 +141,112 @@ class Regularizer(ImportancePasses, TaskState, abc.ABC):
     def penalty(self) -> Tensor:
         """The scalar penalty, differentiable w.r.t. the model parameters (0 before consolidate)."""
         total = torch.zeros((), device=next(self.model.parameters()).device)
-        for task in self.tasks:
-            total = penalty_ops.penalty_sum(*self._terms(task), total)
-        return self._scale * total
+        return self._scale * penalty_ops.penalty_sum(*self._terms(), total)
 
     def add_penalty_grad_(self, scaler=None, optimizer=None) -> None:
-        """Add the penalty's gradient ``2*scale*Omega*(theta - theta*)`` to each param's .grad.
+        """Add the penalty's gradient ``2*scale*Omega*(theta - m)`` to each param's .grad.
 
         Call it once per optimizer step, after backward (or before it: gradients add up); a
         missing .grad is created. Under a ``torch.amp.GradScaler`` give ``scaler`` and the
         ``optimizer`` it steps: the gradient is then added at the gradients' current scale,
         times the scale before ``scaler.unscale_(optimizer)`` and as is after it, so either
-        order takes the unscaled step. One multi-tensor pass per task, elementwise on local
-        tensors, so it works where adding the penalty to the loss does not (FSDP2).
+        order takes the unscaled step. One multi-tensor pass, elementwise on local tensors,
+        so it works where adding the penalty to the loss does not (FSDP2).
         """
         grad_scale = current_grad_scale(scaler, optimizer)
-        for task in self.tasks:
-            penalty_ops.add_penalty_grad_(*self._terms(task), 2 * self._scale, grad_scale)
+        params, imps, anchors, _ = self._terms()
+        if params:
+            penalty_ops.add_penalty_grad_(params, imps, anchors, 2 * self._scale, grad_scale)
+
+    def proximal_step_(self, optimizer=None, *, lr: float | None = None) -> None:
+        """Apply the penalty in proximal form: call after ``optimizer.step()``, before
+        ``zero_grad()``, instead of ``add_penalty_grad_``.
+
+        Each element moves to the minimiser of the penalty plus (theta - theta')^2 / (2 eta)
+        around where the optimizer put it: theta <- (theta' + c*m) / (1 + c), c = 2 * eta *
+        scale * Omega (EWC: c = eta * lam * F). eta is the step size the optimizer used there
+        (see ``stability``): its group lr, or for CLASSP with scaling lr / (eps + A)^(1/p);
+        for CLASSP only where its last step updated the element (mask from the current
+        .grad: finite and g^2 > threshold), elsewhere the element stays put. ``lr=`` instead
+        of an optimizer takes eta = lr everywhere. It is a contraction toward m for any lam,
+        never increases the penalty, and equals the explicit step to first order in c. One
+        multi-tensor pass on local tensors (FSDP2 shards).
+        """
+        lr = stability.check_step_source(optimizer, lr)
+        params, imps, anchors, _ = self._terms()
+        steps = [stability.step_size(optimizer, lr, p, updated_only=True) for p in params]
+        penalty_ops.proximal_step_(params, imps, anchors, steps, 2 * self._scale)
+
+    def stability_bounds(self, optimizer=None, *, lr: float | None = None
+                         ) -> dict[str, stability.StabilityBound]:
+        """Per regularized parameter, the stiffness max(eta * 2 * scale * Omega) of the explicit
+        step and the largest lr and lam that keep it below 2 (``StabilityBound``).
+
+        Give the optimizer (its step sizes, see ``stability``) or a plain ``lr``. Under FSDP2
+        or DDP the maxima are taken over all ranks (every rank must call it).
+        """
+        lr = stability.check_step_source(optimizer, lr)
+        params, imps, _, _ = self._terms()
+        names = {id(p): n for n, p in self.model.named_parameters()}
+        values, scales = [], []
+        for p, imp in zip(params, imps):
+            eta = stability.step_size(optimizer, lr, p, updated_only=False)
+            values.append(stability.stiffness(imp, eta, 2 * self._scale))
+            scales.append(lr if optimizer is None else float(stability.group_of(optimizer, p)["lr"]))
+        values = self._all_reduce_max(values, params)
+        return {names[id(p)]: stability.bound(names[id(p)], v, s, self.lam)
+                for p, v, s in zip(params, values, scales)}
+
+    def max_stable_lr(self, optimizer=None, *, lr: float | None = None) -> float:
+        """The largest step scale (``lr``, or every group's lr scaled alike) below which the
+        explicit step is stable for all parameters; inf before consolidate."""
+        bounds = self.stability_bounds(optimizer, lr=lr).values()
+        return min((b.max_lr for b in bounds), default=math.inf)
+
+    def _warn_if_stiff(self, optimizer, lr) -> None:
+        bounds = self.stability_bounds(optimizer, lr=lr)
+        unstable = [b for b in bounds.values() if b.stiffness >= 2]
+        if unstable:
+            worst = max(unstable, key=lambda b: b.stiffness)
+            warnings.warn(
+                f"{type(self).__name__}: the explicit penalty step is unstable for "
+                f"{len(unstable)} parameter(s); worst {worst.param!r} with step size * 2 * "
+                f"scale * importance = {worst.stiffness:.3g} >= 2. Keep lr below "
+                f"{worst.max_lr:.3g} or lam below {worst.max_lam:.3g}, or apply the penalty "
+                "with proximal_step_()", StiffnessWarning, stacklevel=3)
+
+    def _all_reduce_max(self, values: list[float], params: list[Tensor]) -> list[float]:
+        """Elementwise maxima of ``values`` over ranks when parameters are sharded."""
+        if not values or not any(isinstance(p, DTensor) for p in params):
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=local(params[0]).device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.process_group)
+        return t.tolist()
+
+    def _sharded_variant_error(self) -> str | None:
+        """Why this configuration cannot consolidate an FSDP2-sharded model, or None."""
+        return None
 
     @abc.abstractmethod
     def _importance_sums(self, batches, params: dict[str, nn.Parameter]) -> tuple[dict, int]:
         """Per-parameter importance summed over the samples of ``batches``, and their count."""
 
-    @abc.abstractmethod
-    def _combine(self, new: dict[str, Tensor], anchor: dict[str, Tensor]) -> None:
-        """Enter a finished task's importance ``new`` and its ``anchor`` into ``self.tasks``."""
+    def _merge(self, old_imp: Tensor, old_anchor: Tensor, new_imp: Tensor, new_anchor: Tensor
+               ) -> tuple[Tensor, Tensor, Tensor | None]:
+        """(importance, anchor, residual increment or None) after a finished task, from
+        local tensors. Default: the new anchor, importance by ``_merge_importance``."""
+        return self._merge_importance(old_imp, new_imp), new_anchor, None
+
+    def _merge_importance(self, old: Tensor, new: Tensor) -> Tensor:
+        """The importance after a task: the sum by default."""
+        return old + new
+
+
+def _tensor_inputs(batches):
+    """``batches``, checked to hold tensor inputs: what the FSDP2 importance pass splits."""
+    for x, y in batches:
+        if not isinstance(x, Tensor):
+            raise TypeError("consolidate on an FSDP2-sharded model takes tensor or "
+                            "(input, label) batches without forward, got a model input of "
+                            f"type {type(x).__name__}")
+        yield x, y

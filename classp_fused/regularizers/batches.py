@@ -42,23 +42,25 @@ def tensor_leaves(batch) -> list[Tensor]:
     return []
 
 
-def default_forward(labels: Labels) -> Forward:
-    """The model call used without a ``forward``: ``model(x)`` for a tensor or an (x, y, ...)
-    sequence, ``model(**batch)`` for a mapping, without the labels key (``labels`` when it is
-    a key, else ``"labels"``)."""
-    label_key = labels if isinstance(labels, str) else LABELS_KEY
+def model_input(batch, whole: bool, labels: Labels):
+    """What the model call gets from ``batch``: all of it for a user ``forward`` (``whole``);
+    else a tensor itself, an (input, label, ...) sequence's input, or a mapping without its
+    labels entry (``labels`` when it is a key, else ``"labels"``) as a dict."""
+    if whole or isinstance(batch, Tensor):
+        return batch
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
+        return batch[0]
+    if isinstance(batch, Mapping):
+        label_key = labels if isinstance(labels, str) else LABELS_KEY
+        return {k: v for k, v in batch.items() if k != label_key}
+    raise TypeError("data must yield input tensors, (input, label) sequences or mappings of "
+                    f"model arguments, got a batch of type {type(batch).__name__}; give "
+                    "consolidate a forward(model, batch) for other batches")
 
-    def forward(model: nn.Module, batch):
-        if isinstance(batch, Tensor):
-            return model(batch)
-        if isinstance(batch, Mapping):
-            return model(**{k: v for k, v in batch.items() if k != label_key})
-        if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
-            return model(batch[0])
-        raise TypeError("data must yield input tensors, (input, label) sequences or mappings "
-                        f"of model arguments, got a batch of type {type(batch).__name__}; "
-                        "give consolidate a forward(model, batch) for other batches")
-    return forward
+
+def default_forward(model: nn.Module, x):
+    """The model call without a user ``forward``: ``model(x)``, or ``model(**x)`` for a dict."""
+    return model(**x) if isinstance(x, Mapping) else model(x)
 
 
 def logits_of(output) -> Tensor:

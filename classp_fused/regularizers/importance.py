@@ -14,8 +14,9 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.func import jacrev, vmap
 
-from .batches import (Labels, batch_size, labels_of, sample_dims, split_batch, tensor_leaves,
-                      to_device, unsqueeze_samples)
+from . import sharded
+from .batches import (Labels, batch_size, labels_of, model_input, sample_dims, split_batch,
+                      tensor_leaves, to_device, unsqueeze_samples)
 
 # Bound on the per-sample gradient elements held at once (512 MiB in float32); larger vmap
 # chunks run markedly faster per sample on CPU than small ones.
@@ -49,30 +50,69 @@ class ImportancePasses:
                     buffer.copy_(saved)
                     setattr(module, name, buffer)
 
-    def _batches(self, data, labels: Labels = None) -> Iterator[tuple[Any, Tensor | None]]:
-        """Yield (batch, labels or None) with tensors on the model's device; raise if empty."""
+    def _batches(self, data, labels: Labels = None, whole: bool = False
+                 ) -> Iterator[tuple[Any, Tensor | None]]:
+        """Yield (model input, labels or None) with tensors on the model's device (see
+        ``batches.model_input``; ``whole`` for a user forward); skip empty batches."""
         device = next(self.model.parameters()).device
-        empty = True
         for batch in [data] if isinstance(data, Tensor) else data:
             batch = to_device(batch, device)
-            empty = False
-            yield batch, labels_of(batch, labels)
-        if empty:
-            raise ValueError("data is empty: consolidate needs at least one batch")
+            x, y = model_input(batch, whole, labels), labels_of(batch, labels)
+            if batch_size(x, y):  # a batch without samples adds nothing
+                yield x, y
 
-    def _logits(self, batch) -> Tensor:
-        """The logits of the model call chosen by ``consolidate`` (``forward``) on ``batch``."""
-        return self._call(batch)
+    def _logits(self, x) -> Tensor:
+        """The logits of the model call chosen by ``consolidate`` (its ``forward``) on ``x``."""
+        return self._call(x)
 
-    def _all_reduce_(self, sums: list[Tensor], count: int) -> float:
+    def _all_reduce_(self, sums: list[Tensor], count: int, device: torch.device) -> float:
         """Sum ``sums`` in place and ``count`` across ranks when distributed; return the count."""
         if self.process_group is None and not (dist.is_available() and dist.is_initialized()):
             return float(count)
         for s in sums:
             dist.all_reduce(s, group=self.process_group)
-        total = torch.tensor(float(count), dtype=torch.float64, device=sums[0].device)
+        total = torch.tensor(float(count), dtype=torch.float64, device=device)
         dist.all_reduce(total, group=self.process_group)
         return total.item()
+
+    def _batch_losses(self, x: Tensor, y: Tensor | None, reforward: bool
+                      ) -> Iterator[tuple[Tensor, float]]:
+        """The batch form's scalar losses on (x, y) and the weight of each one's gradient
+        statistic; ``reforward`` runs a fresh forward for each loss after the first (FSDP2
+        frees the unsharded weights after each backward)."""
+        raise NotImplementedError
+
+    def _add_batch_form(self, x: Tensor, y: Tensor | None, params, sums) -> None:
+        """Add weight * stat(gradient) of each of the batch form's losses to ``sums``."""
+        for loss, weight in self._batch_losses(x, y, reforward=False):
+            grads = torch.autograd.grad(loss, list(params.values()), retain_graph=True,
+                                        allow_unused=True)
+            for name, g in zip(params, grads):
+                if g is not None:
+                    sums[name] += weight * self._statistic(g)
+
+    def _sharded_importance_sums(self, batches, params) -> tuple[dict, int]:
+        """Importance sums of this rank's shards of an FSDP2 model (see ``sharded``), and the
+        number of samples this rank saw. Every rank must call it."""
+        state = {"weight": 1.0, "stand_in": False}
+
+        def statistic(g: Tensor) -> Tensor:
+            if state["stand_in"]:
+                return torch.zeros_like(g)
+            return self._statistic(g) * state["weight"]
+
+        count = 0
+        group = self.process_group
+        with sharded.statistic_gradients(self.model, params, statistic):
+            for x, y, stand_in in sharded.lockstep(sharded.units(batches, self.per_sample),
+                                                   group):
+                state["stand_in"] = stand_in
+                for loss, weight in self._batch_losses(x, y, reforward=True):
+                    state["weight"] = float(weight)
+                    loss.backward()
+                count += x.shape[0]
+            sums = sharded.shard_sums(params)
+        return sums, count
 
     @staticmethod
     def _sample_chunk(params: dict[str, Tensor], outputs_per_sample: int = 1) -> int:
@@ -166,8 +206,8 @@ class ImportancePasses:
     def _add_vmap_per_sample(self, x, y, rest, fixed, outputs: int, sums) -> None:
         """Per-sample sums of the parameters ``rest`` from torch.func per-sample Jacobians.
 
-        The batch ``x`` may be any nesting of tensors, mappings and sequences: its tensors
-        with the batch's leading size are split per sample, the others shared."""
+        The model input ``x`` may be any nesting of tensors, mappings and sequences: its
+        tensors with the batch's leading size are split per sample, the others shared."""
         if not tensor_leaves(x):
             raise TypeError("per_sample=True splits batches into samples: a batch must be "
                             "tensors in sequences or mappings, got one of type "
@@ -200,7 +240,6 @@ class ImportancePasses:
                 j = self._statistic(j, out=j)
                 sums[name] += (j.sum((0, 1)) if weights is None
                                else torch.einsum("bc,bc...->...", weights, j))
-
 
 def _parameter_uses(root) -> dict[int, int]:
     """For each leaf tensor (by id) of the autograd graph below ``root``, its number of uses."""

@@ -4,9 +4,9 @@ from __future__ import annotations
 from torch import Tensor
 
 try:
-    from torch.distributed.tensor import DTensor, distribute_tensor
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
 except ImportError:  # torch built without distributed support
-    DTensor, distribute_tensor = (), None
+    DTensor, Shard, distribute_tensor = (), (), None
 
 
 def local(t: Tensor) -> Tensor:
@@ -29,4 +29,12 @@ def match_shard(state: dict[str, Tensor], name: str, p: Tensor) -> Tensor:
     t = state[name]
     if isinstance(p, DTensor) and not isinstance(t, DTensor):
         t = state[name] = like_param(t, p)
+    return t
+
+
+def wrap_like(t: Tensor, like: Tensor) -> Tensor:
+    """Local tensor ``t`` as a DTensor laid out like ``like`` when that is one, else ``t``."""
+    if isinstance(like, DTensor):
+        return DTensor.from_local(t, like.device_mesh, like.placements, shape=like.shape,
+                                  stride=like.stride())
     return t
