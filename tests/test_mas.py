@@ -324,3 +324,20 @@ def test_load_refuses_a_state_with_a_missing_anchor_and_keeps_its_own():
 def test_model_without_parameters_raises():
     with pytest.raises(ValueError, match="ReLU.*no parameters"):
         MAS(nn.ReLU())
+
+
+def test_per_task_state_dict_of_earlier_versions_loads_and_is_checked():
+    model = mlp()
+    reg = MAS(model, lam=2.0)
+    reg.consolidate(batches([4]))
+    old = {"method": "MAS", "tasks": [{"importance": reg.importance, "anchor": reg.anchor}]}
+    restored = MAS(model, lam=2.0)
+    restored.load_state_dict(old)
+    assert restored.tasks_seen == 1
+    assert_dicts_close(restored.importance, reg.importance, rtol=0, atol=0)
+    assert_dicts_close(restored.anchor, reg.anchor, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="keeps one task, the state has 2"):
+        MAS(model).load_state_dict({**old, "tasks": old["tasks"] * 2})
+    del old["tasks"][0]["anchor"]["4.weight"]
+    with pytest.raises(ValueError, match="lack their pair"):
+        MAS(model).load_state_dict(old)

@@ -11,7 +11,7 @@ import torch.distributed as dist
 from torch import nn
 
 from classp_fused import CLASSP
-from classp_fused.regularizers import EWC, MAS
+from classp_fused.regularizers import EWC, MAS, Regularizer
 from distributed_helpers import WORLD_SIZE, requires_gloo, run_ranks
 
 DTYPE = torch.float64
@@ -182,6 +182,38 @@ class ScaledNet(nn.Module):
         return self.head(torch.tanh(self.body(x))) * self.scale
 
 
+class LinearNet(nn.Module):
+    """Only plain Linear layers: per-sample importance on shards takes the Linear form.
+    ``twice`` applies the middle layer twice, which that form cannot handle."""
+
+    def __init__(self, twice=False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.body, self.mid, self.head = nn.Linear(6, 10), nn.Linear(10, 10), nn.Linear(10, 3)
+        self.twice = twice
+        self.to(DTYPE)
+
+    def forward(self, x):
+        h = torch.tanh(self.mid(torch.tanh(self.body(x))))
+        if self.twice:
+            h = torch.tanh(self.mid(h))
+        return self.head(h)
+
+
+MODELS = {"scaled": ScaledNet, "linear": LinearNet, "linear-twice": lambda: LinearNet(True)}
+
+
+def sharded_cases():
+    """(config, model) pairs: every variant on ScaledNet; the per-sample ones also on LinearNet
+    (the Linear form), one also on the twice-applied LinearNet (its fallback)."""
+    cases = {f"{name}@scaled": (name, "scaled") for name in SHARDED_CONFIGS}
+    cases.update({f"{name}@linear": (name, "linear") for name in SHARDED_CONFIGS
+                  if "per-sample" in name})
+    cases["ewc-exact-per-sample-separate@linear-twice"] = ("ewc-exact-per-sample-separate",
+                                                           "linear-twice")
+    return cases
+
+
 def task_data(task, rank):
     """Consolidation data: task 0 on both ranks (rank 1 with an empty batch too), task 1 on
     rank 0 alone (rank 1 has none)."""
@@ -248,14 +280,30 @@ def sharded_worker(rank, out_dir):
     from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh("cpu", (WORLD_SIZE,))
-    results = {}
-    for name, (method, kwargs) in SHARDED_CONFIGS.items():
-        model = ScaledNet()
-        for module in (model.body, model.head, model):
+    results, linear_form = {}, []
+    original = Regularizer._sharded_linear_form
+
+    def spy(self, *args):
+        linear_form.append(original(self, *args))
+        return linear_form[-1]
+
+    Regularizer._sharded_linear_form = spy
+    for case, (name, model_name) in sharded_cases().items():
+        method, kwargs = SHARDED_CONFIGS[name]
+        model = MODELS[model_name]()
+        for module in model.children():
             fully_shard(module, mesh=mesh)
-        assert model.scale.to_local().numel() == (1 if rank == 0 else 0)
+        fully_shard(model, mesh=mesh)
+        if model_name == "scaled":
+            assert model.scale.to_local().numel() == (1 if rank == 0 else 0)
+        linear_form.clear()
         reg, optimizer = run_sequence(model, method(model, lam=1.5, **kwargs), rank)
-        results[name] = sequence_results(reg, optimizer, full=lambda t: t.full_tensor())
+        results[case] = sequence_results(reg, optimizer, full=lambda t: t.full_tensor())
+        # Two lock-step batches per boundary; the fallback is decided on the first.
+        used = {"scaled": [], "linear": [True] * 4, "linear-twice": [False] * 2}[model_name]
+        if "per-sample" in name:
+            assert linear_form == used, (case, linear_form)
+    Regularizer._sharded_linear_form = original
     model = ScaledNet()
     fully_shard(model, mesh=mesh)
     try:
@@ -288,10 +336,11 @@ def sequence_results(reg, optimizer, full):
 
 def test_consolidate_on_fsdp2_shards_equals_single_process_for_every_variant(rank_results):
     expected = {}
-    for name, (method, kwargs) in SHARDED_CONFIGS.items():
-        model = ScaledNet()
+    for case, (name, model_name) in sharded_cases().items():
+        method, kwargs = SHARDED_CONFIGS[name]
+        model = MODELS[model_name]()
         reg, optimizer = run_sequence(model, method(model, lam=1.5, **kwargs), None)
-        expected[name] = sequence_results(reg, optimizer, full=lambda t: t)
+        expected[case] = sequence_results(reg, optimizer, full=lambda t: t)
     model = ScaledNet()
     reg, optimizer = run_sequence(model, EWC(model, lam=1.5), None, proximal=True)
     expected["classp-proximal"] = sequence_results(reg, optimizer, full=lambda t: t)

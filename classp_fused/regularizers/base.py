@@ -109,16 +109,15 @@ class Regularizer(ImportancePasses, TaskState, abc.ABC):
         batches = self._batches(data, labels, whole=forward is not None)
         device = local(next(iter(params.values()))).device
         shards = [isinstance(p, DTensor) for p in params.values()]
+        if any(shards) and not all(shards):
+            raise TypeError("consolidate needs all regularized parameters sharded by FSDP2 "
+                            "or none")
+        if all(shards) and self._sharded_variant_error():
+            raise ValueError(self._sharded_variant_error())
         with self._importance_pass():
             if all(shards):
-                error = self._sharded_variant_error()
-                if error:
-                    raise ValueError(error)
                 sums, count = self._sharded_importance_sums(_tensor_inputs(batches), params)
                 count = self._all_reduce_([], count, device)
-            elif any(shards):
-                raise TypeError("consolidate needs all regularized parameters sharded by "
-                                "FSDP2 or none")
             else:
                 sums, count = self._importance_sums(batches, params)
                 count = self._all_reduce_(list(sums.values()), count, device)
@@ -170,7 +169,9 @@ class Regularizer(ImportancePasses, TaskState, abc.ABC):
         .grad: finite and g^2 > threshold), elsewhere the element stays put. ``lr=`` instead
         of an optimizer takes eta = lr everywhere. It is a contraction toward m for any lam,
         never increases the penalty, and equals the explicit step to first order in c. One
-        multi-tensor pass on local tensors (FSDP2 shards).
+        multi-tensor pass on local tensors (FSDP2 shards). CLASSP's mask is judged from .grad
+        as it stands: under a GradScaler that passes its scale to the step, .grad is still
+        scaled, so unscale first (``scaler.unscale_(optimizer)``) or the mask is too wide.
         """
         lr = stability.check_step_source(optimizer, lr)
         params, imps, anchors, _ = self._terms()

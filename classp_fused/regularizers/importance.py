@@ -94,25 +94,74 @@ class ImportancePasses:
     def _sharded_importance_sums(self, batches, params) -> tuple[dict, int]:
         """Importance sums of this rank's shards of an FSDP2 model (see ``sharded``), and the
         number of samples this rank saw. Every rank must call it."""
-        state = {"weight": 1.0, "stand_in": False}
+        owners = sharded.linear_owners(self.model, params) if self.per_sample else None
+        state = {"stand_in": False, "weight": 1.0, "column": None, "linear": owners is not None}
 
-        def statistic(g: Tensor) -> Tensor:
+        def statistic(name: str, g: Tensor) -> Tensor:
             if state["stand_in"]:
                 return torch.zeros_like(g)
-            return self._statistic(g) * state["weight"]
+            if not state["linear"]:
+                return self._statistic(g) * state["weight"]
+            module, role = owners[name]
+            record = records[module]
+            d = self._statistic(record.delta)
+            if state["column"] is not None:
+                d = d * state["column"][:, None]
+            s = d.T @ self._statistic(record.inputs[0]) if role == "weight" else d.sum(0)
+            return s.to(g.dtype)
 
-        count = 0
-        group = self.process_group
-        with sharded.statistic_gradients(self.model, params, statistic):
-            for x, y, stand_in in sharded.lockstep(sharded.units(batches, self.per_sample),
-                                                   group):
+        def batch_form(x, y):
+            for loss, weight in self._batch_losses(x, y, reforward=True):
+                state["weight"] = float(weight)
+                loss.backward()
+
+        def single_samples() -> bool:
+            return self.per_sample and not state["linear"]
+
+        count, checked, group = 0, False, self.process_group
+        with sharded.statistic_gradients(self.model, params, statistic) as unsharded, \
+                sharded.linear_records(owners) as records:
+            units = sharded.units(batches, single_samples)
+            for x, y, stand_in in sharded.lockstep(units, group):
                 state["stand_in"] = stand_in
-                for loss, weight in self._batch_losses(x, y, reforward=True):
-                    state["weight"] = float(weight)
-                    loss.backward()
+                if not state["linear"]:
+                    batch_form(x, y)
+                elif not self._sharded_linear_form(x, y, state, records, unsharded, checked):
+                    state["linear"] = False  # on every rank: the check is all-reduced
+                    for x_k, y_k, stand_in_k in sharded.lockstep(sharded.samples(x, y), group):
+                        state["stand_in"] = stand_in_k
+                        batch_form(x_k, y_k)
+                checked = True
                 count += x.shape[0]
             sums = sharded.shard_sums(params)
         return sums, count
+
+    def _sharded_linear_form(self, x, y, state, records, unsharded, checked: bool) -> bool:
+        """One batch of the per-sample Linear form on shards: one forward and backward per
+        output column. Unless ``checked``, first check on every rank that each layer ran once
+        on 2-D inputs and each parameter had one use; if not, complete the pass with zero
+        statistics and return False."""
+        records.clear()
+        losses = self._sample_losses(self._logits(x), y)
+        if not checked:
+            uses = _parameter_uses(losses.grad_fn)
+            ok = (all(len(r.inputs) == 1 and isinstance(r.inputs[0], Tensor)
+                      and r.inputs[0].dim() == 2 for r in records.values())
+                  and all(uses.get(id(u)) == 1 for u in unsharded.values()))
+            flag = torch.tensor(float(ok), device=losses.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.process_group)
+            if not flag.item():
+                state["stand_in"] = True
+                losses.sum().backward()
+                return False
+        weights = self._sample_weights(losses.detach())
+        for c in range(losses.shape[1]):
+            if c:
+                records.clear()
+                losses = self._sample_losses(self._logits(x), y)
+            state["column"] = None if weights is None else weights[:, c]
+            losses[:, c].sum().backward()
+        return True
 
     @staticmethod
     def _sample_chunk(params: dict[str, Tensor], outputs_per_sample: int = 1) -> int:
