@@ -191,3 +191,15 @@ def test_transformers_per_sample_with_masks_says_what_to_do(bert):
     one_by_one.consolidate([{k: v[i:i + 1] for k, v in unmasked.items()} for i in range(4)])
     for name, t in one_by_one.importance.items():
         torch.testing.assert_close(per_sample.importance[name], t, rtol=1e-4, atol=1e-8)
+
+
+def test_samples_are_counted_by_the_first_tensor_else_the_labels():
+    data = _data(sizes=(5,))
+    x, y = data[0]
+    by_labels = _importance(MAS, {}, [Batch(x, y)], forward=lambda m, b: m(b.x),
+                            labels=lambda b: b.y)
+    _assert_equal(by_labels, _reference(MAS, {}, data))
+    reg = MAS(KeywordModel())
+    with pytest.raises(TypeError, match="cannot count the samples"):
+        reg.consolidate([Batch(x, y)], forward=lambda m, b: m(b.x))
+    assert reg.tasks_seen == 0
