@@ -105,25 +105,38 @@ def test_new_trainer_continues_the_accumulators(uninterrupted):
 def test_resume_mid_second_task_is_bit_identical(uninterrupted):
     root, model, mas, callback, second, _ = uninterrupted
     expected = _snapshot(model, second, mas)
-    resumed_model = _model()
-    with torch.no_grad():  # a fresh process would not share the run's weights
-        for p in resumed_model.parameters():
-            p.add_(1.0)
-    resumed_mas = MAS(resumed_model, lam=10.0)
-    resumed_callback = ContinualCallback(resumed_mas, data=_consolidation_batches)
+    resumed_model, resumed_mas, resumed_callback = _fresh_run()
     trainer = _trainer(resumed_model, resumed_callback, root / "task1", 1)
     trainer.train(resume_from_checkpoint=str(root / "task1" / "checkpoint-3"))
     assert resumed_callback.run.tasks_done == 2
     _assert_same(_snapshot(resumed_model, trainer, resumed_mas), expected)
 
 
-def test_resume_from_another_folder_needs_load(uninterrupted, tmp_path):
-    root = uninterrupted[0]
+def _fresh_run():
+    """Model, regularizer and callback as a new process builds them (other weights)."""
     model = _model()
-    callback = ContinualCallback(MAS(model, lam=10.0), data=_consolidation_batches)
-    trainer = _trainer(model, callback, tmp_path, 1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    mas = MAS(model, lam=10.0)
+    return model, mas, ContinualCallback(mas, data=_consolidation_batches)
+
+
+def test_resume_from_another_folder_needs_load(uninterrupted, tmp_path):
+    import shutil
+    root, model, mas, _, second, _ = uninterrupted
+    elsewhere = tmp_path / "copied"
+    shutil.copytree(root / "task1" / "checkpoint-3", elsewhere)
+    resumed_model, _, callback = _fresh_run()
+    trainer = _trainer(resumed_model, callback, tmp_path / "out", 1)
     with pytest.raises(FileNotFoundError, match="ContinualCallback.load"):
-        trainer.train(resume_from_checkpoint=str(root / "task1" / "checkpoint-3"))
+        trainer.train(resume_from_checkpoint=str(elsewhere))
+
+    resumed_model, resumed_mas, callback = _fresh_run()
+    callback.load(str(elsewhere))
+    trainer = _trainer(resumed_model, callback, tmp_path / "out", 1)
+    trainer.train(resume_from_checkpoint=str(elsewhere))
+    _assert_same(_snapshot(resumed_model, trainer, resumed_mas), _snapshot(model, second, mas))
 
 
 def test_penalty_once_per_optimizer_step_with_accumulation_and_clipping(tmp_path):

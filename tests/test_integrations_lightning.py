@@ -152,21 +152,23 @@ class PenaltyOnly(Classifier):
 def test_16_mixed_penalty_at_the_scalers_scale_takes_the_fp32_step(tmp_path):
     from lightning.pytorch.plugins.precision import MixedPrecision
 
-    def run(plugins):
+    def run(name, plugins):
         module = PenaltyOnly()
         mas = MAS(module.net, lam=10.0)
         callback = ContinualCallback(mas, data=_consolidation)
-        _trainer(tmp_path / "a", [callback], max_epochs=1, plugins=plugins).fit(module, _loader(0))
+        _trainer(tmp_path / name / "a", [callback], max_epochs=1,
+                 plugins=plugins).fit(module, _loader(0))
         with torch.no_grad():
             for p in module.parameters():
                 p.add_(0.1)
-        _trainer(tmp_path / "b", [callback], max_epochs=1, plugins=plugins).fit(module, _loader(1))
+        _trainer(tmp_path / name / "b", [callback], max_epochs=1,
+                 plugins=plugins).fit(module, _loader(1))
         return module
 
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
-    scaled = run([MixedPrecision("16-mixed", "cpu", scaler=scaler)])
+    scaled = run("16-mixed", [MixedPrecision("16-mixed", "cpu", scaler=scaler)])
     assert scaler.get_scale() == 2.0 ** 10
-    for p, q in zip(scaled.parameters(), run([]).parameters()):
+    for p, q in zip(scaled.parameters(), run("32", []).parameters()):
         assert torch.equal(bits(p), bits(q))
 
 
@@ -198,3 +200,14 @@ def test_one_optimizer_only(tmp_path):
     module.automatic_optimization = False
     with pytest.raises(ValueError, match="supports one optimizer"):
         _trainer(tmp_path, [ContinualCallback()], max_epochs=1).fit(module, _loader(0))
+
+
+def test_default_consolidation_data_is_the_training_loader(tmp_path):
+    module = Classifier()
+    mas = MAS(module.net, lam=1.0)
+    callback = ContinualCallback(mas)
+    _trainer(tmp_path, [callback], max_epochs=1).fit(module, _loader(0))
+    expected = MAS(Classifier().net, lam=1.0)
+    expected.model.load_state_dict(module.net.state_dict())
+    expected.consolidate(_loader(0))
+    assert all(torch.equal(mas.importance[n], t) for n, t in expected.importance.items())

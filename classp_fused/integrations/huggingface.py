@@ -45,21 +45,22 @@ class ContinualCallback(TrainerCallback):
     def __init__(self, regularizer=None, data=None, forward=None, labels=None,
                  carry_optimizer_state: bool = True):
         self.run = ContinualRun(regularizer, data, forward, labels, carry_optimizer_state)
-        self._loaded_step = None
+        self._loaded = False
 
     def load(self, checkpoint_folder: str) -> None:
         """Restore the state saved in ``checkpoint_folder`` (before ``train(resume_from_...)``)."""
         self.run.load_state_dict(load_checkpoint(os.path.join(checkpoint_folder, STATE_FILE)))
-        self._loaded_step = _step_of(checkpoint_folder)
+        self._loaded = True
 
     def on_train_begin(self, args, state, control, optimizer=None, **kwargs):
-        if state.global_step > 0 and self._loaded_step != state.global_step:
+        if state.global_step > 0 and not self._loaded:
             folder = os.path.join(args.output_dir, f"{CHECKPOINT_PREFIX}-{state.global_step}")
             if not os.path.isfile(os.path.join(folder, STATE_FILE)):
                 raise FileNotFoundError(
                     f"resuming at step {state.global_step}, but {folder} holds no {STATE_FILE}: "
                     "call ContinualCallback.load(checkpoint_folder) before train()")
             self.load(folder)
+        self._loaded = False
         self.run.begin_task(optimizer)
 
     def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
@@ -68,15 +69,9 @@ class ContinualCallback(TrainerCallback):
     def on_train_end(self, args, state, control, optimizer=None, train_dataloader=None,
                      **kwargs):
         self.run.end_task(optimizer, train_dataloader)
-        self._loaded_step = None
 
     def on_save(self, args, state, control, **kwargs):
         if state.is_world_process_zero:
             folder = os.path.join(args.output_dir, f"{CHECKPOINT_PREFIX}-{state.global_step}")
             save_checkpoint(self.run.state_dict(), os.path.join(folder, STATE_FILE))
 
-
-def _step_of(folder: str):
-    """The global step in a transformers checkpoint folder's name, or None."""
-    suffix = os.path.basename(os.path.normpath(folder)).rpartition("-")[2]
-    return int(suffix) if suffix.isdigit() else None
