@@ -108,3 +108,14 @@ def test_penalty_only_after_consolidation_and_unwrapping():
     assert unwrap_optimizer(Wrapper(Wrapper(optimizer))) is optimizer
     with pytest.raises(TypeError, match="torch.optim.Optimizer"):
         unwrap_optimizer(Wrapper(3))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"regularizer": torch.nn.Linear(2, 2)}, "regularizer must be"),
+    ({"forward": 3}, "forward must be"),
+    ({"labels": 1.5}, "labels must be"),
+    ({"data": 7}, "data must be"),
+])
+def test_bad_arguments_raise_at_construction(kwargs, match):
+    with pytest.raises(TypeError, match=match):
+        ContinualRun(**kwargs)

@@ -7,12 +7,13 @@ saves all of it as one state dict for the framework's checkpoints.
 """
 from __future__ import annotations
 
+from collections import abc
 from typing import Any, Callable, Iterable, Optional, Union
 
 import torch
 
 from ..regularizers import Regularizer
-from ..regularizers.batches import Forward, Labels
+from ..regularizers.batches import Forward, Labels, check_forward_and_labels
 
 # Consolidation data: batches, or a callable task index -> batches.
 TaskData = Union[None, Iterable, Callable[[int], Iterable]]
@@ -48,9 +49,10 @@ class ContinualRun:
         if regularizer is not None and not isinstance(regularizer, Regularizer):
             raise TypeError("regularizer must be a classp_fused Regularizer (MAS, EWC) or None, "
                             f"got {type(regularizer).__name__}")
-        if forward is not None and not callable(forward):
-            raise TypeError(f"forward must be a callable forward(model, batch) or None, "
-                            f"got {type(forward).__name__}")
+        check_forward_and_labels(forward, labels)
+        if data is not None and not (callable(data) or isinstance(data, abc.Iterable)):
+            raise TypeError("data must be batches (an iterable), a callable task index -> "
+                            f"batches, or None, got {type(data).__name__}")
         self.regularizer = regularizer
         self.data = data
         self.forward = forward

@@ -36,7 +36,7 @@ from torch import Tensor, nn
 from . import penalty as penalty_ops
 from . import stability
 from .amp import current_grad_scale
-from .batches import Forward, Labels, ModelCall, default_forward
+from .batches import Forward, Labels, ModelCall, check_forward_and_labels, default_forward
 from .checks import check_number
 from .importance import ImportancePasses
 from .shards import DTensor, local, wrap_like
@@ -96,12 +96,7 @@ class Regularizer(ImportancePasses, TaskState, abc.ABC):
         state as it was. With ``optimizer`` or ``lr`` (not both), one ``StiffnessWarning``
         names the stiffest parameter when the next explicit step would be unstable.
         """
-        if forward is not None and not callable(forward):
-            raise TypeError(f"forward must be a callable forward(model, batch) or None, "
-                            f"got {type(forward).__name__}")
-        if labels is not None and not (callable(labels) or isinstance(labels, (str, int))):
-            raise TypeError("labels must be a batch key or index, a callable labels(batch) "
-                            f"or None, got {type(labels).__name__}")
+        check_forward_and_labels(forward, labels)
         if optimizer is not None or lr is not None:
             stability.check_step_source(optimizer, lr)
         params = self._regularized_params()

@@ -20,6 +20,16 @@ Labels = Union[None, str, int, Callable[[Any], Tensor]]
 LABELS_KEY = "labels"
 
 
+def check_forward_and_labels(forward, labels) -> None:
+    """Raise TypeError naming the argument unless ``forward`` and ``labels`` are usable."""
+    if forward is not None and not callable(forward):
+        raise TypeError(f"forward must be a callable forward(model, batch) or None, "
+                        f"got {type(forward).__name__}")
+    if labels is not None and not (callable(labels) or isinstance(labels, (str, int))):
+        raise TypeError("labels must be a batch key or index, a callable labels(batch) "
+                        f"or None, got {type(labels).__name__}")
+
+
 def to_device(batch, device):
     """``batch`` with its tensors on ``device``; mappings become dicts, sequences keep their type."""
     if isinstance(batch, Tensor):
