@@ -13,7 +13,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 CONFIGS = [
     (MAS, {}), (MAS, {"per_sample": True}), (MAS, {"local": True}),
     (EWC, {"lam": 1.0}), (EWC, {"lam": 1.0, "per_sample": True}),
-    (EWC, {"lam": 1.0, "fisher": "exact"}), (EWC, {"lam": 1.0, "fisher": "exact", "per_sample": True}),
+    (EWC, {"lam": 1.0, "fisher": "exact"}),
+    (EWC, {"lam": 1.0, "fisher": "exact", "per_sample": True}),
 ]
 
 

@@ -31,7 +31,7 @@ def check_forward_and_labels(forward, labels) -> None:
 
 
 def to_device(batch, device):
-    """``batch`` with its tensors on ``device``; mappings become dicts, sequences keep their type."""
+    """``batch`` with its tensors on ``device``; mappings become dicts, sequences keep type."""
     if isinstance(batch, Tensor):
         return batch.to(device)
     if isinstance(batch, Mapping):
