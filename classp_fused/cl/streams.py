@@ -218,3 +218,24 @@ def subsample_stream(stream: Stream, max_train: int, max_test: int, seed: int) -
     tasks = tuple(Task(t.name, t.classes, *first(max_train, t.x_train, t.y_train),
                        *first(max_test, t.x_test, t.y_test)) for t in stream.tasks)
     return Stream(stream.name, tasks, stream.num_classes)
+
+
+def validation_stream(stream: Stream, fraction: float, seed: int) -> Stream:
+    """Hold out ``fraction`` of each task's training data as its evaluation split (seeded).
+
+    The task's test split is dropped: tuning on the result never sees test data.
+    """
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"validation fraction must be in (0, 1), got {fraction!r}")
+    generator = torch.Generator().manual_seed(seed)
+    tasks = []
+    for t in stream.tasks:
+        order = torch.randperm(len(t.x_train), generator=generator)
+        held = max(1, round(fraction * len(order)))
+        if held >= len(order):
+            raise ValueError(f"task {t.name!r}: {len(order)} training examples leave none to"
+                             f" train on after holding out {fraction:.0%}")
+        val, train = order[:held], order[held:]
+        tasks.append(Task(t.name, t.classes, t.x_train[train], t.y_train[train],
+                          t.x_train[val], t.y_train[val]))
+    return Stream(stream.name, tuple(tasks), stream.num_classes)

@@ -1,0 +1,75 @@
+"""Benchmarks: a task stream with its network and training protocol, by name."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Any, Callable, Mapping
+
+from .methods import METHODS
+from .streams import (FASHION_MNIST_DIR, Stream, digits_dataset, domain_stream,
+                      load_idx_dataset, permuted_stream, split_stream)
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """A task stream with its network and training protocol.
+
+    ``epochs`` lists epochs per task (the last entry repeats). ``data_dirs`` names the IDX
+    directories the stream reads (keys of the ``dirs`` mapping passed to ``build``).
+    ``method_hparams`` overrides method defaults for this benchmark only.
+    """
+
+    name: str
+    summary: str
+    build: Callable[[int, Mapping[str, str]], Stream]
+    model: str
+    epochs: tuple[int, ...]
+    batch_size: int
+    default_methods: tuple[str, ...] = tuple(METHODS)
+    data_dirs: tuple[str, ...] = ()
+    method_hparams: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+
+
+def _mnist_fashion(seed: int, dirs: Mapping[str, str]) -> Stream:
+    return domain_stream("mnist-fashion", [replace(load_idx_dataset(dirs["mnist"]), name="mnist"),
+                                           replace(load_idx_dataset(dirs["fashion"]),
+                                                   name="fashion-mnist")])
+
+
+def _fashion(dirs: Mapping[str, str]):
+    return replace(load_idx_dataset(dirs["fashion"]), name="fashion")
+
+
+#: The published vision schedule: MNIST without scaling (threshold 0.5), Fashion-MNIST with it.
+PAPER_SCHEDULE = [{"apply_scaling": False, "threshold": 0.5},
+                  {"apply_scaling": True, "threshold": 0.0}]
+
+BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (
+    Benchmark("split-digits", "8x8 digits, 5 tasks of 2 classes",
+              lambda seed, dirs: split_stream(digits_dataset(seed), 5), "mlp", (5,), 32),
+    Benchmark("permuted-digits", "8x8 digits, 5 tasks under fixed pixel permutations",
+              lambda seed, dirs: permuted_stream(digits_dataset(seed), 5, seed), "mlp", (5,), 32),
+    Benchmark("split-fashion", "Fashion-MNIST, 5 tasks of 2 classes, MLP",
+              lambda seed, dirs: split_stream(_fashion(dirs), 5), "mlp", (1,), 32,
+              data_dirs=("fashion",)),
+    Benchmark("permuted-fashion", "Fashion-MNIST, 5 tasks under fixed pixel permutations, MLP",
+              lambda seed, dirs: permuted_stream(_fashion(dirs), 5, seed), "mlp", (1,), 32,
+              data_dirs=("fashion",)),
+    Benchmark("mnist-fashion", "MNIST then Fashion-MNIST (IDX directories), MLP",
+              _mnist_fashion, "mlp", (1,), 32, data_dirs=("mnist", "fashion")),
+    Benchmark("paper-vision", "the published vision run: CNN, MNIST 4 epochs then"
+              " Fashion-MNIST 1 epoch, batch 32",
+              _mnist_fashion, "cnn", (4, 1), 32,
+              default_methods=("classp-legacy", "classp", "ewc", "sgd"),
+              data_dirs=("mnist", "fashion"),
+              method_hparams={
+                  "classp-legacy": {"per_task": PAPER_SCHEDULE},
+                  "classp": {"lr": 0.2, "per_task": [{"apply_scaling": False},
+                                                     {"apply_scaling": True}]},
+                  # lambda 5000 without the 1/2: EWC's penalty is (lam/2) sum F (theta - theta*)^2
+                  "ewc": {"lr": 0.25, "lam": 10000.0},
+                  "sgd": {"lr": 0.25},
+              }),
+)}
+
+#: Data directories found without options: Debian's dataset-fashion-mnist.
+DEFAULT_DIRS = {"fashion": str(FASHION_MNIST_DIR)}
