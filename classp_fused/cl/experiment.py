@@ -25,7 +25,7 @@ from .metrics import average_accuracy
 from .models import mlp
 from .report import (aggregate, atomic_write, divergence_line, markdown_table, write_csv,
                      write_json, write_plots)
-from .streams import load_idx_dataset, subsample_stream, validation_stream
+from .streams import load_idx_dataset, validation_stream
 from .train import SCENARIOS, run_cell
 
 #: Seeds seed torch, numpy and scikit-learn alike, so they must fit in 32 bits.
@@ -239,10 +239,7 @@ def _finished(cell: Cell, out: Path) -> Optional[dict]:
 def _run_cell(cell: Cell, dirs: Mapping[str, str], device: str, on_task) -> dict:
     benchmark = BENCHMARKS[cell.benchmark]
     settings = cell.settings
-    stream = benchmark.build(cell.seed, dirs)
-    if settings["max_per_task"]:
-        stream = subsample_stream(stream, settings["max_per_task"], settings["max_per_task"],
-                                  cell.seed)
+    stream = benchmark.stream(cell.seed, dirs, settings["max_per_task"])
     if settings["validation"]:
         stream = validation_stream(stream, settings["validation"], cell.seed)
     raw = run_cell(stream, benchmark.model, cell.method, settings["hparams"], cell.seed,

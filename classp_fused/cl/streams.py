@@ -207,6 +207,16 @@ def domain_stream(name: str, datasets: Sequence[ImageDataset]) -> Stream:
     return Stream(name, tasks, max(max(t.classes) for t in tasks) + 1)
 
 
+def subsample_dataset(dataset: ImageDataset, max_train: int, max_test: int,
+                      seed: int) -> ImageDataset:
+    """Keep at most ``max_train`` training and ``max_test`` test images (seeded, no repeats)."""
+    rng = np.random.default_rng(seed)
+    train = np.sort(rng.permutation(len(dataset.x_train))[:max_train])
+    test = np.sort(rng.permutation(len(dataset.x_test))[:max_test])
+    return ImageDataset(dataset.name, dataset.x_train[train], dataset.y_train[train],
+                        dataset.x_test[test], dataset.y_test[test])
+
+
 def subsample_stream(stream: Stream, max_train: int, max_test: int, seed: int) -> Stream:
     """Keep at most ``max_train`` training and ``max_test`` test examples per task (seeded)."""
     generator = torch.Generator().manual_seed(seed)

@@ -131,7 +131,8 @@ def tune(config: ExperimentConfig, run_options: Mapping[str, Any] = (),
                 best["picked"] = True
                 picked[method] = best["hparams"]
         tuned = {"benchmark": [benchmark], "methods": list(methods), "scenario": config.scenario,
-                 **{k: v for k, v in (("epochs", config.epochs), ("batch_size", config.batch_size),
+                 **{k: v for k, v in (("epochs", config.epochs and list(config.epochs)),
+                                      ("batch_size", config.batch_size),
                                       ("max_per_task", config.max_per_task)) if v is not None},
                  **dict(run_options), "hparams": picked,
                  "tuning": {"seeds": list(config.seeds), "validation": config.validation,
