@@ -200,6 +200,8 @@ def plan(config: ExperimentConfig) -> tuple[list[Cell], dict[str, str]]:
     unknown = [m for m in config.hparams if m not in METHODS]
     if unknown:
         raise ConfigError(f"hparams: unknown method {unknown[0]!r}")
+    if not all(isinstance(v, Mapping) for v in config.hparams.values()):
+        raise ConfigError("hparams: expected a mapping of method names to mappings")
     _check_scalars(config)
     dirs = _data_dirs(config)
     cells = []

@@ -58,7 +58,8 @@ def _score(summary: dict) -> Optional[float]:
     return None if summary["diverged"] else summary["avg_acc"]["mean"]
 
 
-def _point_config(config: ExperimentConfig, method: str, index: int, point: Mapping) -> ExperimentConfig:
+def _point_config(config: ExperimentConfig, method: str, index: int,
+                  point: Mapping) -> ExperimentConfig:
     return replace(config, methods=(method,), hparams={method: dict(point)},
                    out=str(Path(config.out) / "grid" / method / str(index)),
                    plots=False, progress=False)
