@@ -132,7 +132,8 @@ def test_resume_never_keeps_a_cell_run_under_other_settings(tmp_path, change):
     ({"batch_size": 0}, "batch_size: expected"), ({"validation": 1.0}, "validation: expected"),
     ({"scenario": "domain"}, "scenario: expected"), ({"device": "meta"}, "device meta"),
     ({"hparams": {"nope": {}}}, "hparams: unknown method 'nope'"),
-    ({"hparams": {"sgd": 0.1}}, "hparams: expected a mapping")])
+    ({"hparams": {"sgd": 0.1}}, "hparams: expected a mapping"),
+    ({"methods": "sgd"}, "methods: expected a list of names")])
 def test_bad_configuration_raises_before_writing(tmp_path, bad, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
         run_experiment(config(tmp_path, **bad))

@@ -188,6 +188,10 @@ def _data_dirs(config: ExperimentConfig) -> dict[str, str]:
 
 def plan(config: ExperimentConfig) -> tuple[list[Cell], dict[str, str]]:
     """Validate the whole configuration; return the cells to run and the data directories."""
+    for name in ("benchmarks", "methods"):
+        value = getattr(config, name)
+        if isinstance(value, str):
+            raise ConfigError(f"{name}: expected a list of names, got the string {value!r}")
     unknown = [b for b in config.benchmarks if b not in BENCHMARKS]
     if unknown or not config.benchmarks:
         raise ConfigError(f"unknown benchmark {', '.join(map(repr, unknown)) or '(none given)'}"
