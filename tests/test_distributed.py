@@ -265,19 +265,19 @@ def fsdp2_mas_dcp_ranks(rank, backends, checkpoint_dir):
         model_state, optim_state = get_state_dict(model, optimizer)
         mas_state = mas.state_dict()
         params = dict(model.named_parameters())
-        for tensors in mas_state["tasks"][0].values():
+        for tensors in (mas_state["importance"], mas_state["anchor"]):
             for name, t in tensors.items():
                 assert isinstance(t, DTensor) and t.placements == params[name].placements
         path = f"{checkpoint_dir}/fsdp2-mas-{backend}"
         dcp.save({"model": model_state, "optim": optim_state, "mas": mas_state},
                  checkpoint_id=path)
-        saved = {key: {name: t.full_tensor() for name, t in tensors.items()}
-                 for key, tensors in mas_state["tasks"][0].items()}
+        saved = {key: {name: t.full_tensor() for name, t in mas_state[key].items()}
+                 for key in ("importance", "anchor")}
         train(model, optimizer, second, after_backward=mas.add_penalty_grad_)
 
         restored, restored_optimizer, restored_mas = run(seed=3, load_from=path)
-        for key, tensors in restored_mas.state_dict()["tasks"][0].items():
-            for name, t in tensors.items():
+        for key in ("importance", "anchor"):
+            for name, t in restored_mas.state_dict()[key].items():
                 assert torch.equal(t.full_tensor(), saved[key][name])
         train(restored, restored_optimizer, second, after_backward=restored_mas.add_penalty_grad_)
         assert_matches(restored, restored_optimizer, model, optimizer, exact=True)

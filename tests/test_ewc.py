@@ -113,7 +113,7 @@ def test_per_sample_dominates_batched_and_equals_it_for_batch_size_one(fisher):
 def test_separate_and_online_modes_across_tasks():
     model = mlp()
     first, second = batches([6], seed=1), batches([6], seed=2)
-    separate = EWC(model, lam=4.0, per_sample=True)
+    separate = EWC(model, lam=4.0, per_sample=True, keep_task_importances=True)
     online = EWC(model, lam=4.0, mode="online", gamma=0.5, per_sample=True)
     online_sum = EWC(model, lam=4.0, mode="online", gamma=1.0, per_sample=True)
     regs = (separate, online, online_sum)
@@ -123,19 +123,19 @@ def test_separate_and_online_modes_across_tasks():
     perturb_(model, 0.3)
     for reg in regs:
         reg.consolidate(second)
-    fisher_1, fisher_2 = (task[0] for task in separate.tasks)
-    assert len(separate.tasks) == 2 and len(online.tasks) == 1
-    assert_dicts_close(separate.tasks[0][1], anchor_1, rtol=0, atol=0)
+    anchor_2 = {n: p.detach().clone() for n, p in model.named_parameters()}
+    fisher_1, fisher_2 = separate.task_importances
+    assert separate.tasks_seen == 2 and online.task_importances is None
     assert_dicts_close(online.importance, {n: 0.5 * fisher_1[n] + fisher_2[n] for n in fisher_1})
     assert_dicts_close(online_sum.importance, separate.importance)
-    assert_dicts_close(online.tasks[0][1], dict(model.named_parameters()), rtol=0, atol=0)
+    assert_dicts_close(online.anchor, anchor_2, rtol=0, atol=0)
 
     perturb_(model)
     params = dict(model.named_parameters())
     expected = sum((f[n] * (params[n] - a[n]).pow(2)).sum()
-                   for f, a in separate.tasks for n in f)
+                   for f, a in ((fisher_1, anchor_1), (fisher_2, anchor_2)) for n in f)
     torch.testing.assert_close(separate.penalty(), 2.0 * expected)
-    latest = sum((online.importance[n] * (params[n] - online.tasks[0][1][n]).pow(2)).sum()
+    latest = sum((online.importance[n] * (params[n] - anchor_2[n]).pow(2)).sum()
                  for n in params)
     torch.testing.assert_close(online.penalty(), 2.0 * latest)
 
@@ -186,7 +186,8 @@ def test_state_dict_round_trip_and_state_bytes():
         for r in (reg, online):
             r.consolidate(batches([5], seed=seed))
         perturb_(model)
-    assert reg.state_bytes() == 2 * 2 * n_bytes   # importance + anchor per remembered task
+    residuals = 8 * len(list(model.parameters()))  # one float64 scalar per parameter
+    assert reg.state_bytes() == 2 * n_bytes + residuals  # sum of F and weighted anchor
     assert online.state_bytes() == 2 * n_bytes
     buffer = io.BytesIO()
     torch.save(reg.state_dict(), buffer)
@@ -196,7 +197,7 @@ def test_state_dict_round_trip_and_state_bytes():
     restored.load_state_dict(state)
     torch.testing.assert_close(restored.penalty(), reg.penalty(), rtol=0, atol=0)
     assert restored.state_bytes() == reg.state_bytes()
-    with pytest.raises(ValueError, match="one task"):
+    with pytest.raises(ValueError, match="EWC-separate"):
         EWC(model, lam=2.0, mode="online").load_state_dict(state)
     with pytest.raises(ValueError, match="EWC"):
         restored.load_state_dict({**state, "method": "MAS"})
@@ -241,3 +242,56 @@ def test_linear_fast_path_equals_vmap_path_on_a_mixed_model(monkeypatch, fisher)
         results.append(reg.importance)
         assert handled == ({"mid.weight", "mid.bias"} if enabled else set())
     assert_dicts_close(results[0], results[1], rtol=1e-12, atol=1e-12)
+
+
+def per_task_penalty(model, tasks):
+    """sum_t sum F_t * (theta - theta*_t)^2 over remembered (F_t, theta*_t)."""
+    return sum((f[n] * (p - a[n]).pow(2)).sum()
+               for f, a in tasks for n, p in model.named_parameters())
+
+
+def test_separate_mode_in_constant_memory_equals_per_task_form_over_ten_tasks():
+    model = mlp()
+    reg = EWC(model, lam=3.0, keep_task_importances=True)
+    lean = EWC(model, lam=3.0)
+    tasks, sizes = [], []
+    for t in range(10):
+        data = batches([4, 3], seed=t)
+        reg.consolidate(data)
+        lean.consolidate(data)
+        tasks.append((reg.task_importances[-1], {n: p.detach().clone()
+                                                 for n, p in model.named_parameters()}))
+        sizes.append(lean.state_bytes())
+        perturb_(model, 0.2)
+    assert len(set(sizes)) == 1 and reg.tasks_seen == lean.tasks_seen == 10
+    assert reg.state_bytes() == sizes[0] + sum(
+        t.numel() * 8 for f, _ in tasks for t in f.values())
+    expected = per_task_penalty(model, tasks)
+    torch.testing.assert_close(lean.penalty(), 1.5 * expected, rtol=1e-12, atol=0)
+    expected_grads = torch.autograd.grad(1.5 * expected, list(model.parameters()))
+    for p in model.parameters():
+        p.grad = None
+    lean.add_penalty_grad_()
+    for p, g in zip(model.parameters(), expected_grads):
+        torch.testing.assert_close(p.grad, g, rtol=1e-12, atol=1e-15)
+
+
+def test_per_task_state_dicts_of_earlier_versions_still_load():
+    model = mlp()
+    reg = EWC(model, lam=2.0, keep_task_importances=True)
+    tasks = []
+    for seed in (1, 2, 3):
+        reg.consolidate(batches([5], seed=seed))
+        tasks.append({"importance": reg.task_importances[-1],
+                      "anchor": {n: p.detach().clone() for n, p in model.named_parameters()}})
+        perturb_(model)
+    old = {"method": "EWC", "tasks": tasks}
+    restored = EWC(model, lam=2.0)
+    restored.load_state_dict(old)
+    torch.testing.assert_close(restored.penalty(), reg.penalty(), rtol=1e-12, atol=0)
+    assert restored.tasks_seen == 3
+    online = EWC(model, lam=2.0, mode="online")
+    with pytest.raises(ValueError, match="keeps one task, the state has 3"):
+        online.load_state_dict(old)
+    online.load_state_dict({"method": "EWC", "tasks": tasks[-1:]})
+    assert_dicts_close(online.anchor, tasks[-1]["anchor"], rtol=0, atol=0)

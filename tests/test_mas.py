@@ -212,8 +212,8 @@ def test_sum_and_ema_accumulation_across_tasks():
     assert_dicts_close(ema.importance, {n: 0.25 * omega_1[n] + 0.75 * omega_2[n]
                                         for n in omega_1})
     for reg in (summed, ema):  # theta* is reset at each task boundary
-        assert len(reg.tasks) == 1
-        assert_dicts_close(reg.tasks[0][1], dict(model.named_parameters()), rtol=0, atol=0)
+        assert reg.tasks_seen == 2
+        assert_dicts_close(reg.anchor, dict(model.named_parameters()), rtol=0, atol=0)
         assert reg.penalty().item() == 0.0
 
 
@@ -289,3 +289,55 @@ def test_linear_fast_path_equals_vmap_path_on_a_mixed_model(monkeypatch):
         assert handled == ({"mid.weight", "mid.bias"} if enabled else set())
     assert_dicts_close(results[0], results[1], rtol=1e-12, atol=1e-12)
     assert_dicts_close(results[0], naive_per_sample(model, [(x, None) for x in data]))
+
+
+@pytest.mark.parametrize("empty", [
+    [torch.empty(0, 6, dtype=DTYPE)],  # a batch without samples
+    iter([]),                          # a loader that yields nothing
+])
+def test_consolidate_without_samples_raises_and_keeps_the_importance(empty):
+    model = mlp()
+    reg = MAS(model, per_sample=True)
+    reg.consolidate(batches([4]))
+    importance, anchor = reg.importance, reg.anchor
+    with pytest.raises(ValueError, match="no samples"):
+        reg.consolidate(empty)
+    assert reg.tasks_seen == 1
+    assert_dicts_close(reg.importance, importance, rtol=0, atol=0)
+    assert_dicts_close(reg.anchor, anchor, rtol=0, atol=0)
+
+
+def test_load_refuses_a_state_with_a_missing_anchor_and_keeps_its_own():
+    model = mlp()
+    reg = MAS(model)
+    reg.consolidate(batches([4]))
+    own = reg.importance
+    other = MAS(model)
+    other.consolidate(batches([4], seed=5))
+    state = other.state_dict()
+    del state["anchor"]["0.bias"]
+    with pytest.raises(ValueError, match="'0.bias'.*anchor|anchor.*'0.bias'|lack their pair"):
+        reg.load_state_dict(state)
+    assert_dicts_close(reg.importance, own, rtol=0, atol=0)
+
+
+def test_model_without_parameters_raises():
+    with pytest.raises(ValueError, match="ReLU.*no parameters"):
+        MAS(nn.ReLU())
+
+
+def test_per_task_state_dict_of_earlier_versions_loads_and_is_checked():
+    model = mlp()
+    reg = MAS(model, lam=2.0)
+    reg.consolidate(batches([4]))
+    old = {"method": "MAS", "tasks": [{"importance": reg.importance, "anchor": reg.anchor}]}
+    restored = MAS(model, lam=2.0)
+    restored.load_state_dict(old)
+    assert restored.tasks_seen == 1
+    assert_dicts_close(restored.importance, reg.importance, rtol=0, atol=0)
+    assert_dicts_close(restored.anchor, reg.anchor, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="keeps one task, the state has 2"):
+        MAS(model).load_state_dict({**old, "tasks": old["tasks"] * 2})
+    del old["tasks"][0]["anchor"]["4.weight"]
+    with pytest.raises(ValueError, match="lack their pair"):
+        MAS(model).load_state_dict(old)

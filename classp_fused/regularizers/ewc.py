@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import Regularizer, check_choice, check_number
+from .base import Regularizer
+from .checks import check_choice, check_number
 
 
 class EWC(Regularizer):
@@ -25,15 +26,21 @@ class EWC(Regularizer):
       Fisher, of the batch mean of sqrt(p_c) grad log p_c, one backward per class), weighted
       by the batch size and divided by N. This approximation never exceeds the per-sample
       Fisher and equals it for batches of one sample.
-    - ``mode="separate"``: one (F, theta*) pair per task. ``mode="online"``: one pair,
-      F* = gamma * F*_prev + F_new and theta* the latest parameters.
+    - ``mode="separate"``: the penalty of every task, sum_t F_t (theta - theta*_t)^2, held
+      exactly in constant memory: ``importance`` = sum_t F_t, ``anchor`` = sum_t F_t
+      theta*_t / sum_t F_t, and one float64 residual scalar per parameter, so state_bytes()
+      does not grow with the task count and the penalty gradient is one pass.
+      ``keep_task_importances=True`` also keeps each task's F_t (``task_importances``; they
+      count in state_bytes() and are saved in state_dict()).
+      ``mode="online"``: F* = gamma * F*_prev + F_new and theta* the latest parameters.
     """
 
     _statistic = staticmethod(torch.square)
 
     def __init__(self, model: nn.Module, lam: float, mode: str = "separate", gamma: float = 1.0,
-                 fisher: str = "empirical", per_sample: bool = False, process_group=None):
-        super().__init__(model, lam, per_sample, process_group)
+                 fisher: str = "empirical", per_sample: bool = False, process_group=None,
+                 keep_task_importances: bool = False):
+        super().__init__(model, lam, per_sample, process_group, keep_task_importances)
         check_choice("mode", mode, ("separate", "online"))
         check_choice("fisher", fisher, ("empirical", "exact"))
         self.mode = mode
@@ -52,25 +59,27 @@ class EWC(Regularizer):
     def _sample_weights(self, losses):
         return losses.exp() if self.fisher == "exact" else None
 
-    def _combine(self, new, anchor):
-        if self.mode == "separate":
-            self.tasks.append((new, anchor))
-            return
-        if self.tasks:
-            old = self.tasks[0][0]
-            new = {name: t + self.gamma * old[name] if name in old else t
-                   for name, t in new.items()}
-        self.tasks = [(new, anchor)]
-
-    def _check_task_count(self, n: int) -> None:
+    def _merge(self, old_imp, old_anchor, new_imp, new_anchor):
         if self.mode == "online":
-            super()._check_task_count(n)
+            return self.gamma * old_imp + new_imp, new_anchor, None
+        # F1 (x - m1)^2 + F2 (x - m2)^2 = F (x - m)^2 + F1 F2 / F (m1 - m2)^2, F = F1 + F2.
+        total = old_imp + new_imp
+        positive = total > 0
+        safe = torch.where(positive, total, torch.ones_like(total))
+        anchor = torch.where(positive, (old_imp * old_anchor + new_imp * new_anchor) / safe,
+                             new_anchor)
+        gap = (old_anchor - new_anchor).to(torch.float64)
+        residual = (old_imp.to(torch.float64) * new_imp / safe * gap.square()).sum()
+        return total, anchor, residual
+
+    def _method_name(self) -> str:
+        return f"EWC-{self.mode}"
+
+    def _folds_tasks_exactly(self) -> bool:
+        return self.mode == "separate"
 
     def _importance_sums(self, batches, params):
-        add = {("empirical", False): self._add_empirical_batch,
-               ("empirical", True): self._add_per_sample,
-               ("exact", False): self._add_exact_batch,
-               ("exact", True): self._add_per_sample}[self.fisher, self.per_sample]
+        add = self._add_per_sample if self.per_sample else self._add_batch_form
         sums = {name: self._accumulator(p) for name, p in params.items()}
         count = 0
         for x, y in batches:
@@ -80,20 +89,17 @@ class EWC(Regularizer):
             count += x.shape[0]
         return sums, count
 
-    def _add_empirical_batch(self, x, y, params, sums) -> None:
-        loss = F.cross_entropy(self.model(x), y)
-        grads = torch.autograd.grad(loss, list(params.values()), allow_unused=True)
-        for name, g in zip(params, grads):
-            if g is not None:
-                sums[name] += x.shape[0] * g.pow(2)
-
-    def _add_exact_batch(self, x, y, params, sums) -> None:
+    def _batch_losses(self, x, y, reforward):
+        """Empirical: the batch-mean NLL of the labels. Exact: per class c, the batch mean of
+        sqrt(p_c) log p_c. Each gradient statistic is weighted by the batch size."""
+        if self.fisher == "empirical":
+            if y is None:
+                raise ValueError("data must yield (input, label) batches for fisher='empirical'")
+            yield F.cross_entropy(self.model(x), y), x.shape[0]
+            return
         log_p = F.log_softmax(self.model(x), dim=-1)
-        sqrt_p = log_p.detach().mul(0.5).exp()
         for c in range(log_p.shape[-1]):
-            grads = torch.autograd.grad((sqrt_p[:, c] * log_p[:, c]).mean(),
-                                        list(params.values()), retain_graph=True,
-                                        allow_unused=True)
-            for name, g in zip(params, grads):
-                if g is not None:
-                    sums[name] += x.shape[0] * g.pow(2)
+            if c and reforward:
+                log_p = F.log_softmax(self.model(x), dim=-1)
+            sqrt_p = log_p.detach().mul(0.5).exp()
+            yield (sqrt_p[:, c] * log_p[:, c]).mean(), x.shape[0]

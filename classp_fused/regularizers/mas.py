@@ -5,7 +5,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad, vmap
 
-from .base import Regularizer, check_choice, check_number
+from .base import Regularizer
+from .checks import check_choice, check_number
 
 HEBBIAN_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -62,28 +63,24 @@ class MAS(Regularizer):
             elif self.per_sample:
                 self._add_per_sample(x, None, params, sums)
             else:
-                self._add_batch(x, params, sums)
+                self._add_batch_form(x, None, params, sums)
             count += x.shape[0]
         return sums, count
 
-    def _combine(self, new, anchor):
-        if self.tasks:
-            old = self.tasks[0][0]
-            new = {name: t if name not in old else self._merge(old[name], t)
-                   for name, t in new.items()}
-        self.tasks = [(new, anchor)]
-
-    def _merge(self, old: Tensor, new: Tensor) -> Tensor:
+    def _merge_importance(self, old: Tensor, new: Tensor) -> Tensor:
         if self.accumulate == "sum":
             return old + new
         return self.alpha * old + (1 - self.alpha) * new
 
-    def _add_batch(self, x: Tensor, params, sums) -> None:
-        grads = torch.autograd.grad(self.model(x).pow(2).sum(), list(params.values()),
-                                    allow_unused=True)
-        for name, g in zip(params, grads):
-            if g is not None:
-                sums[name] += g.abs()
+    def _batch_losses(self, x, y, reforward):
+        yield self.model(x).pow(2).sum(), 1.0
+
+    def _sharded_variant_error(self) -> str | None:
+        if self.local:
+            return ("MAS(local=True) needs each layer's input and output, which an FSDP2 model "
+                    "does not keep; on a sharded model use MAS with local=False (batch or "
+                    "per-sample, sum or ema)")
+        return None
 
     def _add_hebbian(self, x: Tensor, params, sums) -> None:
         def hook(layer, inputs, output):

@@ -1,0 +1,288 @@
+"""Importance passes: the eval()-mode context, batches, all-reduce and per-sample sums.
+
+``ImportancePasses`` is mixed into ``Regularizer``; it uses ``self.model``,
+``self.process_group`` and the subclass's ``_statistic``, ``_sample_losses`` and
+``_sample_weights``.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.func import functional_call, jacrev, vmap
+
+from . import sharded
+
+# Bound on the per-sample gradient elements held at once (512 MiB in float32); larger vmap
+# chunks run markedly faster per sample on CPU than small ones.
+PER_SAMPLE_ELEMENTS = 2**27
+
+
+class ImportancePasses:
+    """The machinery of an importance pass over a model's data."""
+
+    # Elementwise statistic of a per-sample gradient (torch.abs, torch.square); takes ``out=``.
+    _statistic = None
+
+    @contextlib.contextmanager
+    def _importance_pass(self) -> Iterator[None]:
+        """eval() mode and grad enabled; training flags, requires_grad and buffers restored."""
+        training = [(m, m.training) for m in self.model.modules()]
+        requires_grad = [(p, p.requires_grad) for p in self.model.parameters()]
+        buffers = [(m, n, b, b.clone()) for m in self.model.modules()
+                   for n, b in m.named_buffers(recurse=False)]
+        self.model.eval()
+        try:
+            with torch.enable_grad():
+                yield
+        finally:
+            for module, flag in training:
+                module.training = flag
+            for p, flag in requires_grad:
+                p.requires_grad_(flag)
+            with torch.no_grad():
+                for module, name, buffer, saved in buffers:
+                    buffer.copy_(saved)
+                    setattr(module, name, buffer)
+
+    def _batches(self, data) -> Iterator[tuple[Tensor, Tensor | None]]:
+        """Yield (input, label or None) with tensors on the model's device; skip empty ones."""
+        device = next(self.model.parameters()).device
+        for batch in [data] if isinstance(data, Tensor) else data:
+            if isinstance(batch, Tensor):
+                x, y = batch, None
+            elif isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
+                x, y = batch[0], batch[1] if len(batch) > 1 else None
+            else:
+                raise TypeError("data must yield input tensors or (input, label) sequences, "
+                                f"got a batch of type {type(batch).__name__}")
+            if x.shape[0]:  # a batch without samples adds nothing
+                yield x.to(device), None if y is None else y.to(device)
+
+    def _all_reduce_(self, sums: list[Tensor], count: int, device: torch.device) -> float:
+        """Sum ``sums`` in place and ``count`` across ranks when distributed; return the count."""
+        if self.process_group is None and not (dist.is_available() and dist.is_initialized()):
+            return float(count)
+        for s in sums:
+            dist.all_reduce(s, group=self.process_group)
+        total = torch.tensor(float(count), dtype=torch.float64, device=device)
+        dist.all_reduce(total, group=self.process_group)
+        return total.item()
+
+    def _batch_losses(self, x: Tensor, y: Tensor | None, reforward: bool
+                      ) -> Iterator[tuple[Tensor, float]]:
+        """The batch form's scalar losses on (x, y) and the weight of each one's gradient
+        statistic; ``reforward`` runs a fresh forward for each loss after the first (FSDP2
+        frees the unsharded weights after each backward)."""
+        raise NotImplementedError
+
+    def _add_batch_form(self, x: Tensor, y: Tensor | None, params, sums) -> None:
+        """Add weight * stat(gradient) of each of the batch form's losses to ``sums``."""
+        for loss, weight in self._batch_losses(x, y, reforward=False):
+            grads = torch.autograd.grad(loss, list(params.values()), retain_graph=True,
+                                        allow_unused=True)
+            for name, g in zip(params, grads):
+                if g is not None:
+                    sums[name] += weight * self._statistic(g)
+
+    def _sharded_importance_sums(self, batches, params) -> tuple[dict, int]:
+        """Importance sums of this rank's shards of an FSDP2 model (see ``sharded``), and the
+        number of samples this rank saw. Every rank must call it."""
+        owners = sharded.linear_owners(self.model, params) if self.per_sample else None
+        state = {"stand_in": False, "weight": 1.0, "column": None, "linear": owners is not None}
+
+        def statistic(name: str, g: Tensor) -> Tensor:
+            if state["stand_in"]:
+                return torch.zeros_like(g)
+            if not state["linear"]:
+                return self._statistic(g) * state["weight"]
+            module, role = owners[name]
+            record = records[module]
+            d = self._statistic(record.delta)
+            if state["column"] is not None:
+                d = d * state["column"][:, None]
+            s = d.T @ self._statistic(record.inputs[0]) if role == "weight" else d.sum(0)
+            return s.to(g.dtype)
+
+        def batch_form(x, y):
+            for loss, weight in self._batch_losses(x, y, reforward=True):
+                state["weight"] = float(weight)
+                loss.backward()
+
+        def single_samples() -> bool:
+            return self.per_sample and not state["linear"]
+
+        count, checked, group = 0, False, self.process_group
+        with sharded.statistic_gradients(self.model, params, statistic) as unsharded, \
+                sharded.linear_records(owners) as records:
+            units = sharded.units(batches, single_samples)
+            for x, y, stand_in in sharded.lockstep(units, group):
+                state["stand_in"] = stand_in
+                if not state["linear"]:
+                    batch_form(x, y)
+                elif not self._sharded_linear_form(x, y, state, records, unsharded, checked):
+                    state["linear"] = False  # on every rank: the check is all-reduced
+                    for x_k, y_k, stand_in_k in sharded.lockstep(sharded.samples(x, y), group):
+                        state["stand_in"] = stand_in_k
+                        batch_form(x_k, y_k)
+                checked = True
+                count += x.shape[0]
+            sums = sharded.shard_sums(params)
+        return sums, count
+
+    def _sharded_linear_form(self, x, y, state, records, unsharded, checked: bool) -> bool:
+        """One batch of the per-sample Linear form on shards: one forward and backward per
+        output column. Unless ``checked``, first check on every rank that each layer ran once
+        on 2-D inputs and each parameter had one use; if not, complete the pass with zero
+        statistics and return False."""
+        records.clear()
+        losses = self._sample_losses(self.model(x), y)
+        if not checked:
+            uses = _parameter_uses(losses.grad_fn)
+            ok = (all(len(r.inputs) == 1 and isinstance(r.inputs[0], Tensor)
+                      and r.inputs[0].dim() == 2 for r in records.values())
+                  and all(uses.get(id(u)) == 1 for u in unsharded.values()))
+            flag = torch.tensor(float(ok), device=losses.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=self.process_group)
+            if not flag.item():
+                state["stand_in"] = True
+                losses.sum().backward()
+                return False
+        weights = self._sample_weights(losses.detach())
+        for c in range(losses.shape[1]):
+            if c:
+                records.clear()
+                losses = self._sample_losses(self.model(x), y)
+            state["column"] = None if weights is None else weights[:, c]
+            losses[:, c].sum().backward()
+        return True
+
+    @staticmethod
+    def _sample_chunk(params: dict[str, Tensor], outputs_per_sample: int = 1) -> int:
+        """Samples per vmap call so that per-sample gradients stay within PER_SAMPLE_ELEMENTS."""
+        numel = outputs_per_sample * sum(p.numel() for p in params.values())
+        return max(1, PER_SAMPLE_ELEMENTS // numel)
+
+    @staticmethod
+    def _accumulator(p: Tensor) -> Tensor:
+        """A zero sum for ``p`` in at least float32."""
+        return torch.zeros_like(p, dtype=torch.promote_types(p.dtype, torch.float32))
+
+    # ----------------------------------------------------------------- per-sample sums
+    def _sample_losses(self, output: Tensor, y: Tensor | None) -> Tensor:
+        """Per-sample scalars L_kc, shape (batch, outputs), from the model output."""
+        raise NotImplementedError
+
+    def _sample_weights(self, losses: Tensor) -> Tensor | None:
+        """Weights w_kc of the per-sample terms from the detached ``losses``; None for ones."""
+        return None
+
+    def _add_per_sample(self, x: Tensor, y: Tensor | None, params, sums) -> None:
+        """Add sum_k sum_c w_kc stat(dL_kc / d theta) over the batch ``x`` to ``sums``.
+
+        Parameters of nn.Linear layers that are called once per forward on 2-D inputs and
+        used nowhere else take the exact outer-product form from one batch backward per
+        output column (``_add_linear_per_sample``); the others take per-sample gradients from
+        torch.func vmap, with the former held fixed. Samples must not interact in eval().
+        """
+        handled, outputs = self._add_linear_per_sample(x, y, params, sums)
+        rest = {name: p.detach() for name, p in params.items() if name not in handled}
+        if rest:
+            fixed = {name: params[name].detach() for name in handled}
+            self._add_vmap_per_sample(x, y, rest, fixed, outputs, sums)
+
+    def _add_linear_per_sample(self, x, y, params, sums) -> tuple[set[str], int]:
+        """Per-sample sums of the eligible Linear parameters; return their names and outputs.
+
+        For a Linear layer on (batch, in) inputs X with output gradients Delta (row k:
+        dL_kc / dy_k, all rows from one backward of sum_k L_kc), the per-sample weight gradient
+        is delta_k x_k^T, so for stat = abs or square the sum over samples is
+        (w_c * stat(Delta))^T @ stat(X), and the bias sum is that of w_c * stat(Delta).
+        """
+        names = {}
+        for prefix, module in self.model.named_modules():
+            if isinstance(module, nn.Linear) and type(module).forward is nn.Linear.forward:
+                local = {n: f"{prefix}.{n}" if prefix else n
+                         for n, _ in module.named_parameters(recurse=False)}
+                local = {n: full for n, full in local.items() if full in params}
+                if local:
+                    names[module] = local
+        calls = {module: [] for module in names}
+
+        def hook(module, inputs, output):
+            # The added zero's gradient is dL/dy even if later ops modify the output in place.
+            probe = torch.zeros_like(output, requires_grad=True)
+            calls[module].append((inputs[0] if inputs else None, probe))
+            return output + probe
+
+        handles = [module.register_forward_hook(hook, prepend=True) for module in names]
+        try:
+            losses = self._sample_losses(self.model(x), y)
+        finally:
+            for handle in handles:
+                handle.remove()
+        uses = _parameter_uses(losses.grad_fn)
+        layers = [(names[m], *calls[m][0]) for m in names
+                  if len(calls[m]) == 1 and isinstance(calls[m][0][0], Tensor)
+                  and calls[m][0][0].dim() == 2
+                  and all(uses.get(id(params[full])) == 1 for full in names[m].values())]
+        outputs = losses.shape[1]
+        if not layers:
+            return set(), outputs
+        weights = self._sample_weights(losses.detach())
+        inputs = [self._statistic(x_in.detach()) for _, x_in, _ in layers]
+        for c in range(outputs):
+            deltas = torch.autograd.grad(losses[:, c].sum(), [probe for *_, probe in layers],
+                                         retain_graph=c + 1 < outputs, allow_unused=True)
+            for (local, _, _), x_stat, delta in zip(layers, inputs, deltas):
+                if delta is None:
+                    continue
+                d = self._statistic(delta)
+                if weights is not None:
+                    d.mul_(weights[:, c, None])
+                if "weight" in local:
+                    sums[local["weight"]] += d.T @ x_stat
+                if "bias" in local:
+                    sums[local["bias"]] += d.sum(0)
+        return {full for local, _, _ in layers for full in local.values()}, outputs
+
+    def _add_vmap_per_sample(self, x, y, rest, fixed, outputs: int, sums) -> None:
+        """Per-sample sums of the parameters ``rest`` from torch.func per-sample Jacobians."""
+        def sample_losses(p, x_k, y_k):
+            output = functional_call(self.model, {**fixed, **p}, (x_k.unsqueeze(0),))
+            losses = self._sample_losses(output, None if y_k is None else y_k.unsqueeze(0))[0]
+            return losses, losses.detach()
+
+        jacobian = vmap(jacrev(sample_losses, has_aux=True),
+                        in_dims=(None, 0, None if y is None else 0))
+        chunk = self._sample_chunk(rest, outputs)
+        x_chunks = x.split(chunk)
+        y_chunks = [None] * len(x_chunks) if y is None else y.split(chunk)
+        for x_chunk, y_chunk in zip(x_chunks, y_chunks):
+            jac, losses = jacobian(rest, x_chunk, y_chunk)
+            weights = self._sample_weights(losses)
+            for name, j in jac.items():
+                j = self._statistic(j, out=j)
+                sums[name] += (j.sum((0, 1)) if weights is None
+                               else torch.einsum("bc,bc...->...", weights, j))
+
+
+
+def _parameter_uses(root) -> dict[int, int]:
+    """For each leaf tensor (by id) of the autograd graph below ``root``, its number of uses."""
+    uses: dict[int, int] = {}
+    seen, stack = {root}, [root] if root is not None else []
+    while stack:
+        for child, _ in stack.pop().next_functions:
+            if child is None:
+                continue
+            leaf = getattr(child, "variable", None)
+            if leaf is not None:
+                uses[id(leaf)] = uses.get(id(leaf), 0) + 1
+            if child not in seen:
+                seen.add(child)
+                stack.append(child)
+    return uses

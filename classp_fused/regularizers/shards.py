@@ -1,0 +1,40 @@
+"""Plain tensors and FSDP2 DTensors side by side: local shards, layouts like a parameter."""
+from __future__ import annotations
+
+from torch import Tensor
+
+try:
+    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+except ImportError:  # torch built without distributed support
+    DTensor, Shard, distribute_tensor = (), (), None
+
+
+def local(t: Tensor) -> Tensor:
+    """The tensor this rank holds: a DTensor's local shard, any other tensor itself."""
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def like_param(t: Tensor, p: Tensor) -> Tensor:
+    """``t`` (full-shaped, plain or DTensor) laid out like ``p``: on p's mesh and placements
+    when ``p`` is a DTensor, else a plain tensor on p's device."""
+    if isinstance(p, DTensor):
+        if isinstance(t, DTensor):
+            return t.redistribute(p.device_mesh, p.placements)
+        return distribute_tensor(t.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
+    return (t.full_tensor() if isinstance(t, DTensor) else t).to(p.device)
+
+
+def match_shard(state: dict[str, Tensor], name: str, p: Tensor) -> Tensor:
+    """``state[name]``, made (once, in place in ``state``) a DTensor like ``p`` if ``p`` is."""
+    t = state[name]
+    if isinstance(p, DTensor) and not isinstance(t, DTensor):
+        t = state[name] = like_param(t, p)
+    return t
+
+
+def wrap_like(t: Tensor, like: Tensor) -> Tensor:
+    """Local tensor ``t`` as a DTensor laid out like ``like`` when that is one, else ``t``."""
+    if isinstance(like, DTensor):
+        return DTensor.from_local(t, like.device_mesh, like.placements, shape=like.shape,
+                                  stride=like.stride())
+    return t
