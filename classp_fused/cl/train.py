@@ -73,6 +73,7 @@ def train_task(model: nn.Module, method: Method, task: Task, mask: Optional[Tens
             loss.backward()
             method.after_backward()
             method.optimizer.step()
+            method.after_step()
             if not _finite(params):
                 raise Diverged(index, epoch, step, "parameter")
             fraction = method.update_fraction()
@@ -108,8 +109,9 @@ def run_cell(stream: Stream, model_name: str, method_name: str, hparams: Mapping
     only the rows of finished tasks if the cell diverged), ``diverged`` (None, or the task,
     epoch, step and what was non-finite), ``seconds`` (wall time of training, consolidation
     and evaluation), ``cpu_seconds`` (process CPU time over the same span, all threads),
-    ``peak_rss_delta_bytes`` (growth of the process's peak RSS during the cell: 0 when an
-    earlier cell peaked higher), ``state_bytes`` (optimizer plus regularizer state at the end)
+    ``unstable_tasks`` (tasks after which the explicit penalty step was unstable: stiffness
+    times step size >= 2; see Method.end_task), ``peak_rss_delta_bytes`` (growth of the
+    process's peak RSS during the cell: 0 when an earlier cell peaked higher), ``state_bytes`` (optimizer plus regularizer state at the end)
     and ``update_density`` (per finished task, mean fraction of elements a CLASSP step
     updated, or None).
     """
@@ -120,7 +122,7 @@ def run_cell(stream: Stream, model_name: str, method_name: str, hparams: Mapping
     method = build_method(method_name, model, hparams)
     generator = torch.Generator().manual_seed(seed)
     masks = [_logit_mask(task, stream.num_classes, scenario, device) for task in stream.tasks]
-    acc_matrix, density, diverged = [], [], None
+    acc_matrix, density, unstable, diverged = [], [], [], None
     rss_before = peak_rss_bytes()
     start, cpu_start = time.perf_counter(), time.process_time()
     for index, task in enumerate(stream.tasks):
@@ -135,10 +137,12 @@ def run_cell(stream: Stream, model_name: str, method_name: str, hparams: Mapping
             break
         density.append(fmean(fractions) if fractions else None)
         subset = torch.randperm(len(task.x_train), generator=generator)[:CONSOLIDATION_SAMPLES]
-        method.end_task(list(_batches(task.x_train, task.y_train, batch_size, subset)))
+        if method.end_task(list(_batches(task.x_train, task.y_train, batch_size, subset))):
+            unstable.append(index)
         acc_matrix.append([evaluate(model, t, m, device) for t, m in zip(stream.tasks, masks)])
     return {"acc_matrix": acc_matrix,
             "diverged": diverged,
+            "unstable_tasks": unstable,
             "seconds": time.perf_counter() - start,
             "cpu_seconds": time.process_time() - cpu_start,
             "peak_rss_delta_bytes": peak_rss_bytes() - rss_before,
