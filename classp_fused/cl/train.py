@@ -111,9 +111,9 @@ def run_cell(stream: Stream, model_name: str, method_name: str, hparams: Mapping
     and evaluation), ``cpu_seconds`` (process CPU time over the same span, all threads),
     ``unstable_tasks`` (tasks after which the explicit penalty step was unstable: stiffness
     times step size >= 2; see Method.end_task), ``peak_rss_delta_bytes`` (growth of the
-    process's peak RSS during the cell: 0 when an earlier cell peaked higher), ``state_bytes`` (optimizer plus regularizer state at the end)
-    and ``update_density`` (per finished task, mean fraction of elements a CLASSP step
-    updated, or None).
+    process's peak RSS during the cell: 0 when an earlier cell peaked higher), ``state_bytes``
+    (optimizer plus regularizer state at the end) and ``update_density`` (per finished task,
+    mean fraction of elements a CLASSP step updated, or None).
     """
     if scenario not in SCENARIOS:
         raise ValueError(f"scenario must be one of {SCENARIOS}, got {scenario!r}")
