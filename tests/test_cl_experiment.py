@@ -232,3 +232,22 @@ def test_permuted_streams_subsample_once_then_permute():
     assert not torch.equal(first, second)
     assert BENCHMARKS["permuted-digits"].stream(3, {}, 50).tasks[2].x_test.equal(
         stream.tasks[2].x_test)
+
+
+def test_proximal_penalty_stays_stable_where_the_explicit_one_diverges(tmp_path):
+    stiff = {"lr": 0.1, "lam": 100.0}
+    kwargs = dict(benchmarks=("split-digits",), methods=("mas",), seeds=(0,), epochs=(2,),
+                  max_per_task=120, progress=False, plots=False)
+    explicit = run_experiment(ExperimentConfig(hparams={"mas": stiff},
+                                               out=str(tmp_path / "e"), **kwargs))
+    proximal = run_experiment(ExperimentConfig(hparams={"mas": {**stiff, "penalty": "proximal"}},
+                                               out=str(tmp_path / "p"), **kwargs))
+    e = explicit.results["split-digits"]["methods"]["mas"]
+    p = proximal.results["split-digits"]["methods"]["mas"]
+    assert e["unstable"] and e["unstable"][0]["tasks"][0] == 0
+    assert e["diverged"] and e["diverged"][0]["task"] >= 1
+    assert p["diverged"] == [] and p["unstable"] == []
+    assert p["hparams"]["penalty"] == "proximal" and p["avg_acc"]["mean"] > 0.5
+    with pytest.raises(ConfigError, match="penalty must be one of explicit, proximal"):
+        run_experiment(ExperimentConfig(hparams={"mas": {"penalty": "implicit"}},
+                                        out=str(tmp_path / "x"), **kwargs))

@@ -65,6 +65,8 @@ def _summarize(runs: list[dict]) -> dict:
                "finished_seeds": [run["seed"] for run in finished],
                "diverged": [{"seed": run["seed"], **run["diverged"]}
                             for run in runs if run.get("diverged")],
+               "unstable": [{"seed": run["seed"], "tasks": run["unstable_tasks"]}
+                            for run in runs if run.get("unstable_tasks")],
                "acc_matrix": _spread([row["acc_matrix"] for row in rows])}
     summary.update({key: _spread([row[key] for row in rows]) for key in SCALARS})
     densities = [run["update_density"] for run in finished if run["update_density"] is not None]
@@ -77,11 +79,12 @@ def aggregate(cells: Iterable[dict]) -> dict[str, dict]:
     """Group cells by benchmark and method; mean, std and per-seed value of each metric.
 
     Returns {benchmark: {"tasks": [...], "settings": {...}, "methods": {method: {"hparams",
-    "seeds", "finished_seeds", "diverged", "acc_matrix", "avg_acc", "bwt", "forgetting",
-    "own_acc", "state_bytes", "cpu_seconds", "seconds", "peak_rss_delta_bytes"
+    "seeds", "finished_seeds", "diverged", "unstable", "acc_matrix", "avg_acc", "bwt",
+    "forgetting", "own_acc", "state_bytes", "cpu_seconds", "seconds", "peak_rss_delta_bytes"
     [, "update_density"]}}}}. Each metric is {"mean", "std", "per_seed"} over the seeds that
     finished (``finished_seeds``; mean and std are None when none did); ``diverged`` lists the
-    other seeds with the task, epoch and step where a loss or parameter became non-finite.
+    other seeds with the task, epoch and step where a loss or parameter became non-finite;
+    ``unstable`` the seeds whose explicit penalty step was unstable after some tasks.
     "settings" is the benchmark's protocol (epochs, batch size, scenario, ...).
     """
     grouped: dict[str, dict[str, list[dict]]] = {}
