@@ -258,3 +258,21 @@ def test_bad_input_through_the_module_entry_point(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.startswith("classp-fused: error: unknown method 'nope'")
     assert not (tmp_path / "out").exists()
+
+
+def test_tune_command_writes_a_config_that_run_takes(tmp_path, capsys):
+    out = tmp_path / "tune"
+    code = main(["tune", "--benchmark", "split-digits", "--methods", "sgd", "--seeds", "1000,",
+                 "--epochs", "1", "--max-per-task", "40", "--validation", "0.25",
+                 "--out", str(out)])
+    stdout, stderr = capsys.readouterr()
+    assert code == 0, stderr
+    tuned = json.loads((out / "tuned.json").read_text())
+    assert tuned["tuning"]["validation"] == 0.25 and len(tuned["tuning"]["trials"]["sgd"]) == 12
+    assert stdout.startswith(f"sgd          lr={tuned['hparams']['sgd']['lr']}")
+    assert f"run --config {out / 'tuned.json'}" in stdout
+    assert "12/12" in stderr
+    assert main(["tune", "--benchmark", "split-digits,permuted-digits", "--out", str(out)]) == 2
+    assert "tune: expected one benchmark, got 2" in capsys.readouterr().err
+    assert main(["tune", "--benchmark", "split-digits", "--validation", "1.5"]) == 2
+    assert "expected a fraction in (0, 1)" in capsys.readouterr().err
