@@ -130,7 +130,7 @@ METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (
     MethodSpec("classp-legacy", "CLASSP as the published code runs it (per-tensor gate)",
                CLASSP_PUBLISHED,
                lambda m, hp: (_classp(m, hp, mode="legacy", backend="torch"), None)),
-    MethodSpec("ewc", "SGD + EWC, one Fisher and anchor per task",
+    MethodSpec("ewc", "SGD + EWC, a penalty per task (kept in constant memory)",
                {"lr": SGD_LR, **EWC_DEFAULTS},
                lambda m, hp: (_sgd(m, hp), _ewc(m, hp, mode="separate"))),
     MethodSpec("online-ewc", "SGD + online EWC, one decayed Fisher and anchor",
