@@ -1,9 +1,11 @@
 """One command for the step benchmarks: ``.venv/bin/python -m benchmarks [--device cpu|cuda]``.
 
-Runs benchmarks/bench_step.py under pytest-benchmark on the device (CUDA when available, else
-CPU with 2 threads), saves benchmarks/step_<device>.json (statistics, without the per-round
-timings), then rewrites benchmarks/RESULTS.md and the plots from every step_*.json present.
-Other arguments go to pytest (e.g. ``-k 1e+05`` for a quick partial run).
+On the CPU (2 threads) it runs benchmarks/bench_step.py under pytest-benchmark and saves
+benchmarks/step_cpu.json (statistics, without the per-round timings); other arguments go to
+pytest (e.g. ``-k 1e+05`` for a quick partial run). On CUDA (the default where available) it
+runs the GPU suite, benchmarks/gpu.py, and saves benchmarks/gpu_step_cuda.json; other
+arguments go to that suite (``--budget-s``). Either way it then rewrites benchmarks/RESULTS.md
+and the plots from the JSON files present.
 """
 import argparse
 import json
@@ -14,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from . import report
+from . import gpu, report
 
 HERE = Path(__file__).resolve().parent
 
@@ -25,8 +27,13 @@ def main(argv=None) -> int:
     parser.add_argument("--device", choices=("cpu", "cuda"),
                         default="cuda" if torch.cuda.is_available() else "cpu")
     args, pytest_args = parser.parse_known_args(argv)
-    json_path = HERE / f"step_{args.device}.json"
     start = time.perf_counter()
+    if args.device == "cuda":
+        code = gpu.main(pytest_args)
+        if code == 0:
+            report.write(sorted(HERE.glob("step_*.json")))
+        return code
+    json_path = HERE / "step_cpu.json"
     code = pytest.main([str(HERE / "bench_step.py"), f"--bench-device={args.device}",
                         f"--benchmark-json={json_path}", "--benchmark-disable-gc",
                         "--benchmark-columns=median,iqr,rounds", "--benchmark-sort=name",

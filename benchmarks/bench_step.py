@@ -17,14 +17,14 @@ Cases (a subset of size x layout x dtype x power x threshold that runs in minute
 - one tensor at the two mid sizes: bf16 parameters (CLASSP, fused Adagrad, fused Adam), power 2,
   and threshold ``MASKING_THRESHOLD`` (CLASSP backends).
 
-The Triton backend is left out on CPU, where it runs only in the (slow) interpreter.
+The suite runs on the CPU (the Triton backend, interpreted there, is left out); on a GPU the
+suite is benchmarks/gpu.py.
 """
 from __future__ import annotations
 
 import statistics
 from dataclasses import dataclass
 
-import pytest
 import torch
 from torch._C._profiler import _EventType
 
@@ -43,18 +43,10 @@ FUSED_CLASSP = ("cpp", "cuda", "triton")
 SIZES = {
     "cpu": dict(core=(10**5, 10**6, 10**7), large=(5 * 10**7,), mid=(10**6, 10**7),
                 compiled=(10**6, 10**7)),
-    "cuda": dict(core=(10**5, 10**6, 10**7, 10**8), large=(10**9,), mid=(10**7, 10**8),
-                 compiled=(10**7, 10**8)),
 }
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 TIME_BUDGET_S = 1.0
 MIN_ROUNDS, MAX_ROUNDS = 5, 300
-# Temporaries per element (bytes, fp32) beyond params, grads and state; used to skip GPU sizes
-# that would not fit. The fused kernels allocate none.
-TEMPORARY_BYTES = {"classp/torch": 40, "classp/foreach": 40, "adagrad/foreach": 12,
-                   "adagrad/for-loop": 12}
-
-
 @dataclass(frozen=True)
 class Case:
     """One benchmark: an implementation on ``size`` elements split into ``tensors`` tensors."""
@@ -72,7 +64,10 @@ class Case:
 
 
 def cases(device_type: str) -> list[Case]:
-    """The benchmark plan for ``device_type`` (see the module docstring)."""
+    """The benchmark plan for ``device_type`` (see the module docstring); none on a GPU, where
+    ``python -m benchmarks --device cuda`` runs the GPU suite, benchmarks/gpu.py."""
+    if device_type not in SIZES:
+        return []
     sizes = SIZES[device_type]
     classp = [f"classp/{name}" for name in available_backends(device_type)
               if not (device_type == "cpu" and name == "triton")]
@@ -157,14 +152,7 @@ def make_step(case: Case, params):
 
 
 def peak_extra_bytes(step, device: torch.device) -> int:
-    """Peak memory allocated by one step above what was allocated before it."""
-    if device.type == "cuda":
-        synchronize(device)
-        torch.cuda.reset_peak_memory_stats(device)
-        before = torch.cuda.memory_allocated(device)
-        step()
-        synchronize(device)
-        return torch.cuda.max_memory_allocated(device) - before
+    """Peak memory allocated by one step above what was allocated before it (CPU)."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
                                 profile_memory=True) as prof:
         step()
@@ -184,20 +172,7 @@ def peak_extra_bytes(step, device: torch.device) -> int:
     return peak
 
 
-def fits(case: Case, device: torch.device) -> bool:
-    """Whether the case and its paired fused-Adagrad baseline fit in the GPU's free memory."""
-    if device.type != "cuda":
-        return True
-    param = DTYPES[case.dtype].itemsize
-    state = (bytes_per_element(case) - 3 * param) // 2
-    per_element = 2 * param + state + TEMPORARY_BYTES.get(case.impl, 0) + 3 * param
-    free, _ = torch.cuda.mem_get_info(device)
-    return case.size * per_element < 0.85 * free
-
-
 def test_step(benchmark, case: Case, device: torch.device, bandwidth: dict):
-    if not fits(case, device):
-        pytest.skip(f"{case.size:.0e} elements do not fit in the free GPU memory")
     params = make_params(case, device)
     step = make_step(case, params)
     if case.impl == "classp/torch+compile":

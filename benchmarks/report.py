@@ -1,8 +1,9 @@
 """Turn the step suite's pytest-benchmark JSON (one file per device) into RESULTS.md and plots.
 
-Usage: ``python benchmarks/report.py [step_cpu.json step_cuda.json ...]`` (default: every
+Usage: ``python -m benchmarks.report [step_cpu.json ...]`` (default: every
 ``benchmarks/step_*.json``). Writes ``benchmarks/RESULTS.md`` and one
-``benchmarks/step_bandwidth_<device>.png`` per device.
+``benchmarks/step_bandwidth_<device>.png`` per device; the GPU section comes from the GPU
+suite's ``benchmarks/gpu_step_cuda.json`` (benchmarks/gpu_report.py).
 """
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+
+from . import gpu_report  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 COMMAND = ".venv/bin/python -m benchmarks"
@@ -276,8 +279,10 @@ def results(run: dict, plot_name: str) -> list[str]:
             "Cases run:", "", *coverage(run["rows"]), "", *table(run["device"], run["rows"]), ""]
 
 
-def write(paths, out_md: Path = HERE / "RESULTS.md", plot_dir: Path = HERE) -> None:
-    """Write the markdown report and one plot per device from the JSON files at ``paths``."""
+def write(paths, out_md: Path = HERE / "RESULTS.md", plot_dir: Path = HERE,
+          gpu_json: Path = HERE / "gpu_step_cuda.json") -> None:
+    """Write the markdown report and one plot per device from the CPU suite's JSON files at
+    ``paths``, with the GPU suite's section from ``gpu_json``."""
     runs = sorted((load(Path(p)) for p in paths), key=lambda run: run["device"]["type"] != "cpu")
     lines = ["# CLASSP step benchmarks", "",
              f"Produced by `{COMMAND}` (pytest-benchmark suite `benchmarks/bench_step.py`, "
@@ -285,9 +290,7 @@ def write(paths, out_md: Path = HERE / "RESULTS.md", plot_dir: Path = HERE) -> N
              "## Summary", ""]
     for run in runs:
         lines += summary(run)
-    if not any(run["device"]["type"] == "cuda" for run in runs):
-        lines += ["### GPU", "", f"No GPU results yet: `{COMMAND}` on a CUDA machine adds them "
-                  "(sizes up to 1e9 as memory allows).", ""]
+    lines += gpu_report.section(gpu_json)
     lines += ["## How to read the tables", "", LEGEND, "Bytes per element of the traffic model:",
               "", *bytes_model([r for run in runs for r in run["rows"]]), ""]
     for run in runs:

@@ -1,14 +1,18 @@
-"""CLASSP as a ``torch.optim.Optimizer``: param groups, fp32 state, AMP scaling, telemetry."""
+"""CLASSP as a ``torch.optim.Optimizer``: param groups, fp32 state, AMP scaling, the step."""
 from __future__ import annotations
 
+import warnings
 from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from .backends import check_hyperparameters, check_param, resolve_backend, run_backend
+from .backends import BACKENDS, as_scalar_lr, param_dtypes, resolve_backend, run_backend
 from .reference import classp_legacy_step_, compute_dtype
+from .telemetry import StepTelemetry
+from .validation import (FOREIGN_KEYS, PARAM_DTYPES, check_group, check_hyperparameters,
+                         check_state_dict, check_stepped_group, foreign_keys, group_tensors)
 
 MODES = ("paper", "legacy")
 NONFINITE_POLICIES = ("skip", "raise")
@@ -23,7 +27,8 @@ class CLASSP(Optimizer):
 
     Args:
         params: iterable of parameters or of param-group dicts.
-        lr: learning rate, a float or a 0-dim tensor (schedulers work with both).
+        lr: learning rate: a finite number >= 0 (numpy scalars too) or a one-element floating
+            tensor of shape ``()``, ``(1,)`` or ``(1, 1)`` (schedulers work with all).
         threshold: squared-gradient threshold. Default 0.0: every finite non-zero gradient
             element updates. The published default 0.5 was meant for a per-tensor gate; under
             the per-element rule it blocks nearly every element of a typical network (|g| > 0.71),
@@ -37,9 +42,19 @@ class CLASSP(Optimizer):
             per-tensor gate and L1 accumulator; ``backend="torch"`` only).
         backend: ``"auto"`` (the fastest kernel for the params' device; see
             :func:`classp_fused.available_backends`), ``"torch"``, ``"foreach"``, ``"cpp"``,
-            ``"cuda"`` or ``"triton"``. The choice is in ``optimizer.backend``.
+            ``"cuda"`` or ``"triton"``. It is resolved per device at each step, so a model built
+            on the meta device and materialized later (``to_empty``), or moved, gets the kernel
+            of the device it is on; ``optimizer.backend`` says what ran.
         nonfinite: ``"skip"`` never applies NaN/Inf gradient elements and counts them
             (``nonfinite_skipped``); ``"raise"`` raises before changing anything.
+
+    Param groups are checked when added and before every step; ``step``, ``add_param_group``
+    and ``load_state_dict`` check everything before changing anything, so an error leaves the
+    optimizer as it was. Keys of other optimizers' groups that CLASSP has no use for
+    (``weight_decay``, ``momentum``, ``betas``, ...; ``classp_fused.validation.FOREIGN_KEYS``)
+    are ignored with a warning when set to 0/False/None, as Hugging Face's Trainer writes
+    ``weight_decay=0.0``; any other value raises, since CLASSP would not do what it asks
+    (weight decay, for one, would move every weight at every step, against sparse updates).
 
     State per parameter: ``"accumulator"`` (fp32, fp64 for fp64 params, param-shaped) and
     ``"step"`` (0-dim fp32). Accumulators stay fp32 for fp16/bf16 params, also after
@@ -58,70 +73,153 @@ class CLASSP(Optimizer):
     def __init__(self, params, lr, threshold: float = 0.0, eps: float = 1e-5, power: float = 1.0,
                  apply_scaling: bool = True, mode: str = "paper", backend: str = "auto",
                  nonfinite: str = "skip"):
-        check_hyperparameters(lr, threshold, eps, power)
+        check_hyperparameters(lr, threshold, eps, power, apply_scaling)
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if nonfinite not in NONFINITE_POLICIES:
             raise ValueError(f"nonfinite must be one of {NONFINITE_POLICIES}, got {nonfinite!r}")
+        if backend not in ("auto",) + BACKENDS:
+            raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
+        if mode == "legacy" and backend != "torch":
+            raise ValueError(f"mode='legacy' runs on backend='torch' only, got backend={backend!r}")
+        self.mode = mode
+        self.nonfinite = nonfinite
+        self._requested_backend = backend
+        self._warned_keys: set[str] = set()
         defaults = dict(lr=lr, threshold=threshold, eps=eps, power=power,
                         apply_scaling=apply_scaling)
         super().__init__(params, defaults)
-        self.mode = mode
-        self.nonfinite = nonfinite
-        self.backend = resolve_backend(backend, self._device())
-        if mode == "legacy" and self.backend != "torch":
-            raise ValueError(f"mode='legacy' runs on backend='torch' only, got backend={backend!r}")
-        # (counts, numels) per stepped group of the last step. A dict entry, not an attribute:
-        # torch.compile drops attribute stores on optimizers and guards on a list's length.
-        self._telemetry: dict[str, list[tuple[Tensor, list[int]]]] = {"last_counts": []}
-        self._nonfinite_total = self._zero_count()
+        self._telemetry = StepTelemetry(self._placed_device())
+        for device in {p.device for group in self.param_groups for p in group["params"]}:
+            if device.type != "meta":  # meta params are placed later; resolved at the step
+                resolve_backend(backend, device)
+
+    @property
+    def backend(self) -> str:
+        """The backend that ran the last step ("+"-joined when groups on several devices ran
+        different ones). Before the first step: the one the params' device would run, or
+        ``"auto"`` while they are on the meta device."""
+        ran = self._telemetry.backends
+        if ran:
+            return "+".join(ran)
+        device = self._device()
+        if device.type == "meta" and self._requested_backend == "auto":
+            return "auto"
+        return resolve_backend(self._requested_backend, device)
+
+    def _backend_for(self, device: torch.device) -> str:
+        """The concrete backend for a group on ``device`` (a named one is taken as given while
+        compiling, as the op does)."""
+        if torch.compiler.is_compiling() and self._requested_backend != "auto":
+            return self._requested_backend
+        return resolve_backend(self._requested_backend, device)
 
     def _device(self) -> torch.device:
         """The device of the first parameter (ZeroRedundancyOptimizer may leave a rank none)."""
         params = [p for group in self.param_groups for p in group["params"]]
         return params[0].device if params else torch.device("cpu")
 
-    def _zero_count(self) -> Tensor:
-        return torch.zeros((), dtype=torch.int64, device=self._device())
+    def _placed_device(self) -> torch.device:
+        """The first parameter's device, the CPU while params are on the meta device."""
+        device = self._device()
+        return torch.device("cpu") if device.type == "meta" else device
 
     def __getstate__(self) -> dict:
         return {**super().__getstate__(), "mode": self.mode, "nonfinite": self.nonfinite,
-                "backend": self.backend}
+                "backend": self._requested_backend}
 
     def __setstate__(self, state: dict) -> None:
+        state = dict(state)
+        backend = state.pop("backend", None)
         super().__setstate__(state)
-        self._telemetry = {"last_counts": []}
-        self._nonfinite_total = self._zero_count()
+        if backend is not None:  # unpickling; load_state_dict passes state and groups only
+            self._requested_backend = backend
+            self._warned_keys = set()
+            self._telemetry = StepTelemetry(self._placed_device())
 
     def add_param_group(self, param_group: dict) -> None:
+        """Add a param group; a group that CLASSP cannot step raises and is not added."""
+        if not isinstance(param_group, dict) or "params" not in param_group:
+            raise TypeError(f"param_group must be a dict with a 'params' entry, got "
+                            f"{type(param_group).__name__}")
+        params = param_group["params"]
+        if not isinstance(params, (Tensor, set)):
+            param_group["params"] = params = list(params)  # an iterator is read once
+        index = len(self.param_groups)
+        check_group({**self.defaults, **param_group, "params": group_tensors(params)}, index)
         super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        check_hyperparameters(group["lr"], group["threshold"], group["eps"], group["power"])
-        for i, p in enumerate(group["params"]):
-            check_param(_local(p), f"params[{i}] of param group {len(self.param_groups) - 1}")
+        self._warn_foreign_keys(param_group, index)
+
+    def _warn_foreign_keys(self, group: dict, index: int) -> None:
+        """Warn, once per key, that a foreign key set to an "off" value is ignored."""
+        for key in foreign_keys(group):
+            if key not in self._warned_keys:
+                self._warned_keys.add(key)
+                warnings.warn(f"CLASSP ignores the param group key {key}={group[key]!r} "
+                              f"(param group {index}): {FOREIGN_KEYS[key]}",
+                              UserWarning, stacklevel=3)
+
+    def _check_step(self, grad_scale: Optional[Tensor]) -> list[dict]:
+        """Raise if any group cannot be stepped, before any state or param changes.
+
+        Returns the groups whose params moved to another device than their state.
+        """
+        moved = []
+        for index, group in enumerate(self.param_groups):
+            first = next((p for p in group["params"] if p.grad is not None), None)
+            dtypes = PARAM_DTYPES
+            if first is not None and self.mode == "paper":
+                dtypes = param_dtypes(self._backend_for(_local(first).device))
+            if check_stepped_group(index, group, self.state, dtypes):
+                moved.append(group)
+        if self.nonfinite == "raise":
+            self._raise_on_nonfinite(grad_scale)
+        return moved
+
+    def _move_state(self, group: dict) -> None:
+        """Move the state of the group's params to the params' devices (after a move)."""
+        for p in group["params"]:
+            state = self.state.get(p)
+            if state and state["accumulator"].device != p.device:
+                state["step"] = state["step"].to(p.device)
+                state["accumulator"] = state["accumulator"].to(p.device)
+
+    def _raise_on_nonfinite(self, grad_scale: Optional[Tensor]) -> None:
+        for index, group in enumerate(self.param_groups):
+            for i, p in enumerate(group["params"]):
+                if p.grad is None:
+                    continue
+                g = _local(p.grad)
+                scaled = g if grad_scale is None else g.float() / grad_scale.to(g.device)
+                if not bool(torch.isfinite(scaled).all()):
+                    raise FloatingPointError(
+                        f"non-finite gradient in param group {index}, param {i} "
+                        f"(shape {tuple(g.shape)}); nothing was updated (nonfinite='raise')")
 
     def _init_group(self, group: dict, params: list, grads: list, accs: list,
                     steps: list) -> None:
         """Append the group's stepped tensors (local shards of DTensors) to the lists.
 
         State is created here on first use; the lists are filled in place, the form
-        torch.compile traces without running the state initialization in the graph. Params
-        were validated when their group was added, and torch checks a grad's dtype, shape and
-        device on assignment, so only the layout is left to check per step.
+        torch.compile traces without running the state initialization in the graph. The inputs
+        were checked by ``_check_step``.
         """
+        all_state = self.state
         for p in group["params"]:
-            if p.grad is None:
+            grad = p.grad
+            if grad is None:
                 continue
-            if p.grad.is_sparse:
-                raise TypeError("CLASSP does not support sparse gradients")
-            state = self.state[p]
+            state = all_state[p]
             if not state:
                 state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
                 state["accumulator"] = torch.zeros_like(
                     p, dtype=compute_dtype(p), memory_format=torch.contiguous_format)
-            params.append(_local(p))
-            grads.append(_local(p.grad))
-            accs.append(_local(state["accumulator"]))
+            acc = state["accumulator"]
+            if type(p) is not nn.Parameter or type(grad) is not Tensor:  # maybe DTensors
+                p, grad, acc = _local(p), _local(grad), _local(acc)
+            params.append(p)
+            grads.append(grad)
+            accs.append(acc)
             steps.append(state["step"])
 
     def _advance_steps(self, group: dict, steps: list, increment) -> None:
@@ -129,9 +227,10 @@ class CLASSP(Optimizer):
 
         A per-tensor add costs over 1 us on the CPU, more than the kernel for small tensors,
         so a group's counters are kept as views of one buffer and advanced by a single add;
-        the buffer is rebuilt when the set of stepped params changes.
+        the buffer is rebuilt when the set of stepped params changes. (A group's stepped params,
+        and so their counters, share one device: ``_check_step`` saw to it.)
         """
-        if torch.compiler.is_compiling() or any(t.device != steps[0].device for t in steps):
+        if torch.compiler.is_compiling():
             torch._foreach_add_(steps, increment)
             return
         base = steps[0]._base
@@ -144,69 +243,56 @@ class CLASSP(Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None):
-        """Perform one step. ``closure`` re-evaluates the model and returns the loss."""
+        """Perform one step. ``closure`` re-evaluates the model and returns the loss.
+
+        Every group is checked before any state or param changes: an error leaves all of
+        them as they were.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        groups = []
-        for group in self.param_groups:
-            params, grads, accs, steps = [], [], [], []
-            self._init_group(group, params, grads, accs, steps)
-            groups.append((group, params, grads, accs, steps))
-        if self.nonfinite == "raise":
-            self._raise_on_nonfinite(groups, grad_scale)
+        if not torch.compiler.is_compiling():
+            for group in self._check_step(grad_scale):
+                self._move_state(group)
 
-        last_counts = []
-        for group, params, grads, accs, steps in groups:
+        steps = []
+        for group in self.param_groups:
+            params, grads, accs, counters = [], [], [], []
+            self._init_group(group, params, grads, accs, counters)
             if not params:
                 continue
-            hyper = dict(lr=group["lr"], threshold=group["threshold"], eps=group["eps"],
-                         power=group["power"], apply_scaling=group["apply_scaling"],
-                         grad_scale=grad_scale, found_inf=found_inf)
+            backend = self._backend_for(params[0].device)
+            hyper = dict(lr=as_scalar_lr(group["lr"]), threshold=group["threshold"],
+                         eps=group["eps"], power=group["power"],
+                         apply_scaling=group["apply_scaling"], grad_scale=grad_scale,
+                         found_inf=found_inf)
             if self.mode == "legacy":
                 counts = classp_legacy_step_(params, grads, accs, **hyper)
             else:
-                if not torch.compiler.is_compiling():
-                    check_hyperparameters(hyper["lr"], hyper["threshold"], hyper["eps"],
-                                          hyper["power"])
-                counts = run_backend(self.backend, params, grads, accs, **hyper)
-            self._advance_steps(group, steps, 1.0 if found_inf is None else
+                counts = run_backend(backend, params, grads, accs, **hyper)
+            self._advance_steps(group, counters, 1.0 if found_inf is None else
                                 1.0 - found_inf.to(params[0].device, torch.float32))
-            last_counts.append((counts, [p.numel() for p in params]))
-            self._nonfinite_total.add_(counts[:, 1].sum().to(self._nonfinite_total.device))
-        self._telemetry["last_counts"] = last_counts
+            steps.append((counts, [p.numel() for p in params], backend))
+        self._telemetry.record(steps)
         return loss
-
-    @staticmethod
-    def _raise_on_nonfinite(groups, grad_scale) -> None:
-        for index, (_, _, grads, _, _) in enumerate(groups):
-            for i, g in enumerate(grads):
-                scaled = g if grad_scale is None else g.float() / grad_scale.to(g.device)
-                if not bool(torch.isfinite(scaled).all()):
-                    raise FloatingPointError(
-                        f"non-finite gradient in param group {index}, param {i} "
-                        f"(shape {tuple(g.shape)}); nothing was updated (nonfinite='raise')")
 
     @property
     def last_update_fraction(self) -> float:
         """Fraction of the stepped parameters' elements updated by the last step (syncs)."""
-        last_counts = self._telemetry["last_counts"]
-        updated = sum(int(counts[:, 0].sum()) for counts, _ in last_counts)
-        total = sum(sum(numels) for _, numels in last_counts)
-        return updated / total if total else 0.0
+        return self._telemetry.update_fraction
 
     @property
     def last_step_counts(self) -> list[Tensor]:
         """Per param group, the last step's ``(n, 2)`` counts: elements updated, non-finite skipped."""
-        return [counts for counts, _ in self._telemetry["last_counts"]]
+        return self._telemetry.group_counts
 
     @property
     def nonfinite_skipped(self) -> int:
         """Non-finite gradient elements skipped since construction (syncs)."""
-        return int(self._nonfinite_total)
+        return self._telemetry.nonfinite_skipped
 
     def state_bytes(self) -> int:
         """Bytes held in optimizer state tensors (accumulators and step counters)."""
@@ -214,7 +300,12 @@ class CLASSP(Optimizer):
                    for t in state.values() if isinstance(t, Tensor))
 
     def load_state_dict(self, state_dict: dict) -> None:
-        """Load state; accumulators keep their fp32 (fp64) dtype instead of the param's."""
+        """Load state after checking all of it (:func:`classp_fused.validation.check_state_dict`).
+
+        Accumulators keep their fp32 (fp64) dtype instead of taking the param's; a ``step`` saved
+        as a Python number becomes a 0-dim fp32 tensor. A bad dict raises and changes nothing.
+        """
+        check_state_dict(state_dict, self.param_groups)
         saved = {key: dict(value) for key, value in state_dict["state"].items()}
         ids = [pid for group in state_dict["param_groups"] for pid in group["params"]]
         super().load_state_dict(state_dict)
@@ -227,7 +318,8 @@ class CLASSP(Optimizer):
             state["accumulator"] = saved[pid]["accumulator"].to(
                 device=p.device, dtype=compute_dtype(p), memory_format=torch.contiguous_format,
                 copy=True)
-            state["step"] = saved[pid]["step"].to(device=p.device, dtype=torch.float32, copy=True)
+            state["step"] = torch.as_tensor(saved[pid]["step"]).to(
+                device=p.device, dtype=torch.float32, copy=True).reshape(())
 
 
 def _local(t: Tensor) -> Tensor:

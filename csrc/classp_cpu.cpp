@@ -362,9 +362,9 @@ at::Tensor classp_step_cpu(at::TensorList params, at::TensorList grads, at::Tens
 }
 
 // The work split of a step over tensors of `numels` elements among `num_parts` threads: the
-// (chunks, 3) int64 table of [tensor, begin, end] rows, the first chunk of each part, and the
-// first chunk of each CUDA launch over these chunks (both lists end with the number of chunks).
-// The CUDA kernel uses the split for one part.
+// (chunks, 3) int64 table of [tensor, begin, end] rows and the first chunk of each part (ending
+// with the number of chunks); and the CUDA kernel's work table over the non-empty tensors, with
+// addresses 0 and each tensor's index as its row.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> chunk_plan(c10::IntArrayRef numels,
                                                           int64_t num_parts) {
   TORCH_CHECK(num_parts > 0, "_chunk_plan: num_parts must be positive");
@@ -381,7 +381,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> chunk_plan(c10::IntArrayRef numel
     std::copy(values.begin(), values.end(), out.data_ptr<int64_t>());
     return out;
   };
-  return {table, as_tensor(plan.part_starts), as_tensor(plan_launches(plan.chunks))};
+  std::vector<TensorRecord> records;
+  for (int64_t i = 0; i < static_cast<int64_t>(numels.size()); ++i) {
+    if (numels[i] > 0) {
+      records.push_back({0, 0, 0, numels[i], i});
+    }
+  }
+  return {table, as_tensor(plan.part_starts), as_tensor(work_table(records))};
 }
 
 }  // namespace

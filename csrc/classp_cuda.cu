@@ -1,15 +1,20 @@
-// CUDA kernels of classp_fused::classp_step_: a multi-tensor chunked launch.
+// CUDA kernels of classp_fused::classp_step_: one launch per dtype group.
 //
-// Every tensor is split into chunks of kChunkElements; a launch carries a table of tensor
-// addresses and a block -> (tensor, chunk) map in its kernel arguments, and the host launches
-// again while chunks remain (classp_plan.h). Each block updates one chunk: 128-bit loads where
-// aligned, fp32 arithmetic (fp64 for fp64 params) with explicitly rounded operations (no FMA
-// contraction, IEEE division and square root: the CPU kernel's results), and no store at all for
-// unselected elements. lr, grad_scale and found_inf are read on the device; counts are reduced
-// per block and added atomically.
+// The launch reads a work table in device memory (classp_plan.h: a record per tensor, an entry
+// per chunk of kChunkElements), built by the op once per set of tensor addresses. Its blocks are
+// persistent: as many as the GPU holds at once, each striding over the chunks. A thread keeps
+// kIlp 128-bit packs of params, grads and accumulators in flight; grads, read once, are loaded
+// with the streaming (evict-first) cache hint. A full pack is updated without branches on its
+// elements and written back whole when any element was selected (unselected elements with the
+// bits just read), never when none was. Arithmetic is fp32 (fp64 for fp64 params) with
+// explicitly rounded operations (no FMA contraction, IEEE division and square root: the CPU
+// kernel's results). lr, grad_scale and found_inf are read on the device; counts are summed per
+// block and tensor and added atomically.
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
+#include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <type_traits>
 
@@ -19,27 +24,15 @@
 namespace classp {
 namespace {
 
-constexpr int kThreads = 512;
-constexpr int kPack = 4;  // elements per thread and vector load
+constexpr int kThreads = 256;
+constexpr int kVectorBytes = 16;  // one 128-bit load or store
+constexpr int kIlp = 2;           // packs per thread in flight
+constexpr int kMaxDevices = 64;
 
 enum class Power { kOne, kTwo, kGeneric };
 
 template <typename scalar_t>
 using math_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-
-// Kernel arguments of one launch: with StepArgs and the counts pointer under the 4 KiB limit.
-struct LaunchTable {
-  void* params[kLaunchMaxTensors];
-  const void* grads[kLaunchMaxTensors];
-  void* accs[kLaunchMaxTensors];
-  int64_t numels[kLaunchMaxTensors];
-  int64_t rows[kLaunchMaxTensors];
-  uint8_t block_tensor[kLaunchMaxBlocks];  // slot in the arrays above
-  int32_t block_chunk[kLaunchMaxBlocks];   // chunk index within that tensor
-};
-static_assert(kLaunchMaxTensors <= 256, "block_tensor holds a uint8_t slot");
-static_assert(sizeof(LaunchTable) + sizeof(StepArgs) + sizeof(int64_t*) <= 4096,
-              "kernel arguments exceed 4 KiB");
 
 __device__ __forceinline__ double read_scalar(const ScalarArg& s) {
   if (s.ptr == nullptr) {
@@ -70,19 +63,19 @@ struct Hyper {
   bool apply_scaling, has_grad_scale;
 };
 
-// The CLASSP update of one element: returns whether it is selected, and then its new values.
+// The CLASSP update of one element, computed whether or not it is selected (no branch on the
+// element's values): whether it is selected and finite, and its new values if selected.
 template <Power kPower, typename T>
-__device__ __forceinline__ bool update_element(T param, T grad, T acc, const Hyper<T>& h,
-                                               T& new_param, T& new_acc, bool& finite) {
+__device__ __forceinline__ void step_element(T param, T grad, T acc, const Hyper<T>& h,
+                                             bool& selected, bool& finite, T& new_param,
+                                             T& new_acc) {
   if (h.has_grad_scale) {
     grad = div_rn(grad, h.grad_scale);
   }
   const T magnitude = fabs(grad);
   const T square = mul_rn(grad, grad);
   finite = isfinite(grad);
-  if (!(finite && square > h.threshold)) {
-    return false;
-  }
+  selected = finite & (square > h.threshold);
   if constexpr (kPower == Power::kOne) {
     new_acc = add_rn(acc, magnitude);
   } else if constexpr (kPower == Power::kTwo) {
@@ -102,22 +95,137 @@ __device__ __forceinline__ bool update_element(T param, T grad, T acc, const Hyp
     }
   }
   new_param = sub_rn(param, mul_rn(h.lr, step));
-  return true;
 }
 
-template <typename T>
-struct alignas(sizeof(T) * kPack) Pack {
-  T v[kPack];
+// N elements of T in whole 128-bit words.
+template <typename T, int N>
+struct alignas(kVectorBytes) Vector {
+  static_assert(sizeof(T) * N % kVectorBytes == 0, "a Vector is made of 128-bit words");
+  static constexpr int kWords = sizeof(T) * N / kVectorBytes;
+  T v[N];
 };
 
-template <typename T>
-__device__ __forceinline__ bool is_pack_aligned(const T* ptr) {
-  return reinterpret_cast<uintptr_t>(ptr) % sizeof(Pack<T>) == 0;
+// Loads and stores name the global state space (ld.global / st.global): the addresses come from
+// the work table, where the compiler cannot see which space they point to.
+template <typename V>
+__device__ __forceinline__ V load_vector(const V* ptr) {
+  V out;
+#pragma unroll
+  for (int k = 0; k < V::kWords; ++k) {
+    reinterpret_cast<uint4*>(&out)[k] = __ldcg(reinterpret_cast<const uint4*>(ptr) + k);
+  }
+  return out;
+}
+
+// A load with the streaming (evict-first) hint: for data read once.
+template <typename V>
+__device__ __forceinline__ V load_vector_streaming(const V* ptr) {
+  V out;
+#pragma unroll
+  for (int k = 0; k < V::kWords; ++k) {
+    reinterpret_cast<uint4*>(&out)[k] = __ldcs(reinterpret_cast<const uint4*>(ptr) + k);
+  }
+  return out;
+}
+
+template <typename V>
+__device__ __forceinline__ void store_vector(V* ptr, const V& value) {
+#pragma unroll
+  for (int k = 0; k < V::kWords; ++k) {
+    __stcg(reinterpret_cast<uint4*>(ptr) + k, reinterpret_cast<const uint4*>(&value)[k]);
+  }
+}
+
+__device__ __forceinline__ bool is_vector_aligned(const void* ptr) {
+  return reinterpret_cast<uintptr_t>(ptr) % kVectorBytes == 0;
+}
+
+// Elements of a param pack: one 128-bit word of params.
+template <typename scalar_t>
+constexpr int kPack = kVectorBytes / sizeof(scalar_t);
+
+// Updates one pack in registers; writes it back whole if any element was selected.
+template <Power kPower, typename scalar_t, typename T>
+__device__ __forceinline__ void update_pack(Vector<scalar_t, kPack<scalar_t>>& p,
+                                            const Vector<scalar_t, kPack<scalar_t>>& g,
+                                            Vector<T, kPack<scalar_t>>& a, const Hyper<T>& h,
+                                            Vector<scalar_t, kPack<scalar_t>>* p_out,
+                                            Vector<T, kPack<scalar_t>>* a_out, int& updated,
+                                            int& nonfinite) {
+  int selected_count = 0;
+#pragma unroll
+  for (int e = 0; e < kPack<scalar_t>; ++e) {
+    bool selected, finite;
+    T new_param, new_acc;
+    step_element<kPower>(static_cast<T>(p.v[e]), static_cast<T>(g.v[e]), a.v[e], h, selected,
+                         finite, new_param, new_acc);
+    p.v[e] = selected ? static_cast<scalar_t>(new_param) : p.v[e];
+    a.v[e] = selected ? new_acc : a.v[e];
+    selected_count += selected;
+    nonfinite += !finite;
+  }
+  updated += selected_count;
+  if (selected_count != 0) {
+    store_vector(p_out, p);
+    store_vector(a_out, a);
+  }
+}
+
+// Updates the `n` elements of one chunk: packs of 128-bit words where all three tensors are
+// aligned, kIlp packs in flight per thread, then one element at a time.
+template <Power kPower, typename scalar_t, typename T>
+__device__ __forceinline__ void update_chunk(scalar_t* param, const scalar_t* grad, T* acc, int n,
+                                             const Hyper<T>& h, int& updated, int& nonfinite) {
+  constexpr int kP = kPack<scalar_t>;
+  using ParamPack = Vector<scalar_t, kP>;
+  using AccPack = Vector<T, kP>;
+  int scalar_from = 0;
+  if (is_vector_aligned(param) && is_vector_aligned(grad) && is_vector_aligned(acc)) {
+    auto* params = reinterpret_cast<ParamPack*>(param);
+    const auto* grads = reinterpret_cast<const ParamPack*>(grad);
+    auto* accs = reinterpret_cast<AccPack*>(acc);
+    const int packs = n / kP;
+    int i = threadIdx.x;
+    for (; i + (kIlp - 1) * kThreads < packs; i += kIlp * kThreads) {
+      ParamPack p[kIlp], g[kIlp];
+      AccPack a[kIlp];
+#pragma unroll
+      for (int k = 0; k < kIlp; ++k) {
+        p[k] = load_vector(params + i + k * kThreads);
+        g[k] = load_vector_streaming(grads + i + k * kThreads);
+        a[k] = load_vector(accs + i + k * kThreads);
+      }
+#pragma unroll
+      for (int k = 0; k < kIlp; ++k) {
+        update_pack<kPower>(p[k], g[k], a[k], h, params + i + k * kThreads,
+                            accs + i + k * kThreads, updated, nonfinite);
+      }
+    }
+    for (; i < packs; i += kThreads) {
+      ParamPack p = load_vector(params + i);
+      AccPack a = load_vector(accs + i);
+      update_pack<kPower>(p, load_vector_streaming(grads + i), a, h, params + i, accs + i,
+                          updated, nonfinite);
+    }
+    scalar_from = packs * kP;
+  }
+  for (int i = scalar_from + threadIdx.x; i < n; i += kThreads) {
+    bool selected, finite;
+    T new_param, new_acc;
+    step_element<kPower>(static_cast<T>(param[i]), static_cast<T>(grad[i]), acc[i], h, selected,
+                         finite, new_param, new_acc);
+    if (selected) {
+      param[i] = static_cast<scalar_t>(new_param);
+      acc[i] = new_acc;
+    }
+    updated += selected;
+    nonfinite += !finite;
+  }
 }
 
 // Sums `value` over the block; the result is valid in thread 0. Starts with a barrier, so the
 // scratch space can be reused by consecutive calls.
-__device__ __forceinline__ int block_sum(int value, int* scratch) {
+__device__ __forceinline__ long long block_sum(long long value, long long* scratch) {
   for (int offset = 16; offset > 0; offset /= 2) {
     value += __shfl_down_sync(0xffffffffu, value, offset);
   }
@@ -135,9 +243,25 @@ __device__ __forceinline__ int block_sum(int value, int* scratch) {
   return value;
 }
 
+// Adds the block's counts for one counts row (called by every thread of the block).
+__device__ __forceinline__ void add_counts(int64_t row, int updated, int nonfinite,
+                                           int64_t* counts, long long* scratch) {
+  const long long block_updated = block_sum(updated, scratch);
+  const long long block_nonfinite = block_sum(nonfinite, scratch);
+  if (threadIdx.x == 0) {
+    auto* out = reinterpret_cast<unsigned long long*>(counts + 2 * row);
+    if (block_updated != 0) {
+      atomicAdd(out, static_cast<unsigned long long>(block_updated));
+    }
+    if (block_nonfinite != 0) {
+      atomicAdd(out + 1, static_cast<unsigned long long>(block_nonfinite));
+    }
+  }
+}
+
 template <typename scalar_t, Power kPower>
 __global__ void __launch_bounds__(kThreads)
-    classp_step_kernel(const LaunchTable table, const StepArgs args, int64_t* counts) {
+    classp_step_kernel(const DeviceWorkTable table, const StepArgs args, int64_t* counts) {
   using T = math_t<scalar_t>;
   if (args.has_found_inf && read_scalar(args.found_inf) != 0.0) {
     return;  // an overflowed AMP step changes and counts nothing
@@ -150,116 +274,120 @@ __global__ void __launch_bounds__(kThreads)
                    static_cast<T>(args.has_grad_scale ? read_scalar(args.grad_scale) : 1.0),
                    args.apply_scaling,
                    args.has_grad_scale};
+  const int64_t* entries = table.data + table.num_records * kRecordColumns;
+  __shared__ long long scratch[kThreads / 32];
 
-  const int slot = table.block_tensor[blockIdx.x];
-  const int64_t begin = static_cast<int64_t>(table.block_chunk[blockIdx.x]) * kChunkElements;
-  const int64_t rest = table.numels[slot] - begin;
-  const int64_t n = rest < kChunkElements ? rest : kChunkElements;
-  scalar_t* param = static_cast<scalar_t*>(table.params[slot]) + begin;
-  const scalar_t* grad = static_cast<const scalar_t*>(table.grads[slot]) + begin;
-  T* acc = static_cast<T*>(table.accs[slot]) + begin;
-
+  // Counts accumulate per thread while consecutive chunks of the block belong to one tensor.
+  int64_t row = -1;
   int updated = 0;
   int nonfinite = 0;
-  int64_t scalar_from = 0;  // where the one-element-at-a-time loop starts
-  if (is_pack_aligned(param) && is_pack_aligned(grad) && is_pack_aligned(acc)) {
-    const int64_t packs = n / kPack;
-    for (int64_t i = threadIdx.x; i < packs; i += kThreads) {
-      const Pack<scalar_t> p = reinterpret_cast<const Pack<scalar_t>*>(param)[i];
-      const Pack<scalar_t> g = reinterpret_cast<const Pack<scalar_t>*>(grad)[i];
-      Pack<T> a = reinterpret_cast<const Pack<T>*>(acc)[i];
-      Pack<scalar_t> new_p = p;
-      bool selected[kPack];
-      int selected_count = 0;
-#pragma unroll
-      for (int k = 0; k < kPack; ++k) {
-        T new_param, new_acc;
-        bool finite;
-        selected[k] = update_element<kPower>(static_cast<T>(p.v[k]), static_cast<T>(g.v[k]),
-                                             a.v[k], h, new_param, new_acc, finite);
-        nonfinite += !finite;
-        if (selected[k]) {
-          new_p.v[k] = static_cast<scalar_t>(new_param);
-          a.v[k] = new_acc;
-          ++selected_count;
-        }
+  for (int64_t c = blockIdx.x; c < table.num_chunks; c += gridDim.x) {
+    const int64_t entry = __ldg(entries + c);
+    const int64_t* record = table.data + (entry >> 32) * kRecordColumns;
+    const int64_t begin = (entry & 0xffffffffLL) * kChunkElements;
+    const int64_t record_row = __ldg(record + 4);
+    if (record_row != row) {  // the same for every thread of the block
+      if (row >= 0) {
+        add_counts(row, updated, nonfinite, counts, scratch);
       }
-      updated += selected_count;
-      if (selected_count == kPack) {
-        reinterpret_cast<Pack<scalar_t>*>(param)[i] = new_p;
-        reinterpret_cast<Pack<T>*>(acc)[i] = a;
-      } else if (selected_count > 0) {
-#pragma unroll
-        for (int k = 0; k < kPack; ++k) {
-          if (selected[k]) {
-            param[i * kPack + k] = new_p.v[k];
-            acc[i * kPack + k] = a.v[k];
-          }
-        }
-      }
+      row = record_row;
+      updated = 0;
+      nonfinite = 0;
     }
-    scalar_from = packs * kPack;
+    const int64_t rest = __ldg(record + 3) - begin;
+    const int n = static_cast<int>(rest < kChunkElements ? rest : kChunkElements);
+    update_chunk<kPower>(reinterpret_cast<scalar_t*>(__ldg(record)) + begin,
+                         reinterpret_cast<const scalar_t*>(__ldg(record + 1)) + begin,
+                         reinterpret_cast<T*>(__ldg(record + 2)) + begin, n, h, updated,
+                         nonfinite);
   }
-  for (int64_t i = scalar_from + threadIdx.x; i < n; i += kThreads) {
-    T new_param, new_acc;
-    bool finite;
-    if (update_element<kPower>(static_cast<T>(param[i]), static_cast<T>(grad[i]), acc[i], h,
-                               new_param, new_acc, finite)) {
-      param[i] = static_cast<scalar_t>(new_param);
-      acc[i] = new_acc;
-      ++updated;
-    }
-    nonfinite += !finite;
-  }
-
-  __shared__ int scratch[kThreads / 32];
-  updated = block_sum(updated, scratch);
-  nonfinite = block_sum(nonfinite, scratch);
-  if (threadIdx.x == 0) {
-    auto* row = reinterpret_cast<unsigned long long*>(counts + 2 * table.rows[slot]);
-    if (updated != 0) {
-      atomicAdd(row, static_cast<unsigned long long>(updated));
-    }
-    if (nonfinite != 0) {
-      atomicAdd(row + 1, static_cast<unsigned long long>(nonfinite));
-    }
+  if (row >= 0) {
+    add_counts(row, updated, nonfinite, counts, scratch);
   }
 }
 
-template <typename scalar_t, Power kPower>
-cudaError_t launch_all(const std::vector<DeviceTensors>& tensors, const StepArgs& args,
-                       int64_t* counts, cudaStream_t stream) {
-  std::vector<int64_t> numels;
-  numels.reserve(tensors.size());
-  for (const DeviceTensors& t : tensors) {
-    numels.push_back(t.numel);
+// Blocks of `kernel` the current device runs at once, computed once per kernel and device.
+template <typename Kernel>
+cudaError_t resident_blocks(Kernel kernel, std::atomic<int>* known, int* blocks) {
+  int device = 0;
+  cudaError_t status = cudaGetDevice(&device);
+  if (status != cudaSuccess) {
+    return status;
   }
-  // One part: every chunk starts at a multiple of kChunkElements, so a block's chunk index
-  // locates it.
-  const std::vector<Chunk> chunks = plan_work(numels, 1).chunks;
-  const std::vector<int64_t> launch_starts = plan_launches(chunks);
-  for (size_t launch = 0; launch + 1 < launch_starts.size(); ++launch) {
-    LaunchTable table;
-    int slot = -1;
-    int64_t last_tensor = -1;
-    const int64_t first = launch_starts[launch];
-    const int num_blocks = static_cast<int>(launch_starts[launch + 1] - first);
-    for (int block = 0; block < num_blocks; ++block) {
-      const Chunk& chunk = chunks[first + block];
-      if (chunk.tensor != last_tensor) {
-        const DeviceTensors& t = tensors[chunk.tensor];
-        ++slot;
-        table.params[slot] = t.param;
-        table.grads[slot] = t.grad;
-        table.accs[slot] = t.acc;
-        table.numels[slot] = t.numel;
-        table.rows[slot] = t.row;
-        last_tensor = chunk.tensor;
-      }
-      table.block_tensor[block] = static_cast<uint8_t>(slot);
-      table.block_chunk[block] = static_cast<int32_t>(chunk.begin / kChunkElements);
-    }
-    classp_step_kernel<scalar_t, kPower><<<num_blocks, kThreads, 0, stream>>>(table, args, counts);
+  if (device < kMaxDevices && (*blocks = known[device].load()) > 0) {
+    return cudaSuccess;
+  }
+  int sms = 0;
+  int per_sm = 0;
+  status = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (status == cudaSuccess) {
+    status = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kThreads, 0);
+  }
+  if (status != cudaSuccess) {
+    return status;
+  }
+  *blocks = std::max(sms * per_sm, 1);
+  if (device < kMaxDevices) {
+    known[device].store(*blocks);
+  }
+  return cudaSuccess;
+}
+
+template <typename scalar_t, Power kPower>
+cudaError_t launch(const DeviceWorkTable& table, const StepArgs& args, int64_t* counts,
+                   cudaStream_t stream) {
+  if (table.num_chunks == 0) {
+    return cudaSuccess;
+  }
+  static std::atomic<int> known[kMaxDevices];
+  int resident = 0;
+  const cudaError_t status =
+      resident_blocks(classp_step_kernel<scalar_t, kPower>, known, &resident);
+  if (status != cudaSuccess) {
+    return status;
+  }
+  // As many blocks as fit, trimmed so that every block takes the same number of chunks, or
+  // one less: no last partial wave.
+  const int64_t waves = (table.num_chunks + resident - 1) / resident;
+  const int blocks = static_cast<int>((table.num_chunks + waves - 1) / waves);
+  classp_step_kernel<scalar_t, kPower><<<blocks, kThreads, 0, stream>>>(table, args, counts);
+  return cudaGetLastError();
+}
+
+template <typename scalar_t>
+cudaError_t launch_for_power(const DeviceWorkTable& table, const StepArgs& args,
+                             int64_t* counts, cudaStream_t stream) {
+  if (args.power == 1.0) {
+    return launch<scalar_t, Power::kOne>(table, args, counts, stream);
+  }
+  if (args.power == 2.0) {
+    return launch<scalar_t, Power::kTwo>(table, args, counts, stream);
+  }
+  return launch<scalar_t, Power::kGeneric>(table, args, counts, stream);
+}
+
+// Values of one write_values_kernel launch: with the other arguments under the 4 KiB limit.
+constexpr int kValuesPerLaunch = 500;
+struct Values {
+  int64_t v[kValuesPerLaunch];
+};
+
+__global__ void write_values_kernel(const Values values, int count, int64_t* dst) {
+  for (int i = threadIdx.x; i < count; i += blockDim.x) {
+    dst[i] = values.v[i];
+  }
+}
+
+}  // namespace
+
+cudaError_t write_to_device(const std::vector<int64_t>& values, int64_t* dst,
+                            cudaStream_t stream) {
+  Values batch;
+  for (size_t first = 0; first < values.size(); first += kValuesPerLaunch) {
+    const int count =
+        static_cast<int>(std::min<size_t>(kValuesPerLaunch, values.size() - first));
+    std::copy_n(values.begin() + first, count, batch.v);
+    write_values_kernel<<<1, 128, 0, stream>>>(batch, count, dst + first);
     const cudaError_t status = cudaGetLastError();
     if (status != cudaSuccess) {
       return status;
@@ -268,31 +396,17 @@ cudaError_t launch_all(const std::vector<DeviceTensors>& tensors, const StepArgs
   return cudaSuccess;
 }
 
-template <typename scalar_t>
-cudaError_t launch_for_power(const std::vector<DeviceTensors>& tensors, const StepArgs& args,
-                             int64_t* counts, cudaStream_t stream) {
-  if (args.power == 1.0) {
-    return launch_all<scalar_t, Power::kOne>(tensors, args, counts, stream);
-  }
-  if (args.power == 2.0) {
-    return launch_all<scalar_t, Power::kTwo>(tensors, args, counts, stream);
-  }
-  return launch_all<scalar_t, Power::kGeneric>(tensors, args, counts, stream);
-}
-
-}  // namespace
-
-cudaError_t launch_classp_step(ParamDtype dtype, const std::vector<DeviceTensors>& tensors,
+cudaError_t launch_classp_step(ParamDtype dtype, const DeviceWorkTable& table,
                                const StepArgs& args, int64_t* counts, cudaStream_t stream) {
   switch (dtype) {
     case ParamDtype::kFloat:
-      return launch_for_power<float>(tensors, args, counts, stream);
+      return launch_for_power<float>(table, args, counts, stream);
     case ParamDtype::kBFloat16:
-      return launch_for_power<c10::BFloat16>(tensors, args, counts, stream);
+      return launch_for_power<c10::BFloat16>(table, args, counts, stream);
     case ParamDtype::kHalf:
-      return launch_for_power<c10::Half>(tensors, args, counts, stream);
+      return launch_for_power<c10::Half>(table, args, counts, stream);
     case ParamDtype::kDouble:
-      return launch_for_power<double>(tensors, args, counts, stream);
+      return launch_for_power<double>(table, args, counts, stream);
   }
   return cudaErrorInvalidValue;
 }

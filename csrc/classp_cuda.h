@@ -1,5 +1,6 @@
-// Interface between the CUDA op (classp_cuda_op.cpp: tensors, checks, registration) and the CUDA
-// kernels (classp_cuda.cu). Plain types only, so the kernel file compiles without ATen headers.
+// Interface between the CUDA op (classp_cuda_op.cpp: tensors, checks, the cached work tables,
+// registration) and the CUDA kernels (classp_cuda.cu). Plain types only, so the kernel file
+// compiles without ATen headers.
 #pragma once
 
 #include <cuda_runtime_api.h>
@@ -10,15 +11,6 @@
 namespace classp {
 
 enum class ParamDtype { kFloat, kBFloat16, kHalf, kDouble };
-
-// One tensor triple in device memory, laid out alike (contiguous, or dense with equal strides).
-struct DeviceTensors {
-  void* param;
-  const void* grad;
-  void* acc;
-  int64_t numel;
-  int64_t row;  // row of this tensor in the counts output
-};
 
 // A one-element float32/float64 tensor read on the device, or a value known on the host
 // (ptr == nullptr).
@@ -36,9 +28,23 @@ struct StepArgs {
   bool apply_scaling, has_grad_scale, has_found_inf;
 };
 
-// Enqueues the step over `tensors` (all of `dtype`, none empty) on `stream`; adds the per-tensor
-// [updated, nonfinite] counts into `counts` (int64, 2 per row, zeroed by the caller).
-cudaError_t launch_classp_step(ParamDtype dtype, const std::vector<DeviceTensors>& tensors,
+// A work table (classp_plan.h) in device memory: `num_records` tensor records, then
+// `num_chunks` chunk entries. Its tensors are all of one dtype.
+struct DeviceWorkTable {
+  const int64_t* data;
+  int64_t num_records;
+  int64_t num_chunks;
+};
+
+// Enqueues writes of `values` (host memory, read before returning) to `dst` (device memory) on
+// `stream` as kernel launches, whose arguments carry the values: nothing is copied from host
+// memory, so the writes can be captured into a CUDA graph and replayed.
+cudaError_t write_to_device(const std::vector<int64_t>& values, int64_t* dst, cudaStream_t stream);
+
+// Enqueues the step over the tensors of `table` (all of `dtype`) on `stream` as one launch; adds
+// the per-tensor [updated, nonfinite] counts into `counts` (int64, 2 per row, zeroed by the
+// caller).
+cudaError_t launch_classp_step(ParamDtype dtype, const DeviceWorkTable& table,
                                const StepArgs& args, int64_t* counts, cudaStream_t stream);
 
 }  // namespace classp

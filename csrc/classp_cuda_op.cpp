@@ -1,6 +1,8 @@
-// CUDA kernel registration of classp_fused::classp_step_: checks, layouts, device scalars and
-// the counts output; the kernels themselves are in classp_cuda.cu. Built only with CUDA.
+// CUDA kernel registration of classp_fused::classp_step_: checks, layouts, device scalars, the
+// cached work tables and the counts output; the kernels themselves are in classp_cuda.cu.
+// Built only with CUDA.
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -8,14 +10,116 @@
 #include <torch/library.h>
 
 #include <array>
+#include <cstddef>
+#include <list>
+#include <mutex>
 #include <optional>
+#include <unordered_map>
+#include <utility>
 #include <vector>
 
 #include "classp_checks.h"
 #include "classp_cuda.h"
+#include "classp_plan.h"
 
 namespace classp {
 namespace {
+
+// Work tables in device memory, one per device, dtype and list of tensor records, built on
+// first use and reused while the same tensors are stepped: a step then copies nothing from the
+// host. The least recently used table is dropped beyond kCachedTables, except tables a CUDA
+// graph captured, kept for good since a replay reads them. A table first needed while a stream
+// is capturing is built inside the graph (its writes are kernels the graph replays) and not
+// cached, as eager steps could read it before any replay.
+class WorkTableCache {
+ public:
+  // The table and a tensor owning its memory (valid at least until the step is enqueued).
+  std::pair<DeviceWorkTable, at::Tensor> get(c10::Device device, ParamDtype dtype,
+                                             const std::vector<TensorRecord>& records,
+                                             const c10::cuda::CUDAStream& stream) {
+    std::vector<int64_t> key{device.index(), static_cast<int64_t>(dtype)};
+    key.reserve(2 + records.size() * kRecordColumns);
+    for (const TensorRecord& r : records) {
+      key.insert(key.end(), {r.param, r.grad, r.acc, r.numel, r.row});
+    }
+    cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+    C10_CUDA_CHECK(cudaStreamIsCapturing(stream.stream(), &capture));
+    const bool capturing = capture != cudaStreamCaptureStatusNone;
+
+    const std::lock_guard<std::mutex> lock(mutex_);
+    const auto found = index_.find(key);
+    if (found != index_.end()) {
+      Entry& entry = *found->second;
+      if (capturing) {
+        entry.kept = true;
+      } else if (entry.stream != stream) {
+        entry.tensor.record_stream(stream);
+      }
+      entries_.splice(entries_.begin(), entries_, found->second);
+      return {entry.table, entry.tensor};
+    }
+    const std::vector<int64_t> image = work_table(records);
+    at::Tensor tensor = at::empty({static_cast<int64_t>(image.size())},
+                                  at::TensorOptions().dtype(at::kLong).device(device));
+    C10_CUDA_CHECK(write_to_device(image, tensor.data_ptr<int64_t>(), stream.stream()));
+    const DeviceWorkTable table{tensor.data_ptr<int64_t>(),
+                                static_cast<int64_t>(records.size()),
+                                static_cast<int64_t>(image.size() - records.size() *
+                                                                        kRecordColumns)};
+    if (!capturing) {
+      entries_.push_front({key, tensor, table, stream, false});
+      index_.emplace(std::move(key), entries_.begin());
+      drop_least_recent();
+    }
+    return {table, tensor};
+  }
+
+ private:
+  static constexpr size_t kCachedTables = 64;
+
+  struct Entry {
+    std::vector<int64_t> key;
+    at::Tensor tensor;
+    DeviceWorkTable table;
+    c10::cuda::CUDAStream stream;  // where the tensor was allocated
+    bool kept;                     // read by a captured graph
+  };
+
+  struct KeyHash {
+    size_t operator()(const std::vector<int64_t>& key) const {
+      size_t hash = key.size();
+      for (int64_t value : key) {
+        hash ^= std::hash<int64_t>()(value) + 0x9e3779b97f4a7c15ULL + (hash << 6) + (hash >> 2);
+      }
+      return hash;
+    }
+  };
+
+  void drop_least_recent() {
+    size_t dropable = 0;
+    for (const Entry& entry : entries_) {
+      dropable += !entry.kept;
+    }
+    for (auto it = entries_.end(); dropable > kCachedTables && it != entries_.begin();) {
+      --it;
+      if (!it->kept) {
+        index_.erase(it->key);
+        it = entries_.erase(it);
+        --dropable;
+      }
+    }
+  }
+
+  std::mutex mutex_;
+  std::list<Entry> entries_;  // most recently used first
+  std::unordered_map<std::vector<int64_t>, std::list<Entry>::iterator, KeyHash> index_;
+};
+
+// Never destroyed: the tables' memory must not be returned after CUDA shuts down at exit.
+WorkTableCache& work_tables() {
+  static auto* cache = new WorkTableCache();
+  return *cache;
+}
 
 // `t` read on the device when it lives there, else its value now.
 ScalarArg scalar_arg(const at::Tensor& t, const char* name) {
@@ -86,7 +190,7 @@ at::Tensor classp_step_cuda(at::TensorList params, at::TensorList grads, at::Ten
 
   // Tensors laid out differently are updated on contiguous copies, written back afterwards.
   std::vector<at::Tensor> work_params(n), work_grads(n), work_accs(n);
-  std::array<std::vector<DeviceTensors>, 4> by_dtype;  // indexed by ParamDtype
+  std::array<std::vector<TensorRecord>, 4> by_dtype;  // indexed by ParamDtype
   for (int64_t i = 0; i < n; ++i) {
     if (params[i].numel() == 0) {
       continue;
@@ -98,14 +202,17 @@ at::Tensor classp_step_cuda(at::TensorList params, at::TensorList grads, at::Ten
     work_grads[i] = direct ? grads[i] : grads[i].contiguous();
     work_accs[i] = direct ? accs[i] : accs[i].contiguous();
     by_dtype[static_cast<int>(param_dtype(params[i].scalar_type()))].push_back(
-        {work_params[i].data_ptr(), work_grads[i].data_ptr(), work_accs[i].data_ptr(),
-         params[i].numel(), i});
+        {reinterpret_cast<int64_t>(work_params[i].data_ptr()),
+         reinterpret_cast<int64_t>(work_grads[i].data_ptr()),
+         reinterpret_cast<int64_t>(work_accs[i].data_ptr()), params[i].numel(), i});
   }
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const c10::cuda::CUDAStream stream = c10::cuda::getCurrentCUDAStream();
   for (size_t dtype = 0; dtype < by_dtype.size(); ++dtype) {
     if (!by_dtype[dtype].empty()) {
-      C10_CUDA_CHECK(launch_classp_step(static_cast<ParamDtype>(dtype), by_dtype[dtype], args,
-                                        counts.data_ptr<int64_t>(), stream));
+      const auto [table, owner] =
+          work_tables().get(device, static_cast<ParamDtype>(dtype), by_dtype[dtype], stream);
+      C10_CUDA_CHECK(launch_classp_step(static_cast<ParamDtype>(dtype), table, args,
+                                        counts.data_ptr<int64_t>(), stream.stream()));
     }
   }
   for (int64_t i = 0; i < n; ++i) {

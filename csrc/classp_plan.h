@@ -1,6 +1,6 @@
 // How a multi-tensor step is split into work: (tensor, chunk) items with int64 offsets, shared by
-// the CPU kernel (items split between threads) and the CUDA kernel (one block per item, items
-// split into launches whose address table fits in the kernel arguments). Plain C++, no ATen.
+// the CPU kernel (items split between threads) and the CUDA kernel (persistent blocks striding
+// over the items of a work table in device memory). Plain C++, no ATen.
 #pragma once
 
 #include <algorithm>
@@ -11,9 +11,6 @@ namespace classp {
 
 // Elements of one work item at most.
 constexpr int64_t kChunkElements = 1 << 16;
-// Capacity of one CUDA launch's kernel-argument table: tensors and blocks (= chunks).
-constexpr int64_t kLaunchMaxTensors = 48;
-constexpr int64_t kLaunchMaxBlocks = 320;
 
 // A run of consecutive elements of one tensor, within one kChunkElements-aligned block of it.
 struct Chunk {
@@ -67,29 +64,32 @@ inline Plan plan_work(const std::vector<int64_t>& numels, int64_t num_parts) {
   return plan;
 }
 
-// Splits `chunks` into consecutive CUDA launches of at most kLaunchMaxBlocks chunks from at most
-// kLaunchMaxTensors tensors: returns the first chunk of each launch, then chunks.size().
-inline std::vector<int64_t> plan_launches(const std::vector<Chunk>& chunks) {
-  std::vector<int64_t> starts{0};
-  int64_t blocks = 0;
-  int64_t tensors = 0;
-  int64_t last_tensor = -1;
-  for (int64_t i = 0; i < static_cast<int64_t>(chunks.size()); ++i) {
-    bool new_tensor = chunks[i].tensor != last_tensor;
-    if (blocks == kLaunchMaxBlocks || (new_tensor && tensors == kLaunchMaxTensors)) {
-      starts.push_back(i);
-      blocks = 0;
-      tensors = 0;
-      new_tensor = true;
+// The CUDA kernel's work table, one int64 array in device memory: a record of kRecordColumns
+// values per tensor, then one entry per chunk of kChunkElements elements, tensor by tensor:
+// (record slot << 32) | chunk index within the tensor.
+constexpr int64_t kRecordColumns = 5;
+struct TensorRecord {
+  int64_t param, grad, acc;  // device addresses
+  int64_t numel;             // > 0
+  int64_t row;               // row of the tensor in the counts output
+};
+
+inline std::vector<int64_t> work_table(const std::vector<TensorRecord>& records) {
+  std::vector<int64_t> table;
+  int64_t chunks = 0;
+  for (const TensorRecord& r : records) {
+    chunks += (r.numel + kChunkElements - 1) / kChunkElements;
+  }
+  table.reserve(records.size() * kRecordColumns + chunks);
+  for (const TensorRecord& r : records) {
+    table.insert(table.end(), {r.param, r.grad, r.acc, r.numel, r.row});
+  }
+  for (int64_t slot = 0; slot < static_cast<int64_t>(records.size()); ++slot) {
+    for (int64_t chunk = 0; chunk * kChunkElements < records[slot].numel; ++chunk) {
+      table.push_back(slot << 32 | chunk);
     }
-    tensors += new_tensor;
-    ++blocks;
-    last_tensor = chunks[i].tensor;
   }
-  if (!chunks.empty()) {
-    starts.push_back(static_cast<int64_t>(chunks.size()));
-  }
-  return starts;
+  return table;
 }
 
 }  // namespace classp

@@ -2,6 +2,7 @@
 classp_fused.classp_step_ on every CPU backend and, where the case can reach it, the optimizer.
 Edge cases that must work (zero-element and 0-dim tensors, empty lists) are checked as well.
 Invalid constructor arguments are covered in test_optim.py."""
+import numpy as np
 import pytest
 import torch
 
@@ -86,26 +87,42 @@ BAD_INPUTS = {
         _replace(PARAMS, torch.zeros(1, 3).expand(4, 3)), ValueError,
         r"params\[0\]: a parameter with internal overlap"),
     "lr NaN": (
-        _with(lr=float("nan")), ValueError, r"lr must be a non-negative number, got nan"),
+        _with(lr=float("nan")), ValueError, r"lr must be a finite non-negative number, got nan"),
     "lr tensor NaN": (
         _with(lr=torch.tensor(float("nan"))), ValueError,
-        r"lr must be a non-negative number, got nan"),
+        r"lr must be a finite non-negative number, got nan"),
     "lr negative": (
-        _with(lr=-0.1), ValueError, r"lr must be a non-negative number, got -0.1"),
+        _with(lr=-0.1), ValueError, r"lr must be a finite non-negative number, got -0.1"),
     "lr tensor of two elements": (
         _with(lr=torch.tensor([0.1, 0.2])), ValueError,
         r"lr as a tensor must hold one element, got shape \(2,\)"),
     "lr not a number": (
-        _with(lr="fast"), ValueError, r"lr must be a non-negative number, got 'fast'"),
+        _with(lr="fast"), ValueError, r"lr must be a finite non-negative number, got 'fast'"),
+    "lr infinite": (
+        _with(lr=float("inf")), ValueError, r"lr must be a finite non-negative number, got inf"),
+    "lr tensor -inf": (
+        _with(lr=torch.tensor(-float("inf"))), ValueError,
+        r"lr must be a finite non-negative number, got -inf"),
+    "lr a numeric string": (
+        _with(lr="0.1"), ValueError, r"lr must be a finite non-negative number, got '0.1'"),
+    "lr integer tensor": (
+        _with(lr=torch.tensor(1)), TypeError,
+        r"lr as a tensor must be floating point, got torch.int64"),
     "power 0": (
         _with(power=0.0), ValueError, r"power must be a finite number > 0, got 0.0"),
     "power inf": (
         _with(power=float("inf")), ValueError, r"power must be a finite number > 0, got inf"),
     "eps negative": (
-        _with(eps=-1e-8), ValueError, r"eps must be a non-negative number, got -1e-08"),
+        _with(eps=-1e-8), ValueError, r"eps must be a finite non-negative number, got -1e-08"),
     "threshold NaN": (
         _with(threshold=float("nan")), ValueError,
-        r"threshold must be a non-negative number, got nan"),
+        r"threshold must be a finite non-negative number, got nan"),
+    "threshold infinite": (
+        _with(threshold=float("inf")), ValueError,
+        r"threshold must be a finite non-negative number, got inf"),
+    "threshold a string": (
+        _with(threshold="0.1"), ValueError,
+        r"threshold must be a finite non-negative number, got '0.1'"),
     "grad_scale of two elements": (
         _with(grad_scale=torch.ones(2)), ValueError,
         r"grad_scale must be a one-element tensor or None"),
@@ -148,6 +165,20 @@ def test_zero_element_and_zero_dim_tensors_work(backend):
 
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
+@pytest.mark.parametrize("lr", [np.float32(0.1), torch.tensor(0.1), torch.tensor([0.1]),
+                                torch.tensor([[0.1]])], ids=["numpy", "()", "(1,)", "(1,1)"])
+def test_every_accepted_lr_form_steps_like_a_float(backend, lr):
+    params, grads, accs = _inputs()
+    expected = [[t.clone() for t in ts] for ts in (params, grads, accs)]
+    counts = classp_step_(params, grads, accs, lr=lr, threshold=1e-4, backend=backend)
+    expected_counts = reference_step_(*expected, lr=0.1, threshold=1e-4, eps=1e-5, power=1.0,
+                                      apply_scaling=True)
+    assert torch.equal(counts, expected_counts)
+    torch.testing.assert_close(params[0], expected[0][0], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(accs[0], expected[2][0], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_empty_lists_work(backend):
     counts = classp_step_([], [], [], lr=0.1, backend=backend)
     assert counts.shape == (0, 2) and counts.dtype == torch.int64
@@ -166,11 +197,11 @@ def test_optimizer_rejects_sparse_grads(backend):
 
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 @pytest.mark.parametrize("key, value, message", [
-    ("lr", float("nan"), r"lr must be a non-negative number, got nan"),
-    ("lr", torch.tensor(-1.0), r"lr must be a non-negative number, got -1.0"),
+    ("lr", float("nan"), r"lr must be a finite non-negative number, got nan"),
+    ("lr", torch.tensor(-1.0), r"lr must be a finite non-negative number, got -1.0"),
     ("power", 0.0, r"power must be a finite number > 0, got 0.0"),
-    ("eps", -1.0, r"eps must be a non-negative number, got -1.0"),
-    ("threshold", -1.0, r"threshold must be a non-negative number, got -1.0"),
+    ("eps", -1.0, r"eps must be a finite non-negative number, got -1.0"),
+    ("threshold", -1.0, r"threshold must be a finite non-negative number, got -1.0"),
 ])
 def test_param_group_edited_to_a_bad_value_fails_the_step(backend, key, value, message):
     p = torch.nn.Parameter(random_like((4, 3)))

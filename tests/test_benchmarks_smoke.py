@@ -1,16 +1,18 @@
-"""The step-benchmark report generator and the bandwidth probe work (seconds; no suite run)."""
-import importlib.util
+"""The step-benchmark report generator, the bandwidth probe and the GPU suite's planning,
+measurement loop and report work (seconds; the GPU suite runs on the CPU, without kernel and
+graph times)."""
+import importlib
 import json
+import sys
 from pathlib import Path
 
-BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def load(name: str):
-    spec = importlib.util.spec_from_file_location(f"benchmarks_{name}", BENCHMARKS / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    return importlib.import_module(f"benchmarks.{name}")
 
 
 def benchmark(impl, size, tensors, median, baseline, dtype="fp32", power=1.0, threshold=0.0,
@@ -76,3 +78,73 @@ def test_bandwidth_probe_is_sane():
         best, median = result[f"{kernel}_gbs_best"], result[f"{kernel}_gbs_median"]
         assert 0.1 < median <= best < 10_000
     assert result["array_mb"] > 8
+
+
+def test_gpu_plan_pairs_every_group_with_peers_that_exist_on_cuda():
+    gpu = load("gpu")
+    groups = gpu.plan(["cuda", "triton"], gpu.GPU_GROUPS)
+    cases = [case for group in groups for case in group]
+    assert {c.impl for c in cases} == {"classp/cuda", "classp/triton", "classp/naive+compile",
+                                       "adam/fused", "adagrad/foreach", "adagrad/compiled"}
+    assert "adagrad/fused" not in {c.impl for c in cases}  # torch has it on the CPU only
+    for group in groups:
+        assert len({case.layout for case in group}) == 1
+        assert any(c.impl == gpu.BASELINE for c in group)
+        assert any(c.impl.startswith("classp/") for c in group)
+        assert sum(gpu.memory_bytes(c) for c in group) < 0.8 * 139 * 2**30  # an H200's memory
+    layouts = {(c.size, c.tensors, c.dtype, c.power, c.threshold) for c in cases
+               if c.impl == "classp/cuda"}
+    assert {(10**8, 1, "fp32", 1.0, 0.0), (10**9, 1, "fp32", 1.0, 0.0),
+            (10**8, 200, "fp32", 1.0, 0.0), (10**8, 1, "bf16", 1.0, 0.0),
+            (10**8, 1, "fp32", 2.0, 0.0), (10**8, 1, "fp32", 0.5, 0.0)} <= layouts
+    compiles = [c for c in cases if c.impl in gpu.COMPILED]
+    assert len(compiles) <= 10  # each costs seconds to tens of seconds on the GPU machine
+
+
+def test_gpu_suite_measures_and_reports_on_the_cpu(tmp_path):
+    gpu, gpu_report = load("gpu"), load("gpu_report")
+    group = [gpu.Case("classp/cpp", 3000, 5, power=1.0, threshold=0.0),
+             gpu.Case("classp/foreach", 3000, 5, power=1.0, threshold=0.0),
+             gpu.Case("adam/fused", 3000, 5), gpu.Case("adagrad/foreach", 3000, 5)]
+    results = gpu.run("cpu", groups=[group, [gpu.Case("classp/cpp", 10, 1, "bf16", 2.0, 0.0)]],
+                      rounds=2, round_budget_s=1e-3, probe_bytes=1 << 20)
+    assert [r["impl"] for r in results["rows"]] == [c.impl for c in group] + ["classp/cpp"]
+    for row in results["rows"]:
+        assert row["error"] is None and len(row["eager_s_rounds"]) == 2
+        assert row["eager_s"] > 0 and row["host_s"] > 0
+        assert row["kernel_s"] is None and row["graph_s"] is None  # CUDA only
+    path = tmp_path / "gpu_step_cuda.json"
+    path.write_text(json.dumps(results))
+    text = "\n".join(gpu_report.section(path))
+    assert "| 3e3 | 5 | fp32 | 1 | 0 | `classp/cpp` | - |" in text
+    assert "Not yet measured" not in text
+
+
+def test_gpu_report_from_synthetic_results(tmp_path):
+    gpu_report = load("gpu_report")
+    assert "**Not yet measured.**" in "\n".join(gpu_report.section(tmp_path / "absent.json"))
+
+    def row(impl, kernel, host, graph=1e-4, error=None):
+        classp = impl.startswith("classp")
+        return dict(impl=impl, size=10**8, tensors=1, dtype="fp32",
+                    power=1.0 if classp else None, threshold=0.0 if classp else None,
+                    bytes_per_element=32 if impl == "adam/fused" else 20, first_call_s=1.0,
+                    kernel_s=kernel, eager_s=2 * kernel, graph_s=None if error else graph,
+                    host_s=host, graph_error=error, error=None, kernel_s_rounds=[kernel],
+                    eager_s_rounds=[2 * kernel, 2.02 * kernel],
+                    graph_s_rounds=[], host_s_rounds=[])
+    run = {"device": {"type": "cuda", "name": "Test GPU", "torch": "2.11.0", "cuda": "13.0"},
+           "datetime": "2026-11-30 03:00 UTC", "wall_s": 180.0, "skipped": ["a-1e9 (memory)"],
+           "bandwidth": {"copy_gbs_best": 4000.0, "update_gbs_best": 4000.0, "repeats": 10,
+                         "array_mb": 2000.0},
+           "rows": [row("classp/cuda", 5e-4, 20e-6), row("adagrad/compiled", 4e-4, 100e-6),
+                    row("adam/fused", 8e-4, 40e-6, error="RuntimeError: capture failed")]}
+    path = tmp_path / "gpu_step_cuda.json"
+    path.write_text(json.dumps(run))
+    text = "\n".join(gpu_report.section(path))
+    assert "### GPU (Test GPU)" in text and "copy 4000 GB/s" in text
+    # 20 B x 1e8 / 500 us = 4000 GB/s: 100% of both; 1.25x compiled Adagrad; 0.50x fused Adam
+    assert ("| 1e8 | 1 | fp32 | 1 | 0 | `classp/cuda` | 500 µs | 4000 | 100% | 100% | 1 ms | "
+            "100 µs | 20 µs | 1.25 | 0.50 |") in text
+    assert "| fails |" in text and "RuntimeError: capture failed" in text
+    assert "a-1e9 (memory)" in text and "maximum 1.010" in text

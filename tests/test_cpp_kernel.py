@@ -1,6 +1,6 @@
 """The C++ CPU kernel of classp_fused::classp_step_, called as the op: exactness against the
-reference, masked-out elements left untouched bit for bit, counts, layouts, argument checks,
-and the int64 work split (chunks, threads, CUDA launches) of tensors of 2^31 elements and more."""
+reference, masked-out elements left untouched bit for bit, counts, layouts, argument checks, and
+the int64 work split (chunks, threads, the CUDA work table) of tensors of 2^31 elements and more."""
 import pytest
 import torch
 from torch._C import DispatchKey, DispatchKeySet
@@ -14,7 +14,7 @@ pytestmark = pytest.mark.skipif(not _extension.has_kernel("CPU"),
 OP = torch.ops.classp_fused.classp_step_.default if _extension.LOAD_ERROR is None else None
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 CHUNK = 1 << 16
-LAUNCH_MAX_TENSORS, LAUNCH_MAX_BLOCKS = 48, 320
+RECORD_COLUMNS = 5
 # Tolerance of the generic power path (exp2/log2 vs torch.pow): about one rounding of the dtype.
 GENERIC_RTOL = {torch.float32: 2e-6, torch.float64: 1e-14, torch.bfloat16: 2 ** -7,
                 torch.float16: 2 ** -10}
@@ -284,7 +284,7 @@ def test_device_checks():
 
 
 def check_plan(numels, num_parts):
-    table, part_starts, launch_starts = torch.ops.classp_fused._chunk_plan(numels, num_parts)
+    table, part_starts, work_table = torch.ops.classp_fused._chunk_plan(numels, num_parts)
     assert table.dtype == torch.int64
     tensor, begin, end = table.unbind(1)
     # Chunks tile every tensor in order, each within one CHUNK-aligned block of it.
@@ -294,7 +294,7 @@ def check_plan(numels, num_parts):
     assert bool((tensor[1:] > tensor[:-1])[~same].all()) and bool((begin[1:][~same] == 0).all())
     totals = torch.zeros(len(numels), dtype=torch.int64).index_add_(0, tensor, end - begin)
     assert totals.tolist() == list(numels)
-    if num_parts == 1:  # the CUDA split: whole blocks
+    if num_parts == 1:  # whole blocks
         expected = [[t, b, min(b + CHUNK, n)] for t, n in enumerate(numels)
                     for b in range(0, n, CHUNK)]
         assert len(table) == len(expected)
@@ -306,12 +306,23 @@ def check_plan(numels, num_parts):
     done = torch.cat([torch.zeros(1, dtype=torch.int64), (end - begin).cumsum(0)])
     per_part = done[part_starts].diff()
     assert int(per_part.max() - per_part.min()) <= 1
-    # CUDA launches: consecutive runs within the kernel-argument table's capacity.
-    assert launch_starts[0] == 0 and launch_starts[-1] == len(table)
-    for first, last in zip(launch_starts[:-1].tolist(), launch_starts[1:].tolist()):
-        assert 0 < last - first <= LAUNCH_MAX_BLOCKS
-        assert len(torch.unique(tensor[first:last])) <= LAUNCH_MAX_TENSORS
-    return table, part_starts, launch_starts
+    check_work_table(numels, work_table)
+    return table, part_starts, work_table
+
+
+def check_work_table(numels, work_table):
+    """The CUDA kernel's table: a record per non-empty tensor, then (slot, chunk) per chunk."""
+    rows = [i for i, n in enumerate(numels) if n > 0]
+    records = work_table[:RECORD_COLUMNS * len(rows)].view(-1, RECORD_COLUMNS)
+    assert records[:, 3].tolist() == [numels[i] for i in rows]
+    assert records[:, 4].tolist() == rows and not records[:, :3].any()
+    entries = work_table[RECORD_COLUMNS * len(rows):]
+    expected = [slot << 32 | chunk for slot, i in enumerate(rows)
+                for chunk in range(-(-numels[i] // CHUNK))]
+    assert len(entries) == len(expected)
+    if expected:  # the ends and a sample: tables past 2^31 elements are long
+        picks = torch.linspace(0, len(expected) - 1, 50).long().tolist()
+        assert [entries[k].item() for k in picks] == [expected[k] for k in picks]
 
 
 def test_chunk_plan_beyond_int32():
@@ -330,8 +341,8 @@ def test_chunk_plan_beyond_int32():
 
 def test_chunk_plan_many_small_tensors():
     numels = [1, 0] * 100 + [5 * CHUNK] + [3] * 60
-    _, _, launch_starts = check_plan(numels, 1)
-    assert len(launch_starts) - 1 == 4  # 48 + 48 + (4 + the big one + 43) + 17 tensors
+    _, _, work_table = check_plan(numels, 1)
+    assert len(work_table) == 161 * RECORD_COLUMNS + 165  # 161 tensors, 165 chunks
     check_plan(numels, 2)
     check_plan([], 2)
     check_plan([7], 3)

@@ -1,8 +1,11 @@
-"""The CUDA kernel and its op registration compile for sm_90 (compile only: no GPU needed).
+"""The CUDA kernel and its op registration compile for sm_90 (compile only: no GPU needed), and
+the kernel's code has the memory accesses it is designed around.
 
-Plain ``nvcc -c`` against the installed torch's headers, with the flags torch's extension builder
-adds; skipped where nvcc is not installed."""
+Plain ``nvcc`` against the installed torch's headers, with the flags torch's extension builder
+adds; skipped where nvcc is not installed. The machine code (SASS) is inspected where cuobjdump
+is installed too."""
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -11,7 +14,9 @@ import pytest
 from torch.utils import cpp_extension
 
 ROOT = Path(__file__).resolve().parents[1]
-SOURCES = ["csrc/classp_cuda.cu", "csrc/classp_cuda_op.cpp"]
+KERNEL = "csrc/classp_cuda.cu"
+SOURCES = [KERNEL, "csrc/classp_cuda_op.cpp"]
+VARIANTS = 12  # param dtypes float, bfloat16, half, double x power paths 1, 2, generic
 
 
 def find_nvcc():
@@ -24,30 +29,84 @@ NVCC = find_nvcc()
 pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc not found")
 
 
-def nvcc_command(source, output):
+def nvcc_command(source, output, *extra):
     includes = [f"-I{path}" for path in cpp_extension.include_paths()]
     return [NVCC, "-c", str(ROOT / source), "-o", str(output), "-std=c++20", "-O3",
             "-gencode", "arch=compute_90,code=sm_90", "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE",
-            "-Xcompiler", "-fPIC", *cpp_extension.COMMON_NVCC_FLAGS, *includes]
+            "-Xcompiler", "-fPIC", *cpp_extension.COMMON_NVCC_FLAGS, *includes, *extra]
 
 
-def test_cuda_sources_compile_for_sm90(tmp_path):
-    jobs = []
-    for source in SOURCES:  # in parallel: the op file parses torch's heavier headers
-        output = tmp_path / (Path(source).name + ".o")
-        jobs.append((source, output, subprocess.Popen(
-            nvcc_command(source, output), cwd=ROOT, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, text=True)))
-    for source, output, job in jobs:
-        log, _ = job.communicate(timeout=600)
-        assert job.returncode == 0, f"nvcc failed on {source}:\n{log}"
-        assert output.stat().st_size > 0
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """Objects of both sources, compiled in parallel, and the kernel's PTX (kept from its
+    compilation)."""
+    out = tmp_path_factory.mktemp("nvcc")
+    outputs = {source: out / (Path(source).name + ".o") for source in SOURCES}
+    keep = out / "intermediate"
+    keep.mkdir()
+    jobs = {source: subprocess.Popen(
+                nvcc_command(source, output, *(["-keep", f"-keep-dir={keep}"]
+                                               if source == KERNEL else [])),
+                cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for source, output in outputs.items()}
+    logs = {source: (job.communicate(timeout=600)[0], job.returncode)
+            for source, job in jobs.items()}
+    outputs["ptx"] = next(keep.glob("*.ptx"), None)
+    return outputs, logs
+
+
+def test_cuda_sources_compile_for_sm90(built):
+    outputs, logs = built
+    for source in SOURCES:
+        log, returncode = logs[source]
+        assert returncode == 0, f"nvcc failed on {source}:\n{log}"
+        assert outputs[source].stat().st_size > 0
         own_warnings = [line for line in log.splitlines()
                         if "warning" in line and "csrc/" in line]
         assert not own_warnings, "\n".join(own_warnings)
-
     cuobjdump = Path(NVCC).with_name("cuobjdump")
     if cuobjdump.is_file():
-        listing = subprocess.run([str(cuobjdump), "--list-elf", str(tmp_path / "classp_cuda.cu.o")],
+        listing = subprocess.run([str(cuobjdump), "--list-elf", str(outputs[KERNEL])],
                                  capture_output=True, text=True, check=True).stdout
         assert "sm_90" in listing
+
+
+def step_kernels(code: str, entry: str) -> dict[str, str]:
+    """The text of each step kernel, by mangled name, in PTX or SASS listing ``code``."""
+    starts = [m for m in re.finditer(entry, code)]
+    bodies = {}
+    for m, after in zip(starts, starts[1:] + [None]):
+        if "classp_step_kernel" in m.group(1):
+            bodies[m.group(1)] = code[m.start():after.start() if after else len(code)]
+    return bodies
+
+
+def test_kernel_ptx_has_128_bit_streaming_loads(built):
+    """Every variant of the step kernel: params and accumulators in 128-bit global loads and
+    stores, grads in 128-bit loads with the streaming (evict-first) hint, nothing in local
+    memory (the packs stay in registers)."""
+    outputs, logs = built
+    log, returncode = logs[KERNEL]
+    assert returncode == 0 and outputs["ptx"] is not None, log
+    kernels = step_kernels(outputs["ptx"].read_text(), r"\.entry\s+(\w+)")
+    assert len(kernels) == VARIANTS, sorted(kernels)
+    for name, body in kernels.items():
+        assert re.search(r"ld\.global\.cg\.v4\.", body), name
+        assert re.search(r"ld\.global\.cs\.v4\.", body), name
+        assert re.search(r"st\.global\.cg\.v4\.", body), name
+        assert not re.search(r"(ld|st)\.local", body), name
+
+
+def test_kernel_sass_has_128_bit_loads(built):
+    """The machine code keeps the vector accesses: LDG.E.128 and STG.E.128 (needs cuobjdump)."""
+    outputs, _ = built
+    cuobjdump = Path(NVCC).with_name("cuobjdump")
+    if not cuobjdump.is_file():
+        pytest.skip("cuobjdump not found")
+    sass = subprocess.run([str(cuobjdump), "-sass", str(outputs[KERNEL])], capture_output=True,
+                          text=True, check=True).stdout
+    kernels = step_kernels(sass, r"Function\s*:\s*(\w+)")
+    assert len(kernels) == VARIANTS, sorted(kernels)
+    for name, body in kernels.items():
+        assert re.search(r"LDG\.E(\.\w+)*\.128", body), name
+        assert re.search(r"STG\.E(\.\w+)*\.128", body), name

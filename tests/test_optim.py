@@ -1,7 +1,6 @@
 """The torch.optim contract of classp_fused.CLASSP, on every backend available on the CPU."""
 import copy
 import io
-import math
 
 import pytest
 import torch
@@ -106,36 +105,6 @@ def test_add_param_group_mid_run(backend):
     train_steps(model, opt, 2)
     assert not any(torch.equal(p, q) for p, q in zip(model[2].parameters(), last))
     assert opt.param_groups[1]["lr"] == 0.2 and opt.param_groups[1]["power"] == 1.0
-
-
-def test_tensor_lr_equals_float_lr_and_schedulers_work(backend):
-    runs = []
-    for lr in (0.05, torch.tensor(0.05)):
-        model = tiny_model()
-        opt = CLASSP(model.parameters(), lr=lr, backend=backend)
-        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
-        train_steps(model, opt, 5, scheduler=sched)
-        assert math.isclose(float(opt.param_groups[0]["lr"]), 0.05 * 0.25, rel_tol=1e-6)
-        runs.append([p.detach().clone() for p in model.parameters()])
-    for p, q in zip(*runs):
-        torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
-
-
-def test_closure_is_called_with_grad_enabled(backend):
-    model = tiny_model()
-    opt = CLASSP(model.parameters(), lr=0.05, backend=backend)
-    x = torch.randn(3, 6)
-    before = model[0].weight.clone()
-
-    def closure():
-        opt.zero_grad()
-        loss = model(x).pow(2).sum()
-        loss.backward()
-        return loss
-
-    loss = opt.step(closure)
-    assert isinstance(loss, torch.Tensor) and loss.item() > 0
-    assert not torch.equal(before, model[0].weight)
 
 
 def test_params_without_grad_are_untouched(backend):
@@ -251,30 +220,6 @@ def test_state_dict_round_trip_continues_identically(backend, serialize):
     _state_dict_round_trip(
         lambda params: CLASSP(params, lr=0.05, threshold=1e-4, power=2.0, backend=backend),
         serialize)
-
-
-def test_deepcopy_is_independent(backend):
-    model = tiny_model()
-    opt = CLASSP(model.parameters(), lr=0.05, backend=backend)
-    train_steps(model, opt, 2)
-    copied = copy.deepcopy(opt)
-    assert copied.backend == opt.backend
-    for p in model.parameters():
-        assert copied.state_dict()["state"] and not any(
-            s["accumulator"] is opt.state[p]["accumulator"] for s in copied.state.values())
-
-
-def test_step_hooks_run_around_step(backend):
-    model = tiny_model()
-    opt = CLASSP(model.parameters(), lr=0.05, backend=backend)
-    calls = []
-    pre = opt.register_step_pre_hook(lambda o, args, kwargs: calls.append("pre"))
-    post = opt.register_step_post_hook(lambda o, args, kwargs: calls.append("post"))
-    train_steps(model, opt, 1)
-    pre.remove()
-    post.remove()
-    train_steps(model, opt, 1)
-    assert calls == ["pre", "post"]
 
 
 def test_amp_found_inf_step_is_a_no_op(backend):

@@ -112,13 +112,26 @@ def test_many_tensors_of_three_dtypes_take_one_launch_per_dtype(monkeypatch):
         torch.testing.assert_close(mine.cpu(), theirs, **TOLERANCE[theirs.dtype])
 
 
-def test_repeated_steps_reuse_the_chunk_table():
+def test_repeated_steps_reuse_the_chunk_table(monkeypatch):
+    built = []
+    chunk_table = triton_backend.chunk_table
+    monkeypatch.setattr(triton_backend, "chunk_table", lambda *args: (
+        built.append(args[0]), chunk_table(*args))[1])
     params, grads, accs = _on_device(_case([(300,), (20, 20)]))
     _step(params, grads, accs, HYPER)
-    before = triton_backend._cached_chunk_table.cache_info()
     _step(params, grads, accs, HYPER)
-    after = triton_backend._cached_chunk_table.cache_info()
-    assert (after.hits, after.misses) == (before.hits + 1, before.misses)
+    assert len(built) == 1
+    _step(params[:1], grads[:1], accs[:1], HYPER)  # another set of tensors: another table
+    assert len(built) == 2
+
+
+def test_persistent_programs_cover_every_chunk():
+    """More chunks than programs: each program strides over several chunks of several rows."""
+    assert triton_backend._grid(4 * triton_backend.INTERPRETED_PROGRAMS + 1, torch.device("cpu")) \
+        == triton_backend.INTERPRETED_PROGRAMS
+    assert triton_backend._grid(9, torch.device("cpu")) == 3  # three chunks each, not 4+4+1
+    _check_against_reference([(5,), (CHUNK + 1,), (7,), (2 * CHUNK,), (1,), (3, 3), (CHUNK,),
+                              (200,), (2,), (CHUNK + 3,)], torch.float32, HYPER, steps=1)
 
 
 def test_non_contiguous_and_misaligned_members_are_written_through():
@@ -295,6 +308,7 @@ def test_chunk_table_offsets_past_two_to_the_31():
 
 AOT_SCRIPT = r"""
 import json
+import re
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -304,22 +318,28 @@ results = []
 for dtype, power, amp in [(d, p, True) for d in ("fp32", "bf16", "fp16") for p in (1, 2, 0)] + [
         ("fp32", 1, False)]:
     scalar = "*fp32" if amp else "constexpr"
-    pointers = dict(p_ptr="*" + dtype, g_ptr="*" + dtype, a_ptr="*fp32", table_ptr="*i64",
-                    counts_ptr="*i64", lr_ptr="*fp64", grad_scale_ptr=scalar, found_inf_ptr=scalar)
-    signature = dict(pointers, threshold="fp32", eps="fp32", power="fp32", FAST_POWER="constexpr",
-                     APPLY_SCALING="constexpr", GROUP="constexpr", BLOCK_SIZE="constexpr")
+    # amp: grad_scale and found_inf pointers and a tensor lr; else neither, and lr by value
+    lr = "*fp64" if amp else "constexpr"
+    signature = dict(p_ptr="*" + dtype, g_ptr="*" + dtype, a_ptr="*fp32", table_ptr="*i64",
+                     num_chunks="i64" if amp else "i32",  # as Triton types the int it gets
+                     counts_ptr="*i64", lr_ptr=lr, lr_value="fp32",
+                     grad_scale_ptr=scalar, found_inf_ptr=scalar, threshold="fp32", eps="fp32",
+                     power="fp32", FAST_POWER="constexpr", APPLY_SCALING="constexpr",
+                     GROUP="constexpr", BLOCK_SIZE="constexpr")
     constexprs = dict(FAST_POWER=power, APPLY_SCALING=amp, GROUP=8 if dtype == "fp32" else 16,
                       BLOCK_SIZE=1024)
     if not amp:
-        constexprs.update(grad_scale_ptr=None, found_inf_ptr=None)
-    aligned = {(i,): [["tt.divisibility", 16]] for i, v in enumerate(pointers.values())
-               if v != "constexpr"}
+        constexprs.update(lr_ptr=None, grad_scale_ptr=None, found_inf_ptr=None)
+    aligned = {(i,): [["tt.divisibility", 16]] for i, v in enumerate(signature.values())
+               if v.startswith("*")}
     kernel = triton.compile(ASTSource(_classp_kernel, signature, constexprs, aligned),
                             target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
     ptx = kernel.asm["ptx"]
+    loads = re.findall(r"ld\.global[\w:.]*\.v4", ptx)
     results.append(dict(variant=f"{dtype} power path {power} amp {amp}",
-                        cubin=len(kernel.asm["cubin"]), ld_v4=ptx.count("ld.global.v4"),
-                        st_v4=ptx.count("st.global.v4")))
+                        cubin=len(kernel.asm["cubin"]), ld_v4=len(loads),
+                        ld_v4_evict_first=sum("evict_first" in load for load in loads),
+                        st_v4=len(re.findall(r"st\.global[\w:.]*\.v4", ptx))))
 print(json.dumps(results))
 """
 
@@ -340,5 +360,7 @@ def test_kernel_compiles_for_sm90_ahead_of_time():
     assert len(results) == 10
     for result in results:
         assert result["cubin"] > 0, result
-        # params, grads and accs of a full block: vector loads; params and accs: vector stores
+        # params, grads and accs of a full block: vector loads, grads with the evict-first
+        # hint; params and accs: vector stores
         assert result["ld_v4"] >= 3 and result["st_v4"] >= 2, result
+        assert result["ld_v4_evict_first"] >= 1, result

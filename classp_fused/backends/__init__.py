@@ -1,29 +1,28 @@
-"""The CLASSP step op contract: backend registry, input validation and the ``auto`` choice.
+"""The CLASSP step op contract: the backend registry, the ``auto`` choice and the op entry point.
 
 Every backend implements ``step(params, grads, accs, lr, threshold, eps, power, apply_scaling,
 grad_scale, found_inf) -> Tensor`` updating ``params`` and ``accs`` in place and returning an
 int64 tensor of shape ``(len(params), 2)``: per tensor, the number of elements updated and the
-number of non-finite gradient elements skipped. Inputs are validated here, once, for all;
-under ``torch.compile`` the validation (Python-side checks, which would break the graph) is
-skipped.
+number of non-finite gradient elements skipped, and ``is_available(device)``; a backend that
+steps fewer param dtypes than the four names them in ``KERNEL_DTYPES``, so that a caller can
+refuse them before any kernel runs. Inputs are validated once, for all backends
+(:mod:`classp_fused.validation`); under ``torch.compile`` the validation (Python-side checks,
+which would break the graph) is skipped.
 """
 from __future__ import annotations
 
 import importlib
-import math
 import warnings
 from typing import Sequence
 
 import torch
 from torch import Tensor
-from torch._subclasses.fake_tensor import is_fake
 
-from ..reference import compute_dtype
+from ..validation import PARAM_DTYPES, check_step_inputs
 
 BACKENDS = ("torch", "foreach", "cpp", "cuda", "triton")
 _MODULES = {"torch": "reference_backend", "foreach": "foreach", "cpp": "cpp", "cuda": "cuda",
             "triton": "triton"}
-PARAM_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 _loaded: dict = {}
@@ -41,8 +40,14 @@ def available_backends(device: str | torch.device = "cpu") -> list[str]:
     return [name for name in BACKENDS if _module(name).is_available(device)]
 
 
+def param_dtypes(name: str) -> tuple:
+    """The param dtypes backend ``name`` can step (the triton kernel has no float64)."""
+    return getattr(_module(name), "KERNEL_DTYPES", PARAM_DTYPES)
+
+
 _AUTO_ORDER = {"cuda": ("cuda", "triton"), "cpu": ("cpp",)}
 _auto_choice: dict[str, str] = {}  # device type -> backend, filled by the first ``auto``
+_named_ok: set[tuple[str, str]] = set()  # (backend, device type) pairs found available
 
 
 def resolve_backend(name: str, device: str | torch.device) -> str:
@@ -53,9 +58,12 @@ def resolve_backend(name: str, device: str | torch.device) -> str:
     if name not in BACKENDS + ("auto",):
         raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {name!r}")
     if name != "auto":
+        if (name, device.type) in _named_ok:
+            return name
         if not _module(name).is_available(device):
             raise RuntimeError(f"backend {name!r} is not available on device {device.type!r}; "
                                f"available there: {available_backends(device)}")
+        _named_ok.add((name, device.type))
         return name
     fused = [candidate for candidate in _AUTO_ORDER.get(device.type, ())
              if _module(candidate).is_available(device)]
@@ -65,81 +73,6 @@ def resolve_backend(name: str, device: str | torch.device) -> str:
                       RuntimeWarning, stacklevel=3)
     _auto_choice[device.type] = fused[0] if fused else "foreach"
     return _auto_choice[device.type]
-
-
-def check_hyperparameters(lr, threshold: float, eps: float, power: float) -> None:
-    """Raise ValueError naming the first out-of-range hyperparameter.
-
-    The value of a tensor ``lr`` is checked only when it holds data on the CPU (reading it from
-    an accelerator would synchronize every step; a FakeTensor has no value).
-    """
-    if isinstance(lr, Tensor) and lr.numel() != 1:
-        raise ValueError(f"lr as a tensor must hold one element, got shape {tuple(lr.shape)}")
-    if not isinstance(lr, Tensor) or (lr.device.type == "cpu" and not is_fake(lr)):
-        try:
-            lr_value = float(lr)
-        except (TypeError, ValueError):
-            raise ValueError(f"lr must be a non-negative number, got {lr!r}") from None
-        if not lr_value >= 0.0:
-            raise ValueError(f"lr must be a non-negative number, got {lr_value}")
-    if not (isinstance(threshold, (int, float)) and threshold >= 0.0):
-        raise ValueError(f"threshold must be a non-negative number, got {threshold!r}")
-    if not (isinstance(eps, (int, float)) and eps >= 0.0):
-        raise ValueError(f"eps must be a non-negative number, got {eps!r}")
-    if not (isinstance(power, (int, float)) and power > 0.0 and math.isfinite(power)):
-        raise ValueError(f"power must be a finite number > 0, got {power!r}")
-
-
-def check_param(param: Tensor, where: str = "params") -> None:
-    """Raise if ``param`` cannot be updated by CLASSP."""
-    if not isinstance(param, Tensor):
-        raise TypeError(f"{where} must hold tensors, got {type(param).__name__}")
-    if param.is_sparse or param.layout != torch.strided:
-        raise TypeError(f"{where}: sparse or non-strided parameters are not supported")
-    if param.is_complex():
-        raise TypeError(f"{where}: complex parameters are not supported "
-                        f"(optimize torch.view_as_real(param) instead)")
-    if param.dtype not in PARAM_DTYPES:
-        raise TypeError(f"{where} must be float16, bfloat16, float32 or float64, got {param.dtype}")
-    if param.numel() > 1 and torch._debug_has_internal_overlap(param) == 1:
-        raise ValueError(f"{where}: a parameter with internal overlap (e.g. from expand()) "
-                         f"cannot be updated in place")
-
-
-def check_step_inputs(params: Sequence[Tensor], grads: Sequence[Tensor], accs: Sequence[Tensor],
-                      lr, threshold: float, eps: float, power: float,
-                      grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
-    """Validate one step's inputs; raise TypeError/ValueError/RuntimeError naming the argument."""
-    if not (len(params) == len(grads) == len(accs)):
-        raise ValueError(f"params, grads and accs must have the same length, got "
-                         f"{len(params)}, {len(grads)}, {len(accs)}")
-    check_hyperparameters(lr, threshold, eps, power)
-    for name, t in (("grad_scale", grad_scale), ("found_inf", found_inf)):
-        if t is not None and (not isinstance(t, Tensor) or t.numel() != 1):
-            raise ValueError(f"{name} must be a one-element tensor or None")
-    for i, (p, g, a) in enumerate(zip(params, grads, accs)):
-        check_param(p, f"params[{i}]")
-        if p.device != params[0].device:
-            raise RuntimeError(f"params[{i}] is on {p.device}, expected params[0]'s device "
-                               f"{params[0].device} (one step runs on one device)")
-        if not isinstance(g, Tensor):
-            raise TypeError(f"grads[{i}] must be a tensor, got {type(g).__name__}")
-        if g.is_sparse or g.layout != torch.strided:
-            raise TypeError(f"grads[{i}] is sparse; CLASSP needs dense gradients")
-        if g.is_complex():
-            raise TypeError(f"grads[{i}] is complex; CLASSP needs real gradients")
-        if g.dtype != p.dtype:
-            raise TypeError(f"grads[{i}] has dtype {g.dtype}, expected the param's {p.dtype}")
-        if not isinstance(a, Tensor) or a.dtype != compute_dtype(p):
-            raise TypeError(f"accs[{i}] must be a {compute_dtype(p)} tensor "
-                            f"(accumulators stay fp32 for fp16/bf16/fp32 params)")
-        for name, t in (("grads", g), ("accs", a)):
-            if t.shape != p.shape:
-                raise ValueError(f"{name}[{i}] has shape {tuple(t.shape)}, expected the param's "
-                                 f"{tuple(p.shape)}")
-            if t.device != p.device:
-                raise RuntimeError(f"{name}[{i}] is on {t.device}, expected the param's device "
-                                   f"{p.device}")
 
 
 def classp_step_(params: Sequence[Tensor], grads: Sequence[Tensor], accs: Sequence[Tensor], *,
@@ -163,6 +96,17 @@ def classp_step_(params: Sequence[Tensor], grads: Sequence[Tensor], accs: Sequen
 
 def run_backend(name: str, params: list, grads: list, accs: list, *, lr, threshold, eps, power,
                 apply_scaling, grad_scale, found_inf) -> Tensor:
-    """Run backend ``name`` (resolved, not "auto") on inputs already validated."""
-    return _module(name).step(params, grads, accs, lr, float(threshold), float(eps), float(power),
-                              bool(apply_scaling), grad_scale, found_inf)
+    """Run backend ``name`` (resolved, not "auto") on inputs already validated.
+
+    Every backend gets the same forms: a one-element lr tensor as 0-dim, any other lr (a numpy
+    scalar, say) and the other hyperparameters as Python numbers.
+    """
+    return _module(name).step(params, grads, accs, as_scalar_lr(lr), float(threshold),
+                              float(eps), float(power), bool(apply_scaling), grad_scale,
+                              found_inf)
+
+
+def as_scalar_lr(lr):
+    """``lr`` in the form every backend takes: a one-element tensor as 0-dim (a view), any other
+    lr (a numpy scalar, say) as a Python float."""
+    return lr.reshape(()) if isinstance(lr, Tensor) else float(lr)

@@ -1,4 +1,5 @@
-"""Backend ``cpp``: the C++ CPU kernel in csrc/classp_cpu.cpp (vectorized, parallel, multi-tensor)."""
+"""Backend ``cpp``: the C++ CPU kernel in csrc/classp_cpu.cpp (vectorized, parallel,
+multi-tensor)."""
 from .._extension import call_step_op as step, has_kernel  # noqa: F401
 
 

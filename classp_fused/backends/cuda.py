@@ -1,4 +1,5 @@
-"""Backend ``cuda``: the C++/CUDA kernel in csrc/classp_cuda.cu (chunked multi-tensor launch)."""
+"""Backend ``cuda``: the C++/CUDA kernel in csrc/classp_cuda.cu (one persistent launch per dtype
+group over a work table cached in device memory; a float lr is a kernel argument)."""
 import torch
 
 from .._extension import call_step_op as step, has_kernel  # noqa: F401

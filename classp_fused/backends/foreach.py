@@ -1,4 +1,10 @@
-"""Backend ``foreach``: the CLASSP step with torch._foreach ops, grouped by device and dtype."""
+"""Backend ``foreach``: the CLASSP step in plain tensor ops, on any device, without a kernel.
+
+The non-empty tensors of each (device, dtype) group are concatenated into flat buffers, stepped
+there in a fixed number of ops, and written back with one op per list:
+the ops a step dispatches do not grow with the number of tensors (only views do), so many
+small tensors cost little more than one large one.
+"""
 import torch
 
 
@@ -6,62 +12,85 @@ def is_available(device) -> bool:
     return True
 
 
+def _flat(tensors):
+    return torch.cat([t.reshape(-1) for t in tensors])
+
+
+def _step_flat(param, grad, acc, lr, threshold, eps, power, apply_scaling, grad_scale,
+               found_inf):
+    """The reference's update on flat tensors: new param, new acc, selected and non-finite masks."""
+    g = grad.to(acc.dtype)
+    if grad_scale is not None:
+        g = g / grad_scale.to(device=g.device, dtype=acc.dtype)
+    finite = torch.isfinite(g)
+    mask = finite & (g * g > threshold)
+    nonfinite = ~finite
+    if found_inf is not None:  # an overflowed AMP step changes and counts nothing
+        no_inf = found_inf.to(g.device) == 0
+        mask &= no_inf
+        nonfinite &= no_inf
+    g = torch.where(mask, g, 0)
+    if power == 1:
+        new_acc = acc + g.abs()
+    elif power == 2:
+        new_acc = acc + g * g
+    else:
+        new_acc = acc + g.abs().pow(power)
+    if apply_scaling:
+        denom = torch.where(mask, eps + new_acc, 1)
+        if power == 1:
+            g = g / denom
+        elif power == 2:
+            g = g * torch.rsqrt(denom)
+        else:
+            g = g / denom.pow(1.0 / power)
+    new_param = (param.to(acc.dtype) - lr * g).to(param.dtype)
+    return (torch.where(mask, new_param, param), torch.where(mask, new_acc, acc), mask,
+            nonfinite)
+
+
+def _segment_counts(mask, nonfinite, numels):
+    """Per segment of ``numels`` elements (each > 0), its ``[selected, non-finite]`` counts."""
+    running = torch.stack([mask, nonfinite]).cumsum(1)
+    ends = torch.stack([segment[:, -1] for segment in running.split(numels, dim=1)])
+    return torch.diff(ends, dim=0, prepend=torch.zeros_like(ends[:1]))
+
+
+def _write_back(targets, flat, numels):
+    """Copy the consecutive segments of ``flat`` into ``targets``; all contiguous: in one op."""
+    if all(t.is_contiguous() for t in targets):
+        torch.split_with_sizes_copy(flat, numels, out=[t.view(-1) for t in targets])
+    else:
+        torch._foreach_copy_(targets, [x.view_as(t) for x, t in zip(flat.split(numels), targets)])
+
+
 def _step_group(params, grads, accs, lr, threshold, eps, power, apply_scaling, grad_scale,
                 found_inf):
-    dtype = accs[0].dtype
-    g = [x.to(dtype) for x in grads]
-    if grad_scale is not None:
-        g = torch._foreach_div(g, grad_scale.to(device=g[0].device, dtype=dtype))
-    finite = [torch.isfinite(x) for x in g]
-    masks = [f & (s > threshold) for f, s in zip(finite, torch._foreach_mul(g, g))]
-    nonfinite = [~f for f in finite]
-    if found_inf is not None:  # an overflowed AMP step changes and counts nothing
-        no_inf = found_inf.to(g[0].device) == 0
-        masks = [m & no_inf for m in masks]
-        nonfinite = [n & no_inf for n in nonfinite]
-    g = [torch.where(m, x, 0) for m, x in zip(masks, g)]
-
-    if power == 1:
-        torch._foreach_add_(accs, torch._foreach_abs(g))
-    elif power == 2:
-        torch._foreach_add_(accs, torch._foreach_mul(g, g))
-    else:
-        torch._foreach_add_(accs, torch._foreach_pow(torch._foreach_abs(g), power))
-
-    if apply_scaling:
-        denom = [torch.where(m, d, 1) for m, d in zip(masks, torch._foreach_add(accs, eps))]
-        if power == 1:
-            update = torch._foreach_div(g, denom)
-        elif power == 2:
-            update = torch._foreach_mul(g, torch._foreach_rsqrt(denom))
-        else:
-            update = torch._foreach_div(g, torch._foreach_pow(denom, 1.0 / power))
-    else:
-        update = g
-    update = torch._foreach_mul(update, lr)
-
-    if params[0].dtype == dtype:
-        torch._foreach_sub_(params, update)
-    else:
-        wide = [p.to(dtype) for p in params]
-        torch._foreach_sub_(wide, update)
-        torch._foreach_copy_(params, wide)
-    return [torch.stack([m.sum(), n.sum()]) for m, n in zip(masks, nonfinite)]
+    """Step non-empty tensors of one device and dtype; returns their ``(n, 2)`` counts."""
+    numels = [p.numel() for p in params]
+    new_param, new_acc, mask, nonfinite = _step_flat(
+        _flat(params), _flat(grads), _flat(accs), lr, threshold, eps, power, apply_scaling,
+        grad_scale, found_inf)
+    for targets, flat in ((params, new_param), (accs, new_acc)):
+        _write_back(targets, flat, numels)
+    return _segment_counts(mask, nonfinite, numels)
 
 
 def step(params, grads, accs, lr, threshold, eps, power, apply_scaling, grad_scale, found_inf):
+    """The step over tensors on one device (validated by the caller), grouped by dtype."""
     device = params[0].device if params else torch.device("cpu")
-    groups: dict = {}  # (device, dtype) -> indices of non-empty tensors, in traceable Python
+    groups: dict = {}  # dtype -> indices of non-empty tensors, in traceable Python
     for i, p in enumerate(params):
         if p.numel():
-            groups.setdefault((p.device, p.dtype), []).append(i)
+            groups.setdefault(p.dtype, []).append(i)
+    results = [(indices, _step_group([params[i] for i in indices], [grads[i] for i in indices],
+                                     [accs[i] for i in indices], lr, threshold, eps, power,
+                                     apply_scaling, grad_scale, found_inf))
+               for indices in groups.values()]
+    if len(results) == 1 and len(results[0][0]) == len(params):
+        return results[0][1]
     rows = [torch.zeros(2, dtype=torch.int64, device=device)] * len(params)
-    for indices in groups.values():
-        group_rows = _step_group([params[i] for i in indices], [grads[i] for i in indices],
-                                 [accs[i] for i in indices], lr, threshold, eps, power,
-                                 apply_scaling, grad_scale, found_inf)
-        for i, row in zip(indices, group_rows):
-            rows[i] = row.to(device)
-    if not rows:
-        return torch.zeros(0, 2, dtype=torch.int64, device=device)
-    return torch.stack(rows)
+    for indices, counts in results:
+        for i, row in zip(indices, counts.unbind()):
+            rows[i] = row
+    return torch.stack(rows) if rows else torch.zeros(0, 2, dtype=torch.int64, device=device)

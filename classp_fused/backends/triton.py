@@ -1,11 +1,16 @@
 """Backend ``triton``: the CLASSP step as one Triton kernel launch per parameter dtype.
 
-The tensors of a dtype group are cut into ``CHUNK``-element chunks and one program updates one
-chunk. An int64 table gives each chunk the element offsets of its param, grad and accumulator
-from the group's first tensors, its length and its output row; it is cached per set of tensor
-addresses, so repeated steps on the same tensors do not rebuild it. lr, grad_scale and found_inf
-are read by the kernel (no host sync). Params may be float32, bfloat16 or float16; accumulators
-and arithmetic are float32, and the param is rounded once on write.
+The tensors of a dtype group are cut into ``CHUNK``-element chunks. An int64 table gives each
+chunk the element offsets of its param, grad and accumulator from the group's first tensors,
+its length and its output row; it is cached per set of tensor addresses, so repeated steps on
+the same tensors neither rebuild nor copy it. Programs are persistent: as many as the GPU holds
+at once, each striding over the chunks and adding its counts when the chunks' row changes.
+Grads, read once, are loaded with the evict-first hint. lr is read by the kernel from its
+tensor, or passed by value when it lives on the CPU; grad_scale and found_inf are read by the
+kernel. No step synchronizes, and once its table is cached a step copies nothing from the
+host (a new table comes from pinned memory, asynchronously). Params may be float32,
+bfloat16 or float16; accumulators and arithmetic are float32, and the param is rounded once on
+write.
 
 On the CPU the kernel runs through the Triton interpreter (``TRITON_INTERPRET=1`` when this
 module is imported).
@@ -13,6 +18,7 @@ module is imported).
 import functools
 import itertools
 import os
+from collections import OrderedDict
 from typing import Optional
 
 import torch
@@ -30,6 +36,9 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 CHUNK = 4096  # elements per program; fixed, so the table does not depend on the tuned BLOCK_SIZE
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 ALIGNMENT = 16  # bytes; every tensor the kernel touches starts on this boundary
+PROGRAMS_PER_SM = 8  # resident programs per GPU multiprocessor (at 4 or 8 warps each)
+INTERPRETED_PROGRAMS = 4  # each program instance costs the interpreter about a millisecond
+CACHED_TABLES = 64
 
 
 def is_available(device) -> bool:
@@ -46,10 +55,16 @@ def is_available(device) -> bool:
     return device.type == "cpu" and INTERPRET
 
 
+@functools.lru_cache(maxsize=16)
+def _lr_tensor(lr: float) -> Tensor:
+    """A float lr as the op's 0-dim float64 CPU tensor, made once per value (only read)."""
+    return torch.tensor(lr, dtype=torch.float64)
+
+
 def step(params, grads, accs, lr, threshold, eps, power, apply_scaling, grad_scale, found_inf):
-    """The backend entry point: the op, with a float lr as a 0-dim tensor."""
+    """The backend entry point: the op, with a float lr as a 0-dim CPU tensor."""
     if not isinstance(lr, Tensor):
-        lr = torch.tensor(float(lr))
+        lr = _lr_tensor(float(lr))
     return classp_step_triton(params, grads, accs, lr, threshold, eps, power, apply_scaling,
                               grad_scale, found_inf)
 
@@ -70,10 +85,59 @@ def chunk_table(entries, device="cpu") -> Tensor:
     return torch.cat(chunks)
 
 
-@functools.lru_cache(maxsize=64)
-def _cached_chunk_table(entries, device) -> Tensor:
-    """``chunk_table`` on ``device``, kept for the next steps on the same tensors."""
-    return chunk_table(entries).to(device)
+_tables: OrderedDict = OrderedDict()  # (entries, device) -> table, most recently used last
+_kept_tables: dict = {}  # tables a CUDA graph captured: its replays read them
+
+
+def _capturing(device: torch.device) -> bool:
+    """Whether work enqueued now on ``device`` is being captured into a CUDA graph."""
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
+
+
+def _work_table(entries, device: torch.device) -> Tensor:
+    """``chunk_table(entries)`` on ``device``, cached for the next steps on the same tensors.
+
+    Built on the host and copied from pinned memory without a synchronization; while the
+    current stream is capturing a CUDA graph, built by device ops the graph replays, and then
+    not cached (an eager step could run before any replay filled it). Tables a graph read are
+    never dropped.
+    """
+    key = (entries, device)
+    capturing = _capturing(device)
+    table = _kept_tables.get(key)
+    if table is None:
+        table = _tables.get(key)
+        if table is not None:
+            _tables.move_to_end(key)
+            if capturing:
+                _kept_tables[key] = _tables.pop(key)
+    if table is not None:
+        return table
+    if capturing:
+        return chunk_table(entries, device)
+    table = chunk_table(entries)
+    if device.type == "cuda":
+        table = table.pin_memory().to(device, non_blocking=True)
+    _tables[key] = table
+    if len(_tables) > CACHED_TABLES:
+        _tables.popitem(last=False)
+    return table
+
+
+@functools.lru_cache
+def _resident_programs(device: torch.device) -> int:
+    """Programs the device runs at once: the persistent grid's size at most."""
+    if device.type != "cuda":
+        return INTERPRETED_PROGRAMS
+    return torch.cuda.get_device_properties(device).multi_processor_count * PROGRAMS_PER_SM
+
+
+def _grid(num_chunks: int, device: torch.device) -> int:
+    """As many programs as run at once, trimmed so that every program takes the same number of
+    chunks, or one less: no last partial wave."""
+    resident = _resident_programs(device)
+    waves = -(-num_chunks // resident)
+    return max(1, -(-num_chunks // max(waves, 1)))
 
 
 def _dtype_groups(params) -> list[list[int]]:
@@ -113,9 +177,15 @@ def _dense(t: Tensor) -> Tensor:
     return t.clone(memory_format=torch.contiguous_format)
 
 
-def _offset(t: Tensor, base: Tensor) -> int:
-    """Elements from ``base`` to ``t`` in memory (any sign; exact, both being aligned)."""
-    return (t.data_ptr() - base.data_ptr()) // t.element_size()
+def _entries(members) -> tuple:
+    """The ``chunk_table`` entries of ``(row, param, grad, acc)`` members (dense, aligned, one
+    dtype): element offsets from the first member's tensors, each address read once."""
+    _, p0, g0, a0 = members[0]
+    p_base, g_base, a_base = p0.data_ptr(), g0.data_ptr(), a0.data_ptr()
+    p_size, a_size = p0.element_size(), a0.element_size()
+    return tuple(((p.data_ptr() - p_base) // p_size, (g.data_ptr() - g_base) // p_size,
+                  (a.data_ptr() - a_base) // a_size, p.numel(), row)
+                 for row, p, g, a in members)
 
 
 if triton is not None:
@@ -150,11 +220,12 @@ if triton is not None:
         """
         if FULL:
             p = tl.load(p_ptr + idx)
-            g = tl.load(g_ptr + idx).to(tl.float32)
+            g = tl.load(g_ptr + idx, eviction_policy="evict_first").to(tl.float32)
             a = tl.load(a_ptr + idx)
         else:
             p = tl.load(p_ptr + idx, mask=bounds, other=0.0)
-            g = tl.load(g_ptr + idx, mask=bounds, other=0.0).to(tl.float32)
+            g = tl.load(g_ptr + idx, mask=bounds, other=0.0,
+                        eviction_policy="evict_first").to(tl.float32)
             a = tl.load(a_ptr + idx, mask=bounds, other=0.0)
         if grad_scale_ptr is not None:
             g = g / tl.load(grad_scale_ptr).to(tl.float32)
@@ -187,57 +258,77 @@ if triton is not None:
         return tl.sum(mask.to(tl.int32)), tl.sum(nonfinite.to(tl.int32))
 
     @triton.jit
-    def _classp_kernel(p_ptr, g_ptr, a_ptr, table_ptr, counts_ptr, lr_ptr, grad_scale_ptr,
-                       found_inf_ptr, threshold, eps, power, FAST_POWER: tl.constexpr,
-                       APPLY_SCALING: tl.constexpr, GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr):
-        """Update the chunk described by row ``program_id`` of the table; add up its counts."""
+    def _classp_kernel(p_ptr, g_ptr, a_ptr, table_ptr, num_chunks, counts_ptr, lr_ptr, lr_value,
+                       grad_scale_ptr, found_inf_ptr, threshold, eps, power,
+                       FAST_POWER: tl.constexpr, APPLY_SCALING: tl.constexpr, GROUP: tl.constexpr,
+                       BLOCK_SIZE: tl.constexpr):
+        """Update the chunks ``program_id``, ``program_id + num_programs``, ... of the table; add
+        up their counts per output row. lr is read from ``lr_ptr``, or is ``lr_value`` when
+        ``lr_ptr`` is None."""
         if found_inf_ptr is not None:
             if tl.load(found_inf_ptr) != 0:
                 return
-        chunk = table_ptr + tl.program_id(0).to(tl.int64) * TABLE_COLUMNS
-        p_offset = tl.load(chunk)
-        g_offset = tl.load(chunk + 1)
-        a_offset = tl.load(chunk + 2)
-        length = tl.load(chunk + 3)
-        row = tl.load(chunk + 4)
-        lr = tl.load(lr_ptr).to(tl.float32)
+        if lr_ptr is not None:
+            lr = tl.load(lr_ptr).to(tl.float32)
+        else:
+            lr = lr_value
         # GROUP elements of params are 32 bytes; offsets are multiples of 16 bytes
         idx = tl.arange(0, BLOCK_SIZE // GROUP)[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+        row = tl.full((), -1, tl.int64)  # the output row the counts below belong to
         updated = tl.full((), 0, tl.int32)
         nonfinite = tl.full((), 0, tl.int32)
-        full_end = length - length % BLOCK_SIZE
-        for start in range(0, full_end, BLOCK_SIZE):
-            u, n = _update_block(p_ptr + tl.multiple_of(p_offset + start, GROUP // 2),
-                                 g_ptr + tl.multiple_of(g_offset + start, GROUP // 2),
-                                 a_ptr + tl.multiple_of(a_offset + start, 4),
-                                 idx, None, lr, grad_scale_ptr, threshold, eps, power,
-                                 True, FAST_POWER, APPLY_SCALING)
-            updated += u
-            nonfinite += n
-        if full_end < length:
-            u, n = _update_block(p_ptr + tl.multiple_of(p_offset + full_end, GROUP // 2),
-                                 g_ptr + tl.multiple_of(g_offset + full_end, GROUP // 2),
-                                 a_ptr + tl.multiple_of(a_offset + full_end, 4),
-                                 idx, idx < length - full_end, lr, grad_scale_ptr, threshold, eps,
-                                 power, False, FAST_POWER, APPLY_SCALING)
-            updated += u
-            nonfinite += n
-        tl.atomic_add(counts_ptr + row * 2, updated.to(tl.int64))
-        tl.atomic_add(counts_ptr + row * 2 + 1, nonfinite.to(tl.int64))
+        for c in range(tl.program_id(0).to(tl.int64), num_chunks, tl.num_programs(0)):
+            chunk = table_ptr + c * TABLE_COLUMNS
+            p_offset = tl.load(chunk)
+            g_offset = tl.load(chunk + 1)
+            a_offset = tl.load(chunk + 2)
+            length = tl.load(chunk + 3)
+            chunk_row = tl.load(chunk + 4)
+            flush = (chunk_row != row) & (row >= 0)
+            out = counts_ptr + tl.maximum(row, 0) * 2
+            tl.atomic_add(out, updated.to(tl.int64), mask=flush)
+            tl.atomic_add(out + 1, nonfinite.to(tl.int64), mask=flush)
+            updated = tl.where(chunk_row != row, 0, updated)
+            nonfinite = tl.where(chunk_row != row, 0, nonfinite)
+            row = chunk_row
+            full_end = length - length % BLOCK_SIZE
+            for start in range(0, full_end, BLOCK_SIZE):
+                u, n = _update_block(p_ptr + tl.multiple_of(p_offset + start, GROUP // 2),
+                                     g_ptr + tl.multiple_of(g_offset + start, GROUP // 2),
+                                     a_ptr + tl.multiple_of(a_offset + start, 4),
+                                     idx, None, lr, grad_scale_ptr, threshold, eps, power,
+                                     True, FAST_POWER, APPLY_SCALING)
+                updated += u
+                nonfinite += n
+            if full_end < length:
+                u, n = _update_block(p_ptr + tl.multiple_of(p_offset + full_end, GROUP // 2),
+                                     g_ptr + tl.multiple_of(g_offset + full_end, GROUP // 2),
+                                     a_ptr + tl.multiple_of(a_offset + full_end, 4),
+                                     idx, idx < length - full_end, lr, grad_scale_ptr, threshold,
+                                     eps, power, False, FAST_POWER, APPLY_SCALING)
+                updated += u
+                nonfinite += n
+        out = counts_ptr + tl.maximum(row, 0) * 2
+        tl.atomic_add(out, updated.to(tl.int64), mask=row >= 0)
+        tl.atomic_add(out + 1, nonfinite.to(tl.int64), mask=row >= 0)
 
     # Tuning runs the kernel several times: only ever on buffers it may scribble on (scratch, or
     # the concatenated copies of the traceable op), never through the address table of a step.
+    # Keyed on the power path and scaling; the autotuner adds the dtypes of the tensor arguments.
     _classp_kernel_autotuned = triton.autotune(
         configs=_configs(), key=["FAST_POWER", "APPLY_SCALING"],
         restore_value=["p_ptr", "a_ptr", "counts_ptr"])(_classp_kernel)
 
     def _launch(kernel, p, g, a, table, counts, lr, grad_scale, found_inf, threshold, eps, power,
                 apply_scaling, **config):
-        """One launch over every chunk of ``table``; ``p``, ``g``, ``a`` are the base tensors."""
-        kernel[(table.shape[0],)](p, g, a, table, counts, lr, grad_scale, found_inf, threshold,
-                                  eps, power, FAST_POWER=_power_path(power),
-                                  APPLY_SCALING=apply_scaling, GROUP=32 // p.element_size(),
-                                  **config)
+        """One launch over every chunk of ``table``; ``p``, ``g``, ``a`` are the base tensors.
+        ``lr`` is a tensor on ``p``'s device or a float."""
+        lr_ptr, lr_value = (lr, 0.0) if isinstance(lr, Tensor) else (None, float(lr))
+        num_chunks = table.shape[0]
+        kernel[(_grid(num_chunks, p.device),)](
+            p, g, a, table, num_chunks, counts, lr_ptr, lr_value, grad_scale, found_inf,
+            threshold, eps, power, FAST_POWER=_power_path(power), APPLY_SCALING=apply_scaling,
+            GROUP=32 // p.element_size(), **config)
 
     @functools.lru_cache
     def _tuned_config(device, dtype, power_path, apply_scaling):
@@ -298,14 +389,15 @@ if triton is not None:
         """
         counts = _new_counts(params, lr)
         device = counts.device
-        lr, grad_scale, found_inf = _on(device, lr, grad_scale, found_inf)
+        # an lr on the CPU is passed by value: no copy to the device
+        lr = lr.item() if lr.device.type == "cpu" else lr.to(device)
+        grad_scale, found_inf = _on(device, grad_scale, found_inf)
         for rows in _dtype_groups(params):
             members = [(i, _dense(params[i]), _dense(grads[i]), _dense(accs[i])) for i in rows]
             _, p0, g0, a0 = members[0]
-            entries = tuple((_offset(p, p0), _offset(g, g0), _offset(a, a0), p.numel(), i)
-                            for i, p, g, a in members)
+            entries = _entries(members)
             config = _tuned_config(device, p0.dtype, _power_path(power), apply_scaling)
-            _launch(_classp_kernel, p0, g0, a0, _cached_chunk_table(entries, device), counts, lr,
+            _launch(_classp_kernel, p0, g0, a0, _work_table(entries, device), counts, lr,
                     grad_scale, found_inf, threshold, eps, power, apply_scaling,
                     **config.all_kwargs())
             for i, p, _, a in members:
