@@ -2,35 +2,34 @@
 
     classp-fused run [--benchmark NAMES] [--methods NAMES] [--seeds N|LIST] [--epochs N|LIST]
                      [--out DIR] [--resume] [--config FILE] ...
+    classp-fused tune --benchmark NAME [--methods NAMES] [--seeds N|LIST] [--out DIR] ...
     classp-fused methods          # the registered methods and their default hyperparameters
     classp-fused benchmarks       # the registered benchmarks
 
-Bad input (unknown names, missing or malformed datasets, an unwritable --out, a bad config
-file) is reported as one ``classp-fused: error: ...`` line with exit code 2, before anything
-is written.
+This module only parses and prints; ``classp_fused.cl.experiment`` and ``classp_fused.cl.tune``
+do the work. Bad input (unknown names, missing or malformed datasets, an unwritable or busy
+--out, a bad config file) is reported as one ``classp-fused: error: ...`` line with exit code
+2, before anything is written. Ctrl-C prints one line and exits with 130.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-import torch
-
-from .cl.methods import METHODS, build_method, resolve_hparams
-from .cl.metrics import average_accuracy
-from .cl.models import mlp
-from .cl.report import aggregate, markdown_table, write_csv, write_json, write_plots
-from .cl.streams import load_idx_dataset, subsample_stream
-from .cl.train import BENCHMARKS, DEFAULT_DIRS, SCENARIOS, run_cell
+from .cl.benchmarks import BENCHMARKS, DEFAULT_DIRS
+from .cl.experiment import (MAX_SEEDS, SEED_LIMIT, ConfigError, ExperimentConfig, Interrupted,
+                            run_experiment)
+from .cl.methods import METHODS
+from .cl.train import SCENARIOS
+from .cl.tune import GRIDS, TUNING_SEEDS, VALIDATION, tune
 
 PROG = "classp-fused"
 DEFAULT_BENCHMARKS = "split-digits,permuted-digits"
+#: Keys a --config file may hold besides the long options: recorded with the results.
+RECORD_KEYS = ("tuning",)
 
 
 class UsageError(Exception):
@@ -59,20 +58,63 @@ def _positive_ints(text: str) -> tuple[int, ...]:
 def _seeds(text: str) -> tuple[int, ...]:
     """``N`` means seeds 0..N-1; a comma list (``7,`` for one) names the seeds."""
     if "," not in text:
-        return tuple(range(_positive_int(text)))
+        count = _positive_int(text)
+        if count > MAX_SEEDS:
+            raise argparse.ArgumentTypeError(f"expected at most {MAX_SEEDS} seeds, got {text}")
+        return tuple(range(count))
     try:
         seeds = tuple(int(part) for part in text.split(",") if part.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected a count or a comma list of seeds,"
                                          f" got {text!r}") from None
-    if not seeds or min(seeds) < 0 or len(set(seeds)) != len(seeds):
-        raise argparse.ArgumentTypeError(f"expected distinct non-negative seeds, got {text!r}")
+    if (not seeds or min(seeds) < 0 or max(seeds) >= SEED_LIMIT
+            or len(set(seeds)) != len(seeds) or len(seeds) > MAX_SEEDS):
+        raise argparse.ArgumentTypeError(f"expected distinct seeds in [0, {SEED_LIMIT}),"
+                                         f" got {text!r}")
     return seeds
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1), got {text!r}")
+    return value
 
 
 def _names(text: str) -> tuple[str, ...]:
     """A comma list of names, duplicates dropped, order kept."""
     return tuple(dict.fromkeys(part.strip() for part in text.split(",") if part.strip()))
+
+
+def _add_protocol_options(command: argparse.ArgumentParser) -> None:
+    """The options ``run`` and ``tune`` share: what to train and how."""
+    command.add_argument("--methods", type=_names, metavar="NAMES",
+                         help="comma list of methods, or 'all' (default: each benchmark's own"
+                         " list, all methods for the built-in benchmarks)")
+    command.add_argument("--epochs", type=_positive_ints, metavar="N|LIST",
+                         help="epochs per task, or a comma list per task whose last entry"
+                         " repeats (default: the benchmark's)")
+    command.add_argument("--batch-size", type=_positive_int, metavar="N",
+                         help="training batch size (default: the benchmark's, 32)")
+    command.add_argument("--scenario", choices=SCENARIOS, default="task",
+                         help="task: multi-head, logits masked to the task's classes; class:"
+                         " one shared head (default task)")
+    command.add_argument("--max-per-task", type=_positive_int, metavar="N",
+                         help="keep at most N training and N test examples per task (seeded)")
+    command.add_argument("--mnist-dir", metavar="DIR",
+                         help="MNIST IDX directory (needed by mnist-fashion and paper-vision)")
+    command.add_argument("--fashion-dir", metavar="DIR",
+                         help="Fashion-MNIST IDX directory (default"
+                         f" {DEFAULT_DIRS['fashion']}, Debian's dataset-fashion-mnist)")
+    command.add_argument("--threads", type=_positive_int, default="1", metavar="N",
+                         help="torch CPU threads (default 1, fastest for the small MLPs)")
+    command.add_argument("--device", default="cpu", help="torch device: cpu or cuda[:N]"
+                         " (default cpu)")
+    command.add_argument("--resume", action="store_true",
+                         help="keep finished cells found in --out and run only the missing ones")
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
@@ -81,51 +123,52 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     run = commands.add_parser("run", help="run benchmarks and write results",
                               description="Train each method through each benchmark's task"
-                              " stream, once per seed; write results.json, results.csv,"
-                              " plots/*.png and per-cell checkpoints under --out.")
+                              " stream, once per seed; print the results table and write"
+                              " results.json, results.csv, results.md, plots/*.png and"
+                              " per-cell results under --out.")
     run.add_argument("--config", metavar="FILE",
                      help="JSON object of option values (keys as the long options, e.g."
-                     ' "methods", "max_per_task", "hparams"); command-line flags override it')
+                     ' "methods", "max_per_task", "hparams"; the tuned.json that tune writes);'
+                     " command-line flags override it")
     run.add_argument("--benchmark", type=_names, default=DEFAULT_BENCHMARKS, metavar="NAMES",
                      help=f"comma list of benchmarks (default {DEFAULT_BENCHMARKS}; see"
                      f" '{PROG} benchmarks')")
-    run.add_argument("--methods", type=_names, metavar="NAMES",
-                     help="comma list of methods, or 'all' (default: each benchmark's own list,"
-                     " all methods for the digits benchmarks)")
     run.add_argument("--seeds", type=_seeds, default="3", metavar="N|LIST",
                      help="number of seeds (0..N-1) or a comma list of seeds (default 3)")
-    run.add_argument("--epochs", type=_positive_ints, metavar="N|LIST",
-                     help="epochs per task, or a comma list per task whose last entry repeats"
-                     " (default: the benchmark's)")
-    run.add_argument("--batch-size", type=_positive_int, metavar="N",
-                     help="training batch size (default: the benchmark's, 32)")
-    run.add_argument("--scenario", choices=SCENARIOS, default="task",
-                     help="task: multi-head, logits masked to the task's classes; class: one"
-                     " shared head (default task)")
-    run.add_argument("--max-per-task", type=_positive_int, metavar="N",
-                     help="keep at most N training and N test examples per task (quick runs)")
     run.add_argument("--hparam", action="append", default=[], metavar="METHOD.KEY=VALUE",
                      help="override a method hyperparameter (repeatable; VALUE is JSON or text),"
                      " e.g. classp.threshold=1e-3")
-    run.add_argument("--mnist-dir", metavar="DIR",
-                     help="MNIST IDX directory (needed by mnist-fashion and paper-vision)")
-    run.add_argument("--fashion-dir", metavar="DIR",
-                     help="Fashion-MNIST IDX directory (default /usr/share/datasets/fashion-mnist,"
-                     " Debian's dataset-fashion-mnist)")
-    run.add_argument("--threads", type=_positive_int, default="1", metavar="N",
-                     help="torch CPU threads (default 1, fastest for the small MLPs)")
-    run.add_argument("--device", default="cpu", help="torch device (default cpu)")
     run.add_argument("--out", default="runs/latest", metavar="DIR",
                      help="output directory (default runs/latest)")
-    run.add_argument("--resume", action="store_true",
-                     help="keep finished cells found in --out and run only the missing ones")
-    commands.add_parser("methods", help="list methods and their default hyperparameters")
+    _add_protocol_options(run)
+    tune_cmd = commands.add_parser(
+        "tune", help="search each method's grid on a validation split; write tuned.json",
+        description="Train every configuration of each method's grid (12 per method) with the"
+        " tuning seeds, holding out --validation of each task's training data; pick per method"
+        " the best final average validation accuracy (diverged configurations are never"
+        " picked); write tuned.json (for run --config) and tuning.md under --out.")
+    tune_cmd.add_argument("--benchmark", type=_names, required=True, metavar="NAME",
+                          help="the benchmark to tune on")
+    tune_cmd.add_argument("--seeds", type=_seeds,
+                          default=",".join(map(str, TUNING_SEEDS)), metavar="N|LIST",
+                          help="tuning seeds, kept apart from the evaluation seeds (default"
+                          f" {','.join(map(str, TUNING_SEEDS))})")
+    tune_cmd.add_argument("--validation", type=_fraction, default=str(VALIDATION),
+                          metavar="FRACTION", help="share of each task's training data held"
+                          f" out for scoring (default {VALIDATION})")
+    tune_cmd.add_argument("--out", default="runs/tune", metavar="DIR",
+                          help="output directory (default runs/tune)")
+    _add_protocol_options(tune_cmd)
+    commands.add_parser("methods", help="list methods, their defaults and tuning grids")
     commands.add_parser("benchmarks", help="list benchmarks")
     return parser, run
 
 
-def _config_defaults(run: argparse.ArgumentParser, path: str) -> dict[str, Any]:
-    """Read a JSON config into argparse defaults (strings, so the option types parse them)."""
+def _config_defaults(run: argparse.ArgumentParser, path: str) -> tuple[dict[str, Any], dict]:
+    """Read a JSON config into argparse defaults (strings, so the option types parse them).
+
+    Returns the defaults and the record to store with the results (the file's content).
+    """
     try:
         config = json.loads(Path(path).read_text())
     except (OSError, ValueError) as exc:
@@ -136,6 +179,8 @@ def _config_defaults(run: argparse.ArgumentParser, path: str) -> dict[str, Any]:
     defaults: dict[str, Any] = {}
     for key, value in config.items():
         dest = key.replace("-", "_")
+        if key in RECORD_KEYS:
+            continue
         if dest == "hparams":
             if not isinstance(value, dict) or not all(isinstance(v, dict) for v in value.values()):
                 raise UsageError(f"config {path}: hparams must map method names to objects")
@@ -153,15 +198,18 @@ def _config_defaults(run: argparse.ArgumentParser, path: str) -> dict[str, Any]:
         else:
             value = str(value)
         defaults[dest] = value
-    return defaults
+    return defaults, {"config_file": str(Path(path).resolve()), "config": config}
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser, run = build_parser()
     args = parser.parse_args(argv)
+    args.record = {}
     if args.command == "run" and args.config:
-        run.set_defaults(**_config_defaults(run, args.config))
+        defaults, record = _config_defaults(run, args.config)
+        run.set_defaults(**defaults)
         args = parser.parse_args(argv)
+        args.record = record
     return args
 
 
@@ -180,185 +228,48 @@ def _parse_hparams(items: Sequence[str]) -> dict[str, dict[str, Any]]:
     return overrides
 
 
-def _check_writable(out: Path) -> None:
-    """Raise UsageError unless ``out`` is, or can be created as, a writable directory."""
-    existing = out
-    while not existing.exists():
-        if existing.parent == existing:
-            break
-        existing = existing.parent
-    if not existing.is_dir():
-        raise UsageError(f"--out {out}: {existing} is not a directory")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise UsageError(f"--out {out}: {existing} is not writable")
+def _data_dirs(args: argparse.Namespace) -> dict[str, str]:
+    return {key: value for key, value in (("mnist", args.mnist_dir),
+                                          ("fashion", args.fashion_dir)) if value}
 
 
-@dataclass(frozen=True)
-class Cell:
-    """One (benchmark, method, seed) run and the settings that must match to reuse its result."""
-
-    benchmark: str
-    method: str
-    seed: int
-    settings: dict
-
-    def path(self, out: Path) -> Path:
-        return out / "cells" / self.benchmark / self.method / f"seed{self.seed}.json"
-
-
-def plan_cells(args: argparse.Namespace) -> tuple[list[Cell], dict[str, str]]:
-    """Validate everything (names, hyperparameters, datasets, --out); return the cells to run."""
-    unknown = [b for b in args.benchmark if b not in BENCHMARKS]
-    if unknown or not args.benchmark:
-        raise UsageError(f"unknown benchmark {', '.join(map(repr, unknown)) or '(none given)'}"
-                         f" (choose from {', '.join(BENCHMARKS)})")
-    if args.methods is not None:
-        unknown = [m for m in args.methods if m not in METHODS and m != "all"]
-        if unknown or not args.methods:
-            raise UsageError(f"unknown method {', '.join(map(repr, unknown)) or '(none given)'}"
-                             f" (choose from {', '.join(METHODS)}, or all)")
-    overrides = _parse_hparams(args.hparam)
-    unknown = [m for m in overrides if m not in METHODS]
-    if unknown:
-        raise UsageError(f"--hparam: unknown method {unknown[0]!r}")
-
-    dirs = dict(DEFAULT_DIRS)
-    if args.fashion_dir:
-        dirs["fashion"] = args.fashion_dir
-    if args.mnist_dir:
-        dirs["mnist"] = args.mnist_dir
-    for name in args.benchmark:
-        missing = [d for d in BENCHMARKS[name].data_dirs if d not in dirs]
-        if missing:
-            raise UsageError(f"benchmark {name} needs --{missing[0]}-dir")
-    cells = []
-    probe = mlp((1,), 2)
-    for name in args.benchmark:
-        benchmark = BENCHMARKS[name]
-        methods = benchmark.default_methods if args.methods is None else args.methods
-        methods = tuple(METHODS) if "all" in methods else methods
-        for method in methods:
-            try:
-                hparams = resolve_hparams(method, {**benchmark.method_hparams.get(method, {}),
-                                                   **overrides.get(method, {})})
-                build_method(method, probe, hparams)
-            except (TypeError, ValueError) as exc:
-                raise UsageError(f"{name}/{method}: {exc}") from None
-            settings = {"epochs": list(args.epochs or benchmark.epochs),
-                        "batch_size": args.batch_size or benchmark.batch_size,
-                        "scenario": args.scenario, "max_per_task": args.max_per_task,
-                        "data_dirs": {d: str(Path(dirs[d]).resolve()) for d in benchmark.data_dirs},
-                        "hparams": hparams}
-            cells += [Cell(name, method, seed, settings) for seed in args.seeds]
-    _check_device(args.device)
-    _load_datasets(args.benchmark, dirs)
-    _check_writable(Path(args.out))
-    return cells, dirs
-
-
-def _check_device(name: str) -> None:
-    try:
-        device = torch.device(name)
-    except RuntimeError as exc:
-        raise UsageError(f"--device: {exc}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError(f"--device {name}: CUDA is not available")
-
-
-def _load_datasets(benchmarks: Sequence[str], dirs: dict[str, str]) -> None:
-    """Read every IDX directory a benchmark needs, so malformed data fails before any output."""
-    for name in benchmarks:
-        for key in BENCHMARKS[name].data_dirs:
-            try:
-                load_idx_dataset(dirs[key])
-            except (OSError, ValueError) as exc:
-                raise UsageError(f"{name}: {exc}") from None
-
-
-def _finished(cell: Cell, out: Path) -> Optional[dict]:
-    """The stored result of ``cell`` if it exists, parses and was run with the same settings."""
-    try:
-        stored = json.loads(cell.path(out).read_text())
-    except (OSError, ValueError):
-        return None
-    return stored if isinstance(stored, dict) and stored.get("settings") == cell.settings else None
-
-
-class Progress:
-    """One status line on stderr: rewritten in place on a terminal, one line per cell otherwise."""
-
-    def __init__(self, total: int):
-        self.total = total
-        self.done = 0
-        self.tty = sys.stderr.isatty()
-
-    def show(self, text: str) -> None:
-        if self.tty:
-            sys.stderr.write(f"\r\033[K[{self.done}/{self.total}] {text}")
-            sys.stderr.flush()
-
-    def finish_cell(self, text: str) -> None:
-        self.done += 1
-        if self.tty:
-            self.show(text)
-        else:
-            print(f"[{self.done}/{self.total}] {text}", file=sys.stderr, flush=True)
-
-    def close(self) -> None:
-        if self.tty:
-            sys.stderr.write("\n")
+def experiment_config(args: argparse.Namespace) -> ExperimentConfig:
+    """The ExperimentConfig a parsed ``run`` or ``tune`` command line describes."""
+    return ExperimentConfig(
+        benchmarks=args.benchmark, methods=args.methods, seeds=args.seeds, epochs=args.epochs,
+        batch_size=args.batch_size, scenario=args.scenario, max_per_task=args.max_per_task,
+        hparams=_parse_hparams(getattr(args, "hparam", ())), data_dirs=_data_dirs(args),
+        validation=getattr(args, "validation", None), threads=args.threads,
+        device=args.device, out=args.out, resume=args.resume, record=args.record)
 
 
 def run_command(args: argparse.Namespace) -> None:
-    cells, dirs = plan_cells(args)
-    torch.set_num_threads(args.threads)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    results = []
-    progress = Progress(len(cells))
-    started = time.perf_counter()
-    ran = 0
-    for cell in cells:
-        label = f"{cell.benchmark} {cell.method} seed {cell.seed}"
-        stored = _finished(cell, out) if args.resume else None
-        if stored is None:
-            stream = BENCHMARKS[cell.benchmark].build(cell.seed, dirs)
-            if args.max_per_task:
-                stream = subsample_stream(stream, args.max_per_task, args.max_per_task, cell.seed)
-            tasks = len(stream.tasks)
-            raw = run_cell(stream, BENCHMARKS[cell.benchmark].model, cell.method,
-                           cell.settings["hparams"], cell.seed, cell.settings["epochs"],
-                           cell.settings["batch_size"], cell.settings["scenario"], args.device,
-                           lambda i: progress.show(f"{label}: task {i + 1}/{tasks}"))
-            stored = {"benchmark": cell.benchmark, "method": cell.method, "seed": cell.seed,
-                      "settings": cell.settings, "tasks": [t.name for t in stream.tasks], **raw}
-            write_json(cell.path(out), stored)
-            ran += 1
-            progress.finish_cell(f"{label}: avg acc {average_accuracy(raw['acc_matrix']):.3f}"
-                                 f" ({raw['seconds']:.1f} s)")
-        else:
-            progress.finish_cell(f"{label}: finished earlier, kept")
-        results.append(stored)
-    progress.close()
+    result = run_experiment(experiment_config(args))
+    print(result.table)
+    print(f"\ntable: {result.files[2]}; results: {result.files[0]}, {result.files[1]}")
+    if len(result.files) > 3:
+        print("plots: " + ", ".join(str(p) for p in result.files[3:]))
+    print(result.summary_line)
 
-    summary = aggregate(results)
-    settings = {"benchmarks": list(args.benchmark), "seeds": list(args.seeds),
-                "scenario": args.scenario, "threads": args.threads, "device": args.device,
-                "cells_run": ran, "cells_kept": len(cells) - ran,
-                "seconds": time.perf_counter() - started}
-    write_json(out / "results.json", {"settings": settings, "benchmarks": summary})
-    write_csv(out / "results.csv", summary)
-    plots = write_plots(summary, out / "plots")
-    print(markdown_table(summary))
-    print(f"\nresults: {out / 'results.json'}, {out / 'results.csv'}")
-    print("plots: " + ", ".join(str(p) for p in plots))
-    print(f"{ran} cells run, {len(cells) - ran} kept, {settings['seconds']:.1f} s")
+
+def tune_command(args: argparse.Namespace) -> None:
+    options = {f"{key}_dir": str(Path(path).resolve()) for key, path in _data_dirs(args).items()}
+    tuned = tune(experiment_config(args), options)
+    out = Path(args.out)
+    for method in tuned["methods"]:
+        picked = tuned["hparams"].get(method)
+        setting = (", ".join(f"{k}={v}" for k, v in picked.items()) if picked
+                   else "every configuration diverged; defaults kept")
+        print(f"{method:12} {setting}")
+    print(f"\ntrials: {out / 'tuning.md'}\nrun it: {PROG} run --config {out / 'tuned.json'}"
+          f" --seeds 5 --out DIR")
 
 
 def _list_methods() -> None:
     for spec in METHODS.values():
         defaults = ", ".join(f"{k}={v}" for k, v in spec.defaults.items())
-        print(f"{spec.name:14} {spec.summary}\n{'':14} {defaults}")
+        grid = f"; tune grid of {len(GRIDS[spec.name])}" if spec.name in GRIDS else ""
+        print(f"{spec.name:14} {spec.summary}{grid}\n{'':14} {defaults}")
 
 
 def _list_benchmarks() -> None:
@@ -378,9 +289,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             _list_methods()
         elif args.command == "benchmarks":
             _list_benchmarks()
+        elif args.command == "tune":
+            tune_command(args)
         else:
             run_command(args)
-    except UsageError as exc:
+    except (UsageError, ConfigError) as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return 2
+    except Interrupted as exc:
+        print(f"{PROG}: interrupted: {exc.cells_kept} finished cells kept in {exc.out};"
+              " rerun with --resume to continue", file=sys.stderr)
+        return 130
     return 0

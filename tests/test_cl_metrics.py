@@ -39,7 +39,13 @@ def test_forgetting_and_bwt_of_positive_transfer():
 
 def test_perfect_retention_has_no_forgetting():
     r = [[1.0, 0.1, 0.1], [1.0, 1.0, 0.2], [1.0, 1.0, 1.0]]
-    assert sequence_metrics(r) == {"avg_acc": 1.0, "bwt": 0.0, "forgetting": 0.0}
+    assert sequence_metrics(r) == {"avg_acc": 1.0, "bwt": 0.0, "forgetting": 0.0,
+                                   "own_acc": 1.0}
+
+
+def test_own_task_accuracy_is_the_diagonal_mean():
+    r = [[0.9, 0.1, 0.0], [0.5, 0.8, 0.2], [0.4, 0.6, 0.7]]
+    assert sequence_metrics(r)["own_acc"] == pytest.approx((0.9 + 0.8 + 0.7) / 3)
 
 
 def test_single_task_has_undefined_transfer():

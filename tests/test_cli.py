@@ -47,14 +47,16 @@ def check_results(out: Path, benchmarks: dict[str, tuple[int, list[str]]], seeds
             assert np.all((matrix >= 0) & (matrix <= 1))
             per_seed = np.array(summary["acc_matrix"]["per_seed"])
             assert per_seed.shape == (seeds, tasks, tasks)
-            for key in ("avg_acc", "bwt", "forgetting", "state_bytes", "seconds",
-                        "peak_rss_delta_bytes"):
+            assert summary["finished_seeds"] == summary["seeds"] and summary["diverged"] == []
+            for key in ("avg_acc", "bwt", "forgetting", "own_acc", "state_bytes", "cpu_seconds",
+                        "seconds", "peak_rss_delta_bytes"):
                 assert set(summary[key]) == {"mean", "std", "per_seed"}
                 assert len(summary[key]["per_seed"]) == seeds
             assert 0.0 <= summary["avg_acc"]["mean"] <= 1.0
             assert summary["avg_acc"]["per_seed"][0] == pytest.approx(per_seed[0, -1].mean())
             assert -1.0 <= summary["bwt"]["mean"] <= 1.0
-            assert summary["seconds"]["mean"] > 0
+            assert summary["seconds"]["mean"] > 0 and summary["cpu_seconds"]["mean"] > 0
+            assert summary["own_acc"]["per_seed"][0] == pytest.approx(np.diag(per_seed[0]).mean())
             if method.startswith("classp"):
                 density = summary["update_density"]["mean"]
                 assert len(density) == tasks and all(0.0 <= d <= 1.0 for d in density)
@@ -64,7 +66,8 @@ def check_results(out: Path, benchmarks: dict[str, tuple[int, list[str]]], seeds
     with open(out / "results.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert len(rows) == sum(len(methods) for _, methods in benchmarks.values()) * seeds
-    assert all(0.0 <= float(row["avg_acc"]) <= 1.0 for row in rows)
+    assert all(0.0 <= float(row["avg_acc"]) <= 1.0 and row["diverged"] == "" for row in rows)
+    assert (out / "results.md").read_text().startswith("| benchmark | method | n | avg acc |")
     for name in benchmarks:
         for kind in ("acc-matrix", "task-accuracy"):
             assert (out / "plots" / f"{name}-{kind}.png").read_bytes()[:8] == PNG_MAGIC
@@ -78,10 +81,11 @@ def test_run_in_process_writes_results_table_and_plots(tmp_path, capsys):
     results = check_results(out, {"split-digits": (5, ["sgd", "classp"]),
                                   "permuted-digits": (5, ["sgd", "classp"])}, 1)
     assert results["benchmarks"]["split-digits"]["methods"]["sgd"]["state_bytes"]["mean"] == 0
-    assert "| benchmark | method | avg acc |" in stdout
-    assert "| split-digits | classp |" in stdout
+    assert "| benchmark | method | n | avg acc |" in stdout
+    assert "| split-digits | classp | 1 |" in stdout
     assert str(out / "plots" / "permuted-digits-acc-matrix.png") in stdout
-    assert "[4/4]" in stderr
+    assert stdout.rstrip().splitlines()[-1].endswith("s CPU; no cell diverged")
+    assert "4/4" in stderr and "permuted-digits classp seed 0: avg acc" in stderr
     assert len(cell_files(out)) == 4
 
 
@@ -137,7 +141,7 @@ def test_resume_runs_only_missing_cells(tmp_path, capsys):
     assert set(after) == set(before)
     rerun = {path for path in after if after[path] != before.get(path)}
     assert rerun == {deleted, corrupt}
-    assert "2 cells run, 2 kept" in stdout
+    assert "2 cells run, 2 kept" in stdout.splitlines()[-1]
     results = json.loads((out / "results.json").read_text())
     assert (results["settings"]["cells_run"], results["settings"]["cells_kept"]) == (2, 2)
     check_results(out, {"split-digits": (5, ["sgd", "classp"])}, 2)
@@ -209,6 +213,13 @@ BAD_INPUTS = {
     "bad hparam value": (["--hparam", "classp.threshold=-1"], "classp: threshold must be"),
     "bad hparam syntax": (["--hparam", "classp"], "METHOD.KEY=VALUE"),
     "zero seeds": (["--seeds", "0"], "positive integer"),
+    "huge seed count": (["--seeds", "99999999999999999999"], "at most 10000 seeds"),
+    "seed beyond 32 bits": (["--seeds", "4294967296,"], "seeds in [0, 4294967296)"),
+    "negative seed": (["--seeds", "3,-1"], "seeds in [0, 4294967296)"),
+    "meta device": (["--device", "meta"], "device meta: expected cpu or cuda"),
+    "unknown device": (["--device", "gpu"], "device: "),
+    "out cannot be created": (["--out", "/proc/classp-fused-test/out"],
+                              "out /proc/classp-fused-test/out: "),
     "bad epochs": (["--epochs", "two"], "positive integer"),
     "unknown flag": (["--fast"], "unrecognized arguments"),
     "config not json": (["--config", "{file}"], "cannot read config"),
@@ -247,3 +258,21 @@ def test_bad_input_through_the_module_entry_point(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.startswith("classp-fused: error: unknown method 'nope'")
     assert not (tmp_path / "out").exists()
+
+
+def test_tune_command_writes_a_config_that_run_takes(tmp_path, capsys):
+    out = tmp_path / "tune"
+    code = main(["tune", "--benchmark", "split-digits", "--methods", "sgd", "--seeds", "1000,",
+                 "--epochs", "1", "--max-per-task", "40", "--validation", "0.25",
+                 "--out", str(out)])
+    stdout, stderr = capsys.readouterr()
+    assert code == 0, stderr
+    tuned = json.loads((out / "tuned.json").read_text())
+    assert tuned["tuning"]["validation"] == 0.25 and len(tuned["tuning"]["trials"]["sgd"]) == 12
+    assert stdout.startswith(f"sgd          lr={tuned['hparams']['sgd']['lr']}")
+    assert f"run --config {out / 'tuned.json'}" in stdout
+    assert "12/12" in stderr
+    assert main(["tune", "--benchmark", "split-digits,permuted-digits", "--out", str(out)]) == 2
+    assert "tune: expected one benchmark, got 2" in capsys.readouterr().err
+    assert main(["tune", "--benchmark", "split-digits", "--validation", "1.5"]) == 2
+    assert "expected a fraction in (0, 1)" in capsys.readouterr().err

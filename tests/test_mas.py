@@ -264,7 +264,7 @@ def test_bad_model_and_data_raise():
     with pytest.raises(ValueError, match="data is empty"):
         reg.consolidate([])
     with pytest.raises(TypeError, match="data"):
-        reg.consolidate([{"x": torch.randn(2, 6)}])
+        reg.consolidate([{torch.randn(2, 6)}])  # a set: neither tensor, sequence nor mapping
     frozen = mlp().requires_grad_(False)
     with pytest.raises(ValueError, match="requires_grad"):
         MAS(frozen).consolidate(batches([2]))

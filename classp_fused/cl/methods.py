@@ -1,8 +1,10 @@
 """Continual-learning methods by name: an optimizer, an optional regularizer, task-boundary hooks.
 
-Default hyperparameters are chosen for the default digits benchmarks (MLP 64-100-100-10,
-batch 32); ``docs/REPRODUCTION.md`` records the sweep behind the CLASSP, EWC and MAS values.
-Every method accepts ``per_task``: a list of param-group settings applied at the start of
+Defaults are hand-set starting points; the digits benchmarks override them with tuned values
+(``classp_fused.cl.benchmarks``, ``classp-fused tune``). Methods with a regularizer take
+``penalty``: ``"explicit"`` (the papers': the penalty gradient joins the loss gradient) or
+``"proximal"`` (the regularizer's proximal step after each optimizer step, stable for every
+lambda). Every method accepts ``per_task``: a list of param-group settings applied at the start of
 task i (the last entry repeats), as in the published vision run (``apply_scaling`` and
 ``threshold`` change between tasks).
 """
@@ -11,18 +13,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional, Sequence
 
+import warnings
+
 import torch
 from torch import nn
 from torch.optim import Optimizer
 
 from .. import CLASSP, EWC, MAS
+from ..regularizers import StiffnessWarning
 
 SGD_LR = 0.05
 CLASSP_DEFAULTS = {"lr": 0.05, "threshold": 1e-4, "eps": 1e-5, "power": 1.0, "apply_scaling": True}
 #: Per-sample empirical Fisher (the definition); the batch form underestimates it.
-EWC_DEFAULTS = {"lam": 30.0, "fisher": "empirical", "per_sample": True}
+EWC_DEFAULTS = {"lam": 30.0, "fisher": "empirical", "per_sample": True, "penalty": "explicit"}
 #: The original code's batch form of the importance, summed over tasks.
-MAS_DEFAULTS = {"lam": 0.3, "accumulate": "sum", "per_sample": False}
+MAS_DEFAULTS = {"lam": 0.3, "accumulate": "sum", "per_sample": False, "penalty": "explicit"}
+PENALTIES = ("explicit", "proximal")
 #: The published reference code's defaults; its per-tensor gate makes threshold 0.5 a no-op.
 CLASSP_PUBLISHED = {"lr": 0.2, "threshold": 0.5, "eps": 1e-5, "power": 1.0, "apply_scaling": True}
 
@@ -35,6 +41,7 @@ class Method:
     optimizer: Optimizer
     regularizer: Optional[EWC | MAS] = None
     per_task: Sequence[Mapping[str, Any]] = ()
+    penalty: str = "explicit"
 
     def start_task(self, index: int) -> None:
         """Apply the ``per_task`` param-group settings of task ``index`` (last entry repeats)."""
@@ -44,14 +51,28 @@ class Method:
                 group.update(settings)
 
     def after_backward(self) -> None:
-        """Add the regularizer's penalty gradient to the parameters' .grad."""
-        if self.regularizer is not None:
+        """Explicit penalty: add its gradient to the parameters' .grad."""
+        if self.regularizer is not None and self.penalty == "explicit":
             self.regularizer.add_penalty_grad_()
 
-    def end_task(self, batches) -> None:
-        """Consolidate the regularizer on the finished task's (input, label) batches."""
-        if self.regularizer is not None:
-            self.regularizer.consolidate(batches)
+    def after_step(self) -> None:
+        """Proximal penalty: pull each updated element toward its anchor."""
+        if self.regularizer is not None and self.penalty == "proximal":
+            self.regularizer.proximal_step_(self.optimizer)
+
+    def end_task(self, batches) -> bool:
+        """Consolidate the regularizer on the finished task's (input, label) batches.
+
+        Returns True when the next explicit penalty step is unstable (step size times
+        stiffness at least 2 somewhere: it will oscillate and diverge), else False.
+        """
+        if self.regularizer is None:
+            return False
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", StiffnessWarning)
+            self.regularizer.consolidate(
+                batches, optimizer=self.optimizer if self.penalty == "explicit" else None)
+        return any(issubclass(w.category, StiffnessWarning) for w in caught)
 
     def update_fraction(self) -> Optional[float]:
         """Fraction of parameter elements the last step updated (CLASSP only, else None)."""
@@ -109,7 +130,7 @@ METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (
     MethodSpec("classp-legacy", "CLASSP as the published code runs it (per-tensor gate)",
                CLASSP_PUBLISHED,
                lambda m, hp: (_classp(m, hp, mode="legacy", backend="torch"), None)),
-    MethodSpec("ewc", "SGD + EWC, one Fisher and anchor per task",
+    MethodSpec("ewc", "SGD + EWC, a penalty per task (kept in constant memory)",
                {"lr": SGD_LR, **EWC_DEFAULTS},
                lambda m, hp: (_sgd(m, hp), _ewc(m, hp, mode="separate"))),
     MethodSpec("online-ewc", "SGD + online EWC, one decayed Fisher and anchor",
@@ -143,10 +164,14 @@ def build_method(name: str, model: nn.Module, hparams: Mapping[str, Any]) -> Met
     """Build method ``name`` for ``model`` with fully resolved ``hparams`` (see resolve_hparams)."""
     hp = dict(hparams)
     per_task = hp.pop("per_task", ())
+    penalty = hp.pop("penalty", "explicit")
+    if penalty not in PENALTIES:
+        raise ValueError(f"method {name!r}: penalty must be one of {', '.join(PENALTIES)},"
+                         f" got {penalty!r}")
     optimizer, regularizer = METHODS[name].build(model, hp)
     for settings in per_task:
         unknown = set(settings) - set(optimizer.defaults)
         if unknown:
             raise ValueError(f"method {name!r}: per_task settings {sorted(unknown)} are not"
                              f" param-group settings of {type(optimizer).__name__}")
-    return Method(name, optimizer, regularizer, per_task)
+    return Method(name, optimizer, regularizer, per_task, penalty)

@@ -7,6 +7,8 @@ R[i][j] is the accuracy on task j after training task i (0-based, T tasks):
   (the last task's own term is zero by definition and left out). Negative means forgetting.
 - forgetting (Chaudhry et al. 2018): mean over j < T-1 of max_{j <= i < T-1} R[i][j] -
   R[T-1][j], the drop from the best accuracy task j had after it was learned.
+- own-task accuracy: mean_j R[j][j], each task's accuracy just after it was learned (the
+  diagonal): how well a method learns, apart from how well it remembers.
 
 BWT and forgetting are undefined (NaN) for a single task.
 """
@@ -48,10 +50,15 @@ def forgetting(matrix) -> float:
     return float(np.mean([r[j:t - 1, j].max() - r[-1, j] for j in range(t - 1)]))
 
 
+def own_task_accuracy(matrix) -> float:
+    """Mean of the diagonal: each task's accuracy right after training on it."""
+    return float(np.diag(_square(matrix)).mean())
+
+
 def sequence_metrics(matrix) -> dict[str, float]:
-    """avg_acc, bwt and forgetting of one accuracy matrix."""
+    """avg_acc, bwt, forgetting and own_acc of one accuracy matrix."""
     return {"avg_acc": average_accuracy(matrix), "bwt": backward_transfer(matrix),
-            "forgetting": forgetting(matrix)}
+            "forgetting": forgetting(matrix), "own_acc": own_task_accuracy(matrix)}
 
 
 def mean_std(values) -> tuple:

@@ -11,13 +11,14 @@ import math
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Optional
 
 from matplotlib.figure import Figure
 
 from .metrics import mean_std, sequence_metrics
 
-SCALARS = ("avg_acc", "bwt", "forgetting", "state_bytes", "seconds", "peak_rss_delta_bytes")
+SCALARS = ("avg_acc", "bwt", "forgetting", "own_acc", "state_bytes", "cpu_seconds", "seconds",
+           "peak_rss_delta_bytes")
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -49,55 +50,88 @@ def write_json(path: Path, value: Any) -> None:
 
 
 def _spread(per_seed: list) -> dict:
+    if not per_seed:
+        return {"mean": None, "std": None, "per_seed": []}
     mean, std = mean_std(per_seed)
     return {"mean": mean, "std": std, "per_seed": per_seed}
 
 
+def _summarize(runs: list[dict]) -> dict:
+    """Metrics over the runs that finished; the diverged ones listed with where they stopped."""
+    finished = [run for run in runs if not run.get("diverged")]
+    rows = [{**sequence_metrics(run["acc_matrix"]), **run} for run in finished]
+    summary = {"hparams": runs[0]["settings"]["hparams"],
+               "seeds": [run["seed"] for run in runs],
+               "finished_seeds": [run["seed"] for run in finished],
+               "diverged": [{"seed": run["seed"], **run["diverged"]}
+                            for run in runs if run.get("diverged")],
+               "unstable": [{"seed": run["seed"], "tasks": run["unstable_tasks"]}
+                            for run in runs if run.get("unstable_tasks")],
+               "acc_matrix": _spread([row["acc_matrix"] for row in rows])}
+    summary.update({key: _spread([row[key] for row in rows]) for key in SCALARS})
+    densities = [run["update_density"] for run in finished if run["update_density"] is not None]
+    if densities:
+        summary["update_density"] = _spread(densities)
+    return summary
+
+
 def aggregate(cells: Iterable[dict]) -> dict[str, dict]:
-    """Group finished cells by benchmark and method; mean, std and per-seed value of each metric.
+    """Group cells by benchmark and method; mean, std and per-seed value of each metric.
 
     Returns {benchmark: {"tasks": [...], "settings": {...}, "methods": {method: {"hparams",
-    "seeds", "acc_matrix", "avg_acc", "bwt", "forgetting", "state_bytes", "seconds",
-    "peak_rss_delta_bytes"[, "update_density"]}}}}, each metric as {"mean", "std", "per_seed"}
-    and "settings" the benchmark's protocol (epochs, batch size, scenario, ...).
+    "seeds", "finished_seeds", "diverged", "unstable", "acc_matrix", "avg_acc", "bwt",
+    "forgetting", "own_acc", "state_bytes", "cpu_seconds", "seconds", "peak_rss_delta_bytes"
+    [, "update_density"]}}}}. Each metric is {"mean", "std", "per_seed"} over the seeds that
+    finished (``finished_seeds``; mean and std are None when none did); ``diverged`` lists the
+    other seeds with the task, epoch and step where a loss or parameter became non-finite;
+    ``unstable`` the seeds whose explicit penalty step was unstable after some tasks.
+    "settings" is the benchmark's protocol (epochs, batch size, scenario, ...).
     """
     grouped: dict[str, dict[str, list[dict]]] = {}
     for cell in cells:
         grouped.setdefault(cell["benchmark"], {}).setdefault(cell["method"], []).append(cell)
     results = {}
     for benchmark, methods in grouped.items():
-        summaries = {}
-        for method, runs in methods.items():
-            rows = [{**sequence_metrics(run["acc_matrix"]), **run} for run in runs]
-            summary = {"hparams": runs[0]["settings"]["hparams"],
-                       "seeds": [run["seed"] for run in runs],
-                       "acc_matrix": _spread([row["acc_matrix"] for row in rows])}
-            summary.update({key: _spread([row[key] for row in rows]) for key in SCALARS})
-            if runs[0]["update_density"] is not None:
-                summary["update_density"] = _spread([run["update_density"] for run in runs])
-            summaries[method] = summary
+        summaries = {method: _summarize(runs) for method, runs in methods.items()}
         first = next(iter(methods.values()))[0]
         settings = {k: v for k, v in first["settings"].items() if k != "hparams"}
         results[benchmark] = {"tasks": first["tasks"], "settings": settings, "methods": summaries}
     return results
 
 
+def diverged_count(summary: dict) -> str:
+    """``"k/n"``: seeds that diverged out of seeds run."""
+    return f"{len(summary['diverged'])}/{len(summary['seeds'])}"
+
+
+def _where(stop: dict) -> str:
+    return f"task {stop['task']} epoch {stop['epoch']} step {stop['step']} ({stop['what']})"
+
+
 def write_csv(path: Path, results: dict) -> None:
-    """One row per benchmark, method and seed (update_density: mean over tasks)."""
+    """One row per benchmark, method and seed (update_density: mean over tasks).
+
+    A diverged seed has empty metrics and says where it stopped in ``diverged``.
+    """
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(["benchmark", "method", "seed", *SCALARS, "update_density"])
+    writer.writerow(["benchmark", "method", "seed", *SCALARS, "update_density", "diverged"])
     for benchmark, entry in results.items():
         for method, summary in entry["methods"].items():
             density = summary.get("update_density", {}).get("per_seed")
-            for i, seed in enumerate(summary["seeds"]):
+            for i, seed in enumerate(summary["finished_seeds"]):
                 values = [summary[key]["per_seed"][i] for key in SCALARS]
                 mean_density = sum(density[i]) / len(density[i]) if density else ""
-                writer.writerow([benchmark, method, seed, *values, mean_density])
+                writer.writerow([benchmark, method, seed, *values, mean_density, ""])
+            for stop in summary["diverged"]:
+                writer.writerow([benchmark, method, stop["seed"], *[""] * len(SCALARS), "",
+                                 _where(stop)])
     atomic_write(path, out.getvalue().encode())
 
 
-def _bytes(n: float) -> str:
+def _bytes(n: Optional[float]) -> str:
+    if n is None:
+        return "n/a"
     if n < 1024:
         return f"{n:.0f} B"
     if n < 1024 ** 2:
@@ -112,21 +146,34 @@ def _pm(stat: dict, digits: int = 3) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
+TABLE_HEADER = ("| benchmark | method | n | avg acc | BWT | forgetting | own-task acc | state"
+                " | CPU s | wall s | update density | diverged |")
+
+
 def markdown_table(results: dict) -> str:
-    """Mean ± std over seeds per benchmark and method."""
-    lines = ["| benchmark | method | avg acc | BWT | forgetting | state | seconds"
-             " | update density |",
-             "|---|---|---|---|---|---|---|---|"]
+    """Mean ± std over the seeds that finished (n of them) per benchmark and method."""
+    lines = [TABLE_HEADER, "|" + "---|" * TABLE_HEADER.count(" | ") + "---|"]
     for benchmark, entry in results.items():
         for method, s in entry["methods"].items():
             density = "—"
             if "update_density" in s:
                 per_task = s["update_density"]["mean"]
                 density = f"{sum(per_task) / len(per_task):.3f}"
-            lines.append(f"| {benchmark} | {method} | {_pm(s['avg_acc'])} | {_pm(s['bwt'])} |"
-                         f" {_pm(s['forgetting'])} | {_bytes(s['state_bytes']['mean'])} |"
-                         f" {_pm(s['seconds'], 1)} | {density} |")
+            diverged = f"diverged {diverged_count(s)}" if s["diverged"] else "—"
+            lines.append(f"| {benchmark} | {method} | {len(s['finished_seeds'])} |"
+                         f" {_pm(s['avg_acc'])} | {_pm(s['bwt'])} | {_pm(s['forgetting'])} |"
+                         f" {_pm(s['own_acc'])} | {_bytes(s['state_bytes']['mean'])} |"
+                         f" {_pm(s['cpu_seconds'], 1)} | {_pm(s['seconds'], 1)} | {density} |"
+                         f" {diverged} |")
     return "\n".join(lines)
+
+
+def divergence_line(results: dict) -> str:
+    """One sentence naming every benchmark/method with diverged seeds, or saying none did."""
+    parts = [f"{benchmark}/{method} {diverged_count(s)}"
+             for benchmark, entry in results.items() for method, s in entry["methods"].items()
+             if s["diverged"]]
+    return "diverged: " + ", ".join(parts) if parts else "no cell diverged"
 
 
 def _save(fig: Figure, path: Path) -> None:
@@ -145,21 +192,29 @@ def plot_accuracy_matrices(benchmark: str, entry: dict, path: Path) -> None:
     t = len(entry["tasks"])
     image = None
     for ax, (method, summary) in zip(axes.flat, methods.items()):
+        title = method + (f" (diverged {diverged_count(summary)})" if summary["diverged"] else "")
+        ax.set_title(title, fontsize=10)
         matrix = summary["acc_matrix"]["mean"]
+        if matrix is None:
+            ax.text(0.5, 0.5, "diverged\non every seed", ha="center", va="center",
+                    color="red", transform=ax.transAxes)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            continue
         image = ax.imshow(matrix, vmin=0.0, vmax=1.0, cmap="viridis")
         if t <= 10:
             for i in range(t):
                 for j in range(t):
                     ax.text(j, i, f"{matrix[i][j]:.2f}", ha="center", va="center", fontsize=7,
                             color="white" if matrix[i][j] < 0.6 else "black")
-        ax.set_title(method, fontsize=10)
         ax.set_xlabel("evaluated task j")
         ax.set_ylabel("after training task i")
         ax.set_xticks(range(t))
         ax.set_yticks(range(t))
     for ax in list(axes.flat)[len(methods):]:
         ax.set_axis_off()
-    fig.colorbar(image, ax=axes, shrink=0.8, label="accuracy R[i][j]")
+    if image is not None:
+        fig.colorbar(image, ax=axes, shrink=0.8, label="accuracy R[i][j]")
     fig.suptitle(f"{benchmark}: accuracy matrix (mean over seeds)")
     _save(fig, path)
 
@@ -172,9 +227,14 @@ def plot_task_accuracy(benchmark: str, entry: dict, path: Path) -> None:
     stages = list(range(len(tasks)))
     for j, ax in enumerate(axes):
         for method, summary in entry["methods"].items():
+            label = method + (f" (diverged {diverged_count(summary)})"
+                              if summary["diverged"] else "")
+            if summary["acc_matrix"]["mean"] is None:
+                ax.plot([], [], linestyle="none", marker="x", color="red", label=label)
+                continue
             mean = [row[j] for row in summary["acc_matrix"]["mean"]]
             std = [row[j] for row in summary["acc_matrix"]["std"]]
-            line, = ax.plot(stages, mean, marker="o", markersize=3, label=method)
+            line, = ax.plot(stages, mean, marker="o", markersize=3, label=label)
             ax.fill_between(stages, [m - s for m, s in zip(mean, std)],
                             [m + s for m, s in zip(mean, std)], alpha=0.15,
                             color=line.get_color())

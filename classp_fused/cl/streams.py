@@ -207,6 +207,16 @@ def domain_stream(name: str, datasets: Sequence[ImageDataset]) -> Stream:
     return Stream(name, tasks, max(max(t.classes) for t in tasks) + 1)
 
 
+def subsample_dataset(dataset: ImageDataset, max_train: int, max_test: int,
+                      seed: int) -> ImageDataset:
+    """Keep at most ``max_train`` training and ``max_test`` test images (seeded, no repeats)."""
+    rng = np.random.default_rng(seed)
+    train = np.sort(rng.permutation(len(dataset.x_train))[:max_train])
+    test = np.sort(rng.permutation(len(dataset.x_test))[:max_test])
+    return ImageDataset(dataset.name, dataset.x_train[train], dataset.y_train[train],
+                        dataset.x_test[test], dataset.y_test[test])
+
+
 def subsample_stream(stream: Stream, max_train: int, max_test: int, seed: int) -> Stream:
     """Keep at most ``max_train`` training and ``max_test`` test examples per task (seeded)."""
     generator = torch.Generator().manual_seed(seed)
@@ -218,3 +228,24 @@ def subsample_stream(stream: Stream, max_train: int, max_test: int, seed: int) -
     tasks = tuple(Task(t.name, t.classes, *first(max_train, t.x_train, t.y_train),
                        *first(max_test, t.x_test, t.y_test)) for t in stream.tasks)
     return Stream(stream.name, tasks, stream.num_classes)
+
+
+def validation_stream(stream: Stream, fraction: float, seed: int) -> Stream:
+    """Hold out ``fraction`` of each task's training data as its evaluation split (seeded).
+
+    The task's test split is dropped: tuning on the result never sees test data.
+    """
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"validation fraction must be in (0, 1), got {fraction!r}")
+    generator = torch.Generator().manual_seed(seed)
+    tasks = []
+    for t in stream.tasks:
+        order = torch.randperm(len(t.x_train), generator=generator)
+        held = max(1, round(fraction * len(order)))
+        if held >= len(order):
+            raise ValueError(f"task {t.name!r}: {len(order)} training examples leave none to"
+                             f" train on after holding out {fraction:.0%}")
+        val, train = order[:held], order[held:]
+        tasks.append(Task(t.name, t.classes, t.x_train[train], t.y_train[train],
+                          t.x_train[val], t.y_train[val]))
+    return Stream(stream.name, tuple(tasks), stream.num_classes)

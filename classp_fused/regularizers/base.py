@@ -27,7 +27,7 @@ from __future__ import annotations
 import abc
 import math
 import warnings
-from typing import Iterable
+from typing import Iterable, Optional
 
 import torch
 import torch.distributed as dist
@@ -35,6 +35,8 @@ from torch import Tensor, nn
 
 from . import penalty as penalty_ops
 from . import stability
+from .amp import current_grad_scale
+from .batches import Forward, Labels, ModelCall, check_forward_and_labels, default_forward
 from .checks import check_number
 from .importance import ImportancePasses
 from .shards import DTensor, local, wrap_like
@@ -69,11 +71,18 @@ class Regularizer(ImportancePasses, TaskState, abc.ABC):
         self.process_group = process_group
         self._reset_state(bool(keep_task_importances))
 
-    def consolidate(self, data: Iterable, *, optimizer=None, lr: float | None = None) -> None:
+    def consolidate(self, data: Iterable, forward: Optional[Forward] = None,
+                    labels: Labels = None, *, optimizer=None, lr: float | None = None) -> None:
         """Compute the importance on ``data`` at a task boundary and anchor the current params.
 
-        ``data`` is an iterable of batches (a DataLoader, a list); a batch is an input tensor
-        or an (input, label, ...) sequence; a single tensor counts as one batch. The pass runs
+        ``data`` is an iterable of batches (a DataLoader, a list); a single tensor counts as
+        one batch. ``forward(model, batch)`` returns the logits; without it a batch is an
+        input tensor or an (input, label, ...) sequence (the model gets the input) or a
+        mapping of keyword arguments (``model(**batch)`` without the labels entry, e.g. a
+        transformers batch with its attention mask). A model output with ``.logits`` (a
+        transformers ModelOutput) gives its logits. ``labels`` (EWC's empirical Fisher) is a
+        key or index of the batch or a callable ``labels(batch)``; by default a sequence's
+        second entry or a mapping's ``"labels"``. The pass runs
         in eval() mode with the model's training flags, requires_grad flags, buffers and
         existing .grad left exactly as found. When torch.distributed is initialized (or a
         process group was given) the sums and sample counts are all-reduced, so every rank
@@ -87,9 +96,12 @@ class Regularizer(ImportancePasses, TaskState, abc.ABC):
         state as it was. With ``optimizer`` or ``lr`` (not both), one ``StiffnessWarning``
         names the stiffest parameter when the next explicit step would be unstable.
         """
+        check_forward_and_labels(forward, labels)
         if optimizer is not None or lr is not None:
             stability.check_step_source(optimizer, lr)
         params = self._regularized_params()
+        self._call = ModelCall(self.model, forward or default_forward)
+        batches = self._batches(data, labels, whole=forward is not None)
         device = local(next(iter(params.values()))).device
         shards = [isinstance(p, DTensor) for p in params.values()]
         if any(shards) and not all(shards):
@@ -99,10 +111,10 @@ class Regularizer(ImportancePasses, TaskState, abc.ABC):
             raise ValueError(self._sharded_variant_error())
         with self._importance_pass():
             if all(shards):
-                sums, count = self._sharded_importance_sums(self._batches(data), params)
+                sums, count = self._sharded_importance_sums(_tensor_inputs(batches), params)
                 count = self._all_reduce_([], count, device)
             else:
-                sums, count = self._importance_sums(self._batches(data), params)
+                sums, count = self._importance_sums(batches, params)
                 count = self._all_reduce_(list(sums.values()), count, device)
         if count == 0:
             raise ValueError("data is empty: consolidate saw no samples (an empty batch or a "
@@ -125,15 +137,20 @@ class Regularizer(ImportancePasses, TaskState, abc.ABC):
         total = torch.zeros((), device=next(self.model.parameters()).device)
         return self._scale * penalty_ops.penalty_sum(*self._terms(), total)
 
-    def add_penalty_grad_(self) -> None:
+    def add_penalty_grad_(self, scaler=None, optimizer=None) -> None:
         """Add the penalty's gradient ``2*scale*Omega*(theta - m)`` to each param's .grad.
 
-        Call it after backward; a missing .grad is created. One multi-tensor pass, elementwise
-        on local tensors, so it works where adding the penalty to the loss does not (FSDP2).
+        Call it once per optimizer step, after backward (or before it: gradients add up); a
+        missing .grad is created. Under a ``torch.amp.GradScaler`` give ``scaler`` and the
+        ``optimizer`` it steps: the gradient is then added at the gradients' current scale,
+        times the scale before ``scaler.unscale_(optimizer)`` and as is after it, so either
+        order takes the unscaled step. One multi-tensor pass, elementwise on local tensors,
+        so it works where adding the penalty to the loss does not (FSDP2).
         """
+        grad_scale = current_grad_scale(scaler, optimizer)
         params, imps, anchors, _ = self._terms()
         if params:
-            penalty_ops.add_penalty_grad_(params, imps, anchors, 2 * self._scale)
+            penalty_ops.add_penalty_grad_(params, imps, anchors, 2 * self._scale, grad_scale)
 
     def proximal_step_(self, optimizer=None, *, lr: float | None = None) -> None:
         """Apply the penalty in proximal form: call after ``optimizer.step()``, before
@@ -219,3 +236,13 @@ class Regularizer(ImportancePasses, TaskState, abc.ABC):
     def _merge_importance(self, old: Tensor, new: Tensor) -> Tensor:
         """The importance after a task: the sum by default."""
         return old + new
+
+
+def _tensor_inputs(batches):
+    """``batches``, checked to hold tensor inputs: what the FSDP2 importance pass splits."""
+    for x, y in batches:
+        if not isinstance(x, Tensor):
+            raise TypeError("consolidate on an FSDP2-sharded model takes tensor or "
+                            "(input, label) batches without forward, got a model input of "
+                            f"type {type(x).__name__}")
+        yield x, y

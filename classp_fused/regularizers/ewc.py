@@ -6,6 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .base import Regularizer
+from .batches import batch_size
 from .checks import check_choice, check_number
 
 
@@ -86,7 +87,7 @@ class EWC(Regularizer):
             if self.fisher == "empirical" and y is None:
                 raise ValueError("data must yield (input, label) batches for fisher='empirical'")
             add(x, y, params, sums)
-            count += x.shape[0]
+            count += batch_size(x, y)
         return sums, count
 
     def _batch_losses(self, x, y, reforward):
@@ -95,11 +96,11 @@ class EWC(Regularizer):
         if self.fisher == "empirical":
             if y is None:
                 raise ValueError("data must yield (input, label) batches for fisher='empirical'")
-            yield F.cross_entropy(self.model(x), y), x.shape[0]
+            yield F.cross_entropy(self._logits(x), y), batch_size(x, y)
             return
-        log_p = F.log_softmax(self.model(x), dim=-1)
+        log_p = F.log_softmax(self._logits(x), dim=-1)
         for c in range(log_p.shape[-1]):
             if c and reforward:
-                log_p = F.log_softmax(self.model(x), dim=-1)
+                log_p = F.log_softmax(self._logits(x), dim=-1)
             sqrt_p = log_p.detach().mul(0.5).exp()
-            yield (sqrt_p[:, c] * log_p[:, c]).mean(), x.shape[0]
+            yield (sqrt_p[:, c] * log_p[:, c]).mean(), batch_size(x, y)

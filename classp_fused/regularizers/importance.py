@@ -7,14 +7,16 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.func import functional_call, jacrev, vmap
+from torch.func import jacrev, vmap
 
 from . import sharded
+from .batches import (Labels, batch_size, labels_of, model_input, sample_dims, split_batch,
+                      tensor_leaves, to_device, unsqueeze_samples)
 
 # Bound on the per-sample gradient elements held at once (512 MiB in float32); larger vmap
 # chunks run markedly faster per sample on CPU than small ones.
@@ -48,19 +50,20 @@ class ImportancePasses:
                     buffer.copy_(saved)
                     setattr(module, name, buffer)
 
-    def _batches(self, data) -> Iterator[tuple[Tensor, Tensor | None]]:
-        """Yield (input, label or None) with tensors on the model's device; skip empty ones."""
+    def _batches(self, data, labels: Labels = None, whole: bool = False
+                 ) -> Iterator[tuple[Any, Tensor | None]]:
+        """Yield (model input, labels or None) with tensors on the model's device (see
+        ``batches.model_input``; ``whole`` for a user forward); skip empty batches."""
         device = next(self.model.parameters()).device
         for batch in [data] if isinstance(data, Tensor) else data:
-            if isinstance(batch, Tensor):
-                x, y = batch, None
-            elif isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
-                x, y = batch[0], batch[1] if len(batch) > 1 else None
-            else:
-                raise TypeError("data must yield input tensors or (input, label) sequences, "
-                                f"got a batch of type {type(batch).__name__}")
-            if x.shape[0]:  # a batch without samples adds nothing
-                yield x.to(device), None if y is None else y.to(device)
+            batch = to_device(batch, device)
+            x, y = model_input(batch, whole, labels), labels_of(batch, labels)
+            if batch_size(x, y):  # a batch without samples adds nothing
+                yield x, y
+
+    def _logits(self, x) -> Tensor:
+        """The logits of the model call chosen by ``consolidate`` (its ``forward``) on ``x``."""
+        return self._call(x)
 
     def _all_reduce_(self, sums: list[Tensor], count: int, device: torch.device) -> float:
         """Sum ``sums`` in place and ``count`` across ranks when distributed; return the count."""
@@ -139,7 +142,7 @@ class ImportancePasses:
         on 2-D inputs and each parameter had one use; if not, complete the pass with zero
         statistics and return False."""
         records.clear()
-        losses = self._sample_losses(self.model(x), y)
+        losses = self._sample_losses(self._logits(x), y)
         if not checked:
             uses = _parameter_uses(losses.grad_fn)
             ok = (all(len(r.inputs) == 1 and isinstance(r.inputs[0], Tensor)
@@ -155,7 +158,7 @@ class ImportancePasses:
         for c in range(losses.shape[1]):
             if c:
                 records.clear()
-                losses = self._sample_losses(self.model(x), y)
+                losses = self._sample_losses(self._logits(x), y)
             state["column"] = None if weights is None else weights[:, c]
             losses[:, c].sum().backward()
         return True
@@ -220,7 +223,7 @@ class ImportancePasses:
 
         handles = [module.register_forward_hook(hook, prepend=True) for module in names]
         try:
-            losses = self._sample_losses(self.model(x), y)
+            losses = self._sample_losses(self._logits(x), y)
         finally:
             for handle in handles:
                 handle.remove()
@@ -250,26 +253,42 @@ class ImportancePasses:
         return {full for local, _, _ in layers for full in local.values()}, outputs
 
     def _add_vmap_per_sample(self, x, y, rest, fixed, outputs: int, sums) -> None:
-        """Per-sample sums of the parameters ``rest`` from torch.func per-sample Jacobians."""
+        """Per-sample sums of the parameters ``rest`` from torch.func per-sample Jacobians.
+
+        The model input ``x`` may be any nesting of tensors, mappings and sequences: its
+        tensors with the batch's leading size are split per sample, the others shared."""
+        if not tensor_leaves(x):
+            raise TypeError("per_sample=True splits batches into samples: a batch must be "
+                            "tensors in sequences or mappings, got one of type "
+                            f"{type(x).__name__}")
+        dims = sample_dims(x, batch_size(x))
+
         def sample_losses(p, x_k, y_k):
-            output = functional_call(self.model, {**fixed, **p}, (x_k.unsqueeze(0),))
+            output = self._call.functional({**fixed, **p}, unsqueeze_samples(x_k, dims))
             losses = self._sample_losses(output, None if y_k is None else y_k.unsqueeze(0))[0]
             return losses, losses.detach()
 
         jacobian = vmap(jacrev(sample_losses, has_aux=True),
-                        in_dims=(None, 0, None if y is None else 0))
+                        in_dims=(None, dims, None if y is None else 0))
         chunk = self._sample_chunk(rest, outputs)
-        x_chunks = x.split(chunk)
+        x_chunks = split_batch(x, dims, chunk)
         y_chunks = [None] * len(x_chunks) if y is None else y.split(chunk)
         for x_chunk, y_chunk in zip(x_chunks, y_chunks):
-            jac, losses = jacobian(rest, x_chunk, y_chunk)
+            try:
+                jac, losses = jacobian(rest, x_chunk, y_chunk)
+            except RuntimeError as error:
+                if "vmap" not in str(error):
+                    raise
+                raise RuntimeError(
+                    "per_sample=True runs the model under torch.func.vmap, which this model's "
+                    "forward does not support (data-dependent control flow such as transformers' "
+                    "attention-mask handling); per_sample=False on batches of one sample gives "
+                    "the per-sample importance") from error
             weights = self._sample_weights(losses)
             for name, j in jac.items():
                 j = self._statistic(j, out=j)
                 sums[name] += (j.sum((0, 1)) if weights is None
                                else torch.einsum("bc,bc...->...", weights, j))
-
-
 
 def _parameter_uses(root) -> dict[int, int]:
     """For each leaf tensor (by id) of the autograd graph below ``root``, its number of uses."""

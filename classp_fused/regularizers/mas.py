@@ -6,6 +6,7 @@ from torch import Tensor, nn
 from torch.func import grad, vmap
 
 from .base import Regularizer
+from .batches import batch_size
 from .checks import check_choice, check_number
 
 HEBBIAN_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -57,14 +58,14 @@ class MAS(Regularizer):
     def _importance_sums(self, batches, params):
         sums = {name: self._accumulator(p) for name, p in params.items()}
         count = 0
-        for x, _ in batches:
+        for x, y in batches:
             if self.local:
                 self._add_hebbian(x, params, sums)
             elif self.per_sample:
                 self._add_per_sample(x, None, params, sums)
             else:
                 self._add_batch_form(x, None, params, sums)
-            count += x.shape[0]
+            count += batch_size(x, y)
         return sums, count
 
     def _merge_importance(self, old: Tensor, new: Tensor) -> Tensor:
@@ -73,7 +74,7 @@ class MAS(Regularizer):
         return self.alpha * old + (1 - self.alpha) * new
 
     def _batch_losses(self, x, y, reforward):
-        yield self.model(x).pow(2).sum(), 1.0
+        yield self._logits(x).pow(2).sum(), 1.0
 
     def _sharded_variant_error(self) -> str | None:
         if self.local:
@@ -96,7 +97,7 @@ class MAS(Regularizer):
         handles = [m.register_forward_hook(hook) for m in prefixes]
         try:
             with torch.no_grad():
-                self.model(x)
+                self._logits(x)
         finally:
             for handle in handles:
                 handle.remove()

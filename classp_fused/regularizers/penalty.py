@@ -25,14 +25,18 @@ def penalty_sum(params: list[Tensor], importances: list[Tensor], anchors: list[T
 
 @torch.no_grad()
 def add_penalty_grad_(params: list[Tensor], importances: list[Tensor], anchors: list[Tensor],
-                      factor: float) -> None:
+                      factor: float, grad_scale: Tensor | float | None = None) -> None:
     """Add ``factor * Omega * (theta - m)`` to each param's .grad (created if missing),
-    in one multi-tensor pass on local tensors."""
+    in one multi-tensor pass on local tensors; times ``grad_scale`` for scaled gradients."""
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
     diffs = torch._foreach_sub([local(p) for p in params], anchors)
     torch._foreach_mul_(diffs, importances)
+    if isinstance(grad_scale, Tensor):
+        torch._foreach_mul_(diffs, grad_scale.to(diffs[0].device) if diffs else grad_scale)
+    elif grad_scale is not None:
+        factor *= grad_scale
     torch._foreach_add_([local(p.grad) for p in params], diffs, alpha=factor)
 
 

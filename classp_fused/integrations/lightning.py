@@ -1,0 +1,58 @@
+"""Lightning's Trainer: a Callback for CLASSP and a regularizer over a task sequence.
+
+Use one callback object for the whole sequence and a new ``Trainer`` per task (each
+``trainer.fit()`` is a task); ``configure_optimizers`` may build a new optimizer each time::
+
+    callback = ContinualCallback(EWC(module.net, lam=100.0), data=lambda task: consolidation[task])
+    for task in range(tasks):
+        Trainer(max_epochs=2, callbacks=[callback]).fit(module, train[task])
+
+- The penalty gradient is added in ``on_before_optimizer_step``: once per optimizer step
+  (after gradient accumulation), after Lightning's unscaling and before its gradient
+  clipping; under a 16-mixed GradScaler that does not unscale (CLASSP unscales inside its
+  step) it is added at the scaler's scale.
+- At the end of ``fit()`` the regularizer is consolidated on ``data`` (default: the training
+  DataLoader) and the optimizer's per-parameter state is kept; the next task's new optimizer
+  starts from it, so CLASSP's accumulators continue.
+- The callback's state (regularizer, finished tasks, carried optimizer state) is part of every
+  Lightning checkpoint, so ``fit(ckpt_path=...)`` restores it.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from lightning.pytorch.callbacks import Callback
+
+from .continual import ContinualRun
+
+
+class ContinualCallback(Callback):
+    """Penalty, consolidation, carried optimizer state and checkpoints for a Trainer per task.
+
+    Arguments as :class:`classp_fused.integrations.continual.ContinualRun`: ``regularizer``,
+    ``data`` (batches or ``data(task_index)``; default the training DataLoader), ``forward``,
+    ``labels`` (for ``consolidate``), ``carry_optimizer_state``. Manual optimization is not
+    supported: call ``callback.run.add_penalty(optimizer)`` before each step instead.
+    """
+
+    def __init__(self, regularizer=None, data=None, forward=None, labels=None,
+                 carry_optimizer_state: bool = True):
+        self.run = ContinualRun(regularizer, data, forward, labels, carry_optimizer_state)
+
+    def on_train_start(self, trainer, pl_module):
+        if len(trainer.optimizers) != 1:
+            raise ValueError("ContinualCallback supports one optimizer, "
+                             f"the module configured {len(trainer.optimizers)}")
+        self.run.begin_task(trainer.optimizers[0])
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
+        self.run.add_penalty(optimizer, getattr(trainer.precision_plugin, "scaler", None))
+
+    def on_train_end(self, trainer, pl_module):
+        self.run.end_task(trainer.optimizers[0], trainer.train_dataloader)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.run.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.run.load_state_dict(state_dict)
