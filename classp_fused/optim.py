@@ -55,11 +55,12 @@ class CLASSP(Optimizer):
     Param groups are checked when added and before every step (a group whose params, state
     entries and accumulators are the objects its last step saw, by one C++ pass over their
     metadata); ``step``, ``add_param_group`` and ``load_state_dict`` check everything before
-    changing anything, so an error leaves the optimizer as it was. Keys of other optimizers' groups that CLASSP has no use for
-    (``weight_decay``, ``momentum``, ``betas``, ...; ``classp_fused.validation.FOREIGN_KEYS``)
-    are ignored with a warning when set to 0/False/None, as Hugging Face's Trainer writes
-    ``weight_decay=0.0``; any other value raises, since CLASSP would not do what it asks
-    (weight decay, for one, would move every weight at every step, against sparse updates).
+    changing anything, so an error leaves the optimizer as it was. Keys of other optimizers'
+    groups that CLASSP has no use for (``weight_decay``, ``momentum``, ``betas``, ...;
+    ``classp_fused.validation.FOREIGN_KEYS``) are ignored with a warning when set to
+    0/False/None, as Hugging Face's Trainer writes ``weight_decay=0.0``; any other value raises,
+    since CLASSP would not do what it asks (weight decay, for one, would move every weight at
+    every step, against sparse updates).
 
     State per parameter: ``"accumulator"`` (fp32, fp64 for fp64 params, param-shaped) and
     ``"step"`` (0-dim fp32). Accumulators stay fp32 for fp16/bf16 params, also after

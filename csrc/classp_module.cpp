@@ -42,8 +42,9 @@ PyObject* steppable_as_is(PyObject* /*module*/, PyObject* const* args, Py_ssize_
 }
 
 PyMethodDef methods[] = {
-    {"steppable_as_is", reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(steppable_as_is)),
-     METH_FASTCALL, "Whether (params, grads, accs) can be stepped as they are."},
+    {"steppable_as_is",
+     reinterpret_cast<PyCFunction>(reinterpret_cast<void (*)()>(steppable_as_is)), METH_FASTCALL,
+     "Whether (params, grads, accs) can be stepped as they are."},
     {nullptr, nullptr, 0, nullptr}};
 
 }  // namespace
