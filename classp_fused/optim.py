@@ -170,19 +170,24 @@ class CLASSP(Optimizer):
     def _check_step(self, grad_scale: Optional[Tensor]) -> tuple[list, list[dict]]:
         """Raise if any group cannot be stepped, before any state or param changes.
 
-        Returns, per group, its plan if the plan still holds (the group's tensors are those it
-        was validated with, see :class:`_GroupPlan`) or None, and the groups whose params moved
-        to another device than their state.
+        Returns, per group, ``(plan, grads)`` where its plan still holds (the group's tensors
+        are those it was validated with, see :class:`_GroupPlan`; ``grads`` its current ones)
+        or None, and the groups whose params moved to another device than their state.
         """
         plans, moved = [], []
+        if len(self._plans) > len(self.param_groups):  # groups were removed: drop their plans
+            ids = {id(group) for group in self.param_groups}
+            self._plans = {key: plan for key, plan in self._plans.items() if key in ids}
         for index, group in enumerate(self.param_groups):
             plan = self._plans.get(id(group))
-            if plan is not None and plan.holds(group, self.state):
+            grads = None if plan is None else plan.current_grads(group, self.state)
+            if grads is not None:
                 check_hyperparameters(*(group[key] for key in HYPERPARAMETERS),
                                       where=f"param group {index}: ")
-                plans.append(plan)
+                plans.append((plan, grads))
                 continue
             plans.append(None)
+            self._plans.pop(id(group), None)  # the step rebuilds it from what it holds now
             first = next((p for p in group["params"] if p.grad is not None), None)
             dtypes = PARAM_DTYPES
             if first is not None and self.mode == "paper":
@@ -281,31 +286,29 @@ class CLASSP(Optimizer):
                 self._move_state(group)
 
         steps = []
-        for group, plan in zip(self.param_groups, plans):
-            if plan is None:
+        for group, planned in zip(self.param_groups, plans):
+            if planned is None:
                 params, grads, accs, counters = [], [], [], []
                 self._init_group(group, params, grads, accs, counters)
                 if not params:
-                    self._plans.pop(id(group), None)
                     continue
             else:
-                params, grads, accs = plan.params, plan.grads, plan.accs
+                plan, grads = planned
+                params, accs = plan.params, plan.accs
             device = params[0].device
             backend = self._backend_for(device)
             counts = self._run(group, backend, params, grads, accs, grad_scale, found_inf)
             increment = 1.0 if found_inf is None else 1.0 - found_inf.to(device, torch.float32)
-            if plan is None:
-                base = self._advance_steps(group, counters, increment)
-                plan = None if compiling else _GroupPlan.build(group, self.state, params, grads,
-                                                                    base)
-                if plan is None:
-                    self._plans.pop(id(group), None)
-                    steps.append((counts, [p.numel() for p in params], backend))
-                    continue
-                self._plans[id(group)] = plan
-            else:
+            if planned is not None:
                 plan.steps.add_(increment)
-            steps.append((counts, plan.numels, backend))
+                steps.append((counts, plan.numels, backend))
+                continue
+            base = self._advance_steps(group, counters, increment)
+            plan = None if compiling else _GroupPlan.build(group, self.state, params, base)
+            if plan is not None:
+                self._plans[id(group)] = plan
+            steps.append((counts, [p.numel() for p in params] if plan is None else plan.numels,
+                          backend))
         self._telemetry.record(steps)
         return loss
 
@@ -388,17 +391,18 @@ class _GroupPlan:
     are the same objects, and every (param, grad, accumulator) is still dense, dtype- and
     shape-consistent and on the plan's device (one C++ pass over the metadata,
     ``_extension.steppable_as_is``: a ``p.data = other`` swap or a new grad is seen there). Grads
-    are taken from the params at every step and not held. Plain tensors only (DTensors are
-    checked at every step), and only where the extension is built.
+    are taken from the params at every step and not held (the memory of grads set to None is
+    freed). Plain tensors only (DTensors are checked at every step), and only where the
+    extension is built.
     """
 
-    __slots__ = ("group", "state", "all_params", "has_grad", "params", "grads", "entries",
-                 "accs", "counters", "device", "steps", "numels")
+    __slots__ = ("group", "state", "all_params", "has_grad", "params", "entries", "accs",
+                 "counters", "device", "steps", "numels")
 
     @classmethod
-    def build(cls, group: dict, state, params: list, grads: list, base: Optional[Tensor]):
-        """The plan of a group just stepped through ``params`` (its stepped params) and
-        ``grads`` with step counters viewing ``base``; None where the group cannot be planned."""
+    def build(cls, group: dict, state, params: list, base: Optional[Tensor]):
+        """The plan of a group just stepped through ``params`` (its stepped params) with step
+        counters viewing ``base``; None where the group cannot be planned."""
         all_params = list(group["params"])
         stepped = [p for p in all_params if p.grad is not None]
         if (base is None or steppable_as_is is None or len(stepped) != len(params)
@@ -408,7 +412,7 @@ class _GroupPlan:
         plan = cls()
         plan.group, plan.state, plan.all_params = group, state, all_params
         plan.has_grad = [p.grad is not None for p in all_params]
-        plan.params, plan.grads = params, grads
+        plan.params = params
         plan.entries = [state[p] for p in params]
         plan.accs = list(map(_get_accumulator, plan.entries))
         plan.counters = list(map(_get_step, plan.entries))
@@ -417,30 +421,29 @@ class _GroupPlan:
         plan.numels = [p.numel() for p in params]
         return plan
 
-    def holds(self, group: dict, state) -> bool:
-        """Whether the group's tensors are still those of the plan, and steppable; takes the
-        group's current grads into the plan."""
+    def current_grads(self, group: dict, state) -> Optional[list]:
+        """The grads of the plan's params if the group's tensors are still those of the plan
+        and steppable as they are, else None."""
         all_params = group["params"]
         if (group is not self.group or state is not self.state
                 or len(all_params) != len(self.all_params)
                 or not all(map(is_, all_params, self.all_params))):
-            return False
+            return None
         grads = list(map(_get_grads, all_params))
         if any(map(is_, grads, repeat(None))):
             if [g is not None for g in grads] != self.has_grad:
-                return False
+                return None
             grads = [g for g in grads if g is not None]
         elif not all(self.has_grad):
-            return False
+            return None
         params, entries = self.params, self.entries
         try:
             if (not all(map(is_, map(state.get, params), entries))
                     or not all(map(is_, map(_get_accumulator, entries), self.accs))
                     or not all(map(is_, map(_get_step, entries), self.counters))):
-                return False
+                return None
         except KeyError:  # an entry emptied
-            return False
+            return None
         if not steppable_as_is(params, grads, self.accs) or params[0].device != self.device:
-            return False
-        self.grads = grads
-        return True
+            return None
+        return grads

@@ -5,6 +5,7 @@ call leaves every tensor and every group exactly as it was)."""
 import copy
 import pickle
 import warnings
+import weakref
 
 import numpy as np
 import pytest
@@ -538,6 +539,15 @@ def test_the_explaining_checks_run_only_for_groups_that_changed(backend, monkeyp
     optimizer.step()
     optimizer.step()
     assert checked == [1, 0]
+
+
+def test_a_step_keeps_no_grad_alive(backend):
+    """Grads set to None are freed: what a step keeps for the next one holds no grad."""
+    model, optimizer = _stepped_model(backend, steps=3)
+    grads = [weakref.ref(p.grad) for p in model.parameters()]
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    assert all(grad() is None for grad in grads)
 
 
 def test_a_replaced_step_counter_is_the_one_advanced(backend):
