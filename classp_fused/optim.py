@@ -2,16 +2,14 @@
 from __future__ import annotations
 
 import warnings
-from itertools import repeat
-from operator import attrgetter, is_, itemgetter
 from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from ._extension import steppable_as_is
 from .backends import BACKENDS, as_scalar_lr, param_dtypes, resolve_backend, run_backend
+from .group_plan import GroupPlan
 from .reference import classp_legacy_step_, compute_dtype
 from .telemetry import StepTelemetry
 from .validation import (FOREIGN_KEYS, HYPERPARAMETERS, PARAM_DTYPES, check_group,
@@ -92,7 +90,7 @@ class CLASSP(Optimizer):
         self.nonfinite = nonfinite
         self._requested_backend = backend
         self._warned_keys: set[str] = set()
-        self._plans: dict[int, _GroupPlan] = {}
+        self._plans: dict[int, GroupPlan] = {}
         defaults = dict(lr=lr, threshold=threshold, eps=eps, power=power,
                         apply_scaling=apply_scaling)
         super().__init__(params, defaults)
@@ -171,7 +169,7 @@ class CLASSP(Optimizer):
         """Raise if any group cannot be stepped, before any state or param changes.
 
         Returns, per group, ``(plan, grads)`` where its plan still holds (the group's tensors
-        are those it was validated with, see :class:`_GroupPlan`; ``grads`` its current ones)
+        are those it was validated with, see :class:`GroupPlan`; ``grads`` its current ones)
         or None, and the groups whose params moved to another device than their state.
         """
         plans, moved = [], []
@@ -304,7 +302,7 @@ class CLASSP(Optimizer):
                 steps.append((counts, plan.numels, backend))
                 continue
             base = self._advance_steps(group, counters, increment)
-            plan = None if compiling else _GroupPlan.build(group, self.state, params, base)
+            plan = None if compiling else GroupPlan.build(group, self.state, params, base)
             if plan is not None:
                 self._plans[id(group)] = plan
             steps.append((counts, [p.numel() for p in params] if plan is None else plan.numels,
@@ -375,75 +373,3 @@ def _local(t: Tensor) -> Tensor:
     except ImportError:  # torch built without distributed support
         return t
     return t.to_local() if isinstance(t, DTensor) else t
-
-
-_get_grads = attrgetter("grad")
-_get_accumulator = itemgetter("accumulator")
-_get_step = itemgetter("step")
-
-
-class _GroupPlan:
-    """A param group's stepped tensors as the last validated step found them, to step again
-    without the explaining per-tensor checks while the group is as it was.
-
-    It holds while the group lists the same param objects, the same params have a grad, the
-    optimizer's state dict, each param's state entry and the accumulator and step counter in it
-    are the same objects, and every (param, grad, accumulator) is still dense, dtype- and
-    shape-consistent and on the plan's device (one C++ pass over the metadata,
-    ``_extension.steppable_as_is``: a ``p.data = other`` swap or a new grad is seen there). Grads
-    are taken from the params at every step and not held (the memory of grads set to None is
-    freed). Plain tensors only (DTensors are checked at every step), and only where the
-    extension is built.
-    """
-
-    __slots__ = ("group", "state", "all_params", "has_grad", "params", "entries", "accs",
-                 "counters", "device", "steps", "numels")
-
-    @classmethod
-    def build(cls, group: dict, state, params: list, base: Optional[Tensor]):
-        """The plan of a group just stepped through ``params`` (its stepped params) with step
-        counters viewing ``base``; None where the group cannot be planned."""
-        all_params = list(group["params"])
-        stepped = [p for p in all_params if p.grad is not None]
-        if (base is None or steppable_as_is is None or len(stepped) != len(params)
-                or not all(map(is_, stepped, params))  # DTensors step on their local shards
-                or any(type(p) is not nn.Parameter and type(p) is not Tensor for p in params)):
-            return None
-        plan = cls()
-        plan.group, plan.state, plan.all_params = group, state, all_params
-        plan.has_grad = [p.grad is not None for p in all_params]
-        plan.params = params
-        plan.entries = [state[p] for p in params]
-        plan.accs = list(map(_get_accumulator, plan.entries))
-        plan.counters = list(map(_get_step, plan.entries))
-        plan.device = params[0].device
-        plan.steps = base
-        plan.numels = [p.numel() for p in params]
-        return plan
-
-    def current_grads(self, group: dict, state) -> Optional[list]:
-        """The grads of the plan's params if the group's tensors are still those of the plan
-        and steppable as they are, else None."""
-        all_params = group["params"]
-        if (group is not self.group or state is not self.state
-                or len(all_params) != len(self.all_params)
-                or not all(map(is_, all_params, self.all_params))):
-            return None
-        grads = list(map(_get_grads, all_params))
-        if any(map(is_, grads, repeat(None))):
-            if [g is not None for g in grads] != self.has_grad:
-                return None
-            grads = [g for g in grads if g is not None]
-        elif not all(self.has_grad):
-            return None
-        params, entries = self.params, self.entries
-        try:
-            if (not all(map(is_, map(state.get, params), entries))
-                    or not all(map(is_, map(_get_accumulator, entries), self.accs))
-                    or not all(map(is_, map(_get_step, entries), self.counters))):
-                return None
-        except KeyError:  # an entry emptied
-            return None
-        if not steppable_as_is(params, grads, self.accs) or params[0].device != self.device:
-            return None
-        return grads

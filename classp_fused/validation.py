@@ -193,7 +193,7 @@ def check_stepped_group(index: int, group: Mapping, state: Mapping,
     accumulator sits on another device than its param (the param moved; the step moves its
     state along). Grads are compared with their param too: torch checks them when a grad is
     assigned, but a later ``p.data = other`` swap changes the param alone. (The optimizer runs
-    these checks when a group changed since its last step, see ``optim._GroupPlan``.)
+    these checks when a group changed since its last step, see ``group_plan.GroupPlan``.)
     """
     check_hyperparameters(*(group[key] for key in HYPERPARAMETERS),
                           where=f"param group {index}: ")
