@@ -3,17 +3,17 @@
 The non-empty tensors of each (device, dtype) group are concatenated into flat buffers, stepped
 there in a fixed number of ops, and written back with one op per list:
 the ops a step dispatches do not grow with the number of tensors (only views do), so many
-small tensors cost little more than one large one.
+small tensors cost little more than one large one. The per-tensor views are made in C++
+(flatten / split), and the segment ends of a layout are built once and cached.
 """
+import functools
+
 import torch
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 
 def is_available(device) -> bool:
     return True
-
-
-def _flat(tensors):
-    return torch.cat([t.reshape(-1) for t in tensors])
 
 
 def _step_flat(param, grad, acc, lr, threshold, eps, power, apply_scaling, grad_scale,
@@ -49,19 +49,36 @@ def _step_flat(param, grad, acc, lr, threshold, eps, power, apply_scaling, grad_
             nonfinite)
 
 
+def _flat(tensors):
+    """One flat copy of the concatenated ``tensors`` (their views made in C++)."""
+    if len(tensors) == 1:  # a copy by the same op as for many tensors
+        return torch.cat([tensors[0].reshape(-1)])
+    return _flatten_dense_tensors(tensors)
+
+
+def _segment_ends(numels: tuple, device: torch.device) -> torch.Tensor:
+    """The index of the last element of each segment of ``numels`` elements (each > 0)."""
+    return torch.tensor(numels, device=device).cumsum(0) - 1
+
+
+_cached_segment_ends = functools.lru_cache(maxsize=16)(_segment_ends)  # per layout, eager only
+
+
 def _segment_counts(mask, nonfinite, numels):
     """Per segment of ``numels`` elements (each > 0), its ``[selected, non-finite]`` counts."""
-    running = torch.stack([mask, nonfinite]).cumsum(1)
-    ends = torch.stack([segment[:, -1] for segment in running.split(numels, dim=1)])
+    ends_of = _segment_ends if torch.compiler.is_compiling() else _cached_segment_ends
+    ends = torch.stack([mask, nonfinite]).cumsum(1).index_select(
+        1, ends_of(tuple(numels), mask.device)).T
     return torch.diff(ends, dim=0, prepend=torch.zeros_like(ends[:1]))
 
 
 def _write_back(targets, flat, numels):
-    """Copy the consecutive segments of ``flat`` into ``targets``; all contiguous: in one op."""
+    """Copy the consecutive segments of ``flat`` into ``targets``, in one op."""
     if all(t.is_contiguous() for t in targets):
-        torch.split_with_sizes_copy(flat, numels, out=[t.view(-1) for t in targets])
+        torch.split_with_sizes_copy(flat, numels,
+                                    out=[t if t.dim() == 1 else t.view(-1) for t in targets])
     else:
-        torch._foreach_copy_(targets, [x.view_as(t) for x, t in zip(flat.split(numels), targets)])
+        torch._foreach_copy_(targets, _unflatten_dense_tensors(flat, targets))
 
 
 def _step_group(params, grads, accs, lr, threshold, eps, power, apply_scaling, grad_scale,
