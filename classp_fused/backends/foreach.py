@@ -74,7 +74,7 @@ def _segment_counts(mask, nonfinite, numels):
 
 def _write_back(targets, flat, numels):
     """Copy the consecutive segments of ``flat`` into ``targets``, in one op."""
-    if all(t.is_contiguous() for t in targets):
+    if all(map(torch.Tensor.is_contiguous, targets)):
         torch.split_with_sizes_copy(flat, numels,
                                     out=[t if t.dim() == 1 else t.view(-1) for t in targets])
     else:
@@ -84,7 +84,7 @@ def _write_back(targets, flat, numels):
 def _step_group(params, grads, accs, lr, threshold, eps, power, apply_scaling, grad_scale,
                 found_inf):
     """Step non-empty tensors of one device and dtype; returns their ``(n, 2)`` counts."""
-    numels = [p.numel() for p in params]
+    numels = list(map(torch.Tensor.numel, params))
     new_param, new_acc, mask, nonfinite = _step_flat(
         _flat(params), _flat(grads), _flat(accs), lr, threshold, eps, power, apply_scaling,
         grad_scale, found_inf)
@@ -100,12 +100,12 @@ def step(params, grads, accs, lr, threshold, eps, power, apply_scaling, grad_sca
     for i, p in enumerate(params):
         if p.numel():
             groups.setdefault(p.dtype, []).append(i)
+    hyper = (lr, threshold, eps, power, apply_scaling, grad_scale, found_inf)
+    if len(groups) == 1 and len(params) == sum(map(len, groups.values())):  # one dtype, no empty
+        return _step_group(params, grads, accs, *hyper)
     results = [(indices, _step_group([params[i] for i in indices], [grads[i] for i in indices],
-                                     [accs[i] for i in indices], lr, threshold, eps, power,
-                                     apply_scaling, grad_scale, found_inf))
+                                     [accs[i] for i in indices], *hyper))
                for indices in groups.values()]
-    if len(results) == 1 and len(results[0][0]) == len(params):
-        return results[0][1]
     rows = [torch.zeros(2, dtype=torch.int64, device=device)] * len(params)
     for indices, counts in results:
         for i, row in zip(indices, counts.unbind()):
