@@ -181,6 +181,10 @@ def test_every_method_grid_has_the_same_size():
     assert {p["apply_scaling"] for p in classp} == {True, False}
     assert {p["power"] for p in classp} == {1.0, 2.0} and {p["threshold"] for p in classp} > {0.0}
     assert all(set(p) == {"lr", "lam"} for m in ("ewc", "mas") for p in GRIDS[m])
+    both = GRIDS["classp+mas"]
+    assert all(set(p) == {*classp[0], "lam"} for p in both)
+    assert {p["power"] for p in both} == {1.0, 2.0} and len({p["lam"] for p in both}) == 3
+    assert len({tuple(sorted(p.items())) for p in both}) == GRID_SIZE
 
 
 def test_tune_scores_divergence_picks_on_validation_and_feeds_run(tmp_path, capsys):
