@@ -6,7 +6,8 @@
 # class-incremental run is their task-incremental run and is not repeated. Group c tunes and
 # evaluates online EWC and CLASSP plus MAS by the same protocol (their own tuned.json files;
 # each method's pick is independent of the others'). Groups run side by side, under `nice -n 10`.
-# Usage: bash docs/results.sh [OUT [GROUP]]   (default runs/results, groups a, b and c)
+# Usage: bash docs/results.sh [OUT [GROUP]]   (default runs/results: groups a, b and c,
+# then the plots; GROUP a, b, c or plots runs one part)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-runs/results}
@@ -79,10 +80,27 @@ group_c() {
   added split-fashion task "${FASHION[@]}"; added split-fashion class "${FASHION[@]}"
   added permuted-fashion task "${FASHION[@]}"
 }
+plots() {  # docs/results/: the task-incremental evaluations, every method in one figure
+  .venv/bin/python - "$OUT" docs/results <<'PY'
+import json, sys
+from pathlib import Path
+from classp_fused.cl.report import plot_accuracy_matrices, plot_task_accuracy
+out, docs = Path(sys.argv[1]), Path(sys.argv[2])
+for b in ("split-digits", "permuted-digits", "split-fashion", "permuted-fashion"):
+    entry = None
+    for part in ("eval", "eval-added"):
+        e = json.loads((out / part / f"{b}-task/results.json").read_text())["benchmarks"][b]
+        entry = e if entry is None else {**entry, "methods": {**entry["methods"], **e["methods"]}}
+    plot_accuracy_matrices(b, entry, docs / f"{b}-task-acc-matrix.png")
+    if b.startswith("permuted"):
+        plot_task_accuracy(b, entry, docs / f"{b}-task-accuracy.png")
+PY
+}
 case ${2:-abc} in
   a) group_a > "$OUT.a.log" 2>&1 ;;
   b) group_b > "$OUT.b.log" 2>&1 ;;
   c) group_c > "$OUT.c.log" 2>&1 ;;
+  plots) plots ;;
   *) group_a > "$OUT.a.log" 2>&1 & group_b > "$OUT.b.log" 2>&1 &
-     group_c > "$OUT.c.log" 2>&1 & wait ;;
+     group_c > "$OUT.c.log" 2>&1 & wait; plots ;;
 esac
