@@ -23,20 +23,16 @@ suite is benchmarks/gpu.py.
 from __future__ import annotations
 
 import statistics
-from dataclasses import dataclass
 
 import torch
 from torch._C._profiler import _EventType
 
 from classp_fused import CLASSP, available_backends
-from classp_fused import reference
 
 from bandwidth import seconds, synchronize
+from step_cases import (EPS, LR, MANY, MASKING_THRESHOLD, Case, bytes_per_element, make_params,
+                        naive_classp_step)
 
-LR = 1e-3
-EPS = 1e-5
-MANY = 200
-MASKING_THRESHOLD = 2.7  # g*g > 2.7 passes ~10% of standard-normal gradient elements
 BASELINE = "adagrad/fused"
 PEERS = ("adagrad/fused", "adagrad/foreach", "adagrad/for-loop", "adam/fused")
 FUSED_CLASSP = ("cpp", "cuda", "triton")
@@ -44,25 +40,8 @@ SIZES = {
     "cpu": dict(core=(10**5, 10**6, 10**7), large=(5 * 10**7,), mid=(10**6, 10**7),
                 compiled=(10**6, 10**7)),
 }
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 TIME_BUDGET_S = 1.0
 MIN_ROUNDS, MAX_ROUNDS = 5, 300
-@dataclass(frozen=True)
-class Case:
-    """One benchmark: an implementation on ``size`` elements split into ``tensors`` tensors."""
-
-    impl: str
-    size: int
-    tensors: int
-    dtype: str
-    power: float | None = None
-    threshold: float | None = None
-
-    def __str__(self) -> str:
-        hyper = "" if self.power is None else f"-p{self.power:g}-thr{self.threshold:g}"
-        return f"{self.impl}-{self.size:.0e}-{self.tensors}t-{self.dtype}{hyper}"
-
-
 def cases(device_type: str) -> list[Case]:
     """The benchmark plan for ``device_type`` (see the module docstring); none on a GPU, where
     ``python -m benchmarks --device cuda`` runs the GPU suite, benchmarks/gpu.py."""
@@ -96,40 +75,6 @@ def pytest_generate_tests(metafunc):
         metafunc.parametrize("case", plan, ids=[str(case) for case in plan])
 
 
-def tensor_sizes(total: int, count: int) -> list[int]:
-    """``count`` sizes summing to ``total``, log-spaced over three decades, in shuffled order."""
-    weights = torch.logspace(0, 3, count, dtype=torch.float64)
-    sizes = (weights / weights.sum() * total).floor().long().clamp_min(1)
-    sizes[-1] += total - sizes.sum()
-    order = torch.randperm(count, generator=torch.Generator().manual_seed(0))
-    return sizes[order].tolist()
-
-
-def bytes_per_element(case: Case) -> int:
-    """Minimum traffic of one dense step: read param, grad and state, write param and state."""
-    param = DTYPES[case.dtype].itemsize
-    state = {"classp": 4, "adagrad": param, "adam": 2 * param}[case.impl.split("/")[0]]
-    return 3 * param + 2 * state
-
-
-def make_params(case: Case, device: torch.device) -> list[torch.nn.Parameter]:
-    """Parameters of the case's layout with standard-normal gradients populated."""
-    generator = torch.Generator(device).manual_seed(0)
-    params = []
-    for n in tensor_sizes(case.size, case.tensors):
-        p = torch.nn.Parameter(torch.randn(n, generator=generator, device=device,
-                                           dtype=DTYPES[case.dtype]))
-        p.grad = torch.randn(n, generator=generator, device=device, dtype=DTYPES[case.dtype])
-        params.append(p)
-    return params
-
-
-@torch.no_grad()
-def _reference_step(params, grads, accs, threshold: float, power: float):
-    return reference.classp_step_(params, grads, accs, lr=LR, threshold=threshold, eps=EPS,
-                                  power=power, apply_scaling=True)
-
-
 def make_step(case: Case, params):
     """A zero-argument callable that performs one step of the case's implementation."""
     family, variant = case.impl.split("/")
@@ -137,7 +82,7 @@ def make_step(case: Case, params):
         grads = [p.grad for p in params]
         accs = [torch.zeros_like(p, dtype=torch.float32) for p in params]
         torch._dynamo.reset()
-        compiled = torch.compile(_reference_step, dynamic=False)
+        compiled = torch.compile(naive_classp_step, dynamic=False)
         return lambda: compiled(params, grads, accs, case.threshold, case.power)
     if family == "classp":
         optimizer = CLASSP(params, lr=LR, threshold=case.threshold, eps=EPS, power=case.power,

@@ -37,39 +37,15 @@ from typing import Callable, Optional
 import torch
 
 from classp_fused import CLASSP, available_backends
-from classp_fused import reference
 
 from . import bandwidth
+from .step_cases import (DTYPES, EPS, LR, MANY, MASKING_THRESHOLD, Case, bytes_per_element,
+                         make_params, naive_classp_step)
 
 HERE = Path(__file__).resolve().parent
-LR = 1e-3
-EPS = 1e-5
-MANY = 200
-MASKING_THRESHOLD = 2.7  # g*g > 2.7 passes ~10% of standard-normal gradient elements
 BASELINE = "adagrad/compiled"  # kernel-time reference: Inductor's Adagrad, 20 B per fp32 element
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 COMPILED = ("adagrad/compiled", "classp/naive+compile")  # each compiles in the group's set-up
 PEERS = ("adam/fused", "adagrad/foreach", "adagrad/compiled")
-
-
-@dataclass(frozen=True)
-class Case:
-    """One implementation on ``size`` elements in ``tensors`` tensors; CLASSP's hyperparameters."""
-
-    impl: str
-    size: int
-    tensors: int
-    dtype: str = "fp32"
-    power: Optional[float] = None
-    threshold: Optional[float] = None
-
-    @property
-    def layout(self) -> tuple:
-        return self.size, self.tensors, self.dtype
-
-    def __str__(self) -> str:
-        hyper = "" if self.power is None else f"-p{self.power:g}-thr{self.threshold:g}"
-        return f"{self.impl}-{self.size:.0e}-{self.tensors}t-{self.dtype}{hyper}"
 
 
 def classp(impls, size, tensors, dtype="fp32", power=1.0, threshold=0.0) -> list[Case]:
@@ -111,46 +87,12 @@ GPU_GROUPS = [("one", 10**8), ("largest", 10**9), ("many", 10**8), ("powers", 10
               ("bf16", 10**8), ("many", 10**7), ("one", 10**6)]
 
 
-def bytes_per_element(case: Case) -> int:
-    """Minimum traffic of one dense step: read param, grad and state, write param and state."""
-    param = DTYPES[case.dtype].itemsize
-    state = {"classp": 4, "adagrad": param, "adam": 2 * param}[case.impl.split("/")[0]]
-    return 3 * param + 2 * state
-
-
 def memory_bytes(case: Case) -> int:
     """Device memory the case holds: params, grads, state and the temporaries of unfused steps."""
     param = DTYPES[case.dtype].itemsize
     state = (bytes_per_element(case) - 3 * param) // 2
     temporaries = {"adagrad/foreach": 2 * param}.get(case.impl, 0)
     return case.size * (2 * param + state + temporaries)
-
-
-def tensor_sizes(total: int, count: int) -> list[int]:
-    """``count`` sizes summing to ``total``, log-spaced over three decades, in shuffled order."""
-    weights = torch.logspace(0, 3, count, dtype=torch.float64)
-    sizes = (weights / weights.sum() * total).floor().long().clamp_min(1)
-    sizes[-1] += total - sizes.sum()
-    order = torch.randperm(count, generator=torch.Generator().manual_seed(0))
-    return sizes[order].tolist()
-
-
-def make_params(case: Case, device: torch.device) -> list[torch.nn.Parameter]:
-    generator = torch.Generator(device).manual_seed(0)
-    params = []
-    for n in tensor_sizes(case.size, case.tensors):
-        p = torch.nn.Parameter(torch.randn(n, generator=generator, device=device,
-                                           dtype=DTYPES[case.dtype]))
-        p.grad = torch.randn(n, generator=generator, device=device, dtype=DTYPES[case.dtype])
-        params.append(p)
-    return params
-
-
-@torch.no_grad()
-def naive_classp_step(params, grads, accs, threshold: float, power: float):
-    """The CLASSP update as a user writes it in PyTorch (the reference), for torch.compile."""
-    return reference.classp_step_(params, grads, accs, lr=LR, threshold=threshold, eps=EPS,
-                                  power=power, apply_scaling=True)
 
 
 def make_step(case: Case, params, device: torch.device) -> Callable[[], object]:

@@ -2,8 +2,8 @@
 the kernel's code has the memory accesses it is designed around.
 
 Plain ``nvcc`` against the installed torch's headers, with the flags torch's extension builder
-adds; skipped where nvcc is not installed. The machine code (SASS) is inspected where cuobjdump
-is installed too."""
+adds; skipped where nvcc is not installed. The machine code (SASS) is inspected with cuobjdump:
+beside nvcc, on PATH, or from NVIDIA's ``nvidia-cuda-cuobjdump`` wheel (in the test extra)."""
 import os
 import re
 import shutil
@@ -25,7 +25,29 @@ def find_nvcc():
     return str(candidate) if candidate.is_file() else shutil.which("nvcc")
 
 
+def find_cuobjdump():
+    """cuobjdump beside nvcc, on PATH, or in the ``nvidia-cuda-cuobjdump`` wheel."""
+    candidates = [Path(NVCC).with_name("cuobjdump")] if NVCC else []
+    on_path = shutil.which("cuobjdump")
+    candidates += [Path(on_path)] if on_path else []
+    try:
+        import nvidia.cu13
+        candidates += [Path(path) / "bin" / "cuobjdump" for path in nvidia.cu13.__path__]
+    except ImportError:
+        pass
+    return next((str(path) for path in candidates if path.is_file()), None)
+
+
+def run_cuobjdump(*args: str) -> str:
+    """cuobjdump's listing; it finds nvdisasm (needed for SASS) beside itself or on PATH."""
+    path = os.pathsep.join([str(Path(CUOBJDUMP).parent), os.environ.get("PATH", "")])
+    env = {**os.environ, "PATH": path}
+    return subprocess.run([CUOBJDUMP, *args], capture_output=True, text=True, check=True,
+                          env=env).stdout
+
+
 NVCC = find_nvcc()
+CUOBJDUMP = find_cuobjdump()
 pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc not found")
 
 
@@ -64,10 +86,8 @@ def test_cuda_sources_compile_for_sm90(built):
         own_warnings = [line for line in log.splitlines()
                         if "warning" in line and "csrc/" in line]
         assert not own_warnings, "\n".join(own_warnings)
-    cuobjdump = Path(NVCC).with_name("cuobjdump")
-    if cuobjdump.is_file():
-        listing = subprocess.run([str(cuobjdump), "--list-elf", str(outputs[KERNEL])],
-                                 capture_output=True, text=True, check=True).stdout
+    if CUOBJDUMP:
+        listing = run_cuobjdump("--list-elf", str(outputs[KERNEL]))
         assert "sm_90" in listing
 
 
@@ -100,11 +120,9 @@ def test_kernel_ptx_has_128_bit_streaming_loads(built):
 def test_kernel_sass_has_128_bit_loads(built):
     """The machine code keeps the vector accesses: LDG.E.128 and STG.E.128 (needs cuobjdump)."""
     outputs, _ = built
-    cuobjdump = Path(NVCC).with_name("cuobjdump")
-    if not cuobjdump.is_file():
+    if CUOBJDUMP is None:
         pytest.skip("cuobjdump not found")
-    sass = subprocess.run([str(cuobjdump), "-sass", str(outputs[KERNEL])], capture_output=True,
-                          text=True, check=True).stdout
+    sass = run_cuobjdump("-sass", str(outputs[KERNEL]))
     kernels = step_kernels(sass, r"Function\s*:\s*(\w+)")
     assert len(kernels) == VARIANTS, sorted(kernels)
     for name, body in kernels.items():
