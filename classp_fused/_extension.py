@@ -1,4 +1,5 @@
-"""Loads the compiled extension ``classp_fused._C``: the C++ (CPU) and CUDA kernels of the step op.
+"""Loads the compiled extension ``classp_fused._C``: the C++ (CPU) and CUDA kernels of the step op
+and a metadata test of stepped tensors.
 
 The op ``classp_fused::classp_step_`` is declared in csrc/classp_cpu.cpp; its fake (meta)
 implementation lives here so FakeTensor, torch.compile and opcheck can trace it.
@@ -8,10 +9,14 @@ import functools
 import torch
 
 try:
-    from . import _C  # noqa: F401  (registers torch.ops.classp_fused.classp_step_)
+    from . import _C  # registers torch.ops.classp_fused.classp_step_
     LOAD_ERROR = None
+    # (params, grads, accs) -> whether every triple is dense, dtype- and shape-consistent, on one
+    # device (csrc/classp_checks.h): the optimizer's per-step test of a group it validated before
+    steppable_as_is = _C.steppable_as_is
 except ImportError as error:  # the package still works without it, on the foreach backend
     LOAD_ERROR = error
+    steppable_as_is = None
 
 OP_NAME = "classp_fused::classp_step_"
 

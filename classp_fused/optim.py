@@ -2,17 +2,21 @@
 from __future__ import annotations
 
 import warnings
+from itertools import repeat
+from operator import attrgetter, is_, itemgetter
 from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from ._extension import steppable_as_is
 from .backends import BACKENDS, as_scalar_lr, param_dtypes, resolve_backend, run_backend
 from .reference import classp_legacy_step_, compute_dtype
 from .telemetry import StepTelemetry
-from .validation import (FOREIGN_KEYS, PARAM_DTYPES, check_group, check_hyperparameters,
-                         check_state_dict, check_stepped_group, foreign_keys, group_tensors)
+from .validation import (FOREIGN_KEYS, HYPERPARAMETERS, PARAM_DTYPES, check_group,
+                         check_hyperparameters, check_state_dict, check_stepped_group,
+                         foreign_keys, group_tensors)
 
 MODES = ("paper", "legacy")
 NONFINITE_POLICIES = ("skip", "raise")
@@ -48,13 +52,15 @@ class CLASSP(Optimizer):
         nonfinite: ``"skip"`` never applies NaN/Inf gradient elements and counts them
             (``nonfinite_skipped``); ``"raise"`` raises before changing anything.
 
-    Param groups are checked when added and before every step; ``step``, ``add_param_group``
-    and ``load_state_dict`` check everything before changing anything, so an error leaves the
-    optimizer as it was. Keys of other optimizers' groups that CLASSP has no use for
-    (``weight_decay``, ``momentum``, ``betas``, ...; ``classp_fused.validation.FOREIGN_KEYS``)
-    are ignored with a warning when set to 0/False/None, as Hugging Face's Trainer writes
-    ``weight_decay=0.0``; any other value raises, since CLASSP would not do what it asks
-    (weight decay, for one, would move every weight at every step, against sparse updates).
+    Param groups are checked when added and before every step (a group whose params, state
+    entries and accumulators are the objects its last step saw, by one C++ pass over their
+    metadata); ``step``, ``add_param_group`` and ``load_state_dict`` check everything before
+    changing anything, so an error leaves the optimizer as it was. Keys of other optimizers'
+    groups that CLASSP has no use for (``weight_decay``, ``momentum``, ``betas``, ...;
+    ``classp_fused.validation.FOREIGN_KEYS``) are ignored with a warning when set to
+    0/False/None, as Hugging Face's Trainer writes ``weight_decay=0.0``; any other value raises,
+    since CLASSP would not do what it asks (weight decay, for one, would move every weight at
+    every step, against sparse updates).
 
     State per parameter: ``"accumulator"`` (fp32, fp64 for fp64 params, param-shaped) and
     ``"step"`` (0-dim fp32). Accumulators stay fp32 for fp16/bf16 params, also after
@@ -86,6 +92,7 @@ class CLASSP(Optimizer):
         self.nonfinite = nonfinite
         self._requested_backend = backend
         self._warned_keys: set[str] = set()
+        self._plans: dict[int, _GroupPlan] = {}
         defaults = dict(lr=lr, threshold=threshold, eps=eps, power=power,
                         apply_scaling=apply_scaling)
         super().__init__(params, defaults)
@@ -136,6 +143,7 @@ class CLASSP(Optimizer):
             self._requested_backend = backend
             self._warned_keys = set()
             self._telemetry = StepTelemetry(self._placed_device())
+        self._plans = {}  # load_state_dict replaced the state the plans were built on
 
     def add_param_group(self, param_group: dict) -> None:
         """Add a param group; a group that CLASSP cannot step raises and is not added."""
@@ -159,13 +167,27 @@ class CLASSP(Optimizer):
                               f"(param group {index}): {FOREIGN_KEYS[key]}",
                               UserWarning, stacklevel=3)
 
-    def _check_step(self, grad_scale: Optional[Tensor]) -> list[dict]:
+    def _check_step(self, grad_scale: Optional[Tensor]) -> tuple[list, list[dict]]:
         """Raise if any group cannot be stepped, before any state or param changes.
 
-        Returns the groups whose params moved to another device than their state.
+        Returns, per group, ``(plan, grads)`` where its plan still holds (the group's tensors
+        are those it was validated with, see :class:`_GroupPlan`; ``grads`` its current ones)
+        or None, and the groups whose params moved to another device than their state.
         """
-        moved = []
+        plans, moved = [], []
+        if len(self._plans) > len(self.param_groups):  # groups were removed: drop their plans
+            ids = {id(group) for group in self.param_groups}
+            self._plans = {key: plan for key, plan in self._plans.items() if key in ids}
         for index, group in enumerate(self.param_groups):
+            plan = self._plans.get(id(group))
+            grads = None if plan is None else plan.current_grads(group, self.state)
+            if grads is not None:
+                check_hyperparameters(*(group[key] for key in HYPERPARAMETERS),
+                                      where=f"param group {index}: ")
+                plans.append((plan, grads))
+                continue
+            plans.append(None)
+            self._plans.pop(id(group), None)  # the step rebuilds it from what it holds now
             first = next((p for p in group["params"] if p.grad is not None), None)
             dtypes = PARAM_DTYPES
             if first is not None and self.mode == "paper":
@@ -174,7 +196,7 @@ class CLASSP(Optimizer):
                 moved.append(group)
         if self.nonfinite == "raise":
             self._raise_on_nonfinite(grad_scale)
-        return moved
+        return plans, moved
 
     def _move_state(self, group: dict) -> None:
         """Move the state of the group's params to the params' devices (after a move)."""
@@ -222,17 +244,18 @@ class CLASSP(Optimizer):
             accs.append(acc)
             steps.append(state["step"])
 
-    def _advance_steps(self, group: dict, steps: list, increment) -> None:
+    def _advance_steps(self, group: dict, steps: list, increment) -> Optional[Tensor]:
         """Add ``increment`` to the step counters of the group's stepped params.
 
         A per-tensor add costs over 1 us on the CPU, more than the kernel for small tensors,
         so a group's counters are kept as views of one buffer and advanced by a single add;
         the buffer is rebuilt when the set of stepped params changes. (A group's stepped params,
-        and so their counters, share one device: ``_check_step`` saw to it.)
+        and so their counters, share one device: ``_check_step`` saw to it.) Returns the buffer
+        (None while compiling).
         """
         if torch.compiler.is_compiling():
             torch._foreach_add_(steps, increment)
-            return
+            return None
         base = steps[0]._base
         if base is None or base.numel() != len(steps) or any(t._base is not base for t in steps):
             base = torch.stack(steps)
@@ -240,6 +263,7 @@ class CLASSP(Optimizer):
             for p, view in zip(stepped, base.unbind()):
                 self.state[p]["step"] = view
         base.add_(increment)
+        return base
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None):
@@ -254,30 +278,50 @@ class CLASSP(Optimizer):
                 loss = closure()
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
-        if not torch.compiler.is_compiling():
-            for group in self._check_step(grad_scale):
+        compiling = torch.compiler.is_compiling()
+        plans = [None] * len(self.param_groups)
+        if not compiling:
+            plans, moved = self._check_step(grad_scale)
+            for group in moved:
                 self._move_state(group)
 
         steps = []
-        for group in self.param_groups:
-            params, grads, accs, counters = [], [], [], []
-            self._init_group(group, params, grads, accs, counters)
-            if not params:
-                continue
-            backend = self._backend_for(params[0].device)
-            hyper = dict(lr=as_scalar_lr(group["lr"]), threshold=group["threshold"],
-                         eps=group["eps"], power=group["power"],
-                         apply_scaling=group["apply_scaling"], grad_scale=grad_scale,
-                         found_inf=found_inf)
-            if self.mode == "legacy":
-                counts = classp_legacy_step_(params, grads, accs, **hyper)
+        for group, planned in zip(self.param_groups, plans):
+            if planned is None:
+                params, grads, accs, counters = [], [], [], []
+                self._init_group(group, params, grads, accs, counters)
+                if not params:
+                    continue
             else:
-                counts = run_backend(backend, params, grads, accs, **hyper)
-            self._advance_steps(group, counters, 1.0 if found_inf is None else
-                                1.0 - found_inf.to(params[0].device, torch.float32))
-            steps.append((counts, [p.numel() for p in params], backend))
+                plan, grads = planned
+                params, accs = plan.params, plan.accs
+            device = params[0].device
+            backend = self._backend_for(device)
+            counts = self._run(group, backend, params, grads, accs, grad_scale, found_inf)
+            increment = 1.0 if found_inf is None else 1.0 - found_inf.to(device, torch.float32)
+            if planned is not None:
+                plan.steps.add_(increment)
+                steps.append((counts, plan.numels, backend))
+                continue
+            base = self._advance_steps(group, counters, increment)
+            plan = None if compiling else _GroupPlan.build(group, self.state, params, base)
+            if plan is not None:
+                self._plans[id(group)] = plan
+            steps.append((counts, [p.numel() for p in params] if plan is None else plan.numels,
+                          backend))
         self._telemetry.record(steps)
         return loss
+
+    def _run(self, group: dict, backend: str, params: list, grads: list, accs: list,
+             grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> Tensor:
+        """Step one group's tensors with its hyperparameters; returns the kernel's counts."""
+        hyper = dict(lr=as_scalar_lr(group["lr"]), threshold=group["threshold"],
+                     eps=group["eps"], power=group["power"],
+                     apply_scaling=group["apply_scaling"], grad_scale=grad_scale,
+                     found_inf=found_inf)
+        if self.mode == "legacy":
+            return classp_legacy_step_(params, grads, accs, **hyper)
+        return run_backend(backend, params, grads, accs, **hyper)
 
     @property
     def last_update_fraction(self) -> float:
@@ -331,3 +375,75 @@ def _local(t: Tensor) -> Tensor:
     except ImportError:  # torch built without distributed support
         return t
     return t.to_local() if isinstance(t, DTensor) else t
+
+
+_get_grads = attrgetter("grad")
+_get_accumulator = itemgetter("accumulator")
+_get_step = itemgetter("step")
+
+
+class _GroupPlan:
+    """A param group's stepped tensors as the last validated step found them, to step again
+    without the explaining per-tensor checks while the group is as it was.
+
+    It holds while the group lists the same param objects, the same params have a grad, the
+    optimizer's state dict, each param's state entry and the accumulator and step counter in it
+    are the same objects, and every (param, grad, accumulator) is still dense, dtype- and
+    shape-consistent and on the plan's device (one C++ pass over the metadata,
+    ``_extension.steppable_as_is``: a ``p.data = other`` swap or a new grad is seen there). Grads
+    are taken from the params at every step and not held (the memory of grads set to None is
+    freed). Plain tensors only (DTensors are checked at every step), and only where the
+    extension is built.
+    """
+
+    __slots__ = ("group", "state", "all_params", "has_grad", "params", "entries", "accs",
+                 "counters", "device", "steps", "numels")
+
+    @classmethod
+    def build(cls, group: dict, state, params: list, base: Optional[Tensor]):
+        """The plan of a group just stepped through ``params`` (its stepped params) with step
+        counters viewing ``base``; None where the group cannot be planned."""
+        all_params = list(group["params"])
+        stepped = [p for p in all_params if p.grad is not None]
+        if (base is None or steppable_as_is is None or len(stepped) != len(params)
+                or not all(map(is_, stepped, params))  # DTensors step on their local shards
+                or any(type(p) is not nn.Parameter and type(p) is not Tensor for p in params)):
+            return None
+        plan = cls()
+        plan.group, plan.state, plan.all_params = group, state, all_params
+        plan.has_grad = [p.grad is not None for p in all_params]
+        plan.params = params
+        plan.entries = [state[p] for p in params]
+        plan.accs = list(map(_get_accumulator, plan.entries))
+        plan.counters = list(map(_get_step, plan.entries))
+        plan.device = params[0].device
+        plan.steps = base
+        plan.numels = [p.numel() for p in params]
+        return plan
+
+    def current_grads(self, group: dict, state) -> Optional[list]:
+        """The grads of the plan's params if the group's tensors are still those of the plan
+        and steppable as they are, else None."""
+        all_params = group["params"]
+        if (group is not self.group or state is not self.state
+                or len(all_params) != len(self.all_params)
+                or not all(map(is_, all_params, self.all_params))):
+            return None
+        grads = list(map(_get_grads, all_params))
+        if any(map(is_, grads, repeat(None))):
+            if [g is not None for g in grads] != self.has_grad:
+                return None
+            grads = [g for g in grads if g is not None]
+        elif not all(self.has_grad):
+            return None
+        params, entries = self.params, self.entries
+        try:
+            if (not all(map(is_, map(state.get, params), entries))
+                    or not all(map(is_, map(_get_accumulator, entries), self.accs))
+                    or not all(map(is_, map(_get_step, entries), self.counters))):
+                return None
+        except KeyError:  # an entry emptied
+            return None
+        if not steppable_as_is(params, grads, self.accs) or params[0].device != self.device:
+            return None
+        return grads

@@ -191,9 +191,9 @@ def check_stepped_group(index: int, group: Mapping, state: Mapping,
     its stepped params share one device and have a dtype its backend steps (``dtypes``), that
     grads are dense, and each existing accumulator against its param. Returns whether an
     accumulator sits on another device than its param (the param moved; the step moves its
-    state along). Runs before every step, so the common case costs one combined test per
-    param, and grads are not compared with their param again: torch checks dtype, shape and
-    device when a grad is assigned or accumulated.
+    state along). Grads are compared with their param too: torch checks them when a grad is
+    assigned, but a later ``p.data = other`` swap changes the param alone. (The optimizer runs
+    these checks when a group changed since its last step, see ``optim._GroupPlan``.)
     """
     check_hyperparameters(*(group[key] for key in HYPERPARAMETERS),
                           where=f"param group {index}: ")
@@ -207,6 +207,7 @@ def check_stepped_group(index: int, group: Mapping, state: Mapping,
         entry = state.get(p)
         acc = entry["accumulator"] if entry else None
         if (g.layout is not strided or p.dtype not in dtypes or p.device != device
+                or g.dtype is not p.dtype or g.shape != p.shape
                 or acc is not None and (acc.dtype is not _ACC_DTYPES[p.dtype]
                                         or acc.shape != p.shape)):
             _explain_stepped(f"param group {index}, param {i}", p, acc, device, dtypes)

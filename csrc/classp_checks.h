@@ -83,4 +83,23 @@ inline void check_step_inputs(at::TensorList params, at::TensorList grads, at::T
   }
 }
 
+// Whether a (param, grad, acc) triple can be stepped as it is, with nothing to explain: dense,
+// the grad of the param's dtype and the accumulator of its compute dtype, both of the param's
+// shape, all on `device`, no internal overlap. The optimizer's per-step test of tensors it
+// validated before (false sends it back to its full, explaining checks), so it raises nothing.
+inline bool steppable_as_is(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& acc,
+                            const c10::Device& device) {
+  if (!param.defined() || !grad.defined() || !acc.defined()) {
+    return false;
+  }
+  const auto dtype = param.scalar_type();
+  return param.layout() == c10::kStrided && grad.layout() == c10::kStrided &&
+         acc.layout() == c10::kStrided && grad.scalar_type() == dtype &&
+         acc.scalar_type() == compute_dtype(dtype) && grad.sizes() == param.sizes() &&
+         acc.sizes() == param.sizes() && param.device() == device &&
+         grad.device() == device && acc.device() == device &&
+         at::has_internal_overlap(param) != at::MemOverlap::Yes &&
+         at::has_internal_overlap(acc) != at::MemOverlap::Yes;
+}
+
 }  // namespace classp

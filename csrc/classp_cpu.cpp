@@ -1,12 +1,10 @@
-// The classp_fused op library: the schema of classp_fused::classp_step_, its CPU kernel, and the
-// Python module init of classp_fused._C (importing it registers the ops).
+// The classp_fused op library: the schema of classp_fused::classp_step_ and its CPU kernel
+// (classp_module.cpp makes the Python module classp_fused._C; importing it registers the ops).
 //
 // CPU kernel: one at::parallel_for region over all (tensor, chunk) pairs, split between threads
 // by element count; at::vec arithmetic in fp32 (fp64 for fp64 params), the parameter rounded
 // once on write. Blocks where no element is selected are not written at all; partly selected
 // blocks keep the old bits of unselected elements by a bitwise blend.
-#include <Python.h>
-
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/cpu/vec/functional.h>
@@ -404,10 +402,4 @@ TORCH_LIBRARY(classp_fused, m) {
 
 TORCH_LIBRARY_IMPL(classp_fused, CPU, m) {
   m.impl("classp_step_", &classp::classp_step_cpu);
-}
-
-// classp_fused._C is a Python module without functions: importing it registers the ops above.
-PyMODINIT_FUNC PyInit__C(void) {
-  static PyModuleDef module = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
-  return PyModule_Create(&module);
 }

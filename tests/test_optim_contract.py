@@ -5,13 +5,14 @@ call leaves every tensor and every group exactly as it was)."""
 import copy
 import pickle
 import warnings
+import weakref
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 
-from classp_fused import CLASSP
+from classp_fused import CLASSP, _extension, optim, validation
 from classp_fused.reference import classp_step_ as reference_step_
 from classp_fused.validation import FOREIGN_KEYS
 from distributed_helpers import requires_gloo
@@ -416,6 +417,13 @@ def test_state_follows_params_that_moved():
 
 
 # ------------------------------------------------------------------ all-or-nothing
+def _move_bias_to_meta(model, optimizer):
+    """Move group 1's last param to the meta device, keeping the object (as ``to`` may)."""
+    bias = model[2].bias
+    torch.utils.swap_tensors(bias, torch.nn.Parameter(torch.ones(3, device="meta")))
+    bias.grad = torch.ones(3, device="meta")
+
+
 def _swap_in_bad_accumulator(model, optimizer):
     """Give group 1's last param an accumulator of another shape."""
     state = optimizer.state[model[2].bias]
@@ -433,6 +441,19 @@ def _swap_in_bad_accumulator(model, optimizer):
      r"the accumulator of param group 1, param 1 has shape \(7,\), expected the param's \(3,\)"),
     (lambda m, o: setattr(m[2].bias, "grad", torch.ones(3).to_sparse()), TypeError,
      r"CLASSP does not support sparse gradients \(param group 1, param 1\)"),
+    # .data swaps keep the Parameter object: a step after them checks the tensors again
+    (lambda m, o: setattr(m[2].bias, "data", torch.zeros(7)), ValueError,
+     r"the grad of param group 1, param 1 has shape \(3,\), expected the param's \(7,\)"),
+    (lambda m, o: setattr(m[2].bias, "data", m[2].bias.data.half()), TypeError,
+     r"the grad of param group 1, param 1 has dtype torch.float32, expected the param's "
+     r"torch.float16"),
+    (lambda m, o: setattr(m[2].weight, "data", m[2].weight.data.view(-1)), ValueError,
+     r"the grad of param group 1, param 0 has shape \(3, 8\), expected the param's \(24,\)"),
+    (_move_bias_to_meta, RuntimeError,
+     r"param group 1, param 1 is on meta but the group's first stepped param is on cpu"),
+    (lambda m, o: o.state.__setitem__(m[2].bias, {"step": torch.tensor(2.0),
+                                                  "accumulator": torch.zeros(7)}), ValueError,
+     r"the accumulator of param group 1, param 1 has shape \(7,\), expected the param's \(3,\)"),
 ])
 def test_a_bad_later_group_fails_the_step_before_any_group_changes(backend, spoil, error,
                                                                    message):
@@ -446,6 +467,96 @@ def test_a_bad_later_group_fails_the_step_before_any_group_changes(backend, spoi
         optimizer.step()
     assert_unchanged(optimizer, before)
     assert fresh not in optimizer.state
+
+
+def _replace_accumulator(optimizer, p):
+    optimizer.state[p]["accumulator"] = torch.full_like(optimizer.state[p]["accumulator"], 0.5)
+
+
+def _replace_state_entry(optimizer, p):
+    entry = optimizer.state[p]
+    optimizer.state[p] = {"step": entry["step"].clone(), "accumulator": entry["accumulator"] + 1}
+
+
+def _replace_param(optimizer, p):
+    group = optimizer.param_groups[1]
+    index = next(i for i, q in enumerate(group["params"]) if q is p)
+    group["params"][index] = fresh = torch.nn.Parameter(random_like(tuple(p.shape)))
+    fresh.grad = p.grad
+    return fresh
+
+
+def _swap_data_and_reset(optimizer, p):
+    """``p.data`` to another shape, with a grad of that shape and its state dropped."""
+    p.data = random_like((5,))
+    p.grad = random_like((5,))
+    del optimizer.state[p]
+
+
+def _new_grad(optimizer, p):
+    p.grad = random_like(tuple(p.shape))
+
+
+@pytest.mark.parametrize("change", [_replace_accumulator, _replace_state_entry, _replace_param,
+                                    _swap_data_and_reset, _new_grad])
+def test_a_step_uses_the_tensors_the_group_and_state_hold_now(backend, change):
+    """What a step found at earlier steps is not reused once the group or its state changed:
+    the next step updates the param and accumulator they hold now, as the reference does."""
+    model, optimizer = _stepped_model(backend, steps=3)
+    p = model[2].bias
+    replaced = change(optimizer, p)
+    p = p if replaced is None else replaced
+    state = optimizer.state.get(p)
+    expected = p.detach().clone()
+    acc = state["accumulator"].clone() if state else torch.zeros_like(p)
+    step = float(state["step"]) if state else 0.0
+    reference_step_([expected], [p.grad], [acc], lr=0.03, threshold=1e-5, eps=1e-5, power=1.0,
+                    apply_scaling=True)
+    optimizer.step()
+    torch.testing.assert_close(p.detach(), expected, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(optimizer.state[p]["accumulator"], acc, rtol=1e-6, atol=1e-7)
+    assert float(optimizer.state[p]["step"]) == step + 1
+
+
+def test_the_explaining_checks_run_only_for_groups_that_changed(backend, monkeypatch):
+    """Unchanged groups (new grad objects included) skip the per-tensor Python checks where the
+    extension is built; a changed group is checked again."""
+    if _extension.LOAD_ERROR is not None:
+        pytest.skip("the C++ extension is not built")
+    model, optimizer = _stepped_model(backend, steps=2)
+    checked = []
+    monkeypatch.setattr(optim, "check_stepped_group",
+                        lambda index, *args: checked.append(index) or
+                        validation.check_stepped_group(index, *args))
+    train_steps(model, optimizer, 2)
+    assert checked == []
+    model[2].bias.data = random_like((3,))  # steppable as it is: no check needed
+    optimizer.step()
+    assert checked == []
+    _replace_accumulator(optimizer, model[2].bias)
+    optimizer.step()
+    optimizer.param_groups[0]["params"].append(torch.nn.Parameter(random_like((2,))))
+    optimizer.step()
+    optimizer.step()
+    assert checked == [1, 0]
+
+
+def test_a_step_keeps_no_grad_alive(backend):
+    """Grads set to None are freed: what a step keeps for the next one holds no grad."""
+    model, optimizer = _stepped_model(backend, steps=3)
+    grads = [weakref.ref(p.grad) for p in model.parameters()]
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    assert all(grad() is None for grad in grads)
+
+
+def test_a_replaced_step_counter_is_the_one_advanced(backend):
+    model, optimizer = _stepped_model(backend, steps=3)
+    optimizer.state[model[2].bias]["step"] = torch.tensor(10.0)
+    optimizer.step()
+    optimizer.step()
+    assert float(optimizer.state[model[2].bias]["step"]) == 12.0
+    assert float(optimizer.state[model[2].weight]["step"]) == 5.0
 
 
 def test_a_group_on_two_devices_fails_the_step_before_anything_changes():
