@@ -1,6 +1,8 @@
 """The harness as a Python API: divergence as a result, locking, Ctrl-C, resume by settings,
 Fashion-MNIST benchmarks on synthetic IDX files, validation splits and tuning."""
 import json
+import os
+import stat
 
 import numpy as np
 import pytest
@@ -10,7 +12,7 @@ from classp_fused.cl import experiment as experiment_module
 from classp_fused.cl.benchmarks import BENCHMARKS
 from classp_fused.cl.experiment import (ConfigError, ExperimentConfig, Interrupted,
                                         lock_directory, run_experiment)
-from classp_fused.cl.report import aggregate, markdown_table
+from classp_fused.cl.report import aggregate, atomic_write, markdown_table
 from classp_fused.cl.streams import digits_dataset, split_stream, validation_stream
 from classp_fused.cl.tune import GRID_SIZE, GRIDS, tune
 from classp_fused.cli import main
@@ -181,6 +183,10 @@ def test_every_method_grid_has_the_same_size():
     assert {p["apply_scaling"] for p in classp} == {True, False}
     assert {p["power"] for p in classp} == {1.0, 2.0} and {p["threshold"] for p in classp} > {0.0}
     assert all(set(p) == {"lr", "lam"} for m in ("ewc", "mas") for p in GRIDS[m])
+    both = GRIDS["classp+mas"]
+    assert all(set(p) == {*classp[0], "lam"} for p in both)
+    assert {p["power"] for p in both} == {1.0, 2.0} and len({p["lam"] for p in both}) == 3
+    assert len({tuple(sorted(p.items())) for p in both}) == GRID_SIZE
 
 
 def test_tune_scores_divergence_picks_on_validation_and_feeds_run(tmp_path, capsys):
@@ -251,3 +257,16 @@ def test_proximal_penalty_stays_stable_where_the_explicit_one_diverges(tmp_path)
     with pytest.raises(ConfigError, match="penalty must be one of explicit, proximal"):
         run_experiment(ExperimentConfig(hparams={"mas": {"penalty": "implicit"}},
                                         out=str(tmp_path / "x"), **kwargs))
+
+
+def test_result_files_get_the_umask_mode_not_mkstemps(tmp_path):
+    old = os.umask(0o022)
+    try:
+        atomic_write(tmp_path / "a.json", b"{}")
+        os.umask(0o077)
+        atomic_write(tmp_path / "b.json", b"{}")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "a.json").stat().st_mode) == 0o644
+    assert stat.S_IMODE((tmp_path / "b.json").stat().st_mode) == 0o600
+    assert (tmp_path / "a.json").read_bytes() == b"{}" and len(list(tmp_path.iterdir())) == 2

@@ -1,7 +1,7 @@
 """One tuning protocol for every method: a plain grid of equal size, scored on validation data.
 
 Each method gets ``GRID_SIZE`` configurations (learning rate for all; lambda for EWC and MAS;
-threshold, power and apply_scaling for CLASSP). Every configuration is trained with the
+threshold, power and apply_scaling for CLASSP; power and lambda for CLASSP plus MAS). Every configuration is trained with the
 tuning seeds (by default apart from the evaluation seeds 0, 1, 2, ...) on the benchmark's
 task stream with ``validation`` of each task's training data held out; the score is the final
 average accuracy on those held-out parts, averaged over the tuning seeds. A configuration
@@ -38,6 +38,12 @@ def _classp_grid() -> list[dict]:
     return scaled + unscaled
 
 
+def _classp_mas_grid() -> list[dict]:
+    # CLASSP's scaled settings at threshold 0 (the optimizer part) times MAS's penalty strength
+    return [{"lr": lr, "threshold": 0.0, "power": p, "apply_scaling": True, "lam": lam}
+            for lr, p, lam in itertools.product((0.03, 0.1), (1.0, 2.0), (0.1, 1.0, 10.0))]
+
+
 #: The configurations searched per method (overrides of the method's defaults).
 GRIDS: dict[str, list[dict]] = {
     "sgd": [{"lr": lr} for lr in _LR_SGD],
@@ -47,6 +53,7 @@ GRIDS: dict[str, list[dict]] = {
     "ewc": [{"lr": lr, "lam": lam} for lr in _LR_REG for lam in (1.0, 10.0, 100.0, 1000.0)],
     "online-ewc": [{"lr": lr, "lam": lam} for lr in _LR_REG for lam in (1.0, 10.0, 100.0, 1000.0)],
     "mas": [{"lr": lr, "lam": lam} for lr in _LR_REG for lam in (0.1, 1.0, 10.0, 100.0)],
+    "classp+mas": _classp_mas_grid(),
 }
 GRID_SIZE = 12
 TUNING_SEEDS = (1000, 1001)
