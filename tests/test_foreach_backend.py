@@ -1,6 +1,7 @@
 """The foreach backend's flat layout: segment ends cached per layout, write-back through any
 mix of contiguous and strided members, dtype groups returned in the caller's order."""
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
 
 from classp_fused import classp_step_
 from classp_fused.reference import classp_step_ as reference_step_
@@ -52,3 +53,14 @@ def test_interleaved_dtypes_and_empty_members_keep_their_rows():
     shapes = [(13,), (0,), (6, 6), (), (40,), (0, 4), (129,)]
     _assert_steps_like_reference(*_case(shapes, g, (torch.float32, torch.bfloat16,
                                                     torch.float16)))
+
+
+def test_a_step_on_fake_tensors_leaves_nothing_fake_for_real_steps_of_that_layout():
+    from classp_fused.backends import foreach
+
+    g = torch.Generator().manual_seed(6)
+    shapes = [(17,), (3, 23), (101,)]
+    with FakeTensorMode() as mode:
+        fake = [[mode.from_tensor(t) for t in ts] for ts in _case(shapes, g)]
+        foreach.step(*fake, 0.05, 0.02, 1e-5, 1.0, True, None, None)
+    _assert_steps_like_reference(*_case(shapes, g))

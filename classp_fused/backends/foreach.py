@@ -66,7 +66,8 @@ _cached_segment_ends = functools.lru_cache(maxsize=16)(_segment_ends)  # per lay
 
 def _segment_counts(mask, nonfinite, numels):
     """Per segment of ``numels`` elements (each > 0), its ``[selected, non-finite]`` counts."""
-    ends_of = _segment_ends if torch.compiler.is_compiling() else _cached_segment_ends
+    eager = type(mask) is torch.Tensor and not torch.compiler.is_compiling()  # no fake tensors
+    ends_of = _cached_segment_ends if eager else _segment_ends
     ends = torch.stack([mask, nonfinite]).cumsum(1).index_select(
         1, ends_of(tuple(numels), mask.device)).T
     return torch.diff(ends, dim=0, prepend=torch.zeros_like(ends[:1]))
