@@ -33,15 +33,15 @@ def _rank_entry(rank, body, port, collective_timeout_s, args):
         dist.destroy_process_group()
 
 
-def run_ranks(body, *args, timeout_s, collective_timeout_s=None, abort_retries=0):
+def run_ranks(body, *args, timeout_s, collective_timeout_s=None, abort_retries=3):
     """Run ``body(rank, *args)`` on WORLD_SIZE spawned ranks in one gloo group.
 
     ``body`` must be a module-level function (it is pickled). A rank's exception fails the test,
     and so does not finishing within ``timeout_s``. ``collective_timeout_s`` bounds each
     collective; None keeps torch's default. ``abort_retries``: how often to run the ranks again
     when one dies by SIGABRT inside torch's C++ ("terminate called without an active
-    exception", seen in 1 of 20 to 1 of 3 runs of the FSDP2 step test) rather than by a Python
-    error; each such rerun is reported as a warning.
+    exception", seen in 1 of 20 to 1 of 3 runs of the FSDP2 and ZeRO tests) rather than by a
+    Python error; each such rerun is reported as a warning.
     """
     for attempt in range(abort_retries + 1):
         try:

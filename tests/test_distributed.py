@@ -225,8 +225,7 @@ def test_ddp_replicas_identical_and_match_single_process():
 
 
 def test_fsdp2_steps_local_shards_and_matches_single_process():
-    distributed_helpers.run_ranks(fsdp2_ranks, CPU_BACKENDS, timeout_s=TEST_TIMEOUT_S,
-                                  collective_timeout_s=COLLECTIVE_TIMEOUT_S, abort_retries=3)
+    run_ranks(fsdp2_ranks, CPU_BACKENDS)
 
 
 def test_zero_redundancy_optimizer_matches_ddp():
