@@ -20,6 +20,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+from classp_fused.distributed import exit_rank, release_process_group
 from classp_fused.regularizers import EWC, MAS
 
 VARIANTS = {
@@ -58,23 +59,29 @@ def timed(reg, batches, rounds: int) -> float:
 
 
 def rank_main(rank: int, port: int, samples: int, rounds: int) -> None:
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
-
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=2)
-    mesh = init_device_mesh("cpu", (2,))
     try:
-        for name, (method, kwargs) in VARIANTS.items():
-            model = mlp()
-            for module in [*model[::2], model]:
-                fully_shard(module, mesh=mesh)
-            seconds = timed(method(model, **kwargs), data(samples, rank), rounds)
-            if rank == 0:
-                print(f"  {name:26s} sharded, 2 ranks: {seconds:8.3f} s", flush=True)
-    finally:
-        dist.destroy_process_group()
+        time_sharded(rank, samples, rounds)
+    except BaseException:
+        release_process_group()
+        raise
+    exit_rank(0)  # the models and mesh of time_sharded are garbage now: nothing holds the group
+
+
+def time_sharded(rank: int, samples: int, rounds: int) -> None:
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (2,))
+    for name, (method, kwargs) in VARIANTS.items():
+        model = mlp()
+        for module in [*model[::2], model]:
+            fully_shard(module, mesh=mesh)
+        seconds = timed(method(model, **kwargs), data(samples, rank), rounds)
+        if rank == 0:
+            print(f"  {name:26s} sharded, 2 ranks: {seconds:8.3f} s", flush=True)
 
 
 def main() -> None:

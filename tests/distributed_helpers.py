@@ -2,12 +2,13 @@
 import datetime
 import socket
 import time
-import warnings
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from classp_fused.distributed import exit_rank, release_process_group
 
 WORLD_SIZE = 2
 
@@ -29,32 +30,19 @@ def _rank_entry(rank, body, port, collective_timeout_s, args):
                             world_size=WORLD_SIZE, timeout=timeout)
     try:
         body(rank, *args)
-    finally:
-        dist.destroy_process_group()
+    except BaseException:
+        release_process_group()  # the error is recorded by torch's spawn wrapper on the way out
+        raise
+    exit_rank(0)  # no interpreter teardown beside gloo's live threads (classp_fused.distributed)
 
 
-def run_ranks(body, *args, timeout_s, collective_timeout_s=None, abort_retries=3):
+def run_ranks(body, *args, timeout_s, collective_timeout_s=None):
     """Run ``body(rank, *args)`` on WORLD_SIZE spawned ranks in one gloo group.
 
     ``body`` must be a module-level function (it is pickled). A rank's exception fails the test,
-    and so does not finishing within ``timeout_s``. ``collective_timeout_s`` bounds each
-    collective; None keeps torch's default. ``abort_retries``: how often to run the ranks again
-    when one dies by SIGABRT inside torch's C++ ("terminate called without an active
-    exception", seen in 1 of 20 to 1 of 3 runs of the FSDP2 and ZeRO tests) rather than by a
-    Python error; each such rerun is reported as a warning.
+    and so do a rank that dies by a signal and not finishing within ``timeout_s``.
+    ``collective_timeout_s`` bounds each collective; None keeps torch's default.
     """
-    for attempt in range(abort_retries + 1):
-        try:
-            _run_once(body, args, timeout_s, collective_timeout_s)
-            return
-        except mp.ProcessExitedException as error:
-            if error.signal_name != "SIGABRT" or attempt == abort_retries:
-                raise
-            warnings.warn(f"rank {error.error_index} aborted in C++ ({error}); running the ranks "
-                          f"again", RuntimeWarning)
-
-
-def _run_once(body, args, timeout_s, collective_timeout_s):
     context = mp.start_processes(_rank_entry, args=(body, free_port(), collective_timeout_s, args),
                                  nprocs=WORLD_SIZE, join=False, start_method="spawn")
     deadline = time.monotonic() + timeout_s
