@@ -169,7 +169,10 @@ class Regularizer(ImportancePasses, TaskState, abc.ABC):
         ``optimizer`` it steps: the gradient is then added at the gradients' current scale,
         times the scale before ``scaler.unscale_(optimizer)`` and as is after it, so either
         order takes the unscaled step. One multi-tensor pass, elementwise on local tensors,
-        so it works where adding the penalty to the loss does not (FSDP2).
+        so it works where adding the penalty to the loss does not (FSDP2). A parameter whose
+        shape, dtype or device changed since its state was consolidated or loaded is refused
+        (ValueError naming it) before any .grad is created or changed; so do ``penalty``,
+        ``proximal_step_`` and ``stability_bounds``.
         """
         grad_scale = current_grad_scale(scaler, optimizer)
         params, imps, anchors, _ = self._terms()

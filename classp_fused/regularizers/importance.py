@@ -102,11 +102,12 @@ class ImportancePasses:
     def _refuse_batch(trace: PassTrace, name: str, x, params) -> None:
         """Record in ``trace`` that the batch in use gave a non-finite statistic for ``name``,
         and the likely cause."""
+        diverged = (n for n, p in params.items() if not bool(torch.isfinite(local(p)).all()))
         if any(t.is_floating_point() and not bool(torch.isfinite(t).all())
                for t in tensor_leaves(x)):
             cause = "its input holds NaN or inf"
-        elif not bool(torch.isfinite(local(params[name])).all()):
-            cause = f"parameter {name!r} is not finite"
+        elif (param := next(diverged, None)) is not None:
+            cause = f"parameter {param!r} is not finite"
         else:
             cause = "the model's outputs or gradients on it are not finite"
         trace.refusal = (f"batch {trace.index} of data gives a non-finite importance for "

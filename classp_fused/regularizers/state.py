@@ -84,7 +84,7 @@ class TaskState:
         t = state[name]
         if t.shape == p.shape and t.dtype == p.dtype:
             t = local(match_shard(state, name, p))
-            if t.device == local(p).device:
+            if t.device == local(p).device and t.shape == local(p).shape:
                 return t
         hint = ("load a state for this model or build a new regularizer" if t.shape != p.shape
                 else "reg.load_state_dict(reg.state_dict()) moves the state to the parameter's "
