@@ -36,9 +36,9 @@ from torch import Tensor, nn
 from . import penalty as penalty_ops
 from . import stability
 from .amp import current_grad_scale
-from .batches import Forward, Labels, ModelCall, check_forward_and_labels, default_forward
+from .batches import Forward, Labels, check_forward_and_labels, default_forward
 from .checks import check_number
-from .importance import ImportancePasses
+from .importance import ImportancePasses, PassTrace
 from .shards import DTensor, local, wrap_like
 from .state import TaskState
 
@@ -50,11 +50,15 @@ class StiffnessWarning(UserWarning):
 class Regularizer(ImportancePasses, TaskState, abc.ABC):
     """Base class: consolidate at task boundaries, the penalty in explicit or proximal form.
 
-    Subclasses implement ``_importance_sums(batches, params)`` (per-parameter sums over
-    samples and the sample count) and ``_merge(old_imp, old_anchor, new_imp, new_anchor)``
-    (how a finished task enters the state), and set ``_scale`` (the penalty's factor in front
-    of the sum). Those using ``_add_per_sample`` also define ``_sample_losses``,
-    ``_sample_weights`` and ``_statistic``.
+    Subclasses implement ``_add_batch(x, y, params, sums)`` (one batch's per-parameter sums
+    over its samples) and ``_merge(old_imp, old_anchor, new_imp, new_anchor)`` (how a finished
+    task enters the state), and set ``_scale`` (the penalty's factor in front of the sum).
+    Those using ``_add_per_sample`` also define ``_sample_losses``, ``_sample_weights`` and
+    ``_statistic``.
+
+    Every public state change is all or nothing: arguments, data and the resulting values
+    are checked first, and a refusal (an error naming what and what was expected) leaves the
+    regularizer, the model's parameters and their .grad exactly as they were.
     """
 
     _scale: float
@@ -92,16 +96,28 @@ class Regularizer(ImportancePasses, TaskState, abc.ABC):
         and root) each rank computes the importance of its own shards from FSDP2's
         reduce-scatter (``sharded``); ``MAS(local=True)`` is refused there.
 
-        Data without a single sample (on all ranks together) raises ValueError and leaves the
-        state as it was. With ``optimizer`` or ``lr`` (not both), one ``StiffnessWarning``
-        names the stiffest parameter when the next explicit step would be unstable.
+        Refused with ValueError, the state left as it was: data without a single sample (on
+        all ranks together); a batch after which an importance sum is not finite (a NaN or
+        inf input, a non-finite parameter, an overflowing output or gradient): the pass stops
+        there and the error names the batch's index in ``data`` (on every rank, when one rank
+        finds one); a merged state that is not finite (an overflow of the parameter's dtype);
+        a parameter whose shape, dtype or device no longer fits its state. With ``optimizer``
+        or ``lr`` (not both), one ``StiffnessWarning`` names the stiffest parameter when the
+        next explicit step would be unstable; the optimizer must hold every regularized
+        parameter.
+
+        A parameter frozen now (``requires_grad=False``) that holds state from earlier tasks
+        keeps its anchor, and its importance merges as for a task that did not touch it (zero
+        new importance): unchanged for MAS "sum" and EWC separate, times alpha for MAS "ema",
+        times gamma for online EWC. Unfrozen later, it is protected again.
         """
         check_forward_and_labels(forward, labels)
         if optimizer is not None or lr is not None:
             stability.check_step_source(optimizer, lr)
         params = self._regularized_params()
-        self._call = ModelCall(self.model, forward or default_forward)
-        batches = self._batches(data, labels, whole=forward is not None)
+        if optimizer is not None:
+            for p in params.values():
+                stability.group_of(optimizer, p)
         device = local(next(iter(params.values()))).device
         shards = [isinstance(p, DTensor) for p in params.values()]
         if any(shards) and not all(shards):
@@ -109,13 +125,21 @@ class Regularizer(ImportancePasses, TaskState, abc.ABC):
                             "or none")
         if all(shards) and self._sharded_variant_error():
             raise ValueError(self._sharded_variant_error())
-        with self._importance_pass():
+        self._check_fits(params)
+        trace = PassTrace()
+        with self._importance_pass(forward or default_forward):
+            batches = self._batches(data, labels, forward is not None, trace)
             if all(shards):
-                sums, count = self._sharded_importance_sums(_tensor_inputs(batches), params)
-                count = self._all_reduce_([], count, device)
+                sums, count = self._sharded_importance_sums(_tensor_inputs(batches), params,
+                                                            trace)
+                count, refused = self._all_reduce_([], count, device, trace.refusal is not None)
             else:
-                sums, count = self._importance_sums(batches, params)
-                count = self._all_reduce_(list(sums.values()), count, device)
+                sums, count = self._importance_sums(batches, params, trace)
+                count, refused = self._all_reduce_(list(sums.values()), count, device,
+                                                   trace.refusal is not None)
+        if refused:
+            why = trace.refusal or "another rank's data gives a non-finite importance"
+            raise ValueError(f"consolidate refused the data: {why}; the state is left as it was")
         if count == 0:
             raise ValueError("data is empty: consolidate saw no samples (an empty batch or a "
                              "loader that yields none); the importance is left as it was")
@@ -145,7 +169,10 @@ class Regularizer(ImportancePasses, TaskState, abc.ABC):
         ``optimizer`` it steps: the gradient is then added at the gradients' current scale,
         times the scale before ``scaler.unscale_(optimizer)`` and as is after it, so either
         order takes the unscaled step. One multi-tensor pass, elementwise on local tensors,
-        so it works where adding the penalty to the loss does not (FSDP2).
+        so it works where adding the penalty to the loss does not (FSDP2). A parameter whose
+        shape, dtype or device changed since its state was consolidated or loaded is refused
+        (ValueError naming it) before any .grad is created or changed; so do ``penalty``,
+        ``proximal_step_`` and ``stability_bounds``.
         """
         grad_scale = current_grad_scale(scaler, optimizer)
         params, imps, anchors, _ = self._terms()
@@ -224,8 +251,8 @@ class Regularizer(ImportancePasses, TaskState, abc.ABC):
         return None
 
     @abc.abstractmethod
-    def _importance_sums(self, batches, params: dict[str, nn.Parameter]) -> tuple[dict, int]:
-        """Per-parameter importance summed over the samples of ``batches``, and their count."""
+    def _add_batch(self, x, y: Tensor | None, params: dict[str, nn.Parameter], sums) -> None:
+        """Add the importance sums of the samples of one batch to ``sums``."""
 
     def _merge(self, old_imp: Tensor, old_anchor: Tensor, new_imp: Tensor, new_anchor: Tensor
                ) -> tuple[Tensor, Tensor, Tensor | None]:

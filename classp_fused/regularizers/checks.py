@@ -1,7 +1,10 @@
-"""Argument checks shared by the regularizers' constructors."""
+"""Checks shared by the regularizers: constructor arguments and the values of state."""
 from __future__ import annotations
 
 import math
+
+import torch
+from torch import Tensor
 
 
 def check_choice(name: str, value, choices: tuple) -> None:
@@ -20,3 +23,16 @@ def check_number(name: str, value, low: float, high: float, low_open: bool = Fal
         interval = f"{'(' if low_open else '['}{low}, {high}{']' if high != math.inf else ')'}"
         raise ValueError(f"{name} must lie in {interval}, got {value}")
     return value
+
+
+def bad_values(t: Tensor, nonnegative: bool) -> str | None:
+    """None when the local tensor ``t`` is finite (and >= 0 when ``nonnegative``), else how
+    many elements are NaN, infinite or negative."""
+    finite = torch.isfinite(t)
+    ok = finite & (t >= 0) if nonnegative else finite
+    if bool(ok.all()):
+        return None
+    counts = [(int(torch.isnan(t).sum()), "NaN"), (int((~finite & ~torch.isnan(t)).sum()), "inf")]
+    if nonnegative:
+        counts.append((int((t < 0).sum()), "negative"))
+    return ", ".join(f"{n} {kind}" for n, kind in counts if n) + " element(s)"

@@ -79,16 +79,11 @@ class EWC(Regularizer):
     def _folds_tasks_exactly(self) -> bool:
         return self.mode == "separate"
 
-    def _importance_sums(self, batches, params):
+    def _add_batch(self, x, y, params, sums):
+        if self.fisher == "empirical" and y is None:
+            raise ValueError("data must yield (input, label) batches for fisher='empirical'")
         add = self._add_per_sample if self.per_sample else self._add_batch_form
-        sums = {name: self._accumulator(p) for name, p in params.items()}
-        count = 0
-        for x, y in batches:
-            if self.fisher == "empirical" and y is None:
-                raise ValueError("data must yield (input, label) batches for fisher='empirical'")
-            add(x, y, params, sums)
-            count += batch_size(x, y)
-        return sums, count
+        add(x, y, params, sums)
 
     def _batch_losses(self, x, y, reforward):
         """Empirical: the batch-mean NLL of the labels. Exact: per class c, the batch mean of

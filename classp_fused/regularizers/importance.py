@@ -7,7 +7,8 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Iterator
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -15,32 +16,49 @@ from torch import Tensor, nn
 from torch.func import jacrev, vmap
 
 from . import sharded
-from .batches import (Labels, batch_size, labels_of, model_input, sample_dims, split_batch,
-                      tensor_leaves, to_device, unsqueeze_samples)
+from .batches import (Forward, Labels, ModelCall, batch_size, labels_of, model_input,
+                      sample_dims, split_batch, tensor_leaves, to_device, unsqueeze_samples)
+from .shards import local
 
 # Bound on the per-sample gradient elements held at once (512 MiB in float32); larger vmap
 # chunks run markedly faster per sample on CPU than small ones.
 PER_SAMPLE_ELEMENTS = 2**27
 
 
+@dataclass
+class PassTrace:
+    """Where an importance pass stands: the index in ``data`` of the batch in use, and why the
+    pass stopped early (a batch whose importance statistics are not finite), or None."""
+
+    index: int = -1
+    refusal: str | None = None
+
+
 class ImportancePasses:
-    """The machinery of an importance pass over a model's data."""
+    """The machinery of an importance pass over a model's data.
+
+    Subclasses implement ``_add_batch(x, y, params, sums)``: add one batch's per-parameter
+    importance sums over its samples to ``sums``.
+    """
 
     # Elementwise statistic of a per-sample gradient (torch.abs, torch.square); takes ``out=``.
     _statistic = None
 
     @contextlib.contextmanager
-    def _importance_pass(self) -> Iterator[None]:
-        """eval() mode and grad enabled; training flags, requires_grad and buffers restored."""
+    def _importance_pass(self, forward: Forward) -> Iterator[None]:
+        """eval() mode and grad enabled, the model called through ``forward``; training
+        flags, requires_grad and buffers restored."""
         training = [(m, m.training) for m in self.model.modules()]
         requires_grad = [(p, p.requires_grad) for p in self.model.parameters()]
         buffers = [(m, n, b, b.clone()) for m in self.model.modules()
                    for n, b in m.named_buffers(recurse=False)]
+        self._call = ModelCall(self.model, forward)
         self.model.eval()
         try:
             with torch.enable_grad():
                 yield
         finally:
+            del self._call
             for module, flag in training:
                 module.training = flag
             for p, flag in requires_grad:
@@ -50,30 +68,67 @@ class ImportancePasses:
                     buffer.copy_(saved)
                     setattr(module, name, buffer)
 
-    def _batches(self, data, labels: Labels = None, whole: bool = False
+    def _batches(self, data, labels: Labels, whole: bool, trace: PassTrace
                  ) -> Iterator[tuple[Any, Tensor | None]]:
         """Yield (model input, labels or None) with tensors on the model's device (see
-        ``batches.model_input``; ``whole`` for a user forward); skip empty batches."""
+        ``batches.model_input``; ``whole`` for a user forward); skip empty batches. Each
+        batch's index in ``data`` goes to ``trace.index``."""
         device = next(self.model.parameters()).device
-        for batch in [data] if isinstance(data, Tensor) else data:
+        for index, batch in enumerate([data] if isinstance(data, Tensor) else data):
             batch = to_device(batch, device)
             x, y = model_input(batch, whole, labels), labels_of(batch, labels)
             if batch_size(x, y):  # a batch without samples adds nothing
+                trace.index = index
                 yield x, y
+
+    def _importance_sums(self, batches, params: dict[str, nn.Parameter], trace: PassTrace
+                         ) -> tuple[dict[str, Tensor], int]:
+        """Per-parameter importance summed over the samples of ``batches``, and their count.
+
+        The pass stops at the first batch after which a sum is not finite; ``trace.refusal``
+        then says which batch and parameter."""
+        sums = {name: self._accumulator(p) for name, p in params.items()}
+        count = 0
+        for x, y in batches:
+            self._add_batch(x, y, params, sums)
+            bad = _first_false((name, torch.isfinite(s).all()) for name, s in sums.items())
+            if bad is not None:
+                self._refuse_batch(trace, bad, x, params)
+                break
+            count += batch_size(x, y)
+        return sums, count
+
+    @staticmethod
+    def _refuse_batch(trace: PassTrace, name: str, x, params) -> None:
+        """Record in ``trace`` that the batch in use gave a non-finite statistic for ``name``,
+        and the likely cause."""
+        diverged = (n for n, p in params.items() if not bool(torch.isfinite(local(p)).all()))
+        if any(t.is_floating_point() and not bool(torch.isfinite(t).all())
+               for t in tensor_leaves(x)):
+            cause = "its input holds NaN or inf"
+        elif (param := next(diverged, None)) is not None:
+            cause = f"parameter {param!r} is not finite"
+        else:
+            cause = "the model's outputs or gradients on it are not finite"
+        trace.refusal = (f"batch {trace.index} of data gives a non-finite importance for "
+                         f"{name!r} ({cause})")
 
     def _logits(self, x) -> Tensor:
         """The logits of the model call chosen by ``consolidate`` (its ``forward``) on ``x``."""
         return self._call(x)
 
-    def _all_reduce_(self, sums: list[Tensor], count: int, device: torch.device) -> float:
-        """Sum ``sums`` in place and ``count`` across ranks when distributed; return the count."""
+    def _all_reduce_(self, sums: list[Tensor], count: int, device: torch.device,
+                     refused: bool) -> tuple[float, bool]:
+        """Sum ``sums`` in place and ``count`` across ranks when distributed; return the count
+        and whether any rank ``refused`` its data (so that all ranks raise together)."""
         if self.process_group is None and not (dist.is_available() and dist.is_initialized()):
-            return float(count)
+            return float(count), refused
         for s in sums:
             dist.all_reduce(s, group=self.process_group)
-        total = torch.tensor(float(count), dtype=torch.float64, device=device)
+        total = torch.tensor([float(count), float(refused)], dtype=torch.float64, device=device)
         dist.all_reduce(total, group=self.process_group)
-        return total.item()
+        count, refusals = total.tolist()
+        return count, refusals > 0
 
     def _batch_losses(self, x: Tensor, y: Tensor | None, reforward: bool
                       ) -> Iterator[tuple[Tensor, float]]:
@@ -91,11 +146,20 @@ class ImportancePasses:
                 if g is not None:
                     sums[name] += weight * self._statistic(g)
 
-    def _sharded_importance_sums(self, batches, params) -> tuple[dict, int]:
+    def _sharded_importance_sums(self, batches, params, trace: PassTrace) -> tuple[dict, int]:
         """Importance sums of this rank's shards of an FSDP2 model (see ``sharded``), and the
-        number of samples this rank saw. Every rank must call it."""
+        number of samples this rank saw. Every rank must call it. A unit of data whose
+        statistics are not finite ends this rank's data (``trace.refusal`` says which batch);
+        the others go on in lock-step."""
         owners = sharded.linear_owners(self.model, params) if self.per_sample else None
         state = {"stand_in": False, "weight": 1.0, "column": None, "linear": owners is not None}
+        finite: list[tuple[str, Tensor]] = []
+
+        def checked_statistic(name: str, g: Tensor) -> Tensor:
+            s = statistic(name, g)
+            if not state["stand_in"]:
+                finite.append((name, torch.isfinite(s).all()))
+            return s
 
         def statistic(name: str, g: Tensor) -> Tensor:
             if state["stand_in"]:
@@ -119,9 +183,9 @@ class ImportancePasses:
             return self.per_sample and not state["linear"]
 
         count, checked, group = 0, False, self.process_group
-        with sharded.statistic_gradients(self.model, params, statistic) as unsharded, \
+        with sharded.statistic_gradients(self.model, params, checked_statistic) as unsharded, \
                 sharded.linear_records(owners) as records:
-            units = sharded.units(batches, single_samples)
+            units = _until_refused(sharded.units(batches, single_samples), trace)
             for x, y, stand_in in sharded.lockstep(units, group):
                 state["stand_in"] = stand_in
                 if not state["linear"]:
@@ -133,6 +197,10 @@ class ImportancePasses:
                         batch_form(x_k, y_k)
                 checked = True
                 count += x.shape[0]
+                bad = _first_false(finite)
+                finite.clear()
+                if bad is not None and not stand_in:
+                    self._refuse_batch(trace, bad, x, params)
             sums = sharded.shard_sums(params)
         return sums, count
 
@@ -289,6 +357,29 @@ class ImportancePasses:
                 j = self._statistic(j, out=j)
                 sums[name] += (j.sum((0, 1)) if weights is None
                                else torch.einsum("bc,bc...->...", weights, j))
+
+
+def _first_false(flags: Iterable[tuple[str, Tensor]]) -> str | None:
+    """The name of the first (name, bool tensor) pair whose flag is false, with one host sync;
+    None when all are true."""
+    flags = list(flags)
+    if not flags:
+        return None
+    device = flags[0][1].device
+    stacked = torch.stack([flag.to(device) for _, flag in flags])
+    if bool(stacked.all()):
+        return None
+    return flags[int(stacked.to(torch.uint8).argmin())][0]
+
+
+def _until_refused(units: Iterator, trace: PassTrace) -> Iterator:
+    """``units`` until ``trace`` records a refusal (checked once the consumer asks for the next
+    unit, so the refused batch's remaining samples are not used)."""
+    for unit in units:
+        yield unit
+        if trace.refusal is not None:
+            return
+
 
 def _parameter_uses(root) -> dict[int, int]:
     """For each leaf tensor (by id) of the autograd graph below ``root``, its number of uses."""

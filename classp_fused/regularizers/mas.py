@@ -6,7 +6,6 @@ from torch import Tensor, nn
 from torch.func import grad, vmap
 
 from .base import Regularizer
-from .batches import batch_size
 from .checks import check_choice, check_number
 
 HEBBIAN_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -55,18 +54,13 @@ class MAS(Regularizer):
     def _sample_losses(self, output, y):
         return output.pow(2).flatten(1).sum(1, keepdim=True)
 
-    def _importance_sums(self, batches, params):
-        sums = {name: self._accumulator(p) for name, p in params.items()}
-        count = 0
-        for x, y in batches:
-            if self.local:
-                self._add_hebbian(x, params, sums)
-            elif self.per_sample:
-                self._add_per_sample(x, None, params, sums)
-            else:
-                self._add_batch_form(x, None, params, sums)
-            count += batch_size(x, y)
-        return sums, count
+    def _add_batch(self, x, y, params, sums):
+        if self.local:
+            self._add_hebbian(x, params, sums)
+        elif self.per_sample:
+            self._add_per_sample(x, None, params, sums)
+        else:
+            self._add_batch_form(x, None, params, sums)
 
     def _merge_importance(self, old: Tensor, new: Tensor) -> Tensor:
         if self.accumulate == "sum":

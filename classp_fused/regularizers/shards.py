@@ -1,6 +1,8 @@
 """Plain tensors and FSDP2 DTensors side by side: local shards, layouts like a parameter."""
 from __future__ import annotations
 
+import torch
+import torch.distributed as dist
 from torch import Tensor
 
 try:
@@ -38,3 +40,14 @@ def wrap_like(t: Tensor, like: Tensor) -> Tensor:
         return DTensor.from_local(t, like.device_mesh, like.placements, shape=like.shape,
                                   stride=like.stride())
     return t
+
+
+def any_over_mesh(flag: bool, like: Tensor | None) -> bool:
+    """``flag`` or'ed over every rank of the mesh of ``like`` when it is a DTensor, else
+    ``flag``: so that all ranks of the mesh refuse together or none does."""
+    if not isinstance(like, DTensor):
+        return flag
+    t = torch.tensor(float(flag), device=local(like).device)
+    for dim in range(like.device_mesh.ndim):
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=like.device_mesh.get_group(dim))
+    return bool(t.item())
