@@ -18,7 +18,7 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -38,8 +38,10 @@ from .train import SCENARIOS, run_cell
 SEED_LIMIT = 2 ** 32
 #: More seeds than this is a typo, not an experiment.
 MAX_SEEDS = 10_000
-#: What a run writes under its folder: any of them there means the folder holds results.
-RUN_OUTPUTS = ("results.json", "results.csv", "results.md", "plots", "cells")
+#: What a run (the first five) or a tune writes under its folder: any of them there means the
+#: folder holds an earlier run's or tune's results.
+RESULTS = ("results.json", "results.csv", "results.md", "plots", "cells", "tuned.json",
+           "tuning.md", "grid")
 
 
 class ConfigError(ValueError):
@@ -310,16 +312,15 @@ def _check_targets(out: Path, files: Iterable[Path]) -> None:
                               " move it away or choose another directory")
 
 
-def claim_output(config: ExperimentConfig, files: Sequence[Path],
-                 outputs: Sequence[str]) -> FolderLock:
+def claim_output(config: ExperimentConfig, files: Sequence[Path]) -> FolderLock:
     """Lock ``config.out`` for writing ``files``; ConfigError before anything is written if
     another run holds it, a folder around it or one it writes into; if it holds any of
-    ``outputs`` (an earlier run's results) and neither ``resume`` nor ``overwrite`` is set; or
-    if something is in the way of a file."""
+    RESULTS and neither ``resume`` nor ``overwrite`` is set; or if something is in the way of
+    a file."""
     out = Path(config.out)
 
     def check() -> None:
-        found = [name for name in outputs if os.path.lexists(out / name)]
+        found = [name for name in RESULTS if os.path.lexists(out / name)]
         if found and not (config.resume or config.overwrite):
             raise ConfigError(f"out {out} holds results of an earlier run ({', '.join(found)});"
                               " rerun with --resume to keep its finished cells, or --overwrite"
@@ -340,7 +341,7 @@ def _stream(cell: Cell, dirs: Mapping[str, str]) -> Stream:
     return stream
 
 
-def _reusable(cell: Cell, out: Path, dirs: Mapping[str, str]) -> Optional[dict]:
+def _reusable(cell: Cell, out: Path, task_names: Callable[[], list[str]]) -> Optional[dict]:
     """The stored result of ``cell`` if its file passes every check (cells.cell_problem);
     None, with a CellFileWarning naming the file and the reason, if it exists but does not."""
     path = cell.path(out)
@@ -349,8 +350,7 @@ def _reusable(cell: Cell, out: Path, dirs: Mapping[str, str]) -> Optional[dict]:
     stored, problem = read_cell(path)
     if problem is None:
         identity = {"benchmark": cell.benchmark, "method": cell.method, "seed": cell.seed}
-        problem = cell_problem(stored, identity, cell.settings,
-                               lambda: [task.name for task in _stream(cell, dirs).tasks],
+        problem = cell_problem(stored, identity, cell.settings, task_names,
                                cell.reports_density)
     if problem is None:
         return stored
@@ -398,7 +398,7 @@ def run_experiment(config: ExperimentConfig) -> ExperimentResult:
     (CellFileWarning) for each stored cell that ``resume`` finds unfit and runs again.
     """
     cells, dirs = plan(config)
-    lock = claim_output(config, output_files(config, cells), RUN_OUTPUTS)
+    lock = claim_output(config, output_files(config, cells))
     try:
         return run_planned(config, cells, dirs)
     finally:
@@ -414,10 +414,19 @@ def run_planned(config: ExperimentConfig, cells: list[Cell],
     torch.set_num_threads(config.threads)
     started, cpu_started = time.perf_counter(), time.process_time()
     results, ran = [], 0
+    names: dict[tuple[str, int], list[str]] = {}  # (benchmark, seed) -> its task names
+
+    def task_names(cell: Cell) -> list[str]:
+        key = (cell.benchmark, cell.seed)
+        if key not in names:
+            names[key] = [task.name for task in _stream(cell, dirs).tasks]
+        return names[key]
+
     bar = progress_bar(len(cells), "cell", config.progress)
     try:
         for number, cell in enumerate(cells, 1):
-            stored = _reusable(cell, out, dirs) if config.resume else None
+            stored = (_reusable(cell, out, lambda: task_names(cell)) if config.resume
+                      else None)
             if stored is None:
                 bar.set_description(cell.label, refresh=False)
                 stored = _run_cell(cell, dirs, config.device,

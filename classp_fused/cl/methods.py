@@ -4,8 +4,8 @@ Defaults are hand-set starting points; the digits benchmarks override them with 
 (``classp_fused.cl.benchmarks``, ``classp-fused tune``). Methods with a regularizer take
 ``penalty``: ``"explicit"`` (the papers': the penalty gradient joins the loss gradient) or
 ``"proximal"`` (the regularizer's proximal step after each optimizer step, stable for every
-lambda). Every method accepts ``per_task``: a list of settings of its optimizer's hyperparameters applied
-at the start of task i (the last entry repeats), as in the published vision run
+lambda). Every method accepts ``per_task``: a list of values of its optimizer's hyperparameters
+applied at the start of task i (the last entry repeats), as in the published vision run
 (``apply_scaling`` and ``threshold`` change between tasks). ``resolve_hparams`` checks every
 value, per_task's included, against ``HPARAM_CHECKS`` before anything is built or run.
 """

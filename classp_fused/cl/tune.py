@@ -1,11 +1,12 @@
 """One tuning protocol for every method: a plain grid of equal size, scored on validation data.
 
 Each method gets ``GRID_SIZE`` configurations (learning rate for all; lambda for EWC and MAS;
-threshold, power and apply_scaling for CLASSP; power and lambda for CLASSP plus MAS). Every configuration is trained with the
-tuning seeds (by default apart from the evaluation seeds 0, 1, 2, ...) on the benchmark's
-task stream with ``validation`` of each task's training data held out; the score is the final
-average accuracy on those held-out parts, averaged over the tuning seeds. A configuration
-with a diverged seed is scored as diverged and never picked. The test splits are not used.
+threshold, power and apply_scaling for CLASSP; power and lambda for CLASSP plus MAS). Every
+configuration is trained with the tuning seeds (by default apart from the evaluation seeds 0,
+1, 2, ...) on the benchmark's task stream with ``validation`` of each task's training data
+held out; the score is the final average accuracy on those held-out parts, averaged over the
+tuning seeds. A configuration with a diverged seed is scored as diverged and never picked.
+The test splits are not used.
 
 A plain grid rather than a sampler: with 12 points per method the search is exhaustive and
 cheap, every method gets exactly the same budget, and the full table of scores can be read.
@@ -61,8 +62,6 @@ GRIDS: dict[str, list[dict]] = {
 GRID_SIZE = 12
 TUNING_SEEDS = (1000, 1001)
 VALIDATION = 0.2
-#: What a tune writes under its folder: any of them there means the folder holds results.
-TUNE_OUTPUTS = ("tuned.json", "tuning.md", "grid")
 
 
 def _score(summary: dict) -> Optional[float]:
@@ -127,7 +126,7 @@ def tune(config: ExperimentConfig, run_options: Optional[Mapping[str, Any]] = No
     files = [out / "tuned.json", out / "tuning.md"]
     for *_, point_config, cells, _dirs in points:
         files += output_files(point_config, cells)
-    lock = claim_output(config, files, TUNE_OUTPUTS)
+    lock = claim_output(config, files)
     benchmark = config.benchmarks[0]
     trials: dict[str, list[dict]] = {m: [] for m in methods}
     try:
