@@ -1,28 +1,35 @@
 """``classp-fused``: run continual-learning benchmarks and report accuracy, forgetting and memory.
 
     classp-fused run [--benchmark NAMES] [--methods NAMES] [--seeds N|LIST] [--epochs N|LIST]
-                     [--out DIR] [--resume] [--config FILE] ...
+                     [--out DIR] [--resume | --overwrite] [--config FILE] ...
     classp-fused tune --benchmark NAME [--methods NAMES] [--seeds N|LIST] [--out DIR] ...
     classp-fused methods          # the registered methods and their default hyperparameters
     classp-fused benchmarks       # the registered benchmarks
 
 This module only parses and prints; ``classp_fused.cl.experiment`` and ``classp_fused.cl.tune``
-do the work. Bad input (unknown names, missing or malformed datasets, an unwritable or busy
---out, a bad config file) is reported as one ``classp-fused: error: ...`` line with exit code
-2, before anything is written. Ctrl-C prints one line and exits with 130.
+do the work. Bad input (unknown names, out-of-range hyperparameters, missing or malformed
+datasets, an unwritable or busy --out or one inside a busy folder, an --out holding earlier
+results without --resume or --overwrite, a bad config file) is reported as one
+``classp-fused: error: ...`` line with exit code 2, before anything is written. A stored cell
+that --resume cannot trust is reported as one ``classp-fused: warning: ...`` line and run
+again. Ctrl-C prints one line and exits with 130.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
+from tqdm.auto import tqdm
+
 from .cl.benchmarks import BENCHMARKS, DEFAULT_DIRS
-from .cl.experiment import (MAX_SEEDS, SEED_LIMIT, ConfigError, ExperimentConfig, Interrupted,
-                            run_experiment)
+from .cl.experiment import (MAX_SEEDS, SEED_LIMIT, CellFileWarning, ConfigError,
+                            ExperimentConfig, Interrupted, run_experiment)
 from .cl.methods import METHODS
+from .cl.report import MAX_NESTING, nesting
 from .cl.train import SCENARIOS
 from .cl.tune import GRIDS, TUNING_SEEDS, VALIDATION, tune
 
@@ -114,7 +121,12 @@ def _add_protocol_options(command: argparse.ArgumentParser) -> None:
     command.add_argument("--device", default="cpu", help="torch device: cpu or cuda[:N]"
                          " (default cpu)")
     command.add_argument("--resume", action="store_true",
-                         help="keep finished cells found in --out and run only the missing ones")
+                         help="keep the finished cells found in --out (those whose files pass"
+                         " their checks) and run only the others")
+    command.add_argument("--overwrite", action="store_true",
+                         help="run every cell again into an --out that holds earlier results,"
+                         " replacing them (without --resume or --overwrite such an --out is"
+                         " refused)")
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
@@ -164,13 +176,25 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     return parser, run
 
 
+def _load_json(text: str, what: str) -> Any:
+    """Parse JSON read from the user, refusing values nested deeper than MAX_NESTING."""
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        value = None  # deeper than the parser can go: refused below
+    else:
+        if nesting(value) <= MAX_NESTING:
+            return value
+    raise UsageError(f"{what}: JSON nested deeper than {MAX_NESTING} levels")
+
+
 def _config_defaults(run: argparse.ArgumentParser, path: str) -> tuple[dict[str, Any], dict]:
     """Read a JSON config into argparse defaults (strings, so the option types parse them).
 
     Returns the defaults and the record to store with the results (the file's content).
     """
     try:
-        config = json.loads(Path(path).read_text())
+        config = _load_json(Path(path).read_text(), f"config {path}")
     except (OSError, ValueError) as exc:
         raise UsageError(f"cannot read config {path}: {exc}") from None
     if not isinstance(config, dict):
@@ -221,7 +245,7 @@ def _parse_hparams(items: Sequence[str]) -> dict[str, dict[str, Any]]:
         if not (sep and dot and method and key):
             raise UsageError(f"--hparam expects METHOD.KEY=VALUE, got {item!r}")
         try:
-            value = json.loads(text)
+            value = _load_json(text, f"--hparam {target}")
         except ValueError:
             value = text
         overrides.setdefault(method, {})[key] = value
@@ -240,7 +264,8 @@ def experiment_config(args: argparse.Namespace) -> ExperimentConfig:
         batch_size=args.batch_size, scenario=args.scenario, max_per_task=args.max_per_task,
         hparams=_parse_hparams(getattr(args, "hparam", ())), data_dirs=_data_dirs(args),
         validation=getattr(args, "validation", None), threads=args.threads,
-        device=args.device, out=args.out, resume=args.resume, record=args.record)
+        device=args.device, out=args.out, resume=args.resume, overwrite=args.overwrite,
+        record=args.record)
 
 
 def run_command(args: argparse.Namespace) -> None:
@@ -283,6 +308,21 @@ def _list_benchmarks() -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``classp-fused`` and ``python -m classp_fused``; returns the exit code."""
+    with warnings.catch_warnings():
+        show = warnings.showwarning
+
+        def show_cell_warnings_as_lines(message, category, *where):
+            if issubclass(category, CellFileWarning):
+                tqdm.write(f"{PROG}: warning: {message}", file=sys.stderr)
+            else:
+                show(message, category, *where)
+
+        warnings.simplefilter("always", CellFileWarning)
+        warnings.showwarning = show_cell_warnings_as_lines
+        return _main(argv)
+
+
+def _main(argv: Optional[Sequence[str]]) -> int:
     try:
         args = parse_args(argv)
         if args.command == "methods":

@@ -8,6 +8,9 @@
 # each method's pick is independent of the others'). Groups run side by side, under `nice -n 10`.
 # Usage: bash docs/results.sh [OUT [GROUP]]   (default runs/results: groups a, b and c,
 # then the plots; GROUP a, b, c or plots runs one part)
+# Every command writes into a folder of its own under OUT. classp-fused refuses to replace an
+# earlier run's results without --resume or --overwrite, so a second pass into the same OUT
+# stops at its first command: give a new OUT, or remove the old one first.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-runs/results}

@@ -3,13 +3,17 @@ import csv
 import gzip
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import pytest
 
+from classp_fused.cl.folders import LOCK_NAME
+from classp_fused.cl.methods import METHODS
 from classp_fused.cli import main
 
 from test_cl_streams import write_idx_dir
@@ -22,6 +26,26 @@ def run_main(capsys, *argv):
     code = main(["run", *argv])
     out, err = capsys.readouterr()
     return code, out, err
+
+
+def snapshot(root: Path) -> dict[str, Optional[bytes]]:
+    """Every entry under ``root``, hidden ones included: relative path -> bytes (None: folder)."""
+    return {str(p.relative_to(root)): None if p.is_dir() else p.read_bytes()
+            for p in sorted(root.rglob("*"))}
+
+
+def assert_refused(capsys, root: Path, argv: list, message: str) -> str:
+    """``main(argv)`` exits with 2 and one error line holding ``message``, and every entry under
+    ``root`` is as it was (names and bytes); returns the line."""
+    before = snapshot(root)
+    code = main(argv)
+    stdout, stderr = capsys.readouterr()
+    lines = stderr.strip().splitlines()
+    assert (code, stdout) == (2, ""), stderr
+    assert len(lines) == 1 and lines[0].startswith("classp-fused: error: "), stderr
+    assert message in lines[0]
+    assert snapshot(root) == before
+    return lines[0]
 
 
 def cell_files(out: Path) -> dict[str, int]:
@@ -85,8 +109,11 @@ def test_run_in_process_writes_results_table_and_plots(tmp_path, capsys):
     assert "| split-digits | classp | 1 |" in stdout
     assert str(out / "plots" / "permuted-digits-acc-matrix.png") in stdout
     assert stdout.rstrip().splitlines()[-1].endswith("s CPU; no cell diverged")
-    assert "4/4" in stderr and "permuted-digits classp seed 0: avg acc" in stderr
+    assert "[4/4] permuted-digits classp seed 0: avg acc" in stderr
     assert len(cell_files(out)) == 4
+    # stderr is no terminal here: a line per cell, no progress bar redrawn with carriage returns
+    assert "\r" not in stderr and len(stderr.splitlines()) == 4
+    assert not (out / LOCK_NAME).exists()
 
 
 def test_all_methods_run_on_split_digits(tmp_path, capsys):
@@ -224,6 +251,10 @@ BAD_INPUTS = {
     "unknown flag": (["--fast"], "unrecognized arguments"),
     "config not json": (["--config", "{file}"], "cannot read config"),
     "config unknown key": (["--config", "{config}"], "unknown option 'speed'"),
+    "sgd lr not a number": (["--hparam", "sgd.lr=NaN"], "sgd: lr must be a finite number"),
+    "per_task value": (["--hparam", 'classp.per_task=[{{"threshold": -1}}]'],
+                       "per_task[0].threshold must be a finite number >= 0, got -1"),
+    "resume and overwrite": (["--resume", "--overwrite"], "give one"),
 }
 
 
@@ -276,3 +307,142 @@ def test_tune_command_writes_a_config_that_run_takes(tmp_path, capsys):
     assert "tune: expected one benchmark, got 2" in capsys.readouterr().err
     assert main(["tune", "--benchmark", "split-digits", "--validation", "1.5"]) == 2
     assert "expected a fraction in (0, 1)" in capsys.readouterr().err
+
+
+SMALL_RUN = ["run", *TINY, "--benchmark", "split-digits", "--methods", "sgd,classp"]
+CLASSP_CELL = "cells/split-digits/classp/seed0.json"
+SGD_CELL = "cells/split-digits/sgd/seed0.json"
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory) -> Path:
+    """A finished SMALL_RUN (two cells); tests change a copy of it (copy_of)."""
+    out = tmp_path_factory.mktemp("finished") / "run"
+    assert main([*SMALL_RUN, "--out", str(out)]) == 0
+    return out
+
+
+def copy_of(run: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "run"
+    shutil.copytree(run, out)
+    return out
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (lambda cell: cell["acc_matrix"][4].__setitem__(0, 7.0),
+     "acc_matrix[4][0] is 7.0, expected an accuracy in [0, 1]"),
+    (lambda cell: cell.pop("state_bytes"), "missing state_bytes"),
+    (lambda cell: cell.update(diverged={"task": 2, "epoch": 0, "step": 3, "what": "loss"}),
+     "expected 2 rows of 5 accuracies"),
+], ids=["accuracy 7", "missing field", "rows past a divergence"])
+def test_resume_runs_a_cell_again_when_its_file_fails_its_checks(finished_run, tmp_path, capsys,
+                                                                damage, reason):
+    out = copy_of(finished_run, tmp_path)
+    cell = json.loads((out / CLASSP_CELL).read_text())
+    damage(cell)
+    (out / CLASSP_CELL).write_text(json.dumps(cell))
+    before = snapshot(out)
+    code, stdout, stderr = run_main(capsys, *SMALL_RUN[1:], "--resume", "--out", str(out))
+    assert code == 0, stderr
+    warnings = [line for line in stderr.splitlines() if "warning" in line]
+    assert len(warnings) == 1
+    assert warnings[0].startswith(f"classp-fused: warning: {out / CLASSP_CELL}: not reused (")
+    assert reason in warnings[0] and warnings[0].endswith("running the cell again")
+    assert "1 cells run, 1 kept" in stdout
+    after = snapshot(out)
+    assert set(after) == set(before) and after[SGD_CELL] == before[SGD_CELL]
+    assert after[CLASSP_CELL] != before[CLASSP_CELL]
+    rerun = json.loads(after[CLASSP_CELL])
+    assert rerun["diverged"] is None and len(rerun["acc_matrix"]) == 5
+    matrix = np.array(json.loads(after["results.json"])["benchmarks"]["split-digits"]["methods"]
+                      ["classp"]["acc_matrix"]["per_seed"])
+    assert matrix.shape == (1, 5, 5) and np.all((matrix >= 0) & (matrix <= 1))
+
+
+def test_something_in_the_way_of_a_result_file_is_refused_before_anything_is_written(
+        finished_run, tmp_path, capsys):
+    out = copy_of(finished_run, tmp_path)
+    (out / CLASSP_CELL).unlink()
+    (out / CLASSP_CELL).mkdir()
+    for flag in ("--resume", "--overwrite"):
+        assert_refused(capsys, tmp_path, [*SMALL_RUN, flag, "--out", str(out)],
+                       f"{out / CLASSP_CELL} is a directory, in the way of a result file")
+    shutil.rmtree(out / "cells/split-digits")
+    (out / "cells/split-digits").write_text("not a folder")
+    assert_refused(capsys, tmp_path, [*SMALL_RUN, "--resume", "--out", str(out)],
+                   f"{out / 'cells/split-digits'} is in the way of the results")
+
+
+#: Out-of-range values of every hyperparameter any method has (JSON, as --hparam reads them).
+BAD_VALUES = {"lr": ["NaN", "-Infinity", "-0.1", '"fast"', "true", "1e999"],
+              "threshold": ["NaN", "-1"], "eps": ["Infinity", "-1e-9"], "power": ["0", "NaN"],
+              "apply_scaling": ["1", '"yes"'], "lam": ["NaN", "-1"], "gamma": ["0", "1.5"],
+              "fisher": ['"exactly"'], "per_sample": ["0"], "accumulate": ['"mean"'],
+              "penalty": ['"implicit"']}
+
+
+def test_every_hyperparameter_of_every_method_is_checked_before_the_run(tmp_path, capsys):
+    out = str(tmp_path / "out")
+    for method, spec in METHODS.items():
+        for key in spec.defaults:
+            for value in BAD_VALUES[key]:
+                assert_refused(capsys, tmp_path,
+                               ["run", "--benchmark", "split-digits", "--methods", method,
+                                "--hparam", f"{method}.{key}={value}", "--out", out],
+                               f"{method}: {key} must be")
+    # a method the run leaves out is checked as well
+    assert_refused(capsys, tmp_path, ["run", "--methods", "sgd", "--hparam", "adam.lr=NaN",
+                                      "--out", out], "hparams adam: lr must be a finite number")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("hparam, message", [
+    ('classp.per_task=[{"threshold": -1}]', "per_task[0].threshold must be a finite number"),
+    ('classp-legacy.per_task=[{"apply_scaling": false}, {"lr": NaN}]', "per_task[1].lr must be"),
+    ('classp.per_task=[{"apply_scaling": 1}]', "per_task[0].apply_scaling must be one of"),
+    ('sgd.per_task=[{"momentum": 0.9}]', "per_task[0] sets 'momentum', which is not one of"),
+    ('ewc.per_task=[{"lam": 1.0}]', "['lam'] are not param-group settings of SGD"),
+    ('mas.per_task={"lr": 0.1}', "per_task must be a list of settings objects"),
+])
+def test_per_task_settings_are_checked_before_the_run(tmp_path, capsys, hparam, message):
+    method = hparam.split(".")[0]
+    assert_refused(capsys, tmp_path, ["run", *TINY, "--benchmark", "split-digits", "--methods",
+                                      method, "--hparam", hparam, "--out", str(tmp_path / "out")],
+                   message)
+
+
+@pytest.mark.parametrize("depth", [40, 100_000])
+def test_deeply_nested_json_is_refused_in_one_line(tmp_path, capsys, depth):
+    deep = "[" * depth + "]" * depth
+    config = tmp_path / "deep.json"
+    config.write_text('{"hparams": {"sgd": {"lr": ' + deep + "}}}")
+    out = str(tmp_path / "out")
+    assert_refused(capsys, tmp_path, ["run", "--config", str(config), "--out", out],
+                   f"config {config}: JSON nested deeper than 32 levels")
+    assert_refused(capsys, tmp_path, ["run", "--hparam", "sgd.lr=" + deep, "--out", out],
+                   "--hparam sgd.lr: JSON nested deeper than 32 levels")
+
+
+def test_a_folder_with_results_needs_resume_or_overwrite(finished_run, tmp_path, capsys):
+    out = copy_of(finished_run, tmp_path)
+    argv = [*SMALL_RUN, "--out", str(out)]
+    line = assert_refused(capsys, tmp_path, argv, f"out {out} holds results of an earlier run")
+    assert "--resume" in line and "--overwrite" in line
+    assert_refused(capsys, tmp_path, [*argv, "--resume", "--overwrite"], "give one")
+    # an interrupted run leaves only cells: they are results too
+    for name in ("results.json", "results.csv", "results.md"):
+        (out / name).unlink()
+    shutil.rmtree(out / "plots")
+    assert_refused(capsys, tmp_path, argv, "holds results of an earlier run (cells)")
+
+    (out / "notes.txt").write_text("mine")
+    before = snapshot(out)
+    code, stdout, stderr = run_main(capsys, *argv[1:], "--overwrite")
+    assert code == 0, stderr
+    assert "2 cells run, 0 kept" in stdout
+    after = snapshot(out)
+    assert set(after) - set(before) == {"results.json", "results.csv", "results.md", "plots",
+                                        "plots/split-digits-acc-matrix.png",
+                                        "plots/split-digits-task-accuracy.png"}
+    assert set(before) <= set(after) and after["notes.txt"] == b"mine"
+    assert after[SGD_CELL] != before[SGD_CELL] and LOCK_NAME not in after

@@ -1,42 +1,55 @@
 """An experiment: every (benchmark, method, seed) cell of a configuration, run and reported.
 
 ``run_experiment(ExperimentConfig(...))`` validates the whole configuration before writing
-anything, holds a lock on the output directory for the run, keeps finished cells on
-``resume``, runs the rest with a progress bar, and writes results.json, results.csv,
-results.md and plots/*.png. The ``classp-fused`` command and ``tune`` both call it.
+anything, holds the output folder's lock for the run (``classp_fused.cl.folders``), refuses a
+folder that holds an earlier run's results unless told to ``resume`` or ``overwrite``, keeps
+on ``resume`` the finished cells whose files pass ``classp_fused.cl.cells``' checks, runs the
+rest, and writes results.json, results.csv, results.md and plots/*.png. Progress goes to
+stderr: a line per cell, and a bar when stderr is a terminal. The ``classp-fused`` command
+and ``tune`` both use it.
 """
 from __future__ import annotations
 
 import json
 import os
+import stat
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 
 import torch
-from filelock import FileLock, Timeout
 from tqdm.auto import tqdm
 
 from .benchmarks import BENCHMARKS, DEFAULT_DIRS
+from .cells import cell_problem, read_cell
+from .folders import FolderError, FolderLock, claim_folder
 from .methods import METHODS, build_method, resolve_hparams
 from .metrics import average_accuracy
 from .models import mlp
-from .report import (aggregate, atomic_write, divergence_line, markdown_table, write_csv,
-                     write_json, write_plots)
-from .streams import load_idx_dataset, validation_stream
+from .report import (MAX_NESTING, aggregate, atomic_write, divergence_line, markdown_table,
+                     nesting, plot_paths, write_csv, write_json, write_plots)
+from .streams import Stream, load_idx_dataset, validation_stream
 from .train import SCENARIOS, run_cell
 
 #: Seeds seed torch, numpy and scikit-learn alike, so they must fit in 32 bits.
 SEED_LIMIT = 2 ** 32
 #: More seeds than this is a typo, not an experiment.
 MAX_SEEDS = 10_000
-LOCK_NAME = ".lock"
+#: What a run (the first five) or a tune writes under its folder: any of them there means the
+#: folder holds an earlier run's or tune's results.
+RESULTS = ("results.json", "results.csv", "results.md", "plots", "cells", "tuned.json",
+           "tuning.md", "grid")
 
 
 class ConfigError(ValueError):
     """An invalid experiment configuration, found before anything was written."""
+
+
+class CellFileWarning(UserWarning):
+    """A stored cell file failed its checks on ``resume``: the cell is run again."""
 
 
 class Interrupted(KeyboardInterrupt):
@@ -57,7 +70,8 @@ class ExperimentConfig:
     dataset key (``mnist``, ``fashion``) to an IDX directory. ``validation`` holds out that
     fraction of each task's training data and evaluates on it instead of the test split
     (tuning). ``record`` is stored as-is in results.json (e.g. the tuning that chose the
-    hyperparameters).
+    hyperparameters). A folder that holds an earlier run's results is refused unless
+    ``resume`` (keep its finished cells) or ``overwrite`` (run every cell again) is set.
     """
 
     benchmarks: Sequence[str] = ("split-digits", "permuted-digits")
@@ -74,6 +88,7 @@ class ExperimentConfig:
     device: str = "cpu"
     out: str = "runs/latest"
     resume: bool = False
+    overwrite: bool = False
     plots: bool = True
     progress: bool = True
     record: Mapping[str, Any] = field(default_factory=dict)
@@ -87,9 +102,15 @@ class Cell:
     method: str
     seed: int
     settings: dict
+    #: whether the method records CLASSP's update density
+    reports_density: bool
 
     def path(self, out: Path) -> Path:
         return out / "cells" / self.benchmark / self.method / f"seed{self.seed}.json"
+
+    @property
+    def label(self) -> str:
+        return f"{self.benchmark} {self.method} seed {self.seed}"
 
 
 @dataclass(frozen=True)
@@ -142,6 +163,23 @@ def _check_scalars(config: ExperimentConfig) -> None:
     v = config.validation
     if v is not None and not (isinstance(v, float) and 0.0 < v < 1.0):
         raise ConfigError(f"validation: expected a fraction in (0, 1), got {v!r}")
+    for name in ("resume", "overwrite", "plots", "progress"):
+        if not isinstance(getattr(config, name), bool):
+            raise ConfigError(f"{name}: expected true or false, got {getattr(config, name)!r}")
+    if config.resume and config.overwrite:
+        raise ConfigError("resume keeps finished cells and overwrite runs them again: give one")
+
+
+def check_json_mapping(name: str, value: Any) -> None:
+    """Raise ConfigError unless ``value`` is a mapping that can be written as JSON."""
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{name}: expected a mapping, got {type(value).__name__}")
+    if nesting(dict(value)) > MAX_NESTING:
+        raise ConfigError(f"{name}: nested deeper than {MAX_NESTING} levels")
+    try:
+        json.dumps(dict(value))
+    except (TypeError, ValueError) as exc:
+        raise ConfigError(f"{name}: not JSON ({exc})") from None
 
 
 def _check_device(name: str) -> None:
@@ -206,10 +244,16 @@ def plan(config: ExperimentConfig) -> tuple[list[Cell], dict[str, str]]:
         raise ConfigError(f"hparams: unknown method {unknown[0]!r}")
     if not all(isinstance(v, Mapping) for v in config.hparams.values()):
         raise ConfigError("hparams: expected a mapping of method names to mappings")
+    probe = mlp((1,), 2)
+    for method, overrides in config.hparams.items():  # run or not, every override is checked
+        try:
+            build_method(method, probe, resolve_hparams(method, overrides))
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"hparams {method}: {exc}") from None
     _check_scalars(config)
+    check_json_mapping("record", config.record)
     dirs = _data_dirs(config)
     cells = []
-    probe = mlp((1,), 2)
     for name in config.benchmarks:
         benchmark = BENCHMARKS[name]
         methods = benchmark.default_methods if config.methods is None else config.methods
@@ -218,7 +262,7 @@ def plan(config: ExperimentConfig) -> tuple[list[Cell], dict[str, str]]:
             try:
                 hparams = resolve_hparams(method, {**benchmark.method_hparams.get(method, {}),
                                                    **config.hparams.get(method, {})})
-                build_method(method, probe, hparams)
+                built = build_method(method, probe, hparams)
             except (TypeError, ValueError) as exc:
                 raise ConfigError(f"{name}/{method}: {exc}") from None
             settings = {"epochs": list(config.epochs or benchmark.epochs),
@@ -227,27 +271,98 @@ def plan(config: ExperimentConfig) -> tuple[list[Cell], dict[str, str]]:
                         "validation": config.validation,
                         "data_dirs": {d: str(Path(dirs[d]).resolve()) for d in benchmark.data_dirs},
                         "hparams": hparams}
-            cells += [Cell(name, method, seed, settings) for seed in config.seeds]
+            cells += [Cell(name, method, seed, settings, built.reports_update_density)
+                      for seed in config.seeds]
     _check_device(config.device)
     _check_writable(Path(config.out))
     return cells, dirs
 
 
-def _finished(cell: Cell, out: Path) -> Optional[dict]:
-    """The stored result of ``cell`` if it exists, parses and was run with the same settings."""
+def output_files(config: ExperimentConfig, cells: Sequence[Cell]) -> list[Path]:
+    """Every file a run of ``cells`` under ``config`` writes."""
+    out = Path(config.out)
+    files = [cell.path(out) for cell in cells]
+    files += [out / name for name in ("results.json", "results.csv", "results.md")]
+    if config.plots:
+        for benchmark in dict.fromkeys(cell.benchmark for cell in cells):
+            files += plot_paths(out / "plots", benchmark)
+    return files
+
+
+def _check_targets(out: Path, files: Iterable[Path]) -> None:
+    """Raise ConfigError unless every file can be written: each is absent or a regular file
+    (a symlink to one counts), and each folder on the way to it absent or a folder."""
+    files = list(files)
+    folders = {parent for path in files for parent in path.relative_to(out).parents}
+    for relative in sorted(folders):
+        folder = out / relative
+        if os.path.lexists(folder) and not folder.is_dir():
+            raise ConfigError(f"out {out}: {folder} is in the way of the results (expected a"
+                              " directory); move it away or choose another directory")
+    for path in files:
+        try:
+            mode = path.stat().st_mode
+        except FileNotFoundError:
+            continue  # absent, or a dangling symlink that os.replace replaces
+        except OSError as exc:
+            raise ConfigError(f"out {out}: cannot inspect {path} ({exc.strerror})") from None
+        if not stat.S_ISREG(mode):
+            kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
+            raise ConfigError(f"out {out}: {path} is {kind}, in the way of a result file;"
+                              " move it away or choose another directory")
+
+
+def claim_output(config: ExperimentConfig, files: Sequence[Path]) -> FolderLock:
+    """Lock ``config.out`` for writing ``files``; ConfigError before anything is written if
+    another run holds it, a folder around it or one it writes into; if it holds any of
+    RESULTS and neither ``resume`` nor ``overwrite`` is set; or if something is in the way of
+    a file."""
+    out = Path(config.out)
+
+    def check() -> None:
+        found = [name for name in RESULTS if os.path.lexists(out / name)]
+        if found and not (config.resume or config.overwrite):
+            raise ConfigError(f"out {out} holds results of an earlier run ({', '.join(found)});"
+                              " rerun with --resume to keep its finished cells, or --overwrite"
+                              " to run them again and replace them")
+        _check_targets(out, files)
+
     try:
-        stored = json.loads(cell.path(out).read_text())
-    except (OSError, ValueError):
+        return claim_folder(out, {path.parent for path in files}, check)
+    except FolderError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def _stream(cell: Cell, dirs: Mapping[str, str]) -> Stream:
+    settings = cell.settings
+    stream = BENCHMARKS[cell.benchmark].stream(cell.seed, dirs, settings["max_per_task"])
+    if settings["validation"]:
+        stream = validation_stream(stream, settings["validation"], cell.seed)
+    return stream
+
+
+def _reusable(cell: Cell, out: Path, task_names: Callable[[], list[str]]) -> Optional[dict]:
+    """The stored result of ``cell`` if its file passes every check (cells.cell_problem);
+    None, with a CellFileWarning naming the file and the reason, if it exists but does not."""
+    path = cell.path(out)
+    if not os.path.lexists(path):
         return None
-    return stored if isinstance(stored, dict) and stored.get("settings") == cell.settings else None
+    stored, problem = read_cell(path)
+    if problem is None:
+        identity = {"benchmark": cell.benchmark, "method": cell.method, "seed": cell.seed}
+        problem = cell_problem(stored, identity, cell.settings, task_names,
+                               cell.reports_density)
+    if problem is None:
+        return stored
+    warnings.warn(f"{path}: not reused ({problem}); running the cell again", CellFileWarning,
+                  stacklevel=2)
+    return None
 
 
 def _run_cell(cell: Cell, dirs: Mapping[str, str], device: str, on_task) -> dict:
     benchmark = BENCHMARKS[cell.benchmark]
     settings = cell.settings
-    stream = benchmark.stream(cell.seed, dirs, settings["max_per_task"])
-    if settings["validation"]:
-        stream = validation_stream(stream, settings["validation"], cell.seed)
+    stream = _stream(cell, dirs)
     raw = run_cell(stream, benchmark.model, cell.method, settings["hparams"], cell.seed,
                    settings["epochs"], settings["batch_size"], settings["scenario"], device,
                    on_task)
@@ -262,57 +377,65 @@ def _outcome(stored: dict) -> str:
     return f"avg acc {average_accuracy(stored['acc_matrix']):.3f}"
 
 
-def lock_directory(out: Path) -> FileLock:
-    """Create ``out`` and take its lock without waiting; ConfigError if either fails."""
+def progress_bar(total: int, unit: str, enabled: bool) -> tqdm:
+    """A tqdm bar on stderr, drawn only when ``enabled`` and stderr is a terminal (a log gets
+    the per-item lines alone, written with ``tqdm.write``)."""
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(str(out / LOCK_NAME))
-        lock.acquire(timeout=0)
-    except Timeout:
-        raise ConfigError(f"out {out}: another run is writing there (it holds"
-                          f" {out / LOCK_NAME}); wait for it or choose another directory") from None
-    except OSError as exc:
-        raise ConfigError(f"out {out}: cannot create it ({exc.strerror or exc})") from None
-    return lock
+        terminal = sys.stderr.isatty()
+    except (AttributeError, ValueError):  # replaced or closed stderr
+        terminal = False
+    return tqdm(total=total, unit=unit, file=sys.stderr, disable=not (enabled and terminal),
+                dynamic_ncols=True)
 
 
 def run_experiment(config: ExperimentConfig) -> ExperimentResult:
     """Run every cell of ``config`` (keeping finished ones on ``resume``) and write the reports.
 
-    Raises ConfigError before writing anything if the configuration is invalid or another
-    run holds the output directory, and Interrupted (a KeyboardInterrupt) on Ctrl-C, after
-    which the finished cells stay on disk.
+    Raises ConfigError before writing anything if the configuration is invalid, another run
+    or tune holds the output folder or a folder around it, or the folder holds an earlier
+    run's results and neither ``resume`` nor ``overwrite`` is set; Interrupted (a
+    KeyboardInterrupt) on Ctrl-C, after which the finished cells stay on disk. Warns
+    (CellFileWarning) for each stored cell that ``resume`` finds unfit and runs again.
     """
     cells, dirs = plan(config)
-    out = Path(config.out)
-    lock = lock_directory(out)
+    lock = claim_output(config, output_files(config, cells))
     try:
-        return _run_locked(config, cells, dirs, out)
+        return run_planned(config, cells, dirs)
     finally:
         lock.release()
 
 
-def _run_locked(config: ExperimentConfig, cells: list[Cell], dirs: Mapping[str, str],
-                out: Path) -> ExperimentResult:
+def run_planned(config: ExperimentConfig, cells: list[Cell],
+                dirs: Mapping[str, str]) -> ExperimentResult:
+    """Run the cells ``plan(config)`` returned; the caller holds the lock of ``config.out`` or
+    of a folder around it."""
+    out = Path(config.out)
     threads = torch.get_num_threads()
     torch.set_num_threads(config.threads)
     started, cpu_started = time.perf_counter(), time.process_time()
     results, ran = [], 0
-    bar = tqdm(total=len(cells), unit="cell", file=sys.stderr, disable=not config.progress,
-               dynamic_ncols=True)
+    names: dict[tuple[str, int], list[str]] = {}  # (benchmark, seed) -> its task names
+
+    def task_names(cell: Cell) -> list[str]:
+        key = (cell.benchmark, cell.seed)
+        if key not in names:
+            names[key] = [task.name for task in _stream(cell, dirs).tasks]
+        return names[key]
+
+    bar = progress_bar(len(cells), "cell", config.progress)
     try:
-        for cell in cells:
-            label = f"{cell.benchmark} {cell.method} seed {cell.seed}"
-            stored = _finished(cell, out) if config.resume else None
+        for number, cell in enumerate(cells, 1):
+            stored = (_reusable(cell, out, lambda: task_names(cell)) if config.resume
+                      else None)
             if stored is None:
-                bar.set_description(label, refresh=False)
+                bar.set_description(cell.label, refresh=False)
                 stored = _run_cell(cell, dirs, config.device,
                                    lambda i: bar.set_postfix_str(f"task {i + 1}", refresh=False))
                 write_json(cell.path(out), stored)
                 ran += 1
                 if config.progress:
-                    bar.write(f"{label}: {_outcome(stored)} ({stored['seconds']:.1f} s)",
-                              file=sys.stderr)
+                    bar.write(f"[{number}/{len(cells)}] {cell.label}: {_outcome(stored)}"
+                              f" ({stored['seconds']:.1f} s)", file=sys.stderr)
             results.append(stored)
             bar.update()
     except KeyboardInterrupt:
@@ -336,4 +459,3 @@ def _run_locked(config: ExperimentConfig, cells: list[Cell], dirs: Mapping[str, 
     if config.plots:
         files += write_plots(summary, out / "plots")
     return ExperimentResult(summary, table, files, ran, len(cells) - ran, seconds, cpu_seconds)
-

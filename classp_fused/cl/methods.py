@@ -4,16 +4,19 @@ Defaults are hand-set starting points; the digits benchmarks override them with 
 (``classp_fused.cl.benchmarks``, ``classp-fused tune``). Methods with a regularizer take
 ``penalty``: ``"explicit"`` (the papers': the penalty gradient joins the loss gradient) or
 ``"proximal"`` (the regularizer's proximal step after each optimizer step, stable for every
-lambda). Every method accepts ``per_task``: a list of param-group settings applied at the start of
-task i (the last entry repeats), as in the published vision run (``apply_scaling`` and
-``threshold`` change between tasks).
+lambda). Every method accepts ``per_task``: a list of values of its optimizer's hyperparameters
+applied at the start of task i (the last entry repeats), as in the published vision run
+(``apply_scaling`` and ``threshold`` change between tasks). ``resolve_hparams`` checks every
+value, per_task's included, against ``HPARAM_CHECKS`` before anything is built or run.
 """
 from __future__ import annotations
 
+import math
+import numbers
+import reprlib
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Optional, Sequence
-
-import warnings
 
 import torch
 from torch import nn
@@ -74,9 +77,14 @@ class Method:
                 batches, optimizer=self.optimizer if self.penalty == "explicit" else None)
         return any(issubclass(w.category, StiffnessWarning) for w in caught)
 
+    @property
+    def reports_update_density(self) -> bool:
+        """Whether ``update_fraction`` reports a value (the optimizer is CLASSP)."""
+        return isinstance(self.optimizer, CLASSP)
+
     def update_fraction(self) -> Optional[float]:
         """Fraction of parameter elements the last step updated (CLASSP only, else None)."""
-        return self.optimizer.last_update_fraction if isinstance(self.optimizer, CLASSP) else None
+        return self.optimizer.last_update_fraction if self.reports_update_density else None
 
     def state_bytes(self) -> int:
         """Bytes of optimizer state plus regularizer state (importances and anchors)."""
@@ -143,20 +151,84 @@ METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (
 )}
 
 
+#: A check returns what a hyperparameter's value must be, or None when the value is fine.
+Check = Callable[[Any], Optional[str]]
+
+
+def _number(low: float, *, above: bool = False, high: float = math.inf) -> Check:
+    expected = (f"a finite number {'>' if above else '>='} {low:g}"
+                + (f" and <= {high:g}" if high < math.inf else ""))
+
+    def check(value: Any) -> Optional[str]:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            return expected
+        try:
+            x = float(value)
+        except OverflowError:  # an int beyond float range
+            return expected
+        fine = math.isfinite(x) and (x > low if above else x >= low) and x <= high
+        return None if fine else expected
+    return check
+
+
+def _one_of(*choices: Any) -> Check:
+    expected = f"one of {', '.join(map(str, choices))}"
+
+    def check(value: Any) -> Optional[str]:
+        fine = any(type(value) is type(choice) and value == choice for choice in choices)
+        return None if fine else expected
+    return check
+
+
+#: The check of every hyperparameter any method has.
+HPARAM_CHECKS: dict[str, Check] = {
+    "lr": _number(0.0), "threshold": _number(0.0), "eps": _number(0.0),
+    "power": _number(0.0, above=True), "apply_scaling": _one_of(True, False),
+    "lam": _number(0.0), "gamma": _number(0.0, above=True, high=1.0),
+    "fisher": _one_of("empirical", "exact"), "per_sample": _one_of(True, False),
+    "accumulate": _one_of("sum", "ema"), "penalty": _one_of(*PENALTIES)}
+
+
+def _check_value(key: str, value: Any, where: str = "") -> None:
+    expected = HPARAM_CHECKS[key](value)
+    if expected is not None:
+        raise ValueError(f"{where}{key} must be {expected}, got {reprlib.repr(value)}")
+
+
+def _check_per_task(spec: MethodSpec, per_task: Any) -> None:
+    if not (isinstance(per_task, (list, tuple))
+            and all(isinstance(v, Mapping) for v in per_task)):
+        raise ValueError(f"method {spec.name!r}: per_task must be a list of settings objects,"
+                         f" got {reprlib.repr(per_task)}")
+    for index, settings in enumerate(per_task):
+        for key, value in settings.items():
+            if key not in spec.defaults:
+                raise ValueError(f"method {spec.name!r}: per_task[{index}] sets {key!r}, which"
+                                 f" is not one of its hyperparameters"
+                                 f" ({', '.join(spec.defaults)})")
+            _check_value(key, value, f"per_task[{index}].")
+
+
 def resolve_hparams(name: str, overrides: Optional[Mapping[str, Any]] = None) -> dict:
-    """The method's defaults updated with ``overrides``; unknown names raise ValueError."""
+    """The method's defaults updated with ``overrides``, every value checked.
+
+    Raises ValueError naming the method, hyperparameter or per_task entry that is unknown or
+    out of range (a number that is not finite counts as out of range).
+    """
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r} (choose from {', '.join(METHODS)})")
     spec = METHODS[name]
     hparams = dict(spec.defaults)
     for key, value in (overrides or {}).items():
-        if key == "per_task" and not (isinstance(value, (list, tuple))
-                                      and all(isinstance(v, Mapping) for v in value)):
-            raise ValueError(f"method {name!r}: per_task must be a list of settings objects")
         if key != "per_task" and key not in spec.defaults:
             raise ValueError(f"method {name!r} has no hyperparameter {key!r}"
                              f" (it has {', '.join([*spec.defaults, 'per_task'])})")
         hparams[key] = value
+    for key, value in hparams.items():
+        if key == "per_task":
+            _check_per_task(spec, value)
+        else:
+            _check_value(key, value)
     return hparams
 
 
@@ -165,9 +237,6 @@ def build_method(name: str, model: nn.Module, hparams: Mapping[str, Any]) -> Met
     hp = dict(hparams)
     per_task = hp.pop("per_task", ())
     penalty = hp.pop("penalty", "explicit")
-    if penalty not in PENALTIES:
-        raise ValueError(f"method {name!r}: penalty must be one of {', '.join(PENALTIES)},"
-                         f" got {penalty!r}")
     optimizer, regularizer = METHODS[name].build(model, hp)
     for settings in per_task:
         unknown = set(settings) - set(optimizer.defaults)

@@ -17,6 +17,8 @@ from matplotlib.figure import Figure
 
 from .metrics import mean_std, sequence_metrics
 
+#: JSON read from users (config files, --hparam values, stored cells) nests at most this deep.
+MAX_NESTING = 32
 SCALARS = ("avg_acc", "bwt", "forgetting", "own_acc", "state_bytes", "cpu_seconds", "seconds",
            "peak_rss_delta_bytes")
 
@@ -53,6 +55,22 @@ def _json_safe(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_json_safe(v) for v in value]
     return value
+
+
+def nesting(value: Any, limit: int = MAX_NESTING) -> int:
+    """How deep lists and dicts nest in ``value`` (a scalar is 0), counted up to ``limit + 1``.
+
+    Iterative, so a value nested past the interpreter's recursion limit is measured too.
+    """
+    deepest, stack = 0, [(value, 0)]
+    while stack and deepest <= limit:
+        item, depth = stack.pop()
+        if isinstance(item, dict):
+            item = list(item.values())
+        if isinstance(item, (list, tuple)):
+            deepest = max(deepest, depth + 1)
+            stack.extend((child, depth + 1) for child in item)
+    return deepest
 
 
 def write_json(path: Path, value: Any) -> None:
@@ -260,12 +278,16 @@ def plot_task_accuracy(benchmark: str, entry: dict, path: Path) -> None:
     _save(fig, path)
 
 
+def plot_paths(directory: Path, benchmark: str) -> tuple[Path, Path]:
+    """The accuracy-matrix and task-accuracy plot files of ``benchmark`` in ``directory``."""
+    return directory / f"{benchmark}-acc-matrix.png", directory / f"{benchmark}-task-accuracy.png"
+
+
 def write_plots(results: dict, directory: Path) -> list[Path]:
     """Both plots for every benchmark; returns the files written."""
     paths = []
     for benchmark, entry in results.items():
-        matrix_path = directory / f"{benchmark}-acc-matrix.png"
-        curves_path = directory / f"{benchmark}-task-accuracy.png"
+        matrix_path, curves_path = plot_paths(directory, benchmark)
         plot_accuracy_matrices(benchmark, entry, matrix_path)
         plot_task_accuracy(benchmark, entry, curves_path)
         paths += [matrix_path, curves_path]

@@ -1,14 +1,20 @@
 """One tuning protocol for every method: a plain grid of equal size, scored on validation data.
 
 Each method gets ``GRID_SIZE`` configurations (learning rate for all; lambda for EWC and MAS;
-threshold, power and apply_scaling for CLASSP; power and lambda for CLASSP plus MAS). Every configuration is trained with the
-tuning seeds (by default apart from the evaluation seeds 0, 1, 2, ...) on the benchmark's
-task stream with ``validation`` of each task's training data held out; the score is the final
-average accuracy on those held-out parts, averaged over the tuning seeds. A configuration
-with a diverged seed is scored as diverged and never picked. The test splits are not used.
+threshold, power and apply_scaling for CLASSP; power and lambda for CLASSP plus MAS). Every
+configuration is trained with the tuning seeds (by default apart from the evaluation seeds 0,
+1, 2, ...) on the benchmark's task stream with ``validation`` of each task's training data
+held out; the score is the final average accuracy on those held-out parts, averaged over the
+tuning seeds. A configuration with a diverged seed is scored as diverged and never picked.
+The test splits are not used.
 
 A plain grid rather than a sampler: with 12 points per method the search is exhaustive and
 cheap, every method gets exactly the same budget, and the full table of scores can be read.
+
+A tune holds the lock of its output folder for its whole run; each configuration runs into
+``<out>/grid/<method>/<index>`` under that lock, so no run or tune can write into the tree
+meanwhile. A folder that holds an earlier tune's results is refused unless ``resume`` (keep
+the finished cells of its configurations) or ``overwrite`` is set.
 """
 from __future__ import annotations
 
@@ -18,10 +24,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
-from tqdm.auto import tqdm
-
-from .experiment import (ConfigError, ExperimentConfig, Interrupted, lock_directory, plan,
-                         run_experiment)
+from .experiment import (ConfigError, ExperimentConfig, Interrupted, check_json_mapping,
+                         claim_output, output_files, plan, progress_bar, run_planned)
 from .report import atomic_write, write_json
 
 _LR_SGD = (0.003, 0.005, 0.01, 0.02, 0.03, 0.05, 0.07, 0.1, 0.15, 0.2, 0.3, 0.5)
@@ -72,12 +76,16 @@ def _point_config(config: ExperimentConfig, method: str, index: int,
                    plots=False, progress=False)
 
 
+def _setting(hparams: Mapping) -> str:
+    return ", ".join(f"{k}={v}" for k, v in hparams.items())
+
+
 def _table(trials: Mapping[str, list[dict]]) -> str:
     lines = ["| method | configuration | validation avg acc | diverged | picked |",
              "|---|---|---|---|---|"]
     for method, rows in trials.items():
         for row in rows:
-            setting = ", ".join(f"{k}={v}" for k, v in row["hparams"].items())
+            setting = _setting(row["hparams"])
             score = "—" if row["score"] is None else f"{row['score']:.3f} ± {row['std']:.3f}"
             diverged = row["diverged"] or "—"
             lines.append(f"| {method} | {setting} | {score} | {diverged} |"
@@ -85,7 +93,7 @@ def _table(trials: Mapping[str, list[dict]]) -> str:
     return "\n".join(lines)
 
 
-def tune(config: ExperimentConfig, run_options: Mapping[str, Any] = (),
+def tune(config: ExperimentConfig, run_options: Optional[Mapping[str, Any]] = None,
          grids: Mapping[str, Sequence[Mapping]] = GRIDS) -> dict:
     """Search each method's grid on one benchmark; write and return the tuned run config.
 
@@ -93,7 +101,8 @@ def tune(config: ExperimentConfig, run_options: Mapping[str, Any] = (),
     tuning seeds and the protocol; ``validation`` defaults to VALIDATION. The result is written
     to ``<out>/tuned.json`` (a config ``classp-fused run --config`` takes: the protocol, the
     picked hyperparameters, ``run_options`` such as data directories, and a ``tuning`` record
-    with every configuration's score) and ``<out>/tuning.md``.
+    with every configuration's score) and ``<out>/tuning.md``. Raises ConfigError before
+    writing anything for what ``run_experiment`` refuses, over the whole tree of the tune.
     """
     if len(config.benchmarks) != 1:
         raise ConfigError(f"tune: expected one benchmark, got {len(config.benchmarks)}")
@@ -104,22 +113,29 @@ def tune(config: ExperimentConfig, run_options: Mapping[str, Any] = (),
                           f" (grids exist for {', '.join(grids)})")
     if config.hparams:
         raise ConfigError("tune: hparams are what it searches; give none")
+    run_options = {} if run_options is None else run_options
+    check_json_mapping("run_options", run_options)
     config = replace(config, methods=methods,
                      validation=VALIDATION if config.validation is None else config.validation)
-    points = [(m, i, point) for m in methods for i, point in enumerate(grids[m])]
-    for method, index, point in points:
-        plan(_point_config(config, method, index, point))
+    points = []
+    for method in methods:
+        for index, point in enumerate(grids[method]):
+            point_config = _point_config(config, method, index, point)
+            points.append((method, index, point, point_config, *plan(point_config)))
     out = Path(config.out)
-    lock = lock_directory(out)
+    files = [out / "tuned.json", out / "tuning.md"]
+    for *_, point_config, cells, _dirs in points:
+        files += output_files(point_config, cells)
+    lock = claim_output(config, files)
     benchmark = config.benchmarks[0]
     trials: dict[str, list[dict]] = {m: [] for m in methods}
     try:
-        with tqdm(total=len(points), unit="config", file=sys.stderr,
-                  disable=not config.progress, dynamic_ncols=True) as bar:
-            for method, index, point in points:
-                bar.set_description(f"{benchmark} {method} {index + 1}/{len(grids[method])}")
+        with progress_bar(len(points), "config", config.progress) as bar:
+            for number, (method, index, point, point_config, cells, dirs) in enumerate(points, 1):
+                label = f"{benchmark} {method} {index + 1}/{len(grids[method])}"
+                bar.set_description(label)
                 try:
-                    result = run_experiment(_point_config(config, method, index, point))
+                    result = run_planned(point_config, cells, dirs)
                 except Interrupted:
                     raise Interrupted(sum(len(t) for t in trials.values()) * len(config.seeds),
                                       out) from None
@@ -130,6 +146,12 @@ def tune(config: ExperimentConfig, run_options: Mapping[str, Any] = (),
                     "diverged": (f"{len(summary['diverged'])}/{len(summary['seeds'])}"
                                  if summary["diverged"] else None),
                     "picked": False})
+                if config.progress:
+                    score = trials[method][-1]["score"]
+                    outcome = (f"diverged {trials[method][-1]['diverged']}" if score is None
+                               else f"validation avg acc {score:.3f}")
+                    bar.write(f"[{number}/{len(points)}] {label} ({_setting(point)}): {outcome}",
+                              file=sys.stderr)
                 bar.update()
         picked = {}
         for method, rows in trials.items():
