@@ -8,6 +8,7 @@ from .methods import METHODS
 from .streams import (FASHION_MNIST_DIR, ImageDataset, Stream, digits_dataset, domain_stream,
                       load_idx_dataset, permuted_stream, split_stream, subsample_dataset,
                       subsample_stream)
+from .text import sentiment_stream
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,9 @@ BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in (
                   "ewc": {"lr": 0.25, "lam": 10000.0},
                   "sgd": {"lr": 0.25},
               }),
+    Benchmark("synthetic-sentiment", "generated sentiment-like text (classp_fused.cl.text),"
+              " 5 domains of 2 classes over one vocabulary, small transformer encoder",
+              lambda seed, dirs: sentiment_stream(seed), "transformer", (5,), 32),
 )}
 
 #: Data directories found without options: Debian's dataset-fashion-mnist.

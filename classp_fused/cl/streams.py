@@ -2,7 +2,8 @@
 
 A stream is a sequence of tasks, each with a held-out test split and the classes it contains
 (task-incremental evaluation masks the logits to those classes). Images are float32 tensors of
-shape (N, 1, H, W) with pixels in [0, 1]; labels are int64.
+shape (N, 1, H, W) with pixels in [0, 1]; token streams (``classp_fused.cl.text``) hold int64
+token ids of shape (N, L) and name their vocabulary size; labels are int64.
 """
 from __future__ import annotations
 
@@ -10,10 +11,10 @@ import gzip
 import math
 import struct
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -42,11 +43,15 @@ class Task:
 
 @dataclass(frozen=True)
 class Stream:
-    """A sequence of tasks sharing one label space of ``num_classes`` labels."""
+    """A sequence of tasks sharing one label space of ``num_classes`` labels.
+
+    ``vocab_size`` is None for images and the number of token ids for token streams.
+    """
 
     name: str
     tasks: tuple[Task, ...]
     num_classes: int
+    vocab_size: Optional[int] = None
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -227,7 +232,7 @@ def subsample_stream(stream: Stream, max_train: int, max_test: int, seed: int) -
 
     tasks = tuple(Task(t.name, t.classes, *first(max_train, t.x_train, t.y_train),
                        *first(max_test, t.x_test, t.y_test)) for t in stream.tasks)
-    return Stream(stream.name, tasks, stream.num_classes)
+    return replace(stream, tasks=tasks)
 
 
 def validation_stream(stream: Stream, fraction: float, seed: int) -> Stream:
@@ -248,4 +253,4 @@ def validation_stream(stream: Stream, fraction: float, seed: int) -> Stream:
         val, train = order[:held], order[held:]
         tasks.append(Task(t.name, t.classes, t.x_train[train], t.y_train[train],
                           t.x_train[val], t.y_train[val]))
-    return Stream(stream.name, tuple(tasks), stream.num_classes)
+    return replace(stream, tasks=tuple(tasks))

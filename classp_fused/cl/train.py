@@ -13,7 +13,7 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 from .methods import Method, build_method
-from .models import MODELS
+from .models import build_model
 from .streams import Stream, Task
 
 SCENARIOS = ("task", "class")
@@ -118,7 +118,7 @@ def run_cell(stream: Stream, model_name: str, method_name: str, hparams: Mapping
     if scenario not in SCENARIOS:
         raise ValueError(f"scenario must be one of {SCENARIOS}, got {scenario!r}")
     torch.manual_seed(seed)
-    model = MODELS[model_name](stream.input_shape, stream.num_classes).to(device)
+    model = build_model(model_name, stream).to(device)
     method = build_method(method_name, model, hparams)
     generator = torch.Generator().manual_seed(seed)
     masks = [_logit_mask(task, stream.num_classes, scenario, device) for task in stream.tasks]
