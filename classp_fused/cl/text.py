@@ -88,10 +88,6 @@ class SentimentFamily:
     domains: tuple[np.ndarray, ...]
     polarity: np.ndarray
 
-    @property
-    def num_tasks(self) -> int:
-        return len(self.topics)
-
     def scores(self, tokens: np.ndarray, task: int, polarity: np.ndarray | None = None
                ) -> np.ndarray:
         """Sentiment score of each row of ``tokens`` (N, L) under task ``task``'s lexicon.
