@@ -298,10 +298,11 @@ def _list_methods() -> None:
 
 
 def _list_benchmarks() -> None:
+    width = max(map(len, BENCHMARKS)) + 1
     for b in BENCHMARKS.values():
         required = [f"--{d}-dir" for d in b.data_dirs if d not in DEFAULT_DIRS]
         needs = f" (needs {', '.join(required)})" if required else ""
-        print(f"{b.name:16} {b.summary}{needs}\n{'':16} model {b.model}, epochs"
+        print(f"{b.name:{width}} {b.summary}{needs}\n{'':{width}} model {b.model}, epochs"
               f" {','.join(map(str, b.epochs))}, batch {b.batch_size},"
               f" methods {','.join(b.default_methods)}")
 
