@@ -60,6 +60,7 @@ SIZES = (0, 1, 3, 1023, 4097)  # 4097: past a Triton chunk
 KERNEL_SIZES = (70001,)
 KERNELS = ("cpp", "cuda", "triton")
 LAYOUTS = ("contiguous", "offset", "strided")
+FUSED_BACKENDS = {"cpu": ("cpp", "triton"), "cuda": ("cuda", "triton")}  # named when missing
 QUICK_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 QUICK_SIZES = (1, 3, 1023, 4097)
 # Allowed error in epsilons of the stored dtype, relative to |before| + |change|: half-precision
@@ -240,10 +241,8 @@ def _number(x: Tensor) -> str:
 def compare(member: Member, stepped: Sequence[Tensor],
             counts: Sequence[int]) -> tuple[Optional[str], tuple]:
     """Check the buffers one backend ``stepped`` and its ``counts`` against ``member``'s
-    expectations; returns ``(reason or None, (worst error / tolerance, that tensor's dtype))``."""
-    if list(counts) != member.counts:
-        return (f"counts (updated, non-finite) are {list(counts)}, expected {member.counts}",
-                NO_ERROR)
+    expectations; returns ``(reason or None, (worst error / tolerance, that tensor's dtype))``.
+    The first wrong element is named before wrong counts."""
     worst = NO_ERROR
     for k, (buffer, before) in enumerate(zip(stepped, member.buffers)):
         buffer = buffer.cpu()
@@ -266,6 +265,9 @@ def compare(member: Member, stepped: Sequence[Tensor],
                     f" tolerance {TOLERANCE_EPS[buffer.dtype]:g})", NO_ERROR)
         if ratio.numel():
             worst = max(worst, (float(ratio.max()), buffer.dtype), key=lambda w: w[0])
+    if list(counts) != member.counts:
+        return (f"counts (updated, non-finite) are {list(counts)}, expected {member.counts}",
+                NO_ERROR)
     return None, worst
 
 
@@ -465,7 +467,7 @@ def header(device: torch.device, quick: bool, n: int) -> str:
         where = f"{torch.get_num_threads()} threads"
     lines = [f"classp_fused {classp_fused.__version__} self-check on {device}"
              f" (torch {torch.__version__}, {where}){', quick' if quick else ''}"]
-    missing = [name for name in ("cpp", "cuda", "triton")
+    missing = [name for name in FUSED_BACKENDS[device.type]
                if name not in classp_fused.available_backends(device)]
     if missing:
         lines.append(f"not available on {device.type}: {', '.join(missing)}")
@@ -513,9 +515,10 @@ def run(args: argparse.Namespace) -> int:
     device = args.device or torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda" and device.index is None:
         device = torch.device("cuda", torch.cuda.current_device())
-    n = bandwidth_elements(device, args.quick)
-    print(header(device, args.quick, n), flush=True)
-    report = run_check(device, args.quick, n)
+    with torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext():
+        n = bandwidth_elements(device, args.quick)
+        print(header(device, args.quick, n), flush=True)
+        report = run_check(device, args.quick, n)
     print(format_report(report))
     return 0 if report.ok else 1
 
