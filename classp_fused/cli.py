@@ -5,6 +5,7 @@
     classp-fused tune --benchmark NAME [--methods NAMES] [--seeds N|LIST] [--out DIR] ...
     classp-fused methods          # the registered methods and their default hyperparameters
     classp-fused benchmarks       # the registered benchmarks
+    classp-fused check [--device cpu|cuda] [--quick]   # self-check: classp_fused.check
 
 This module only parses and prints; ``classp_fused.cl.experiment`` and ``classp_fused.cl.tune``
 do the work. Bad input (unknown names, out-of-range hyperparameters, missing or malformed
@@ -25,6 +26,7 @@ from typing import Any, Optional, Sequence
 
 from tqdm.auto import tqdm
 
+from . import check as self_check
 from .cl.benchmarks import BENCHMARKS, DEFAULT_DIRS
 from .cl.experiment import (MAX_SEEDS, SEED_LIMIT, CellFileWarning, ConfigError,
                             ExperimentConfig, Interrupted, run_experiment)
@@ -173,6 +175,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     _add_protocol_options(tune_cmd)
     commands.add_parser("methods", help="list methods, their defaults and tuning grids")
     commands.add_parser("benchmarks", help="list benchmarks")
+    self_check.add_arguments(commands.add_parser(
+        "check", help="check this installation's backends", description=self_check.DESCRIPTION))
     return parser, run
 
 
@@ -332,6 +336,8 @@ def _main(argv: Optional[Sequence[str]]) -> int:
             _list_benchmarks()
         elif args.command == "tune":
             tune_command(args)
+        elif args.command == "check":
+            return self_check.run(args)
         else:
             run_command(args)
     except (UsageError, ConfigError) as exc:
