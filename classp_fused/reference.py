@@ -50,7 +50,7 @@ def classp_update_(param: Tensor, grad: Tensor, acc: Tensor, *, lr, threshold: f
         elif power == 2:
             step = g * torch.rsqrt(denom)
         else:
-            step = g / denom.pow(1.0 / power)
+            step = g * denom.reciprocal().pow(1.0 / power)  # no overflow of denom**(1/power)
     else:
         step = g
     new_param = param.to(dtype) - lr * step
