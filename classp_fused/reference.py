@@ -50,7 +50,8 @@ def classp_update_(param: Tensor, grad: Tensor, acc: Tensor, *, lr, threshold: f
         elif power == 2:
             step = g * torch.rsqrt(denom)
         else:
-            step = g / denom.pow(1.0 / power)
+            # as the spec computes it: neither 1/denom nor denom**(1/power) may overflow
+            step = g * torch.exp2(torch.log2(denom) / -power)
     else:
         step = g
     new_param = param.to(dtype) - lr * step

@@ -96,7 +96,7 @@ C10_ALWAYS_INLINE void update_vector(const Vectorized<T>& param, const Vectorize
     } else if constexpr (kPower == Power::kTwo) {
       step = grad * denom.rsqrt();
     } else {
-      step = grad / (denom.log2() * Vec(h.inv_power)).exp2();
+      step = grad * (denom.log2() * Vec(-h.inv_power)).exp2();
     }
   }
   new_param = param - Vec(h.lr) * step;

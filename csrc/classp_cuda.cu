@@ -91,7 +91,7 @@ __device__ __forceinline__ void step_element(T param, T grad, T acc, const Hyper
     } else if constexpr (kPower == Power::kTwo) {
       step = mul_rn(grad, div_rn(T(1), sqrt_rn(denom)));
     } else {
-      step = div_rn(grad, exp2_of(mul_rn(log2_of(denom), h.inv_power)));
+      step = mul_rn(grad, exp2_of(mul_rn(log2_of(denom), -h.inv_power)));
     }
   }
   new_param = sub_rn(param, mul_rn(h.lr, step));

@@ -1,11 +1,17 @@
-"""Shared test data and models: fresh random tensors (never zeros), bitwise comparison."""
+"""Shared test data and models: fresh random tensors (with or without exact zeros), bitwise
+comparison."""
 import torch
 from torch import nn
 
 import classp_fused
+import oracle
 from classp_fused.regularizers import Regularizer
 
 CPU_BACKENDS = classp_fused.available_backends("cpu")
+# A backend's distance from the scalar oracle, relative: a few roundings of the param dtype
+# (float32 arithmetic for the three smaller ones; rsqrt, exp2 and log2 may be ulps off).
+ORACLE_RTOL = {torch.float32: 1e-6, torch.bfloat16: 2 ** -7, torch.float16: 2 ** -10,
+               torch.float64: 1e-13}
 
 
 def random_like(shape, dtype=torch.float32, generator=None, scale=1.0):
@@ -13,6 +19,15 @@ def random_like(shape, dtype=torch.float32, generator=None, scale=1.0):
     x = torch.randn(shape, dtype=torch.float64, generator=generator) * scale
     x = torch.where(x == 0, torch.full_like(x, 1e-3), x)
     return x.to(dtype)
+
+
+def random_with_zeros(shape, dtype=torch.float32, generator=None, scale=1.0):
+    """Normal random values scaled by ``scale`` with every third element an exact zero,
+    alternately +0.0 and -0.0: gradients a step must not apply."""
+    x = torch.randn(shape, dtype=torch.float64, generator=generator).mul(scale).to(dtype)
+    flat = x.view(-1)
+    flat[0::6], flat[3::6] = 0.0, -0.0
+    return x
 
 
 def bits(t: torch.Tensor) -> torch.Tensor:
@@ -70,3 +85,40 @@ def spy_linear_form(monkeypatch, enabled: bool) -> set:
 
     monkeypatch.setattr(Regularizer, "_add_linear_per_sample", spy)
     return handled
+
+
+def run_steps(backend, device, params, grads, accs, hypers):
+    """One step of ``backend`` per dict of ``hypers``, on copies of the tensors on ``device``;
+    returns the new params and accumulators (on the CPU) and each step's counts as lists."""
+    params, grads, accs = ([t.to(device, copy=True) for t in ts] for ts in (params, grads, accs))
+    counts = []
+    for hyper in hypers:
+        hyper = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in hyper.items()}
+        counts.append(classp_fused.classp_step_(params, grads, accs, backend=backend,
+                                                **hyper).tolist())
+    return [p.cpu() for p in params], [a.cpu() for a in accs], counts
+
+
+def oracle_steps(params, grads, accs, hypers):
+    """The scalar oracle's steps, one per dict of ``hypers``, in the params' own arithmetic;
+    returns what ``run_steps`` returns."""
+    counts = []
+    for hyper in hypers:
+        new_params, new_accs, step_counts = oracle.classp_step(params, grads, accs, **hyper)
+        params = [n.to(p.dtype) for n, p in zip(new_params, params)]
+        accs = [n.to(a.dtype) for n, a in zip(new_accs, accs)]
+        counts.append(step_counts)
+    return params, accs, counts
+
+
+def assert_backend_matches_oracle(backend, device, params, grads, accs, hypers, scale=1.0):
+    """``backend``'s counts equal the oracle's and its values lie within ``ORACLE_RTOL`` of it
+    (relative, and absolute for values of magnitude ``scale``, where a difference cancels);
+    returns the backend's results, as ``run_steps``."""
+    mine = run_steps(backend, device, params, grads, accs, hypers)
+    expected = oracle_steps(params, grads, accs, hypers)
+    assert mine[2] == expected[2]
+    for ours, theirs in zip(mine[0] + mine[1], expected[0] + expected[1]):
+        rtol = ORACLE_RTOL[ours.dtype]
+        torch.testing.assert_close(ours.double(), theirs.double(), rtol=rtol, atol=rtol * scale)
+    return mine

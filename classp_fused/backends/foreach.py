@@ -43,7 +43,7 @@ def _step_flat(param, grad, acc, lr, threshold, eps, power, apply_scaling, grad_
         elif power == 2:
             g = g * torch.rsqrt(denom)
         else:
-            g = g / denom.pow(1.0 / power)
+            g = g * torch.exp2(torch.log2(denom) / -power)
     new_param = (param.to(acc.dtype) - lr * g).to(param.dtype)
     return (torch.where(mask, new_param, param), torch.where(mask, new_acc, acc), mask,
             nonfinite)
