@@ -70,8 +70,8 @@ class CLASSP(Optimizer):
     count >= 0, raises. A step counter replaced by a number or by a tensor of another dtype,
     shape or device (``state[p]["step"] = 0``) is converted to a 0-dim fp32 tensor before the
     next step; an accumulator replaced by one of the wrong dtype, shape or device raises there
-    (its values are not read at a step). With ``torch.amp.GradScaler`` gradients are unscaled inside the
-    kernel and a step with ``found_inf`` is a no-op.
+    (its values are not read at a step). With ``torch.amp.GradScaler`` gradients are unscaled
+    inside the kernel and a step with ``found_inf`` is a no-op.
 
     Under FSDP2 (``fully_shard``) parameters, gradients and accumulators are DTensors; the
     step runs on their local shards, and the counts (``last_update_fraction``,

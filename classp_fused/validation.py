@@ -93,6 +93,14 @@ def check_lr(lr, where: str = "", device: torch.device | None = None) -> None:
         raise ValueError(f"{where}lr must be a finite non-negative number, got {value}")
 
 
+def check_lr_value(lr, where: str = "") -> None:
+    """Raise unless a tensor ``lr`` on an accelerator holds a finite number >= 0. Reading it
+    synchronizes, so this runs where a group enters (construction, ``add_param_group``,
+    ``load_state_dict``); ``check_lr`` reads a CPU ``lr`` at every step."""
+    if isinstance(lr, Tensor) and lr.device.type not in ("cpu", "meta") and not is_fake(lr):
+        check_lr(local_part(lr).cpu(), where)
+
+
 def check_hyperparameters(lr, threshold, eps, power, apply_scaling=True, where: str = "",
                           device: torch.device | None = None) -> None:
     """Raise ValueError naming the first out-of-range hyperparameter (``where`` prefixes it);
@@ -194,6 +202,7 @@ def check_group(group: Mapping, index: int) -> None:
             raise ValueError(f"params[{i}] of param group {index} repeats params[{j}]; "
                              f"list each param once")
     check_lr_placement(group["lr"], group["params"], where)
+    check_lr_value(group["lr"], where)
 
 
 def check_lr_placement(lr, params: Sequence[Tensor], where: str) -> None:
@@ -239,13 +248,13 @@ def check_stepped_group(index: int, group: Mapping, state: Mapping,
     stepped params share one device and have a dtype its backend steps (``dtypes``), that grads
     are dense, and each existing state entry against its param: exactly ``"step"`` and
     ``"accumulator"``, the accumulator's metadata (not its values: reading them is a reduction,
-    done where state enters, ``check_state_entry``) and the step counter. Returns whether the state must be settled
-    before the step (``is_settled``): an accumulator on another device than its param (the
-    param moved; the step moves its state along), or a step counter set to a number or to a
-    tensor of another form (the step converts it). Grads are compared with their param too:
-    torch checks them when a grad is assigned, but a later ``p.data = other`` swap changes the
-    param alone. (The optimizer runs these checks when a group changed since its last step,
-    see ``group_plan.GroupPlan``.)
+    done where state enters, ``check_state_entry``) and the step counter. Returns whether the
+    state must be settled before the step (``is_settled``): an accumulator on another device
+    than its param (the param moved; the step moves its state along), or a step counter set to
+    a number or to a tensor of another form (the step converts it). Grads are compared with
+    their param too: torch checks them when a grad is assigned, but a later ``p.data = other``
+    swap changes the param alone. (The optimizer runs these checks when a group changed since
+    its last step, see ``group_plan.GroupPlan``.)
     """
     where = f"param group {index}: "
     check_hyperparameters(*(group[key] for key in HYPERPARAMETERS), where=where)
@@ -273,6 +282,8 @@ def check_stepped_group(index: int, group: Mapping, state: Mapping,
                              dtypes)
         if has_state and not is_settled(step, acc, device):
             check_step_count(step, f"the step of param group {index}, param {i}")
+            for name, t in (("accumulator", acc), ("step", step)):
+                check_has_values(t, device, f"the {name} of param group {index}, param {i}")
             unsettled = True
     if device is not None:
         check_lr(group["lr"], where, device)
@@ -284,6 +295,15 @@ def is_settled(step, acc: Tensor, device: torch.device) -> bool:
     accumulator on ``device`` and ``step`` a 0-dim fp32 tensor there."""
     return (acc.device == device and type(step) is Tensor and step.dtype is torch.float32
             and step.dim() == 0 and step.device == device)
+
+
+def check_has_values(t, device: torch.device, where: str) -> None:
+    """Raise if state tensor ``t`` is on the meta device, where it holds no values, for a param
+    on ``device``, another device (its values cannot be moved there)."""
+    if isinstance(t, Tensor) and t.device.type == "meta" and device.type != "meta":
+        raise RuntimeError(f"{where} is on the meta device and holds no values, but its param "
+                           f"is on {device}: there are no values to move there (drop the "
+                           f"param's state to start it afresh)")
 
 
 def _state_entry(entry, where: str) -> tuple:
@@ -344,6 +364,7 @@ def check_state_dict(state_dict, groups: Sequence[Mapping]) -> None:
         where = f"state_dict['param_groups'][{index}]: "
         check_hyperparameters(*(saved[key] for key in HYPERPARAMETERS), where=where)
         check_lr_placement(saved["lr"], group["params"], where)
+        check_lr_value(saved["lr"], where)
         check_foreign_keys(saved, index)
         params_of.update((key, (p, f"param group {index}, param {i}: "))
                          for i, (key, p) in enumerate(zip(saved["params"], group["params"])))
@@ -379,6 +400,7 @@ def check_state_entry(entry, param: Tensor, where: str) -> None:
         raise ValueError(f"{where} must hold exactly {list(STATE_KEYS)}, got {keys}: "
                          f"not a CLASSP state dict")
     check_step_count(entry["step"], f"{where}['step']")
+    check_has_values(entry["step"], param.device, f"{where}['step']")
     acc, where = entry["accumulator"], f"{where}['accumulator']"
     if not isinstance(acc, Tensor) or not acc.is_floating_point():
         raise TypeError(f"{where} must be a floating-point tensor, got {_describe(acc)}")
@@ -387,6 +409,7 @@ def check_state_entry(entry, param: Tensor, where: str) -> None:
     if acc.shape != param.shape:
         raise ValueError(f"{where} has shape {tuple(acc.shape)}, expected the param's "
                          f"{tuple(param.shape)}")
+    check_has_values(acc, param.device, where)
     values = local_part(acc)
     if values.device.type == "meta" or is_fake(values):
         return

@@ -79,6 +79,11 @@ BAD_VALUES = {
                   r"param group 1, param 1: .*\['step'\] must be a finite non-negative count"),
     "sparse accumulator": (_set(3, "accumulator", torch.ones(3).to_sparse()),
                            r"\[3\]\['accumulator'\] must be a dense tensor"),
+    "accumulator on meta": (_set(3, "accumulator", torch.ones(3, device="meta")),
+                            r"param group 1, param 1: .*\['accumulator'\] is on the meta device "
+                            r"and holds no values, but its param is on cpu"),
+    "step on meta": (_set(0, "step", torch.zeros((), device="meta")),
+                     r"param group 0, param 0: .*\['step'\] is on the meta device"),
     "lr on meta": (lambda sd: sd["param_groups"][1].update(lr=META_LR),
                    r"state_dict\['param_groups'\]\[1\]: lr is a tensor on meta; it must be on "
                    r"the CPU or on the params' device cpu"),
@@ -166,6 +171,27 @@ def test_lr_tensor_follows_meta_params_until_they_are_placed():
     with pytest.raises(RuntimeError, match=r"param group 0: lr is a tensor on meta"):
         optimizer.step()
     assert not optimizer.state.get(placed)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_a_bad_lr_value_on_the_gpu_is_refused_where_it_enters():
+    """A CPU lr is read at every step; one on the GPU is read where its group enters."""
+    model = tiny_model().cuda()
+    bad = torch.tensor(-1.0, device="cuda")
+    with pytest.raises(ValueError, match=r"param group 0: lr must be a finite non-negative "
+                                         r"number, got -1.0"):
+        CLASSP(model.parameters(), lr=bad)
+    optimizer = CLASSP(model[0].parameters(), lr=torch.tensor(0.05, device="cuda"))
+    model(torch.randn(4, 6, device="cuda")).pow(2).sum().backward()
+    optimizer.step()
+    saved = copy.deepcopy(optimizer.state_dict())
+    saved["param_groups"][0]["lr"] = bad
+    _refused(optimizer, lambda: optimizer.load_state_dict(saved), ValueError,
+             r"state_dict\['param_groups'\]\[0\]: lr must be a finite non-negative number")
+    _refused(optimizer, lambda: optimizer.add_param_group({"params": model[2].parameters(),
+                                                            "lr": torch.tensor(float("nan"),
+                                                                               device="cuda")}),
+             ValueError, r"param group 1: lr must be a finite non-negative number, got nan")
 
 
 @pytest.mark.parametrize("name", ["lr", "grad_scale", "found_inf"])
@@ -273,6 +299,12 @@ BAD_STATE_EDITS = {
     "accumulator expanded": (lambda s: s.__setitem__("accumulator", torch.zeros(1).expand(3)),
                              ValueError, r"the accumulator of param group 1, param 1: an "
                                          r"accumulator with internal overlap"),
+    "accumulator on meta": (lambda s: s.__setitem__("accumulator", torch.zeros(3, device="meta")),
+                            RuntimeError, r"the accumulator of param group 1, param 1 is on the "
+                                          r"meta device and holds no values, but its param is "
+                                          r"on cpu"),
+    "step on meta": (lambda s: s.__setitem__("step", torch.zeros((), device="meta")),
+                     RuntimeError, r"the step of param group 1, param 1 is on the meta device"),
 }
 
 
