@@ -63,10 +63,12 @@ class GroupPlan:
         and steppable as they are, else None."""
         all_params = group["params"]
         if (group is not self.group or state is not self.state or group.keys() != self.keys
-                or self.foreign and any(group[key] != value for key, value in self.foreign)
                 or len(all_params) != len(self.all_params)
                 or not all(map(is_, all_params, self.all_params))):
             return None
+        for key, value in self.foreign:
+            if group[key] != value:
+                return None
         grads = list(map(_get_grads, all_params))
         if any(map(is_, grads, repeat(None))):
             if [g is not None for g in grads] != self.has_grad:
