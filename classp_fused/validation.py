@@ -289,7 +289,7 @@ def check_stepped_group(index: int, group: Mapping, state: Mapping,
                 check_has_values(t, device, f"the {name} of param group {index}, param {i}")
             unsettled = True
     if device is not None:
-        check_lr(group["lr"], where, device)
+        check_scalar_device(group["lr"], device, "lr", where)
     return unsettled
 
 

@@ -25,7 +25,7 @@ def backend(request):
 
 
 def _stepped(backend, steps=2):
-    """Two groups, stepped (so each has its plan), with fresh grads for the next step."""
+    """Two groups stepped ``steps`` times (a group has its plan after one), with fresh grads."""
     model = tiny_model()
     optimizer = CLASSP([{"params": model[0].parameters()},
                         {"params": model[2].parameters(), "lr": 0.03}],
