@@ -1,6 +1,7 @@
 """A param group's validated step inputs, reused while the group is unchanged (host time)."""
 from __future__ import annotations
 
+from copy import deepcopy
 from itertools import repeat
 from operator import attrgetter, is_, itemgetter
 from typing import Optional
@@ -8,6 +9,7 @@ from typing import Optional
 from torch import Tensor, nn
 
 from ._extension import steppable_as_is
+from .validation import foreign_keys
 
 _get_grads = attrgetter("grad")
 _get_accumulator = itemgetter("accumulator")
@@ -18,18 +20,19 @@ class GroupPlan:
     """A param group's stepped tensors as the last validated step found them, to step again
     without the explaining per-tensor checks while the group is as it was.
 
-    It holds while the group lists the same param objects, the same params have a grad, the
-    optimizer's state dict, each param's state entry and the accumulator and step counter in it
-    are the same objects, and every (param, grad, accumulator) is still dense, dtype- and
-    shape-consistent and on the plan's device (one C++ pass over the metadata,
-    ``_extension.steppable_as_is``: a ``p.data = other`` swap or a new grad is seen there). Grads
-    are taken from the params at every step and not held (the memory of grads set to None is
-    freed). Plain tensors only (DTensors are checked at every step), and only where the
-    extension is built.
+    It holds while the group has the same keys, with the same values for keys of other
+    optimizers (``validation.FOREIGN_KEYS``: one set later is checked again), lists the same
+    param objects, the same params have a grad, the optimizer's state dict, each param's state
+    entry and the accumulator and step counter in it are the same objects, and every (param,
+    grad, accumulator) is still dense, dtype- and shape-consistent and on the plan's device (one
+    C++ pass over the metadata, ``_extension.steppable_as_is``: a ``p.data = other`` swap or a
+    new grad is seen there). Grads are taken from the params at every step and not held (the
+    memory of grads set to None is freed). Plain tensors only (DTensors are checked at every
+    step), and only where the extension is built.
     """
 
-    __slots__ = ("group", "state", "all_params", "has_grad", "params", "entries", "accs",
-                 "counters", "device", "steps", "numels")
+    __slots__ = ("group", "keys", "foreign", "state", "all_params", "has_grad", "params",
+                 "entries", "accs", "counters", "device", "steps", "numels")
 
     @classmethod
     def build(cls, group: dict, state, params: list, base: Optional[Tensor]):
@@ -43,6 +46,8 @@ class GroupPlan:
             return None
         plan = cls()
         plan.group, plan.state, plan.all_params = group, state, all_params
+        plan.keys = frozenset(group)
+        plan.foreign = [(key, deepcopy(group[key])) for key in foreign_keys(group)]
         plan.has_grad = [p.grad is not None for p in all_params]
         plan.params = params
         plan.entries = [state[p] for p in params]
@@ -57,10 +62,13 @@ class GroupPlan:
         """The grads of the plan's params if the group's tensors are still those of the plan
         and steppable as they are, else None."""
         all_params = group["params"]
-        if (group is not self.group or state is not self.state
+        if (group is not self.group or state is not self.state or group.keys() != self.keys
                 or len(all_params) != len(self.all_params)
                 or not all(map(is_, all_params, self.all_params))):
             return None
+        for key, value in self.foreign:
+            if group[key] != value:
+                return None
         grads = list(map(_get_grads, all_params))
         if any(map(is_, grads, repeat(None))):
             if [g is not None for g in grads] != self.has_grad:

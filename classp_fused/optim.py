@@ -13,8 +13,9 @@ from .group_plan import GroupPlan
 from .reference import classp_legacy_step_, compute_dtype
 from .telemetry import StepTelemetry
 from .validation import (FOREIGN_KEYS, HYPERPARAMETERS, PARAM_DTYPES, check_group,
-                         check_hyperparameters, check_state_dict, check_stepped_group,
-                         foreign_keys, group_tensors)
+                         check_hyperparameters, check_state_dict, check_state_values,
+                         check_stepped_group, foreign_keys, group_tensors, is_settled,
+                         local_part)
 
 MODES = ("paper", "legacy")
 NONFINITE_POLICIES = ("skip", "raise")
@@ -50,20 +51,27 @@ class CLASSP(Optimizer):
         nonfinite: ``"skip"`` never applies NaN/Inf gradient elements and counts them
             (``nonfinite_skipped``); ``"raise"`` raises before changing anything.
 
-    Param groups are checked when added and before every step (a group whose params, state
-    entries and accumulators are the objects its last step saw, by one C++ pass over their
-    metadata); ``step``, ``add_param_group`` and ``load_state_dict`` check everything before
-    changing anything, so an error leaves the optimizer as it was. Keys of other optimizers'
-    groups that CLASSP has no use for (``weight_decay``, ``momentum``, ``betas``, ...;
-    ``classp_fused.validation.FOREIGN_KEYS``) are ignored with a warning when set to
+    Param groups are checked when added and before every step (a group whose keys, params,
+    state entries and accumulators are the objects its last step saw, by one C++ pass over
+    their metadata); ``step``, ``add_param_group`` and ``load_state_dict`` check everything
+    before changing anything, so an error leaves the optimizer as it was. Keys of other
+    optimizers' groups that CLASSP has no use for (``weight_decay``, ``momentum``, ``betas``,
+    ...; ``classp_fused.validation.FOREIGN_KEYS``) are ignored with a warning when set to
     0/False/None, as Hugging Face's Trainer writes ``weight_decay=0.0``; any other value raises,
+    at construction, ``add_param_group``, ``load_state_dict`` or the next step when set later,
     since CLASSP would not do what it asks (weight decay, for one, would move every weight at
-    every step, against sparse updates).
+    every step, against sparse updates). A tensor ``lr`` must be on the CPU or on its group's
+    params' device.
 
     State per parameter: ``"accumulator"`` (fp32, fp64 for fp64 params, param-shaped) and
     ``"step"`` (0-dim fp32). Accumulators stay fp32 for fp16/bf16 params, also after
-    ``load_state_dict``. With ``torch.amp.GradScaler`` gradients are unscaled inside the
-    kernel and a step with ``found_inf`` is a no-op.
+    ``load_state_dict``. Values are checked where state enters (``load_state_dict``,
+    unpickling): an accumulator with a negative or NaN element, or a step that is not a finite
+    count >= 0, raises. A step counter replaced by a number or by a tensor of another dtype,
+    shape or device (``state[p]["step"] = 0``) is converted to a 0-dim fp32 tensor before the
+    next step; an accumulator replaced by one of the wrong dtype, shape or device raises there
+    (its values are not read at a step). With ``torch.amp.GradScaler`` gradients are unscaled
+    inside the kernel and a step with ``found_inf`` is a no-op.
 
     Under FSDP2 (``fully_shard``) parameters, gradients and accumulators are DTensors; the
     step runs on their local shards, and the counts (``last_update_fraction``,
@@ -138,6 +146,7 @@ class CLASSP(Optimizer):
         backend = state.pop("backend", None)
         super().__setstate__(state)
         if backend is not None:  # unpickling; load_state_dict passes state and groups only
+            check_state_values(self.state, self.param_groups)
             self._requested_backend = backend
             self._warned_keys = set()
             self._telemetry = StepTelemetry(self._placed_device())
@@ -154,25 +163,25 @@ class CLASSP(Optimizer):
         index = len(self.param_groups)
         check_group({**self.defaults, **param_group, "params": group_tensors(params)}, index)
         super().add_param_group(param_group)
-        self._warn_foreign_keys(param_group, index)
+        self._warn_foreign_keys(param_group, index, stacklevel=3)
 
-    def _warn_foreign_keys(self, group: dict, index: int) -> None:
+    def _warn_foreign_keys(self, group: dict, index: int, stacklevel: int) -> None:
         """Warn, once per key, that a foreign key set to an "off" value is ignored."""
         for key in foreign_keys(group):
             if key not in self._warned_keys:
                 self._warned_keys.add(key)
                 warnings.warn(f"CLASSP ignores the param group key {key}={group[key]!r} "
                               f"(param group {index}): {FOREIGN_KEYS[key]}",
-                              UserWarning, stacklevel=3)
+                              UserWarning, stacklevel=stacklevel + 1)
 
     def _check_step(self, grad_scale: Optional[Tensor]) -> tuple[list, list[dict]]:
         """Raise if any group cannot be stepped, before any state or param changes.
 
         Returns, per group, ``(plan, grads)`` where its plan still holds (the group's tensors
         are those it was validated with, see :class:`GroupPlan`; ``grads`` its current ones)
-        or None, and the groups whose params moved to another device than their state.
+        or None, and the groups whose state must be settled first (``_settle_state``).
         """
-        plans, moved = [], []
+        plans, unsettled, checked = [], [], []
         if len(self._plans) > len(self.param_groups):  # groups were removed: drop their plans
             ids = {id(group) for group in self.param_groups}
             self._plans = {key: plan for key, plan in self._plans.items() if key in ids}
@@ -181,7 +190,7 @@ class CLASSP(Optimizer):
             grads = None if plan is None else plan.current_grads(group, self.state)
             if grads is not None:
                 check_hyperparameters(*(group[key] for key in HYPERPARAMETERS),
-                                      where=f"param group {index}: ")
+                                      where=f"param group {index}: ", device=plan.device)
                 plans.append((plan, grads))
                 continue
             plans.append(None)
@@ -189,27 +198,36 @@ class CLASSP(Optimizer):
             first = next((p for p in group["params"] if p.grad is not None), None)
             dtypes = PARAM_DTYPES
             if first is not None and self.mode == "paper":
-                dtypes = param_dtypes(self._backend_for(_local(first).device))
+                dtypes = param_dtypes(self._backend_for(local_part(first).device))
             if check_stepped_group(index, group, self.state, dtypes):
-                moved.append(group)
+                unsettled.append(group)
+            checked.append((group, index))
         if self.nonfinite == "raise":
             self._raise_on_nonfinite(grad_scale)
-        return plans, moved
+        for group, index in checked:  # keys of other optimizers set to "off" after construction
+            self._warn_foreign_keys(group, index, stacklevel=5)  # in step, under two wrappers
+        return plans, unsettled
 
-    def _move_state(self, group: dict) -> None:
-        """Move the state of the group's params to the params' devices (after a move)."""
+    def _settle_state(self, group: dict) -> None:
+        """Bring the state of the group's stepped params to the form the step advances
+        (``validation.is_settled``): the accumulator and step counter of a param that moved
+        follow it, and a step counter set to a number or to a tensor of another form becomes a
+        0-dim fp32 tensor on the param's device."""
         for p in group["params"]:
             state = self.state.get(p)
-            if state and state["accumulator"].device != p.device:
-                state["step"] = state["step"].to(p.device)
+            if p.grad is None or not state:
+                continue
+            if state["accumulator"].device != p.device:
                 state["accumulator"] = state["accumulator"].to(p.device)
+            if not is_settled(state["step"], state["accumulator"], p.device):
+                state["step"] = _step_counter(state["step"], p.device)
 
     def _raise_on_nonfinite(self, grad_scale: Optional[Tensor]) -> None:
         for index, group in enumerate(self.param_groups):
             for i, p in enumerate(group["params"]):
                 if p.grad is None:
                     continue
-                g = _local(p.grad)
+                g = local_part(p.grad)
                 scaled = g if grad_scale is None else g.float() / grad_scale.to(g.device)
                 if not bool(torch.isfinite(scaled).all()):
                     raise FloatingPointError(
@@ -236,7 +254,7 @@ class CLASSP(Optimizer):
                     p, dtype=compute_dtype(p), memory_format=torch.contiguous_format)
             acc = state["accumulator"]
             if type(p) is not nn.Parameter or type(grad) is not Tensor:  # maybe DTensors
-                p, grad, acc = _local(p), _local(grad), _local(acc)
+                p, grad, acc = local_part(p), local_part(grad), local_part(acc)
             params.append(p)
             grads.append(grad)
             accs.append(acc)
@@ -279,9 +297,9 @@ class CLASSP(Optimizer):
         compiling = torch.compiler.is_compiling()
         plans = [None] * len(self.param_groups)
         if not compiling:
-            plans, moved = self._check_step(grad_scale)
-            for group in moved:
-                self._move_state(group)
+            plans, unsettled = self._check_step(grad_scale)
+            for group in unsettled:
+                self._settle_state(group)
 
         steps = []
         for group, planned in zip(self.param_groups, plans):
@@ -345,7 +363,10 @@ class CLASSP(Optimizer):
         """Load state after checking all of it (:func:`classp_fused.validation.check_state_dict`).
 
         Accumulators keep their fp32 (fp64) dtype instead of taking the param's; a ``step`` saved
-        as a Python number becomes a 0-dim fp32 tensor. A bad dict raises and changes nothing.
+        as a Python number or an integer tensor becomes a 0-dim fp32 tensor. A bad dict (an
+        accumulator with a negative or NaN element, a step that is not a finite count >= 0, a
+        tensor ``lr`` on another device than the CPU and the group's params, ...) raises and
+        changes nothing.
         """
         check_state_dict(state_dict, self.param_groups)
         saved = {key: dict(value) for key, value in state_dict["state"].items()}
@@ -360,16 +381,11 @@ class CLASSP(Optimizer):
             state["accumulator"] = saved[pid]["accumulator"].to(
                 device=p.device, dtype=compute_dtype(p), memory_format=torch.contiguous_format,
                 copy=True)
-            state["step"] = torch.as_tensor(saved[pid]["step"]).to(
-                device=p.device, dtype=torch.float32, copy=True).reshape(())
+            state["step"] = _step_counter(saved[pid]["step"], p.device)
 
 
-def _local(t: Tensor) -> Tensor:
-    """The part of ``t`` this rank holds: a DTensor's local shard, any other tensor itself."""
-    if type(t) in (Tensor, nn.Parameter):  # the common case, without importing DTensor
-        return t
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch built without distributed support
-        return t
-    return t.to_local() if isinstance(t, DTensor) else t
+def _step_counter(step, device: torch.device) -> Tensor:
+    """A step count (a number or a one-element tensor, checked) as a new 0-dim fp32 tensor on
+    ``device``."""
+    step = local_part(step) if isinstance(step, Tensor) else step
+    return torch.as_tensor(step).to(device=device, dtype=torch.float32, copy=True).reshape(())

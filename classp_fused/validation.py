@@ -1,9 +1,11 @@
 """Input validation for the CLASSP step and optimizer: every check raises before anything changes.
 
 Hyperparameters, params and one step's tensor lists (the op contract), the param groups and
-stepped tensors of an optimizer step, and a state dict before it is loaded. Errors are
-``TypeError`` (wrong kind of object), ``ValueError`` (bad value or shape) or ``RuntimeError``
-(wrong device) and name the offending argument or entry.
+stepped tensors of an optimizer step, and optimizer state where it enters (a state dict before
+it is loaded, an unpickled optimizer). Errors are ``TypeError`` (wrong kind of object),
+``ValueError`` (bad value or shape) or ``RuntimeError`` (wrong device) and name the offending
+argument or entry. Checks that read tensor values (a reduction) run only where state enters,
+never at every step.
 """
 from __future__ import annotations
 
@@ -20,6 +22,8 @@ from .reference import compute_dtype
 PARAM_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 HYPERPARAMETERS = ("lr", "threshold", "eps", "power", "apply_scaling")
 STATE_KEYS = ("step", "accumulator")
+_STATE_KEY_SET = frozenset(STATE_KEYS)
+_NO_STATE: dict = {}  # what a param that was never stepped has (read only)
 # Keys other torch optimizers put in param groups for features CLASSP does not have. Set to an
 # "off" value (0, False, None) they are ignored with a warning; any other value is refused.
 FOREIGN_KEYS = {
@@ -40,11 +44,35 @@ FOREIGN_KEYS = {
 
 def _is_real(x) -> bool:
     """A real Python or numpy number (not a bool, not a string, not a tensor)."""
+    kind = type(x)
+    if kind is float or kind is int:  # the common case, without the ABC check (host time)
+        return True
     return isinstance(x, numbers.Real) and not isinstance(x, bool)
 
 
-def check_lr(lr, where: str = "") -> None:
-    """Raise unless ``lr`` is a finite non-negative number or a one-element floating tensor.
+def local_part(t):
+    """The part of tensor ``t`` this rank holds: a DTensor's local shard, anything else itself."""
+    if type(t) in (Tensor, torch.nn.Parameter):  # the common case, without importing DTensor
+        return t
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # torch built without distributed support
+        return t
+    return t.to_local() if isinstance(t, DTensor) else t
+
+
+def check_scalar_device(t, device: torch.device, name: str, where: str = "") -> None:
+    """Raise unless ``t``, if a tensor (``lr``, ``grad_scale``, ``found_inf``), is on the CPU or
+    on ``device``, the params'. On another device (the meta device, say) the op would dispatch
+    to that device's kernel, which steps nothing."""
+    if isinstance(t, Tensor) and t.device.type != "cpu" and t.device != device:
+        raise RuntimeError(f"{where}{name} is a tensor on {t.device}; it must be on the CPU or "
+                           f"on the params' device {device}")
+
+
+def check_lr(lr, where: str = "", device: torch.device | None = None) -> None:
+    """Raise unless ``lr`` is a finite non-negative number or a one-element floating tensor, on
+    the CPU or on ``device`` (the params', where known).
 
     The value of a tensor ``lr`` is checked only when it holds data on the CPU (reading it from
     an accelerator would synchronize every step; a FakeTensor has no value).
@@ -55,6 +83,8 @@ def check_lr(lr, where: str = "") -> None:
                              f"{tuple(lr.shape)}")
         if not lr.is_floating_point():
             raise TypeError(f"{where}lr as a tensor must be floating point, got {lr.dtype}")
+        if device is not None:
+            check_scalar_device(lr, device, "lr", where)
         if lr.device.type != "cpu" or is_fake(lr):
             return
         value = float(lr)
@@ -66,9 +96,19 @@ def check_lr(lr, where: str = "") -> None:
         raise ValueError(f"{where}lr must be a finite non-negative number, got {value}")
 
 
-def check_hyperparameters(lr, threshold, eps, power, apply_scaling=True, where: str = "") -> None:
-    """Raise ValueError naming the first out-of-range hyperparameter (``where`` prefixes it)."""
-    check_lr(lr, where)
+def check_lr_value(lr, where: str = "") -> None:
+    """Raise unless a tensor ``lr`` on an accelerator holds a finite number >= 0. Reading it
+    synchronizes, so this runs where a group enters (construction, ``add_param_group``,
+    ``load_state_dict``); ``check_lr`` reads a CPU ``lr`` at every step."""
+    if isinstance(lr, Tensor) and lr.device.type not in ("cpu", "meta") and not is_fake(lr):
+        check_lr(local_part(lr).cpu(), where)
+
+
+def check_hyperparameters(lr, threshold, eps, power, apply_scaling=True, where: str = "",
+                          device: torch.device | None = None) -> None:
+    """Raise ValueError naming the first out-of-range hyperparameter (``where`` prefixes it);
+    a tensor ``lr`` must be on the CPU or on ``device``, the params', where given."""
+    check_lr(lr, where, device)
     for name, value in (("threshold", threshold), ("eps", eps)):
         if not (_is_real(value) and math.isfinite(value) and value >= 0.0):
             raise ValueError(f"{where}{name} must be a finite non-negative number, got {value!r}")
@@ -108,11 +148,17 @@ def check_grad(param: Tensor, grad, where: str) -> None:
 
 
 def check_accumulator(param: Tensor, acc, where: str, same_device: bool = True) -> None:
-    """Raise unless ``acc`` is the param's accumulator: param-shaped, fp32 (fp64 for fp64)."""
+    """Raise unless ``acc`` is the param's accumulator: dense, param-shaped, fp32 (fp64 for
+    fp64), no internal overlap."""
     if not isinstance(acc, Tensor) or acc.dtype != compute_dtype(param):
         raise TypeError(f"{where} must be a {compute_dtype(param)} tensor "
                         f"(accumulators stay fp32 for fp16/bf16/fp32 params)")
+    if acc.layout != torch.strided:
+        raise TypeError(f"{where} must be a dense tensor, got layout {acc.layout}")
     _check_like_param(param, acc, where, same_device)
+    if not acc.is_contiguous() and torch._debug_has_internal_overlap(acc) == 1:
+        raise ValueError(f"{where}: an accumulator with internal overlap (e.g. from expand()) "
+                         f"cannot be updated in place")
 
 
 def _check_like_param(param: Tensor, t: Tensor, where: str, same_device: bool = True) -> None:
@@ -130,10 +176,13 @@ def check_step_inputs(params: Sequence[Tensor], grads: Sequence[Tensor], accs: S
     if not (len(params) == len(grads) == len(accs)):
         raise ValueError(f"params, grads and accs must have the same length, got "
                          f"{len(params)}, {len(grads)}, {len(accs)}")
-    check_hyperparameters(lr, threshold, eps, power)
+    device = params[0].device if params and isinstance(params[0], Tensor) else None
+    check_hyperparameters(lr, threshold, eps, power, device=device)
     for name, t in (("grad_scale", grad_scale), ("found_inf", found_inf)):
         if t is not None and (not isinstance(t, Tensor) or t.numel() != 1):
             raise ValueError(f"{name} must be a one-element tensor or None")
+        if device is not None:
+            check_scalar_device(t, device, name)
     for i, (p, g, a) in enumerate(zip(params, grads, accs)):
         check_param(p, f"params[{i}]")
         if p.device != params[0].device:
@@ -155,6 +204,16 @@ def check_group(group: Mapping, index: int) -> None:
         if j != i:
             raise ValueError(f"params[{i}] of param group {index} repeats params[{j}]; "
                              f"list each param once")
+    check_lr_placement(group["lr"], group["params"], where)
+    check_lr_value(group["lr"], where)
+
+
+def check_lr_placement(lr, params: Sequence[Tensor], where: str) -> None:
+    """Raise unless a tensor ``lr`` is on the CPU or on the device of every param that is not
+    on the meta device (those are placed later; the step checks ``lr`` against where they
+    went)."""
+    for device in {p.device for p in params if p.device.type != "meta"}:
+        check_scalar_device(lr, device, "lr", where)
 
 
 def group_tensors(params) -> list:
@@ -187,39 +246,82 @@ def check_stepped_group(index: int, group: Mapping, state: Mapping,
                         dtypes: Sequence[torch.dtype] = PARAM_DTYPES) -> bool:
     """Raise if the params of a group that have a grad cannot be stepped together.
 
-    Checks the group's hyperparameters (they may have been edited since it was added), that
-    its stepped params share one device and have a dtype its backend steps (``dtypes``), that
-    grads are dense, and each existing accumulator against its param. Returns whether an
-    accumulator sits on another device than its param (the param moved; the step moves its
-    state along). Grads are compared with their param too: torch checks them when a grad is
-    assigned, but a later ``p.data = other`` swap changes the param alone. (The optimizer runs
-    these checks when a group changed since its last step, see ``group_plan.GroupPlan``.)
+    Checks the group's hyperparameters and keys of other optimizers (they may have been edited
+    since it was added; a tensor ``lr`` must be on the CPU or on the params' device), that its
+    stepped params share one device and have a dtype its backend steps (``dtypes``), that grads
+    are dense, and each existing state entry against its param: exactly ``"step"`` and
+    ``"accumulator"``, the accumulator's metadata (not its values: reading them is a reduction,
+    done where state enters, ``check_state_entry``) and the step counter. Returns whether the
+    state must be settled before the step (``is_settled``): an accumulator on another device
+    than its param (the param moved; the step moves its state along), or a step counter set to
+    a number or to a tensor of another form (the step converts it). Grads are compared with
+    their param too: torch checks them when a grad is assigned, but a later ``p.data = other``
+    swap changes the param alone. (The optimizer runs these checks when a group changed since
+    its last step, see ``group_plan.GroupPlan``.)
     """
-    check_hyperparameters(*(group[key] for key in HYPERPARAMETERS),
-                          where=f"param group {index}: ")
-    device, moved, strided = None, False, torch.strided
+    where = f"param group {index}: "
+    check_hyperparameters(*(group[key] for key in HYPERPARAMETERS), where=where)
+    check_foreign_keys(group, index)
+    device, unsettled, strided = None, False, torch.strided
     for i, p in enumerate(group["params"]):
         g = p.grad
         if g is None:
             continue
         if device is None:
             device = p.device
-        entry = state.get(p)
-        acc = entry["accumulator"] if entry else None
+        entry = state.get(p, _NO_STATE)
+        has_state = bool(entry) or not isinstance(entry, dict)
+        step = acc = None
+        if has_state:
+            step, acc = _state_entry(entry, f"the state of param group {index}, param {i}")
         if (g.layout is not strided or p.dtype not in dtypes or p.device != device
                 or g.dtype is not p.dtype or g.shape != p.shape
-                or acc is not None and (acc.dtype is not _ACC_DTYPES[p.dtype]
-                                        or acc.shape != p.shape)):
-            _explain_stepped(f"param group {index}, param {i}", p, acc, device, dtypes)
-        moved = moved or acc is not None and acc.device != device
-    return moved
+                or not p.is_contiguous() and torch._debug_has_internal_overlap(p) == 1
+                or has_state and (getattr(acc, "dtype", None) is not _ACC_DTYPES[p.dtype]
+                                  or acc.shape != p.shape or acc.layout is not strided
+                                  or not acc.is_contiguous()
+                                  and torch._debug_has_internal_overlap(acc) == 1)):
+            _explain_stepped(f"param group {index}, param {i}", p, has_state, acc, device,
+                             dtypes)
+        if has_state and not is_settled(step, acc, device):
+            check_step_count(step, f"the step of param group {index}, param {i}")
+            for name, t in (("accumulator", acc), ("step", step)):
+                check_has_values(t, device, f"the {name} of param group {index}, param {i}")
+            unsettled = True
+    if device is not None:
+        check_scalar_device(group["lr"], device, "lr", where)
+    return unsettled
+
+
+def is_settled(step, acc: Tensor, device: torch.device) -> bool:
+    """Whether a param's state is in the form a step on ``device`` advances as it is: the
+    accumulator on ``device`` and ``step`` a 0-dim fp32 tensor there."""
+    return (acc.device == device and type(step) is Tensor and step.dtype is torch.float32
+            and step.dim() == 0 and step.device == device)
+
+
+def check_has_values(t, device: torch.device, where: str) -> None:
+    """Raise if state tensor ``t`` is on the meta device, where it holds no values, for a param
+    on ``device``, another device (its values cannot be moved there)."""
+    if isinstance(t, Tensor) and t.device.type == "meta" and device.type != "meta":
+        raise RuntimeError(f"{where} is on the meta device and holds no values, but its param "
+                           f"is on {device}: there are no values to move there (drop the "
+                           f"param's state to start it afresh)")
+
+
+def _state_entry(entry, where: str) -> tuple:
+    """``(step, accumulator)`` of a non-empty state entry; raise unless it holds exactly those."""
+    if not isinstance(entry, dict) or entry.keys() != _STATE_KEY_SET:
+        keys = sorted(entry) if isinstance(entry, Mapping) else _describe(entry)
+        raise ValueError(f"{where} must be a dict of exactly {list(STATE_KEYS)}, got {keys}")
+    return entry["step"], entry["accumulator"]
 
 
 _ACC_DTYPES = {torch.float16: torch.float32, torch.bfloat16: torch.float32,
                torch.float32: torch.float32, torch.float64: torch.float64}
 
 
-def _explain_stepped(where: str, p: Tensor, acc, device: torch.device,
+def _explain_stepped(where: str, p: Tensor, has_state: bool, acc, device: torch.device,
                      dtypes: Sequence[torch.dtype]) -> None:
     """Raise the error that names what ``check_stepped_group`` found wrong with ``p``."""
     if p.grad.is_sparse:
@@ -232,7 +334,7 @@ def _explain_stepped(where: str, p: Tensor, acc, device: torch.device,
         raise TypeError(f"{where} is {p.dtype}; this group's backend steps "
                         f"{', '.join(str(d) for d in dtypes)}")
     check_grad(p, p.grad, f"the grad of {where}")
-    if acc is not None:
+    if has_state:
         check_accumulator(p, acc, f"the accumulator of {where}", same_device=False)
 
 
@@ -240,9 +342,9 @@ def check_state_dict(state_dict, groups: Sequence[Mapping]) -> None:
     """Raise if ``state_dict`` cannot be loaded into an optimizer with param groups ``groups``.
 
     Checks the layout (``"state"`` and ``"param_groups"``), the number of groups and of params
-    per group, each group's hyperparameters and foreign keys, and each param's state: exactly
-    ``"step"`` (a tensor of one element or a Python number) and ``"accumulator"`` (a real
-    floating tensor of the param's shape).
+    per group, each group's hyperparameters (a tensor ``lr`` on the CPU or on the group's
+    params' device) and foreign keys, and each param's state (``check_state_entry``, values
+    included).
     """
     if not isinstance(state_dict, Mapping) or not {"state", "param_groups"} <= set(state_dict):
         raise ValueError("state_dict must be a dict with keys 'state' and 'param_groups', got "
@@ -262,34 +364,75 @@ def check_state_dict(state_dict, groups: Sequence[Mapping]) -> None:
         if len(saved["params"]) != len(group["params"]):
             raise ValueError(f"state_dict['param_groups'][{index}] has {len(saved['params'])} "
                              f"params, this optimizer's group {index} has {len(group['params'])}")
-        check_hyperparameters(*(saved[key] for key in HYPERPARAMETERS),
-                              where=f"state_dict['param_groups'][{index}]: ")
+        where = f"state_dict['param_groups'][{index}]: "
+        check_hyperparameters(*(saved[key] for key in HYPERPARAMETERS), where=where)
+        check_lr_placement(saved["lr"], group["params"], where)
+        check_lr_value(saved["lr"], where)
         check_foreign_keys(saved, index)
-        params_of.update(zip(saved["params"], group["params"]))
+        params_of.update((key, (p, f"param group {index}, param {i}: "))
+                         for i, (key, p) in enumerate(zip(saved["params"], group["params"])))
     for key, entry in state.items():
         where = f"state_dict['state'][{key!r}]"
         if key not in params_of:
             raise ValueError(f"{where} belongs to no param of state_dict['param_groups']")
-        if not isinstance(entry, Mapping) or set(entry) != set(STATE_KEYS):
-            keys = sorted(entry) if isinstance(entry, Mapping) else _describe(entry)
-            raise ValueError(f"{where} must hold exactly {list(STATE_KEYS)}, got {keys}: "
-                             f"not a CLASSP state dict")
-        _check_saved_step(entry["step"], f"{where}['step']")
-        acc, param = entry["accumulator"], params_of[key]
-        if not isinstance(acc, Tensor) or not acc.is_floating_point():
-            raise TypeError(f"{where}['accumulator'] must be a floating-point tensor, got "
-                            f"{_describe(acc)}")
-        if acc.shape != param.shape:
-            raise ValueError(f"{where}['accumulator'] has shape {tuple(acc.shape)}, expected the "
-                             f"param's {tuple(param.shape)}")
+        param, location = params_of[key]
+        check_state_entry(entry, param, location + where)
 
 
-def _check_saved_step(step, where: str) -> None:
+def check_state_values(state: Mapping, groups: Sequence[Mapping]) -> None:
+    """Raise unless the state of every param of ``groups`` (in ``state``, keyed by param) is
+    a CLASSP state entry for it (``check_state_entry``): state that enters other than through
+    ``load_state_dict`` (an unpickled or copied optimizer)."""
+    for index, group in enumerate(groups):
+        for i, p in enumerate(group["params"]):
+            entry = state.get(p, _NO_STATE)
+            if entry or not isinstance(entry, dict):
+                check_state_entry(entry, p, f"param group {index}, param {i}: state")
+
+
+def check_state_entry(entry, param: Tensor, where: str) -> None:
+    """Raise unless ``entry`` is a CLASSP state entry for ``param``: exactly ``"step"`` (a count,
+    ``check_step_count``) and ``"accumulator"`` (a dense real floating tensor of the param's
+    shape with no negative or NaN element; +inf is kept, ``|g|**power`` may overflow).
+
+    The values of tensors that hold data are read (a reduction per accumulator), so this runs
+    where state enters, never at a step.
+    """
+    if not isinstance(entry, Mapping) or set(entry) != set(STATE_KEYS):
+        keys = sorted(entry) if isinstance(entry, Mapping) else _describe(entry)
+        raise ValueError(f"{where} must hold exactly {list(STATE_KEYS)}, got {keys}: "
+                         f"not a CLASSP state dict")
+    check_step_count(entry["step"], f"{where}['step']")
+    check_has_values(entry["step"], param.device, f"{where}['step']")
+    acc, where = entry["accumulator"], f"{where}['accumulator']"
+    if not isinstance(acc, Tensor) or not acc.is_floating_point():
+        raise TypeError(f"{where} must be a floating-point tensor, got {_describe(acc)}")
+    if acc.layout != torch.strided:
+        raise TypeError(f"{where} must be a dense tensor, got layout {acc.layout}")
+    if acc.shape != param.shape:
+        raise ValueError(f"{where} has shape {tuple(acc.shape)}, expected the param's "
+                         f"{tuple(param.shape)}")
+    check_has_values(acc, param.device, where)
+    values = local_part(acc)
+    if values.device.type == "meta" or is_fake(values):
+        return
+    bad = ~(values >= 0)  # NaN compares False
+    if bool(bad.any()):
+        raise ValueError(f"{where} has {int(bad.sum())} of its {values.numel()} elements "
+                         f"negative or NaN; an accumulator sums |g|**power, so it is >= 0 "
+                         f"everywhere (a step on it would move params by NaN or uphill)")
+
+
+def check_step_count(step, where: str) -> None:
+    """Raise unless ``step`` is a count: a finite number >= 0 (not a bool), or a one-element
+    real (floating or integer) tensor holding one. A tensor's value is read where it has one
+    (not on the meta device, not a FakeTensor)."""
     if isinstance(step, Tensor):
         if step.numel() != 1 or step.is_complex() or step.dtype == torch.bool:
             raise ValueError(f"{where} must be a one-element real tensor or a number, got "
                              f"{_describe(step)}")
-        if step.device.type != "cpu" or is_fake(step):
+        step = local_part(step)
+        if step.device.type == "meta" or is_fake(step):
             return
         step = step.item()
     if not (_is_real(step) and math.isfinite(step) and step >= 0):

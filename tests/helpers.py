@@ -32,7 +32,7 @@ def random_with_zeros(shape, dtype=torch.float32, generator=None, scale=1.0):
 
 def bits(t: torch.Tensor) -> torch.Tensor:
     """The raw bit pattern of ``t``, for bit-identity checks that also hold for NaN and -0.0."""
-    int_dtype = {2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
+    int_dtype = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
     return t.detach().contiguous().view(int_dtype)
 
 
