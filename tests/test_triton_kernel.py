@@ -11,6 +11,7 @@ import torch
 
 import classp_fused
 from classp_fused.backends import triton as triton_backend
+from classp_fused.backends.step_spec import step_spec
 from classp_fused.reference import classp_step_ as reference_step_
 from helpers import bits, random_like
 
@@ -229,9 +230,9 @@ def test_lr_is_read_from_its_tensor():
     lr = torch.tensor(0.05, dtype=torch.float64)
     params, grads, accs = _on_device(_case([(700,)]))
     ref = _case([(700,)])
-    triton_backend.step(params, grads, accs, lr, 0.01, 1e-5, 1.0, True, None, None)
+    triton_backend.step(params, grads, accs, step_spec(lr, 0.01, 1e-5, 1.0, True))
     lr.fill_(0.0)
-    triton_backend.step(params, grads, accs, lr, 0.01, 1e-5, 1.0, True, None, None)
+    triton_backend.step(params, grads, accs, step_spec(lr, 0.01, 1e-5, 1.0, True))
     reference_step_(*ref, **HYPER)
     torch.testing.assert_close(params[0].cpu(), ref[0][0], **TOLERANCE[torch.float32])
 

@@ -61,12 +61,13 @@ def _lr_tensor(lr: float) -> Tensor:
     return torch.tensor(lr, dtype=torch.float64)
 
 
-def step(params, grads, accs, lr, threshold, eps, power, apply_scaling, grad_scale, found_inf):
+def step(params, grads, accs, spec):
     """The backend entry point: the op, with a float lr as a 0-dim CPU tensor."""
-    if not isinstance(lr, Tensor):
-        lr = _lr_tensor(float(lr))
-    return classp_step_triton(params, grads, accs, lr, threshold, eps, power, apply_scaling,
-                              grad_scale, found_inf)
+    if spec.penalty is not None:
+        raise NotImplementedError("the triton backend does not take a penalty yet")
+    lr = spec.lr if isinstance(spec.lr, Tensor) else _lr_tensor(spec.lr)
+    return classp_step_triton(params, grads, accs, lr, spec.threshold, spec.eps, spec.power,
+                              spec.apply_scaling, spec.grad_scale, spec.found_inf)
 
 
 def chunk_table(entries, device="cpu") -> Tensor:
