@@ -4,7 +4,7 @@ from __future__ import annotations
 from copy import deepcopy
 from itertools import repeat
 from operator import attrgetter, is_, itemgetter
-from typing import Optional
+from typing import Callable, Optional
 
 from torch import Tensor, nn
 
@@ -29,10 +29,15 @@ class GroupPlan:
     new grad is seen there). Grads are taken from the params at every step and not held (the
     memory of grads set to None is freed). Plain tensors only (DTensors are checked at every
     step), and only where the extension is built.
+
+    It also keeps an attached regularizer's penalty terms (importances and anchors) for its
+    params, read again when the regularizer or its state changed (``penalty_state_token``, a
+    new object whenever consolidate or load_state_dict replaced the state).
     """
 
     __slots__ = ("group", "keys", "foreign", "state", "all_params", "has_grad", "params",
-                 "entries", "accs", "counters", "device", "steps", "numels")
+                 "entries", "accs", "counters", "device", "steps", "numels", "penalty_source",
+                 "penalty_token", "terms")
 
     @classmethod
     def build(cls, group: dict, state, params: list, base: Optional[Tensor]):
@@ -56,7 +61,23 @@ class GroupPlan:
         plan.device = params[0].device
         plan.steps = base
         plan.numels = [p.numel() for p in params]
+        plan.keep_penalty_terms(None, None)
         return plan
+
+    def keep_penalty_terms(self, source, terms: Optional[tuple]) -> None:
+        """Keep ``terms``, the checked ``(importances, anchors)`` of ``source`` for the plan's
+        params (None: no penalty), read from its current state; ``source`` None keeps none."""
+        self.penalty_source = source
+        self.penalty_token = None if source is None else source.penalty_state_token
+        self.terms = terms
+
+    def penalty_terms(self, source, read: Callable[[list], Optional[tuple]]) -> Optional[tuple]:
+        """The penalty terms of ``source`` for the plan's params: those kept while ``source``
+        and its state are the ones they were read from, else ``read(params)``, then kept."""
+        if self.penalty_source is not source or (
+                self.penalty_token is not source.penalty_state_token):
+            self.keep_penalty_terms(source, read(self.params))
+        return self.terms
 
     def current_grads(self, group: dict, state) -> Optional[list]:
         """The grads of the plan's params if the group's tensors are still those of the plan

@@ -8,14 +8,15 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from .backends import BACKENDS, as_scalar_lr, param_dtypes, resolve_backend, run_backend
+from .backends import BACKENDS, param_dtypes, resolve_backend, run_backend
+from .backends.step_spec import Penalty, StepSpec, step_spec
 from .group_plan import GroupPlan
-from .reference import classp_legacy_step_, compute_dtype
+from .reference import classp_legacy_step_, compute_dtype, penalized_grad
 from .telemetry import StepTelemetry
 from .validation import (FOREIGN_KEYS, HYPERPARAMETERS, PARAM_DTYPES, check_group,
-                         check_hyperparameters, check_state_dict, check_state_values,
-                         check_stepped_group, foreign_keys, group_tensors, is_settled,
-                         local_part)
+                         check_hyperparameters, check_penalty, check_penalty_scale,
+                         check_state_dict, check_state_values, check_stepped_group,
+                         foreign_keys, group_tensors, is_settled, local_part)
 
 MODES = ("paper", "legacy")
 NONFINITE_POLICIES = ("skip", "raise")
@@ -78,6 +79,11 @@ class CLASSP(Optimizer):
     ``nonfinite_skipped``) are this rank's. Under ``torch.compile`` the per-step input
     validation is skipped; give ``lr`` as a tensor so that a scheduler changing it causes no
     recompilation.
+
+    A regularizer attached with ``MAS.attach(optimizer)`` / ``EWC.attach(optimizer)`` has its
+    penalty taken inside the step kernel (explicit or proximal form, SPEC section 4a), read
+    from its current state at every step; params without a ``.grad`` are not stepped and so
+    get no penalty either.
     """
 
     _step_supports_amp_scaling = True
@@ -99,6 +105,7 @@ class CLASSP(Optimizer):
         self._requested_backend = backend
         self._warned_keys: set[str] = set()
         self._plans: dict[int, GroupPlan] = {}
+        self._penalty_source = None  # the attached regularizer, see _set_penalty_source
         defaults = dict(lr=lr, threshold=threshold, eps=eps, power=power,
                         apply_scaling=apply_scaling)
         super().__init__(params, defaults)
@@ -150,6 +157,7 @@ class CLASSP(Optimizer):
             self._requested_backend = backend
             self._warned_keys = set()
             self._telemetry = StepTelemetry(self._placed_device())
+            self._penalty_source = None  # an attachment is not pickled
         self._plans = {}  # load_state_dict replaced the state the plans were built on
 
     def add_param_group(self, param_group: dict) -> None:
@@ -174,14 +182,29 @@ class CLASSP(Optimizer):
                               f"(param group {index}): {FOREIGN_KEYS[key]}",
                               UserWarning, stacklevel=stacklevel + 1)
 
+    def _set_penalty_source(self, source) -> None:
+        """Take the penalty of ``source`` (an attached regularizer, or None for none) inside
+        every following step. ``source`` provides ``penalty_form``, ``penalty_scale``,
+        ``penalty_state_token`` and ``penalty_terms(params)`` (see
+        :meth:`classp_fused.regularizers.Regularizer.attach`). The plans keep no terms of a
+        source that is gone."""
+        self._penalty_source = source
+        for plan in self._plans.values():
+            plan.keep_penalty_terms(None, None)
+
     def _check_step(self, grad_scale: Optional[Tensor]) -> tuple[list, list[dict]]:
         """Raise if any group cannot be stepped, before any state or param changes.
 
-        Returns, per group, ``(plan, grads)`` where its plan still holds (the group's tensors
-        are those it was validated with, see :class:`GroupPlan`; ``grads`` its current ones)
-        or None, and the groups whose state must be settled first (``_settle_state``).
+        Returns, per group, ``(plan, grads, terms)``: the plan where it still holds (the
+        group's tensors are those it was validated with, see :class:`GroupPlan`; ``grads`` its
+        current ones) or None for both, and the attached penalty's ``(importances, anchors)``
+        for the group's stepped params (None: no penalty); and the groups whose state must be
+        settled first (``_settle_state``).
         """
         plans, unsettled, checked = [], [], []
+        source = self._penalty_source
+        if source is not None:
+            check_penalty_scale(source.penalty_scale, where=f"{type(source).__name__}: penalty ")
         if len(self._plans) > len(self.param_groups):  # groups were removed: drop their plans
             ids = {id(group) for group in self.param_groups}
             self._plans = {key: plan for key, plan in self._plans.items() if key in ids}
@@ -191,9 +214,10 @@ class CLASSP(Optimizer):
             if grads is not None:
                 check_hyperparameters(*(group[key] for key in HYPERPARAMETERS),
                                       where=f"param group {index}: ", device=plan.device)
-                plans.append((plan, grads))
+                terms = None if source is None else plan.penalty_terms(
+                    source, lambda params: self._penalty_terms(source, params, params, index))
+                plans.append((plan, grads, terms))
                 continue
-            plans.append(None)
             self._plans.pop(id(group), None)  # the step rebuilds it from what it holds now
             first = next((p for p in group["params"] if p.grad is not None), None)
             dtypes = PARAM_DTYPES
@@ -202,11 +226,29 @@ class CLASSP(Optimizer):
             if check_stepped_group(index, group, self.state, dtypes):
                 unsettled.append(group)
             checked.append((group, index))
+            terms = None
+            if source is not None:
+                stepped = [p for p in group["params"] if p.grad is not None]
+                terms = self._penalty_terms(source, stepped, [local_part(p) for p in stepped],
+                                            index)
+            plans.append((None, None, terms))
         if self.nonfinite == "raise":
-            self._raise_on_nonfinite(grad_scale)
+            self._raise_on_nonfinite(grad_scale, [terms for _, _, terms in plans])
         for group, index in checked:  # keys of other optimizers set to "off" after construction
             self._warn_foreign_keys(group, index, stacklevel=5)  # in step, under two wrappers
         return plans, unsettled
+
+    @staticmethod
+    def _penalty_terms(source, params: list, local_params: list, index: int) -> Optional[tuple]:
+        """``source``'s checked ``(importances, anchors)`` for a group's stepped ``params``
+        (``local_params`` their local shards), or None when it holds state for none of them."""
+        importances, anchors = source.penalty_terms(params)
+        if all(w is None for w in importances):
+            return None
+        check_penalty(local_params, Penalty(source.penalty_form, source.penalty_scale,
+                                            importances, anchors),
+                      where=f"the penalty of {type(source).__name__} on param group {index}")
+        return importances, anchors
 
     def _settle_state(self, group: dict) -> None:
         """Bring the state of the group's stepped params to the form the step advances
@@ -222,14 +264,20 @@ class CLASSP(Optimizer):
             if not is_settled(state["step"], state["accumulator"], p.device):
                 state["step"] = _step_counter(state["step"], p.device)
 
-    def _raise_on_nonfinite(self, grad_scale: Optional[Tensor]) -> None:
-        for index, group in enumerate(self.param_groups):
-            for i, p in enumerate(group["params"]):
-                if p.grad is None:
-                    continue
-                g = local_part(p.grad)
-                scaled = g if grad_scale is None else g.float() / grad_scale.to(g.device)
-                if not bool(torch.isfinite(scaled).all()):
+    def _raise_on_nonfinite(self, grad_scale: Optional[Tensor], terms: list) -> None:
+        """Raise FloatingPointError for a non-finite element of a gradient the update would see
+        (unscaled; with an explicit penalty, penalized); ``terms`` per group as ``_check_step``
+        returns them."""
+        source = self._penalty_source
+        explicit = source is not None and source.penalty_form == "explicit"
+        for index, (group, group_terms) in enumerate(zip(self.param_groups, terms)):
+            stepped = [(i, p) for i, p in enumerate(group["params"]) if p.grad is not None]
+            pairs = zip(*group_terms) if explicit and group_terms else [(None, None)] * len(stepped)
+            for (i, p), (importance, anchor) in zip(stepped, pairs):
+                g = penalized_grad(local_part(p), local_part(p.grad), grad_scale=grad_scale,
+                                   importance=importance, anchor=anchor,
+                                   scale=source.penalty_scale if explicit else 0.0)
+                if not bool(torch.isfinite(g).all()):
                     raise FloatingPointError(
                         f"non-finite gradient in param group {index}, param {i} "
                         f"(shape {tuple(g.shape)}); nothing was updated (nonfinite='raise')")
@@ -295,33 +343,43 @@ class CLASSP(Optimizer):
         grad_scale = getattr(self, "grad_scale", None)
         found_inf = getattr(self, "found_inf", None)
         compiling = torch.compiler.is_compiling()
-        plans = [None] * len(self.param_groups)
-        if not compiling:
+        source = self._penalty_source
+        if compiling:  # no checks, no plans
+            plans = [(None, None, None if source is None else source.penalty_terms(
+                [p for p in group["params"] if p.grad is not None]))
+                for group in self.param_groups]
+        else:
             plans, unsettled = self._check_step(grad_scale)
             for group in unsettled:
                 self._settle_state(group)
 
         steps = []
-        for group, planned in zip(self.param_groups, plans):
-            if planned is None:
+        for group, (plan, grads, terms) in zip(self.param_groups, plans):
+            if plan is None:
                 params, grads, accs, counters = [], [], [], []
                 self._init_group(group, params, grads, accs, counters)
                 if not params:
                     continue
             else:
-                plan, grads = planned
                 params, accs = plan.params, plan.accs
+            penalty = None if terms is None else Penalty(source.penalty_form,
+                                                         source.penalty_scale, *terms)
             device = params[0].device
             backend = self._backend_for(device)
-            counts = self._run(group, backend, params, grads, accs, grad_scale, found_inf)
+            counts = self._run(group, backend, params, grads, accs,
+                               step_spec(group["lr"], group["threshold"], group["eps"],
+                                         group["power"], group["apply_scaling"], grad_scale,
+                                         found_inf, penalty))
             increment = 1.0 if found_inf is None else 1.0 - found_inf.to(device, torch.float32)
-            if planned is not None:
+            if plan is not None:
                 plan.steps.add_(increment)
                 steps.append((counts, plan.numels, backend))
                 continue
             base = self._advance_steps(group, counters, increment)
             plan = None if compiling else GroupPlan.build(group, self.state, params, base)
             if plan is not None:
+                if source is not None:
+                    plan.keep_penalty_terms(source, terms)
                 self._plans[id(group)] = plan
             steps.append((counts, [p.numel() for p in params] if plan is None else plan.numels,
                           backend))
@@ -329,15 +387,14 @@ class CLASSP(Optimizer):
         return loss
 
     def _run(self, group: dict, backend: str, params: list, grads: list, accs: list,
-             grad_scale: Optional[Tensor], found_inf: Optional[Tensor]) -> Tensor:
-        """Step one group's tensors with its hyperparameters; returns the kernel's counts."""
-        hyper = dict(lr=as_scalar_lr(group["lr"]), threshold=group["threshold"],
-                     eps=group["eps"], power=group["power"],
-                     apply_scaling=group["apply_scaling"], grad_scale=grad_scale,
-                     found_inf=found_inf)
-        if self.mode == "legacy":
-            return classp_legacy_step_(params, grads, accs, **hyper)
-        return run_backend(backend, params, grads, accs, **hyper)
+             spec: StepSpec) -> Tensor:
+        """Step one group's tensors as ``spec`` says; returns the kernel's counts."""
+        if self.mode == "legacy":  # never with a penalty: an attached one runs as step hooks
+            return classp_legacy_step_(params, grads, accs, lr=spec.lr, threshold=spec.threshold,
+                                       eps=spec.eps, power=spec.power,
+                                       apply_scaling=spec.apply_scaling,
+                                       grad_scale=spec.grad_scale, found_inf=spec.found_inf)
+        return run_backend(backend, params, grads, accs, spec)
 
     @property
     def last_update_fraction(self) -> float:

@@ -7,12 +7,21 @@ Per element, with gradient ``g`` (divided by ``grad_scale`` when given), accumul
                   param -= lr * g / (eps + A)**(1/power)     (or lr * g without scaling)
     elsewhere:    param and A stay bit-identical
 
+With a penalty ``scale * sum W * (param - m)**2`` (importance W, anchor m; SPEC section 4a):
+explicit, ``g += 2*scale*W*(param - m)`` before the mask; proximal, where mask, after the update
+``param += w*(m - param)``, ``w = c/(1 + c)``, ``c = min(2*scale*W*eta, max/2)``, eta the step
+size ``lr/(eps + A)**(1/power)`` with the updated A (``lr`` without scaling).
+
 Arithmetic is float32 (float64 for float64 params); the parameter is rounded once on write.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 from torch import Tensor
+
+from .backends.step_spec import Penalty
 
 
 def compute_dtype(param: Tensor) -> torch.dtype:
@@ -20,14 +29,36 @@ def compute_dtype(param: Tensor) -> torch.dtype:
     return torch.float64 if param.dtype == torch.float64 else torch.float32
 
 
-def classp_update_(param: Tensor, grad: Tensor, acc: Tensor, *, lr, threshold: float, eps: float,
-                   power: float, apply_scaling: bool, grad_scale: Tensor | None = None,
-                   found_inf: Tensor | None = None) -> Tensor:
-    """One CLASSP step on one tensor, in place. Returns ``[updated, nonfinite]`` element counts."""
+def penalized_grad(param: Tensor, grad: Tensor, *, grad_scale: Tensor | None = None,
+                   importance: Tensor | None = None, anchor: Tensor | None = None,
+                   scale: float = 0.0) -> Tensor:
+    """The gradient the update sees, in the compute dtype: ``grad / grad_scale``, plus the
+    explicit penalty's gradient ``2*scale*W*(param - m)`` when an importance W is given."""
     dtype = compute_dtype(param)
     g = grad.to(dtype)
     if grad_scale is not None:
         g = g / grad_scale.to(device=g.device, dtype=dtype)
+    if importance is not None:
+        g = g + 2.0 * scale * (importance.to(dtype) * (param.to(dtype) - anchor.to(dtype)))
+    return g
+
+
+def classp_update_(param: Tensor, grad: Tensor, acc: Tensor, *, lr, threshold: float, eps: float,
+                   power: float, apply_scaling: bool, grad_scale: Tensor | None = None,
+                   found_inf: Tensor | None = None, penalty_form: Optional[str] = None,
+                   penalty_scale: float = 0.0, importance: Tensor | None = None,
+                   anchor: Tensor | None = None) -> Tensor:
+    """One CLASSP step on one tensor, in place. Returns ``[updated, nonfinite]`` element counts.
+
+    ``penalty_form`` ("explicit" or "proximal") with ``importance`` and ``anchor`` (tensors of
+    the param's shape) takes the penalty ``penalty_scale * sum W * (param - m)**2`` in the step.
+    """
+    dtype = compute_dtype(param)
+    explicit = penalty_form == "explicit" and importance is not None
+    proximal = penalty_form == "proximal" and importance is not None
+    g = penalized_grad(param, grad, grad_scale=grad_scale,
+                       importance=importance if explicit else None, anchor=anchor,
+                       scale=penalty_scale)
     finite = torch.isfinite(g)
     nonfinite = ~finite
     mask = finite & (g * g > threshold)
@@ -47,14 +78,19 @@ def classp_update_(param: Tensor, grad: Tensor, acc: Tensor, *, lr, threshold: f
         denom = torch.where(mask, eps + new_acc, 1)
         if power == 1:
             step = g / denom
-        elif power == 2:
-            step = g * torch.rsqrt(denom)
-        else:
-            # as the spec computes it: neither 1/denom nor denom**(1/power) may overflow
-            step = g * torch.exp2(torch.log2(denom) / -power)
+        else:  # the step size is lr * root; as the spec computes it, no 1/denom or denom**(1/p)
+            root = torch.rsqrt(denom) if power == 2 else torch.exp2(torch.log2(denom) / -power)
+            step = g * root
     else:
         step = g
     new_param = param.to(dtype) - lr * step
+    if proximal:
+        eta = torch.as_tensor(lr, dtype=dtype, device=g.device)  # the step size of each element
+        if apply_scaling:
+            eta = eta / denom if power == 1 else eta * root
+        c = (2.0 * penalty_scale * importance.to(dtype)) * eta
+        c = c.clamp_max(torch.finfo(dtype).max / 2)
+        new_param = new_param + c / (1 + c) * (anchor.to(dtype) - new_param)
 
     param.copy_(torch.where(mask, new_param.to(param.dtype), param))
     acc.copy_(torch.where(mask, new_acc, acc))
@@ -90,18 +126,35 @@ def classp_legacy_update_(param: Tensor, grad: Tensor, acc: Tensor, *, lr, thres
     return torch.stack([finite.sum(), (~finite).sum()])
 
 
-def _multi_tensor(update_):
-    def step(params, grads, accs, *, lr, threshold, eps, power, apply_scaling,
-             grad_scale=None, found_inf=None) -> Tensor:
-        counts = [update_(p, g, a, lr=lr, threshold=threshold, eps=eps, power=power,
-                          apply_scaling=apply_scaling, grad_scale=grad_scale, found_inf=found_inf)
-                  for p, g, a in zip(params, grads, accs)]
-        if not counts:
-            return torch.zeros(0, 2, dtype=torch.int64)
-        return torch.stack([c.to(counts[0].device) for c in counts])
-    step.__doc__ = f"Multi-tensor form of ``{update_.__name__}``: one ``[updated, nonfinite]`` row per tensor."
-    return step
+def classp_step_(params, grads, accs, *, lr, threshold, eps, power, apply_scaling,
+                 grad_scale=None, found_inf=None, penalty: Optional[Penalty] = None) -> Tensor:
+    """Multi-tensor form of ``classp_update_``: one ``[updated, nonfinite]`` row per tensor.
+
+    ``penalty`` (a :class:`~classp_fused.backends.step_spec.Penalty`) gives the importances
+    and anchors aligned with ``params``."""
+    hyper = dict(lr=lr, threshold=threshold, eps=eps, power=power, apply_scaling=apply_scaling,
+                 grad_scale=grad_scale, found_inf=found_inf)
+    if penalty is None:
+        counts = [classp_update_(p, g, a, **hyper) for p, g, a in zip(params, grads, accs)]
+    else:
+        counts = [classp_update_(p, g, a, **hyper, penalty_form=penalty.form,
+                                 penalty_scale=penalty.scale, importance=w, anchor=m)
+                  for p, g, a, w, m in zip(params, grads, accs, penalty.importances,
+                                           penalty.anchors)]
+    return _stacked(counts)
 
 
-classp_step_ = _multi_tensor(classp_update_)
-classp_legacy_step_ = _multi_tensor(classp_legacy_update_)
+def classp_legacy_step_(params, grads, accs, *, lr, threshold, eps, power, apply_scaling,
+                        grad_scale=None, found_inf=None) -> Tensor:
+    """Multi-tensor form of ``classp_legacy_update_``: one ``[updated, nonfinite]`` row per
+    tensor."""
+    return _stacked([classp_legacy_update_(p, g, a, lr=lr, threshold=threshold, eps=eps,
+                                           power=power, apply_scaling=apply_scaling,
+                                           grad_scale=grad_scale, found_inf=found_inf)
+                     for p, g, a in zip(params, grads, accs)])
+
+
+def _stacked(counts: list) -> Tensor:
+    if not counts:
+        return torch.zeros(0, 2, dtype=torch.int64)
+    return torch.stack([c.to(counts[0].device) for c in counts])

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 
+from .backends.step_spec import PENALTY_FORMS, Penalty, StepSpec
 from .reference import compute_dtype
 
 PARAM_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -170,15 +171,15 @@ def _check_like_param(param: Tensor, t: Tensor, where: str, same_device: bool = 
 
 
 def check_step_inputs(params: Sequence[Tensor], grads: Sequence[Tensor], accs: Sequence[Tensor],
-                      lr, threshold: float, eps: float, power: float,
-                      grad_scale: Tensor | None, found_inf: Tensor | None) -> None:
+                      spec: StepSpec) -> None:
     """Validate one op call's inputs; raise TypeError/ValueError/RuntimeError naming the input."""
     if not (len(params) == len(grads) == len(accs)):
         raise ValueError(f"params, grads and accs must have the same length, got "
                          f"{len(params)}, {len(grads)}, {len(accs)}")
     device = params[0].device if params and isinstance(params[0], Tensor) else None
-    check_hyperparameters(lr, threshold, eps, power, device=device)
-    for name, t in (("grad_scale", grad_scale), ("found_inf", found_inf)):
+    check_hyperparameters(spec.lr, spec.threshold, spec.eps, spec.power, spec.apply_scaling,
+                          device=device)
+    for name, t in (("grad_scale", spec.grad_scale), ("found_inf", spec.found_inf)):
         if t is not None and (not isinstance(t, Tensor) or t.numel() != 1):
             raise ValueError(f"{name} must be a one-element tensor or None")
         if device is not None:
@@ -190,6 +191,47 @@ def check_step_inputs(params: Sequence[Tensor], grads: Sequence[Tensor], accs: S
                                f"{params[0].device} (one step runs on one device)")
         check_grad(p, g, f"grads[{i}]")
         check_accumulator(p, a, f"accs[{i}]")
+    if spec.penalty is not None:
+        check_penalty(params, spec.penalty)
+
+
+def check_penalty(params: Sequence[Tensor], penalty, where: str = "penalty") -> None:
+    """Raise unless ``penalty`` is a :class:`Penalty` that fits ``params``: a known form, a
+    finite scale >= 0, and per param either no importance and anchor or both, dense tensors of
+    the param's shape, dtype and device."""
+    if not isinstance(penalty, Penalty):
+        raise TypeError(f"{where} must be a Penalty or None, got {type(penalty).__name__}")
+    if penalty.form not in PENALTY_FORMS:
+        raise ValueError(f"{where}.form must be one of {PENALTY_FORMS}, got {penalty.form!r}")
+    check_penalty_scale(penalty.scale, f"{where}.")
+    for name in ("importances", "anchors"):
+        tensors = getattr(penalty, name)
+        if not isinstance(tensors, Sequence) or len(tensors) != len(params):
+            length = len(tensors) if isinstance(tensors, Sequence) else type(tensors).__name__
+            raise ValueError(f"{where}.{name} must be a list with one entry per param "
+                             f"({len(params)}), got {length}")
+    for i, (p, imp, anchor) in enumerate(zip(params, penalty.importances, penalty.anchors)):
+        if (imp is None) != (anchor is None):
+            raise ValueError(f"{where}: params[{i}] has an importance but no anchor or an "
+                             f"anchor but no importance; give both or neither")
+        for name, t in (("importances", imp), ("anchors", anchor)):
+            if t is None:
+                continue
+            entry = f"{where}.{name}[{i}]"
+            if not isinstance(t, Tensor):
+                raise TypeError(f"{entry} must be a tensor or None, got {type(t).__name__}")
+            if t.layout != torch.strided:
+                raise TypeError(f"{entry} must be a dense (strided) tensor")
+            if t.dtype != p.dtype:
+                raise TypeError(f"{entry} has dtype {t.dtype}, expected the param's {p.dtype}")
+            _check_like_param(p, t, entry)
+
+
+def check_penalty_scale(scale, where: str = "") -> None:
+    """Raise unless the penalty's ``scale`` is a finite number >= 0 (``where`` prefixes
+    "scale")."""
+    if not (_is_real(scale) and math.isfinite(scale) and scale >= 0):
+        raise ValueError(f"{where}scale must be a finite number >= 0, got {scale!r}")
 
 
 def check_group(group: Mapping, index: int) -> None:

@@ -2,12 +2,15 @@
 #pragma once
 
 #include <ATen/MemoryOverlap.h>
+#include <ATen/core/List.h>
 #include <ATen/core/Tensor.h>
 #include <c10/core/ScalarType.h>
+#include <c10/util/string_view.h>
 
 #include <cmath>
 #include <cstdint>
 #include <optional>
+#include <string>
 #include <vector>
 
 namespace classp {
@@ -81,6 +84,54 @@ inline void check_step_inputs(at::TensorList params, at::TensorList grads, at::T
                 "classp_step_: params[", i, "] and accs[", i,
                 "] must not have internal overlap (e.g. from expand())");
   }
+}
+
+// The penalty a step takes (SPEC section 4a); kNone also for the tensors it does not cover.
+enum class PenaltyForm { kNone, kExplicit, kProximal };
+
+// TORCH_CHECKs the penalty arguments against the (checked) params and returns the form:
+// "none" with empty lists, or "explicit"/"proximal" with a finite scale >= 0 and per param an
+// importance and an anchor of its dtype, shape and device, or neither.
+inline PenaltyForm check_penalty_inputs(at::TensorList params,
+                                        const c10::List<std::optional<at::Tensor>>& importances,
+                                        const c10::List<std::optional<at::Tensor>>& anchors,
+                                        c10::string_view form_name, double scale) {
+  if (form_name == "none") {
+    TORCH_CHECK(importances.empty() && anchors.empty(),
+                "classp_step_: penalty_form 'none' takes empty importances and anchors");
+    return PenaltyForm::kNone;
+  }
+  TORCH_CHECK(form_name == "explicit" || form_name == "proximal",
+              "classp_step_: penalty_form must be 'none', 'explicit' or 'proximal', got '",
+              std::string(form_name), "'");
+  TORCH_CHECK(std::isfinite(scale) && scale >= 0.0,
+              "classp_step_: penalty_scale must be a finite number >= 0, got ", scale);
+  TORCH_CHECK(importances.size() == params.size() && anchors.size() == params.size(),
+              "classp_step_: importances and anchors must have one entry per param (",
+              params.size(), "), got ", importances.size(), " and ", anchors.size());
+  for (size_t i = 0; i < params.size(); ++i) {
+    const std::optional<at::Tensor> weight = importances.get(i);
+    const std::optional<at::Tensor> anchor = anchors.get(i);
+    TORCH_CHECK(weight.has_value() == anchor.has_value(), "classp_step_: params[", i,
+                "] has an importance but no anchor or an anchor but no importance");
+    if (!weight.has_value()) {
+      continue;
+    }
+    const at::Tensor& param = params[i];
+    for (const at::Tensor* t : {&*weight, &*anchor}) {
+      const char* name = t == &*weight ? "importances" : "anchors";
+      TORCH_CHECK(t->defined() && t->layout() == c10::kStrided, "classp_step_: ", name, "[", i,
+                  "] must be a dense (strided) tensor");
+      TORCH_CHECK(t->scalar_type() == param.scalar_type(), "classp_step_: ", name, "[", i,
+                  "] has dtype ", t->scalar_type(), ", expected the param's ",
+                  param.scalar_type());
+      TORCH_CHECK(t->sizes() == param.sizes(), "classp_step_: ", name, "[", i, "] has shape ",
+                  t->sizes(), ", expected the param's ", param.sizes());
+      TORCH_CHECK(t->device() == param.device(), "classp_step_: ", name, "[", i, "] is on ",
+                  t->device(), ", expected the param's device ", param.device());
+    }
+  }
+  return form_name == "explicit" ? PenaltyForm::kExplicit : PenaltyForm::kProximal;
 }
 
 // Whether a (param, grad, acc) triple can be stepped as it is, with nothing to explain: dense,

@@ -4,7 +4,10 @@
 // CPU kernel: one at::parallel_for region over all (tensor, chunk) pairs, split between threads
 // by element count; at::vec arithmetic in fp32 (fp64 for fp64 params), the parameter rounded
 // once on write. Blocks where no element is selected are not written at all; partly selected
-// blocks keep the old bits of unselected elements by a bitwise blend.
+// blocks keep the old bits of unselected elements by a bitwise blend. A penalty (SPEC section
+// 4a) reads the importance and anchor of the tensors it covers in the same pass: explicit, its
+// gradient joins the unscaled gradient before the threshold; proximal, the new value of each
+// updated element is pulled toward its anchor before it is written.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/cpu/vec/functional.h>
@@ -16,6 +19,7 @@
 #include <algorithm>
 #include <array>
 #include <cmath>
+#include <limits>
 #include <tuple>
 #include <type_traits>
 
@@ -40,18 +44,26 @@ template <typename scalar_t>
 using math_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
 // The step's scalars in the arithmetic type, rounded as the reference rounds them.
+// `factor` is the penalty's 2 * scale; `cap` bounds its proximal coefficient c.
 template <typename T>
 struct Hyper {
-  T lr, threshold, eps, power, inv_power, grad_scale;
+  T lr, threshold, eps, power, inv_power, grad_scale, factor, cap;
   bool apply_scaling, has_grad_scale;
 };
 
 template <typename T>
 Hyper<T> make_hyper(double lr, double threshold, double eps, double power, bool apply_scaling,
-                    std::optional<double> grad_scale) {
-  return {static_cast<T>(lr), static_cast<T>(threshold), static_cast<T>(eps),
-          static_cast<T>(power), static_cast<T>(1.0 / power),
-          static_cast<T>(grad_scale.value_or(1.0)), apply_scaling, grad_scale.has_value()};
+                    std::optional<double> grad_scale, double penalty_scale) {
+  return {static_cast<T>(lr),
+          static_cast<T>(threshold),
+          static_cast<T>(eps),
+          static_cast<T>(power),
+          static_cast<T>(1.0 / power),
+          static_cast<T>(grad_scale.value_or(1.0)),
+          static_cast<T>(2.0 * penalty_scale),
+          std::numeric_limits<T>::max() / 2,
+          apply_scaling,
+          grad_scale.has_value()};
 }
 
 // Element counts of one work item.
@@ -68,17 +80,28 @@ C10_ALWAYS_INLINE Vectorized<T> scaled(const Vectorized<T>& grad, const Hyper<T>
 
 // The CLASSP update of one vector: new values, and `selected` as a lane mask (all bits set or
 // clear). `probe` accumulates grad - grad: zero while every gradient is finite, NaN after any
-// that is not (counted afterwards, in the rare ranges that have one).
-template <Power kPower, typename T>
+// that is not (counted afterwards, in the rare ranges that have one); with the explicit
+// penalty the non-finite lanes of the penalized gradient are counted into `nonfinite` instead.
+// `weight` and `anchor` (importance and anchor) are read only with a penalty.
+template <Power kPower, PenaltyForm kForm, typename T>
 C10_ALWAYS_INLINE void update_vector(const Vectorized<T>& param, const Vectorized<T>& raw_grad,
-                                     const Vectorized<T>& acc, const Hyper<T>& h,
+                                     const Vectorized<T>& acc, const Vectorized<T>& weight,
+                                     const Vectorized<T>& anchor, const Hyper<T>& h,
                                      Vectorized<T>& new_param, Vectorized<T>& new_acc,
-                                     Vectorized<T>& selected, Vectorized<T>& probe) {
+                                     Vectorized<T>& selected, Vectorized<T>& probe,
+                                     int& nonfinite) {
   using Vec = Vectorized<T>;
-  const Vec grad = scaled(raw_grad, h);
+  Vec grad = scaled(raw_grad, h);
+  if constexpr (kForm == PenaltyForm::kExplicit) {
+    grad = grad + Vec(h.factor) * (weight * (param - anchor));
+  }
   const Vec square = grad * grad;
   const Vec nan_unless_finite = grad - grad;
-  probe = probe + nan_unless_finite;
+  if constexpr (kForm == PenaltyForm::kExplicit) {
+    nonfinite += __builtin_popcount((nan_unless_finite == Vec(T(0))).zero_mask());
+  } else {
+    probe = probe + nan_unless_finite;
+  }
   // isfinite(g) && g*g > threshold: a NaN sum compares false.
   selected = (square + nan_unless_finite) > Vec(h.threshold);
   if constexpr (kPower == Power::kOne) {
@@ -89,17 +112,34 @@ C10_ALWAYS_INLINE void update_vector(const Vectorized<T>& param, const Vectorize
     new_acc = acc + (Vec(h.power) * grad.abs().log2()).exp2();
   }
   Vec step = grad;
+  Vec eta(h.lr);  // the step size of each element
   if (h.apply_scaling) {
     const Vec denom = Vec(h.eps) + new_acc;
     if constexpr (kPower == Power::kOne) {
       step = grad / denom;
+      if constexpr (kForm == PenaltyForm::kProximal) {
+        eta = eta / denom;
+      }
     } else if constexpr (kPower == Power::kTwo) {
-      step = grad * denom.rsqrt();
+      const Vec root = denom.rsqrt();
+      step = grad * root;
+      if constexpr (kForm == PenaltyForm::kProximal) {
+        eta = eta * root;
+      }
     } else {
-      step = grad * (denom.log2() * Vec(-h.inv_power)).exp2();
+      const Vec root = (denom.log2() * Vec(-h.inv_power)).exp2();  // no 1/denom overflow
+      step = grad * root;
+      if constexpr (kForm == PenaltyForm::kProximal) {
+        eta = eta * root;
+      }
     }
   }
   new_param = param - Vec(h.lr) * step;
+  if constexpr (kForm == PenaltyForm::kProximal) {
+    Vec c = Vec(h.factor) * weight * eta;
+    c = Vec::blendv(c, Vec(h.cap), c > Vec(h.cap));  // a NaN c stays NaN, as clamp_max keeps it
+    new_param = new_param + c / (Vec(T(1)) + c) * (anchor - new_param);
+  }
 }
 
 // A block is one native vector of the param dtype: one vector of the arithmetic type, two for
@@ -145,35 +185,59 @@ C10_ALWAYS_INLINE void store_param_block(scalar_t* ptr, const Block<scalar_t>& o
   }
 }
 
+// One block's memory: param, grad, accumulator, and with a penalty importance and anchor.
+template <typename scalar_t>
+struct BlockPointers {
+  scalar_t* param;
+  const scalar_t* grad;
+  math_t<scalar_t>* acc;
+  const scalar_t* weight;
+  const scalar_t* anchor;
+
+  BlockPointers advanced(int64_t k) const {
+    return {param + k, grad + k, acc + k, weight == nullptr ? nullptr : weight + k,
+            anchor == nullptr ? nullptr : anchor + k};
+  }
+};
+
 // Updates kBlock<scalar_t> elements; returns how many were selected.
-template <Power kPower, typename scalar_t>
-C10_ALWAYS_INLINE int step_block(scalar_t* param, const scalar_t* grad, math_t<scalar_t>* acc,
+template <Power kPower, PenaltyForm kForm, typename scalar_t>
+C10_ALWAYS_INLINE int step_block(const BlockPointers<scalar_t>& ptr,
                                  const Hyper<math_t<scalar_t>>& h,
-                                 Vectorized<math_t<scalar_t>>& probe) {
+                                 Vectorized<math_t<scalar_t>>& probe, int64_t& nonfinite) {
   using Vec = Vectorized<math_t<scalar_t>>;
   constexpr int kVec = Vec::size();
   constexpr int kAllLanes = (1 << kVec) - 1;
-  const Block<scalar_t> p = load_block(param);
-  const Block<scalar_t> g = load_block(grad);
+  const Block<scalar_t> p = load_block(ptr.param);
+  const Block<scalar_t> g = load_block(ptr.grad);
+  Block<scalar_t> w{}, m{};
+  if constexpr (kForm != PenaltyForm::kNone) {
+    w = load_block(ptr.weight);
+    m = load_block(ptr.anchor);
+  }
   Block<scalar_t> a, new_p, new_a, selected;
   int unselected = 0;  // count of unselected lanes
+  int block_nonfinite = 0;
   bool any_selected = false;
   bool all_selected = true;
   for (int v = 0; v < kVectors<scalar_t>; ++v) {
-    a[v] = Vec::loadu(acc + v * kVec);
-    update_vector<kPower>(p[v], g[v], a[v], h, new_p[v], new_a[v], selected[v], probe);
+    a[v] = Vec::loadu(ptr.acc + v * kVec);
+    update_vector<kPower, kForm>(p[v], g[v], a[v], w[v], m[v], h, new_p[v], new_a[v],
+                                 selected[v], probe, block_nonfinite);
     const int unselected_lanes = selected[v].zero_mask();
     any_selected |= unselected_lanes != kAllLanes;
     all_selected &= unselected_lanes == 0;
     unselected += __builtin_popcount(unselected_lanes);
   }
+  nonfinite += block_nonfinite;
   if (!any_selected) {
     return 0;  // no writes
   }
   for (int v = 0; v < kVectors<scalar_t>; ++v) {
-    (all_selected ? new_a[v] : Vec::blendv(a[v], new_a[v], selected[v])).store(acc + v * kVec);
+    (all_selected ? new_a[v] : Vec::blendv(a[v], new_a[v], selected[v]))
+        .store(ptr.acc + v * kVec);
   }
-  store_param_block(param, p, new_p, selected, !all_selected);
+  store_param_block(ptr.param, p, new_p, selected, !all_selected);
   return kBlock<scalar_t> - unselected;
 }
 
@@ -187,12 +251,15 @@ C10_ALWAYS_INLINE void prefetch_lines(const T* ptr, int64_t count) {
 }
 
 // Prefetches the block kPrefetchElements ahead.
-template <typename scalar_t>
-C10_ALWAYS_INLINE void prefetch_block(const scalar_t* param, const scalar_t* grad,
-                                      const math_t<scalar_t>* acc) {
-  prefetch_lines<1>(param + kPrefetchElements, kBlock<scalar_t>);
-  prefetch_lines<0>(grad + kPrefetchElements, kBlock<scalar_t>);
-  prefetch_lines<1>(acc + kPrefetchElements, kBlock<scalar_t>);
+template <PenaltyForm kForm, typename scalar_t>
+C10_ALWAYS_INLINE void prefetch_block(const BlockPointers<scalar_t>& ptr) {
+  prefetch_lines<1>(ptr.param + kPrefetchElements, kBlock<scalar_t>);
+  prefetch_lines<0>(ptr.grad + kPrefetchElements, kBlock<scalar_t>);
+  prefetch_lines<1>(ptr.acc + kPrefetchElements, kBlock<scalar_t>);
+  if constexpr (kForm != PenaltyForm::kNone) {
+    prefetch_lines<0>(ptr.weight + kPrefetchElements, kBlock<scalar_t>);
+    prefetch_lines<0>(ptr.anchor + kPrefetchElements, kBlock<scalar_t>);
+  }
 }
 
 // The number of non-finite gradients in [0, n), after grad_scale.
@@ -208,102 +275,144 @@ int64_t count_nonfinite(const scalar_t* grad, int64_t n, const Hyper<math_t<scal
 }
 
 // Updates elements [0, n) of one tensor: whole blocks in place, the tail on zero-padded copies
-// (a zero gradient is never selected since threshold >= 0), copied back only if selected.
-// `h` is a copy so that stores through `param` and `acc` cannot alias it.
-template <Power kPower, typename scalar_t>
-Tally step_range(scalar_t* param, const scalar_t* grad, math_t<scalar_t>* acc, int64_t n,
-                 const Hyper<math_t<scalar_t>> h) {
+// (a zero gradient, importance and anchor are never selected since threshold >= 0), copied
+// back only if selected. `h` is a copy so that stores through `param` and `acc` cannot alias it.
+template <Power kPower, PenaltyForm kForm, typename scalar_t>
+Tally step_range(const BlockPointers<scalar_t>& ptr, int64_t n, const Hyper<math_t<scalar_t>> h) {
   using T = math_t<scalar_t>;
   constexpr int64_t kSize = kBlock<scalar_t>;
   Tally tally;
   Vectorized<T> probe(T(0));
   int64_t i = 0;
   for (; i + kSize <= n - kPrefetchElements; i += kSize) {
-    prefetch_block(param + i, grad + i, acc + i);
-    tally.updated += step_block<kPower>(param + i, grad + i, acc + i, h, probe);
+    const BlockPointers<scalar_t> block = ptr.advanced(i);
+    prefetch_block<kForm>(block);
+    tally.updated += step_block<kPower, kForm>(block, h, probe, tally.nonfinite);
   }
   for (; i + kSize <= n; i += kSize) {
-    tally.updated += step_block<kPower>(param + i, grad + i, acc + i, h, probe);
+    tally.updated += step_block<kPower, kForm>(ptr.advanced(i), h, probe, tally.nonfinite);
   }
   const int64_t rest = n - i;
   if (rest > 0) {
     scalar_t param_tail[kSize] = {};
     scalar_t grad_tail[kSize] = {};
     T acc_tail[kSize] = {};
-    std::copy_n(param + i, rest, param_tail);
-    std::copy_n(grad + i, rest, grad_tail);
-    std::copy_n(acc + i, rest, acc_tail);
-    const int updated = step_block<kPower>(param_tail, grad_tail, acc_tail, h, probe);
+    scalar_t weight_tail[kSize] = {};
+    scalar_t anchor_tail[kSize] = {};
+    std::copy_n(ptr.param + i, rest, param_tail);
+    std::copy_n(ptr.grad + i, rest, grad_tail);
+    std::copy_n(ptr.acc + i, rest, acc_tail);
+    if constexpr (kForm != PenaltyForm::kNone) {
+      std::copy_n(ptr.weight + i, rest, weight_tail);
+      std::copy_n(ptr.anchor + i, rest, anchor_tail);
+    }
+    const BlockPointers<scalar_t> tail{param_tail, grad_tail, acc_tail, weight_tail,
+                                       anchor_tail};
+    const int updated = step_block<kPower, kForm>(tail, h, probe, tally.nonfinite);
     if (updated > 0) {
       tally.updated += updated;
-      std::copy_n(param_tail, rest, param + i);
-      std::copy_n(acc_tail, rest, acc + i);
+      std::copy_n(param_tail, rest, ptr.param + i);
+      std::copy_n(acc_tail, rest, ptr.acc + i);
     }
   }
   if (probe.zero_mask() != (1 << Vectorized<T>::size()) - 1) {
-    tally.nonfinite = count_nonfinite(grad, n, h);
+    tally.nonfinite = count_nonfinite(ptr.grad, n, h);
   }
   return tally;
 }
 
-// One tensor triple's memory, laid out alike (contiguous, or dense with equal strides).
+// One tensor's memory, laid out alike (contiguous, or dense with equal strides): param, grad,
+// accumulator, and importance and anchor where the penalty covers it (else nullptr).
 struct TensorPointers {
   void* param;
   const void* grad;
   void* acc;
+  const void* weight;
+  const void* anchor;
   c10::ScalarType dtype;
 };
 
-template <Power kPower>
+template <Power kPower, PenaltyForm kForm, typename scalar_t>
+Tally step_chunk_as(const TensorPointers& t, const Chunk& chunk,
+                    const Hyper<math_t<scalar_t>>& h) {
+  const int64_t begin = chunk.begin;
+  const auto* weight = static_cast<const scalar_t*>(t.weight);
+  const auto* anchor = static_cast<const scalar_t*>(t.anchor);
+  const BlockPointers<scalar_t> ptr{static_cast<scalar_t*>(t.param) + begin,
+                                    static_cast<const scalar_t*>(t.grad) + begin,
+                                    static_cast<math_t<scalar_t>*>(t.acc) + begin,
+                                    weight == nullptr ? nullptr : weight + begin,
+                                    anchor == nullptr ? nullptr : anchor + begin};
+  return step_range<kPower, kForm>(ptr, chunk.end - begin, h);
+}
+
+template <Power kPower, PenaltyForm kForm>
 Tally step_chunk(const TensorPointers& t, const Chunk& chunk, const Hyper<float>& hf,
                  const Hyper<double>& hd) {
-  const int64_t n = chunk.end - chunk.begin;
   switch (t.dtype) {
     case c10::kFloat:
-      return step_range<kPower>(static_cast<float*>(t.param) + chunk.begin,
-                                static_cast<const float*>(t.grad) + chunk.begin,
-                                static_cast<float*>(t.acc) + chunk.begin, n, hf);
+      return step_chunk_as<kPower, kForm, float>(t, chunk, hf);
     case c10::kBFloat16:
-      return step_range<kPower>(static_cast<c10::BFloat16*>(t.param) + chunk.begin,
-                                static_cast<const c10::BFloat16*>(t.grad) + chunk.begin,
-                                static_cast<float*>(t.acc) + chunk.begin, n, hf);
+      return step_chunk_as<kPower, kForm, c10::BFloat16>(t, chunk, hf);
     case c10::kHalf:
-      return step_range<kPower>(static_cast<c10::Half*>(t.param) + chunk.begin,
-                                static_cast<const c10::Half*>(t.grad) + chunk.begin,
-                                static_cast<float*>(t.acc) + chunk.begin, n, hf);
+      return step_chunk_as<kPower, kForm, c10::Half>(t, chunk, hf);
     case c10::kDouble:
-      return step_range<kPower>(static_cast<double*>(t.param) + chunk.begin,
-                                static_cast<const double*>(t.grad) + chunk.begin,
-                                static_cast<double*>(t.acc) + chunk.begin, n, hd);
+      return step_chunk_as<kPower, kForm, double>(t, chunk, hd);
     default:
       TORCH_CHECK(false, "classp_step_: unsupported dtype ", t.dtype);
   }
 }
 
-template <Power kPower>
+// Tensors the penalty covers step with `kForm`, the others without.
+template <Power kPower, PenaltyForm kForm>
 void run_plan(const std::vector<TensorPointers>& tensors, const Plan& plan, const Hyper<float>& hf,
               const Hyper<double>& hd, std::vector<Tally>& tallies) {
   const int64_t num_parts = static_cast<int64_t>(plan.part_starts.size()) - 1;
   at::parallel_for(0, num_parts, 1, [&](int64_t part_begin, int64_t part_end) {
     for (int64_t i = plan.part_starts[part_begin]; i < plan.part_starts[part_end]; ++i) {
       const Chunk& chunk = plan.chunks[i];
-      tallies[i] = step_chunk<kPower>(tensors[chunk.tensor], chunk, hf, hd);
+      const TensorPointers& t = tensors[chunk.tensor];
+      tallies[i] = t.weight == nullptr ? step_chunk<kPower, PenaltyForm::kNone>(t, chunk, hf, hd)
+                                       : step_chunk<kPower, kForm>(t, chunk, hf, hd);
     }
   });
 }
 
+template <Power kPower>
+void run_plan_for_form(PenaltyForm form, const std::vector<TensorPointers>& tensors,
+                       const Plan& plan, const Hyper<float>& hf, const Hyper<double>& hd,
+                       std::vector<Tally>& tallies) {
+  switch (form) {
+    case PenaltyForm::kNone:
+      return run_plan<kPower, PenaltyForm::kNone>(tensors, plan, hf, hd, tallies);
+    case PenaltyForm::kExplicit:
+      return run_plan<kPower, PenaltyForm::kExplicit>(tensors, plan, hf, hd, tallies);
+    case PenaltyForm::kProximal:
+      return run_plan<kPower, PenaltyForm::kProximal>(tensors, plan, hf, hd, tallies);
+  }
+}
+
 // Whether the kernel can work on the tensors' memory directly: equal strides, no gaps.
-bool same_dense_layout(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& acc) {
+bool same_dense_layout(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& acc,
+                       const std::optional<at::Tensor>& weight,
+                       const std::optional<at::Tensor>& anchor) {
   return param.is_non_overlapping_and_dense() && grad.strides() == param.strides() &&
-         acc.strides() == param.strides();
+         acc.strides() == param.strides() &&
+         (!weight.has_value() || weight->strides() == param.strides()) &&
+         (!anchor.has_value() || anchor->strides() == param.strides());
 }
 
 at::Tensor classp_step_cpu(at::TensorList params, at::TensorList grads, at::TensorList accs,
                            const at::Tensor& lr, double threshold, double eps, double power,
                            bool apply_scaling, const std::optional<at::Tensor>& grad_scale,
-                           const std::optional<at::Tensor>& found_inf) {
+                           const std::optional<at::Tensor>& found_inf,
+                           const c10::List<std::optional<at::Tensor>>& importances,
+                           const c10::List<std::optional<at::Tensor>>& anchors,
+                           c10::string_view penalty_form, double penalty_scale) {
   check_step_inputs(params, grads, accs, lr, threshold, eps, power, grad_scale, found_inf,
                     c10::Device(c10::kCPU));
+  const PenaltyForm form = check_penalty_inputs(params, importances, anchors, penalty_form,
+                                                penalty_scale);
   const int64_t n = static_cast<int64_t>(params.size());
   at::Tensor counts = at::zeros({n, 2}, at::TensorOptions().dtype(at::kLong));
   if (found_inf.has_value() && found_inf->item<double>() != 0.0) {
@@ -312,22 +421,38 @@ at::Tensor classp_step_cpu(at::TensorList params, at::TensorList grads, at::Tens
   const double lr_value = lr.item<double>();
   const std::optional<double> scale =
       grad_scale.has_value() ? std::optional<double>(grad_scale->item<double>()) : std::nullopt;
-  const auto hf = make_hyper<float>(lr_value, threshold, eps, power, apply_scaling, scale);
-  const auto hd = make_hyper<double>(lr_value, threshold, eps, power, apply_scaling, scale);
+  const auto hf =
+      make_hyper<float>(lr_value, threshold, eps, power, apply_scaling, scale, penalty_scale);
+  const auto hd =
+      make_hyper<double>(lr_value, threshold, eps, power, apply_scaling, scale, penalty_scale);
 
   // Tensors laid out differently are updated on contiguous copies, written back afterwards.
-  std::vector<at::Tensor> work_params(n), work_grads(n), work_accs(n);
+  std::vector<at::Tensor> work_params(n), work_grads(n), work_accs(n), work_weights(n),
+      work_anchors(n);
   std::vector<TensorPointers> tensors(n);
   std::vector<int64_t> numels(n);
   int64_t total = 0;
   for (int64_t i = 0; i < n; ++i) {
-    const bool direct = same_dense_layout(params[i], grads[i], accs[i]);
+    std::optional<at::Tensor> weight, anchor;
+    if (form != PenaltyForm::kNone) {
+      weight = importances.get(i);
+      anchor = anchors.get(i);
+    }
+    const bool direct = same_dense_layout(params[i], grads[i], accs[i], weight, anchor);
     work_params[i] = direct ? params[i] : params[i].contiguous();
     work_grads[i] = direct ? grads[i] : grads[i].contiguous();
     work_accs[i] = direct ? accs[i] : accs[i].contiguous();
+    if (weight.has_value()) {
+      work_weights[i] = direct ? *weight : weight->contiguous();
+      work_anchors[i] = direct ? *anchor : anchor->contiguous();
+    }
     numels[i] = params[i].numel();
     total += numels[i];
-    tensors[i] = {work_params[i].data_ptr(), work_grads[i].data_ptr(), work_accs[i].data_ptr(),
+    tensors[i] = {work_params[i].data_ptr(),
+                  work_grads[i].data_ptr(),
+                  work_accs[i].data_ptr(),
+                  weight.has_value() ? work_weights[i].data_ptr() : nullptr,
+                  weight.has_value() ? work_anchors[i].data_ptr() : nullptr,
                   params[i].scalar_type()};
   }
 
@@ -336,11 +461,11 @@ at::Tensor classp_step_cpu(at::TensorList params, at::TensorList grads, at::Tens
   const Plan plan = plan_work(numels, num_parts);
   std::vector<Tally> tallies(plan.chunks.size());
   if (power == 1.0) {
-    run_plan<Power::kOne>(tensors, plan, hf, hd, tallies);
+    run_plan_for_form<Power::kOne>(form, tensors, plan, hf, hd, tallies);
   } else if (power == 2.0) {
-    run_plan<Power::kTwo>(tensors, plan, hf, hd, tallies);
+    run_plan_for_form<Power::kTwo>(form, tensors, plan, hf, hd, tallies);
   } else {
-    run_plan<Power::kGeneric>(tensors, plan, hf, hd, tallies);
+    run_plan_for_form<Power::kGeneric>(form, tensors, plan, hf, hd, tallies);
   }
 
   auto counts_data = counts.accessor<int64_t, 2>();
@@ -395,7 +520,8 @@ TORCH_LIBRARY(classp_fused, m) {
   m.def(
       "classp_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] accs, Tensor lr, "
       "float threshold, float eps, float power, bool apply_scaling, Tensor? grad_scale, "
-      "Tensor? found_inf) -> Tensor");
+      "Tensor? found_inf, Tensor?[] importances, Tensor?[] anchors, str penalty_form, "
+      "float penalty_scale) -> Tensor");
   m.def("_chunk_plan(int[] numels, int num_parts) -> (Tensor, Tensor, Tensor)",
         &classp::chunk_plan);
 }

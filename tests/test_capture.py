@@ -10,6 +10,7 @@ import torch
 
 from classp_fused import CLASSP, available_backends
 from classp_fused.backends import triton as triton_backend
+from classp_fused.backends.step_spec import step_spec
 from helpers import bits
 
 GPU_BACKENDS = [name for name in ("cuda", "triton")
@@ -167,8 +168,8 @@ def test_triton_work_tables_under_capture(monkeypatch):
     accs = [[torch.zeros_like(p, dtype=torch.float32) for p in ps] for ps in params]
 
     def step(i):
-        triton_backend.step(params[i], [p.grad for p in params[i]], accs[i], 0.01, 0.0, 1e-5,
-                            1.0, True, None, None)
+        triton_backend.step(params[i], [p.grad for p in params[i]], accs[i],
+                            step_spec(0.01, 0.0, 1e-5, 1.0, True))
 
     capturing[0] = True
     step(0)  # first needed while capturing: built inside the "graph", not cached

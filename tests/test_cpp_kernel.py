@@ -11,13 +11,20 @@ from helpers import bits, random_like
 pytestmark = pytest.mark.skipif(not _extension.has_kernel("CPU"),
                                 reason=f"C++ extension not built: {_extension.LOAD_ERROR}")
 
-OP = torch.ops.classp_fused.classp_step_.default if _extension.LOAD_ERROR is None else None
+OP_PACKET = (torch.ops.classp_fused.classp_step_.default if _extension.LOAD_ERROR is None
+             else None)
+NO_PENALTY = ([], [], "none", 0.0)  # importances, anchors, penalty_form, penalty_scale
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 CHUNK = 1 << 16
 RECORD_COLUMNS = 5
 # Tolerance of the generic power path (exp2/log2 vs torch.pow): about one rounding of the dtype.
 GENERIC_RTOL = {torch.float32: 2e-6, torch.float64: 1e-14, torch.bfloat16: 2 ** -7,
                 torch.float16: 2 ** -10}
+
+
+def OP(*args):
+    """The op without a penalty (tests/test_fused_penalty.py steps it with one)."""
+    return OP_PACKET(*args, *NO_PENALTY)
 
 
 def make_case(sizes, dtype, seed=0):
@@ -231,16 +238,17 @@ def test_opcheck():
     grads = [random_like(p.shape, p.dtype, g) for p in params]
     accs = [torch.rand(p.shape, generator=g) + 0.1 for p in params]
     lr = torch.tensor(0.1, dtype=torch.float64)
-    torch.library.opcheck(OP, (params, grads, accs, lr, 0.1, 1e-5, 1.0, True, None, None))
-    torch.library.opcheck(OP, (params, grads, accs, lr, 0.0, 1e-5, 1.5, False,
-                               torch.tensor(2.0), torch.tensor(0.0)))
+    torch.library.opcheck(OP_PACKET, (params, grads, accs, lr, 0.1, 1e-5, 1.0, True, None, None,
+                                      *NO_PENALTY))
+    torch.library.opcheck(OP_PACKET, (params, grads, accs, lr, 0.0, 1e-5, 1.5, False,
+                                      torch.tensor(2.0), torch.tensor(0.0), *NO_PENALTY))
 
 
 def call_cpu_kernel(params, grads, accs, lr=None, grad_scale=None):
     """The CPU kernel itself, whatever devices the arguments are on."""
     lr = torch.tensor(0.1) if lr is None else lr
-    return OP.redispatch(DispatchKeySet(DispatchKey.CPU), params, grads, accs, lr, 0.0, 1e-5, 1.0,
-                         True, grad_scale, None)
+    return OP_PACKET.redispatch(DispatchKeySet(DispatchKey.CPU), params, grads, accs, lr, 0.0,
+                                1e-5, 1.0, True, grad_scale, None, *NO_PENALTY)
 
 
 def test_argument_checks():

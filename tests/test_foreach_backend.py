@@ -4,6 +4,7 @@ import torch
 from torch._subclasses.fake_tensor import FakeTensorMode
 
 from classp_fused import classp_step_
+from classp_fused.backends.step_spec import step_spec
 from classp_fused.reference import classp_step_ as reference_step_
 from helpers import random_like
 
@@ -64,5 +65,5 @@ def test_a_step_on_fake_tensors_leaves_nothing_fake_for_real_steps_of_that_layou
     shapes = [(17,), (3, 23), (101,)]
     with FakeTensorMode() as mode:
         fake = [[mode.from_tensor(t) for t in ts] for ts in _case(shapes, g)]
-        foreach.step(*fake, 0.05, 0.02, 1e-5, 1.0, True, None, None)
+        foreach.step(*fake, step_spec(0.05, 0.02, 1e-5, 1.0, True))
     _assert_steps_like_reference(*_case(shapes, g))

@@ -87,25 +87,31 @@ def test_state_round_trip_and_all_or_nothing_load():
         bad.load_state_dict({"tasks_done": 1})
 
 
-def test_penalty_only_after_consolidation_and_unwrapping():
+def test_the_regularizer_is_attached_to_each_tasks_optimizer_through_wrappers():
     model = tiny_model()
     mas = MAS(model)
     run = ContinualRun(mas, data=_batches(1))
-    optimizer = CLASSP(model.parameters(), lr=0.05)
-    run.add_penalty(optimizer)
-    assert all(p.grad is None for p in model.parameters())
-    run.end_task(optimizer)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.1)
 
     class Wrapper:  # accelerate's AcceleratedOptimizer and Lightning's LightningOptimizer
         def __init__(self, optimizer):
             self.optimizer = optimizer
 
-    run.add_penalty(Wrapper(optimizer))
+    first = CLASSP(model.parameters(), lr=0.05)
+    run.begin_task(Wrapper(first))
+    assert mas.attached_to is first and first._penalty_source is mas
+    run.begin_task(first)  # again: stays attached
+    run.end_task(Wrapper(first))
+    assert mas.attached_to is None and first._penalty_source is None
+    second = torch.optim.SGD(model.parameters(), lr=0.05)
+    run.begin_task(Wrapper(Wrapper(second)))
+    assert mas.attached_to is second and len(second._optimizer_step_pre_hooks) == 1
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1)
+    second.zero_grad()
+    second.step()  # no loss gradient: the step is the penalty's alone
     assert all(p.grad is not None and bool(p.grad.abs().sum() > 0) for p in model.parameters())
-    assert unwrap_optimizer(Wrapper(Wrapper(optimizer))) is optimizer
+    assert unwrap_optimizer(Wrapper(Wrapper(second))) is second
     with pytest.raises(TypeError, match="torch.optim.Optimizer"):
         unwrap_optimizer(Wrapper(3))
 

@@ -139,26 +139,32 @@ def test_resume_from_another_folder_needs_load(uninterrupted, tmp_path):
     _assert_same(_snapshot(resumed_model, trainer, resumed_mas), _snapshot(model, second, mas))
 
 
-def test_penalty_once_per_optimizer_step_with_accumulation_and_clipping(tmp_path):
+def test_penalty_once_per_optimizer_step_with_accumulation_and_clipping(tmp_path, monkeypatch):
+    from classp_fused import optim
+
     model = _model()
     ewc = EWC(model, lam=10.0)
-    calls = []
-    add = ewc.add_penalty_grad_
-    ewc.add_penalty_grad_ = lambda *a, **k: (calls.append(a), add(*a, **k))
+    penalized = []  # per CLASSP kernel call, whether it took the penalty
+    run_backend = optim.run_backend
+    monkeypatch.setattr(optim, "run_backend", lambda name, *args: (
+        penalized.append(args[-1].penalty is not None), run_backend(name, *args))[1])
     callback = ContinualCallback(ewc, data=_consolidation_batches)
-    _trainer(model, callback, tmp_path / "a", 0, gradient_accumulation_steps=2,
-             max_grad_norm=0.5).train()
-    assert calls == []  # nothing to add before the first consolidation
+    trainer = _trainer(model, callback, tmp_path / "a", 0, gradient_accumulation_steps=2,
+                       max_grad_norm=0.5)
+    trainer.train()
+    calls = SAMPLES // 4 // 2 * len(trainer.optimizer.optimizer.param_groups)  # a call per group
+    assert penalized == [False] * calls  # no penalty before the first consolidation
+    penalized.clear()
     _trainer(model, callback, tmp_path / "b", 1, gradient_accumulation_steps=2,
              max_grad_norm=0.5).train()
-    assert len(calls) == SAMPLES // 4 // 2
-    assert ewc.tasks_seen == 2
+    assert penalized == [True] * calls
+    assert ewc.tasks_seen == 2 and ewc.attached_to is None
 
 
 @pytest.mark.parametrize("optimizer_cls", [CLASSP, torch.optim.SGD])
-def test_penalty_at_step_begin_under_a_grad_scaler_takes_the_fp32_step(optimizer_cls):
-    # The order of transformers' fp16 step: on_step_begin, scaled backward, unscale_ (by the
-    # gradient clipping), step. accelerate's AcceleratedOptimizer carries .optimizer and .scaler.
+def test_penalty_under_a_grad_scaler_takes_the_fp32_step(optimizer_cls):
+    # The order of transformers' fp16 step: scaled backward, unscale_ (by the gradient
+    # clipping), step. accelerate's AcceleratedOptimizer carries .optimizer and .scaler.
     from types import SimpleNamespace
     from helpers import tiny_model
 
@@ -173,10 +179,10 @@ def test_penalty_at_step_begin_under_a_grad_scaler_takes_the_fp32_step(optimizer
         scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10) if scaled else None
         wrapper = SimpleNamespace(optimizer=optimizer, scaler=scaler)
         callback = ContinualCallback(mas)
+        callback.on_train_begin(None, SimpleNamespace(global_step=0), None, optimizer=wrapper)
         g = torch.Generator().manual_seed(4)
         for _ in range(3):
             optimizer.zero_grad()
-            callback.on_step_begin(None, None, None, optimizer=wrapper)
             loss = model(torch.randn(8, 6, generator=g)).pow(2).mean()
             if scaled:
                 scaler.scale(loss).backward()

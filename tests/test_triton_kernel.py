@@ -11,6 +11,7 @@ import torch
 
 import classp_fused
 from classp_fused.backends import triton as triton_backend
+from classp_fused.backends.step_spec import Penalty, step_spec
 from classp_fused.reference import classp_step_ as reference_step_
 from helpers import bits, random_like
 
@@ -25,6 +26,7 @@ CHUNK = triton_backend.CHUNK
 TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.float16: dict(rtol=1e-3, atol=1e-3),
              torch.bfloat16: dict(rtol=8e-3, atol=8e-3)}
 HYPER = dict(lr=0.05, threshold=0.01, eps=1e-5, power=1.0, apply_scaling=True)
+NO_PENALTY = ([], [], "none", 0.0)  # importances, anchors, penalty_form, penalty_scale
 
 
 def _case(shapes, dtype=torch.float32, seed=0, grad_scale=1.0):
@@ -35,7 +37,8 @@ def _case(shapes, dtype=torch.float32, seed=0, grad_scale=1.0):
 
 
 def _on_device(case):
-    return tuple([t.to(DEVICE) for t in ts] for ts in case)
+    """Copies of ``case`` on DEVICE: on the CPU too, so that the reference steps its own."""
+    return tuple([t.to(DEVICE, copy=True) for t in ts] for ts in case)
 
 
 def _step(params, grads, accs, hyper, grad_scale=None, found_inf=None):
@@ -44,7 +47,7 @@ def _step(params, grads, accs, hyper, grad_scale=None, found_inf=None):
         params, grads, accs, torch.tensor(float(hyper["lr"]), device=DEVICE), hyper["threshold"],
         hyper["eps"], hyper["power"], hyper["apply_scaling"],
         None if grad_scale is None else grad_scale.to(DEVICE),
-        None if found_inf is None else found_inf.to(DEVICE))
+        None if found_inf is None else found_inf.to(DEVICE), *NO_PENALTY)
 
 
 def _check_against_reference(shapes, dtype, hyper, steps=2, exact=False, **amp):
@@ -229,9 +232,9 @@ def test_lr_is_read_from_its_tensor():
     lr = torch.tensor(0.05, dtype=torch.float64)
     params, grads, accs = _on_device(_case([(700,)]))
     ref = _case([(700,)])
-    triton_backend.step(params, grads, accs, lr, 0.01, 1e-5, 1.0, True, None, None)
+    triton_backend.step(params, grads, accs, step_spec(lr, 0.01, 1e-5, 1.0, True))
     lr.fill_(0.0)
-    triton_backend.step(params, grads, accs, lr, 0.01, 1e-5, 1.0, True, None, None)
+    triton_backend.step(params, grads, accs, step_spec(lr, 0.01, 1e-5, 1.0, True))
     reference_step_(*ref, **HYPER)
     torch.testing.assert_close(params[0].cpu(), ref[0][0], **TOLERANCE[torch.float32])
 
@@ -268,6 +271,30 @@ def test_traceable_body_steps_concatenated_copies(monkeypatch):
             torch.testing.assert_close(mine.cpu(), theirs, **TOLERANCE[theirs.dtype])
 
 
+@pytest.mark.parametrize("form", ["explicit", "proximal"])
+def test_traceable_body_takes_the_penalty(form):
+    """The op body torch.compile traces, with a penalty on all params but one."""
+    shapes = [(CHUNK + 5,), (3, 7), (0,), (9,)]
+    for dtype in (torch.float32, torch.bfloat16):
+        ref = _case(shapes, dtype, seed=2)
+        g = torch.Generator().manual_seed(3)
+        importances = [random_like(s, dtype, g).abs() for s in shapes]
+        anchors = [random_like(s, dtype, g) for s in shapes]
+        importances[3] = anchors[3] = None
+        ours = _on_device(ref)
+        penalty = ([None if t is None else t.to(DEVICE) for t in importances],
+                   [None if t is None else t.to(DEVICE) for t in anchors], form, 0.5)
+        with triton_backend.classp_step_triton.set_kernel_enabled(DEVICE, False):
+            counts = triton_backend.classp_step_triton(
+                *ours, torch.tensor(0.05, device=DEVICE), 0.01, 1e-5, 2.0, True, None, None,
+                *penalty)
+        expected = reference_step_(*ref, **dict(HYPER, power=2.0),
+                                   penalty=Penalty(form, 0.5, importances, anchors))
+        assert torch.equal(counts.cpu(), expected)
+        for mine, theirs in zip(ours[0] + ours[2], ref[0] + ref[2]):
+            torch.testing.assert_close(mine.cpu(), theirs, **TOLERANCE[theirs.dtype])
+
+
 def test_float64_params_are_refused_by_name():
     p = torch.ones(3, dtype=torch.float64, device=DEVICE)
     with pytest.raises(TypeError, match="torch.float64"):
@@ -288,21 +315,28 @@ def test_opcheck(amp):
     extra = [torch.tensor(v, device=DEVICE) if amp else None for v in (2.0, 0.0)]
     args = (params + bf16[0], grads + bf16[1], accs + bf16[2], torch.tensor(0.05, device=DEVICE),
             0.01, 1e-5, 2.0, True, *extra)
-    torch.library.opcheck(triton_backend.classp_step_triton, args)
+    torch.library.opcheck(triton_backend.classp_step_triton, (*args, *NO_PENALTY))
+    covered = [p.abs() for p in args[0]]
+    covered[1] = None  # a param the penalty does not cover
+    anchors = [None if w is None else w.neg() for w in covered]
+    for form in ("explicit", "proximal"):
+        torch.library.opcheck(triton_backend.classp_step_triton,
+                              (*args, covered, anchors, form, 0.5))
 
 
 def test_chunk_table_offsets_past_two_to_the_31():
     """The chunk map in int64, built for numels and offsets no test could allocate."""
     big = 2 ** 31 + 5
-    table = triton_backend.chunk_table(((0, 2 ** 33, -(2 ** 32), big, 3),
-                                        (big + 11, 2 ** 40, 7, 9, 0)))
+    table = triton_backend.chunk_table(((0, 2 ** 33, -(2 ** 32), big, 3, 2 ** 34, 5),
+                                        (big + 11, 2 ** 40, 7, 9, 0, 0, 0)))
     n_big = -(-big // CHUNK)
     assert table.dtype == torch.int64 and table.shape == (n_big + 1, triton_backend.TABLE_COLUMNS)
     last = n_big - 1
     assert table[last].tolist() == [last * CHUNK, 2 ** 33 + last * CHUNK,
-                                    -(2 ** 32) + last * CHUNK, big - last * CHUNK, 3]
+                                    -(2 ** 32) + last * CHUNK, big - last * CHUNK, 3,
+                                    2 ** 34 + last * CHUNK, 5 + last * CHUNK]
     assert table[last - 1, 3] == CHUNK and table[last, 0] >= 2 ** 31
-    assert table[-1].tolist() == [big + 11, 2 ** 40, 7, 9, 0]
+    assert table[-1].tolist() == [big + 11, 2 ** 40, 7, 9, 0, 0, 0]
     assert torch.equal(table[:n_big, 3].sum(), torch.tensor(big))
 
 
@@ -315,29 +349,36 @@ from triton.compiler import ASTSource
 from classp_fused.backends.triton import _classp_kernel
 
 results = []
-for dtype, power, amp in [(d, p, True) for d in ("fp32", "bf16", "fp16") for p in (1, 2, 0)] + [
-        ("fp32", 1, False)]:
+variants = [(d, p, True, 0) for d in ("fp32", "bf16", "fp16") for p in (1, 2, 0)]
+variants += [("fp32", 1, False, 0)]
+variants += [(d, p, True, penalty) for d in ("fp32", "bf16") for p in (2, 0) for penalty in (1, 2)]
+for dtype, power, amp, penalty in variants:
     scalar = "*fp32" if amp else "constexpr"
     # amp: grad_scale and found_inf pointers and a tensor lr; else neither, and lr by value
     lr = "*fp64" if amp else "constexpr"
-    signature = dict(p_ptr="*" + dtype, g_ptr="*" + dtype, a_ptr="*fp32", table_ptr="*i64",
+    weights = "*" + dtype if penalty else "constexpr"  # importances and anchors
+    signature = dict(p_ptr="*" + dtype, g_ptr="*" + dtype, a_ptr="*fp32", w_ptr=weights,
+                     m_ptr=weights, table_ptr="*i64",
                      num_chunks="i64" if amp else "i32",  # as Triton types the int it gets
                      counts_ptr="*i64", lr_ptr=lr, lr_value="fp32",
                      grad_scale_ptr=scalar, found_inf_ptr=scalar, threshold="fp32", eps="fp32",
-                     power="fp32", FAST_POWER="constexpr", APPLY_SCALING="constexpr",
-                     GROUP="constexpr", BLOCK_SIZE="constexpr")
-    constexprs = dict(FAST_POWER=power, APPLY_SCALING=amp, GROUP=8 if dtype == "fp32" else 16,
-                      BLOCK_SIZE=1024)
+                     power="fp32", factor="fp32", cap="fp32", FAST_POWER="constexpr",
+                     APPLY_SCALING="constexpr", PENALTY="constexpr", GROUP="constexpr",
+                     BLOCK_SIZE="constexpr")
+    constexprs = dict(FAST_POWER=power, APPLY_SCALING=amp, PENALTY=penalty,
+                      GROUP=8 if dtype == "fp32" else 16, BLOCK_SIZE=1024)
     if not amp:
         constexprs.update(lr_ptr=None, grad_scale_ptr=None, found_inf_ptr=None)
+    if not penalty:
+        constexprs.update(w_ptr=None, m_ptr=None)
     aligned = {(i,): [["tt.divisibility", 16]] for i, v in enumerate(signature.values())
                if v.startswith("*")}
     kernel = triton.compile(ASTSource(_classp_kernel, signature, constexprs, aligned),
                             target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
     ptx = kernel.asm["ptx"]
     loads = re.findall(r"ld\.global[\w:.]*\.v4", ptx)
-    results.append(dict(variant=f"{dtype} power path {power} amp {amp}",
-                        cubin=len(kernel.asm["cubin"]), ld_v4=len(loads),
+    results.append(dict(variant=f"{dtype} power path {power} amp {amp} penalty {penalty}",
+                        penalty=penalty, cubin=len(kernel.asm["cubin"]), ld_v4=len(loads),
                         ld_v4_evict_first=sum("evict_first" in load for load in loads),
                         st_v4=len(re.findall(r"st\.global[\w:.]*\.v4", ptx))))
 print(json.dumps(results))
@@ -357,10 +398,13 @@ def test_kernel_compiles_for_sm90_ahead_of_time():
                           text=True, cwd=Path(__file__).resolve().parents[1], timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(done.stdout.splitlines()[-1])
-    assert len(results) == 10
+    assert len(results) == 18
     for result in results:
         assert result["cubin"] > 0, result
-        # params, grads and accs of a full block: vector loads, grads with the evict-first
-        # hint; params and accs: vector stores
-        assert result["ld_v4"] >= 3 and result["st_v4"] >= 2, result
+        # params, grads and accs of a full block (with a penalty also importances and anchors):
+        # vector loads, grads (importances, anchors) with the evict-first hint; params and
+        # accs: vector stores
+        streamed = 3 if result["penalty"] else 1
+        assert result["ld_v4"] >= 2 + streamed and result["st_v4"] >= 2, result
+        assert result["ld_v4_evict_first"] >= streamed, result
         assert result["ld_v4_evict_first"] >= 1, result

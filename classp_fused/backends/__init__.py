@@ -1,11 +1,12 @@
 """The CLASSP step op contract: the backend registry, the ``auto`` choice and the op entry point.
 
-Every backend implements ``step(params, grads, accs, lr, threshold, eps, power, apply_scaling,
-grad_scale, found_inf) -> Tensor`` updating ``params`` and ``accs`` in place and returning an
-int64 tensor of shape ``(len(params), 2)``: per tensor, the number of elements updated and the
-number of non-finite gradient elements skipped, and ``is_available(device)``; a backend that
-steps fewer param dtypes than the four names them in ``KERNEL_DTYPES``, so that a caller can
-refuse them before any kernel runs. Inputs are validated once, for all backends
+Every backend implements ``step(params, grads, accs, spec) -> Tensor`` updating ``params`` and
+``accs`` in place as ``spec`` (a :class:`~classp_fused.backends.step_spec.StepSpec`: the
+hyperparameters, AMP scalars and options such as a fused penalty, see SPEC section 4a) says, and
+returning an int64 tensor of shape ``(len(params), 2)``: per tensor, the number of elements
+updated and the number of non-finite gradient elements skipped; and ``is_available(device)``.
+A backend that steps fewer param dtypes than the four names them in ``KERNEL_DTYPES``, so that a
+caller can refuse them before any kernel runs. Inputs are validated once, for all backends
 (:mod:`classp_fused.validation`); under ``torch.compile`` the validation (Python-side checks,
 which would break the graph) is skipped.
 """
@@ -19,6 +20,7 @@ import torch
 from torch import Tensor
 
 from ..validation import PARAM_DTYPES, check_step_inputs
+from .step_spec import Penalty, StepSpec, as_scalar_lr, step_spec  # noqa: F401
 
 BACKENDS = ("torch", "foreach", "cpp", "cuda", "triton")
 _MODULES = {"torch": "reference_backend", "foreach": "foreach", "cpp": "cpp", "cuda": "cuda",
@@ -78,35 +80,27 @@ def resolve_backend(name: str, device: str | torch.device) -> str:
 def classp_step_(params: Sequence[Tensor], grads: Sequence[Tensor], accs: Sequence[Tensor], *,
                  lr, threshold: float = 0.0, eps: float = 1e-5, power: float = 1.0,
                  apply_scaling: bool = True, grad_scale: Tensor | None = None,
-                 found_inf: Tensor | None = None, backend: str = "auto") -> Tensor:
+                 found_inf: Tensor | None = None, penalty: Penalty | None = None,
+                 backend: str = "auto") -> Tensor:
     """One in-place CLASSP step over lists of tensors; returns ``(n, 2)`` int64 counts.
 
-    Column 0 counts the elements updated, column 1 the non-finite gradient elements skipped.
+    Column 0 counts the elements updated, column 1 the non-finite gradient elements skipped
+    (of the gradient the update sees: with an explicit ``penalty``, the penalized one).
+    ``penalty`` (a :class:`~classp_fused.backends.step_spec.Penalty`, importances and anchors
+    aligned with ``params``) takes a quadratic penalty inside the step (SPEC section 4a).
     """
     params, grads, accs = list(params), list(grads), list(accs)
     compiling = torch.compiler.is_compiling()
-    if not compiling:
-        check_step_inputs(params, grads, accs, lr, threshold, eps, power, grad_scale, found_inf)
+    if not compiling:  # the values as given, before step_spec converts them
+        check_step_inputs(params, grads, accs, StepSpec(lr, threshold, eps, power, apply_scaling,
+                                                        grad_scale, found_inf, penalty))
+    spec = step_spec(lr, threshold, eps, power, apply_scaling, grad_scale, found_inf, penalty)
     if not compiling or backend == "auto":  # while compiling, a named backend is taken as given
         backend = resolve_backend(backend, params[0].device if params else "cpu")
-    return run_backend(backend, params, grads, accs, lr=lr, threshold=threshold, eps=eps,
-                       power=power, apply_scaling=apply_scaling, grad_scale=grad_scale,
-                       found_inf=found_inf)
+    return run_backend(backend, params, grads, accs, spec)
 
 
-def run_backend(name: str, params: list, grads: list, accs: list, *, lr, threshold, eps, power,
-                apply_scaling, grad_scale, found_inf) -> Tensor:
-    """Run backend ``name`` (resolved, not "auto") on inputs already validated.
-
-    Every backend gets the same forms: a one-element lr tensor as 0-dim, any other lr (a numpy
-    scalar, say) and the other hyperparameters as Python numbers.
-    """
-    return _module(name).step(params, grads, accs, as_scalar_lr(lr), float(threshold),
-                              float(eps), float(power), bool(apply_scaling), grad_scale,
-                              found_inf)
-
-
-def as_scalar_lr(lr):
-    """``lr`` in the form every backend takes: a one-element tensor as 0-dim (a view), any other
-    lr (a numpy scalar, say) as a Python float."""
-    return lr.reshape(()) if isinstance(lr, Tensor) else float(lr)
+def run_backend(name: str, params: list, grads: list, accs: list, spec: StepSpec) -> Tensor:
+    """Run backend ``name`` (resolved, not "auto") on inputs already validated, as ``spec``
+    (made by :func:`~classp_fused.backends.step_spec.step_spec`) says."""
+    return _module(name).step(params, grads, accs, spec)

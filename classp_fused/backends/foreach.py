@@ -1,7 +1,8 @@
 """Backend ``foreach``: the CLASSP step in plain tensor ops, on any device, without a kernel.
 
-The non-empty tensors of each (device, dtype) group are concatenated into flat buffers, stepped
-there in a fixed number of ops, and written back with one op per list:
+The non-empty tensors of each dtype (and, with a penalty, of those it covers and the others) are
+concatenated into flat buffers (importances and anchors too), stepped there in a fixed number of
+ops, and written back with one op per list:
 the ops a step dispatches do not grow with the number of tensors (only views do), so many
 small tensors cost little more than one large one. The per-tensor views are made in C++
 (flatten / split), and the segment ends of a layout are built once and cached.
@@ -16,17 +17,25 @@ def is_available(device) -> bool:
     return True
 
 
-def _step_flat(param, grad, acc, lr, threshold, eps, power, apply_scaling, grad_scale,
-               found_inf):
-    """The reference's update on flat tensors: new param, new acc, selected and non-finite masks."""
+def _step_flat(param, grad, acc, spec, importance=None, anchor=None):
+    """The reference's update on flat tensors (with ``spec.penalty``'s form on the flat
+    ``importance`` and ``anchor`` when given): new param, new acc, selected and non-finite
+    masks."""
+    lr, threshold, eps, power = spec.lr, spec.threshold, spec.eps, spec.power
     g = grad.to(acc.dtype)
-    if grad_scale is not None:
-        g = g / grad_scale.to(device=g.device, dtype=acc.dtype)
+    if spec.grad_scale is not None:
+        g = g / spec.grad_scale.to(device=g.device, dtype=acc.dtype)
+    form = None if importance is None else spec.penalty.form
+    if form is not None:
+        factor = 2.0 * spec.penalty.scale
+        importance, anchor = importance.to(acc.dtype), anchor.to(acc.dtype)
+    if form == "explicit":
+        g = g + factor * (importance * (param.to(acc.dtype) - anchor))
     finite = torch.isfinite(g)
     mask = finite & (g * g > threshold)
     nonfinite = ~finite
-    if found_inf is not None:  # an overflowed AMP step changes and counts nothing
-        no_inf = found_inf.to(g.device) == 0
+    if spec.found_inf is not None:  # an overflowed AMP step changes and counts nothing
+        no_inf = spec.found_inf.to(g.device) == 0
         mask &= no_inf
         nonfinite &= no_inf
     g = torch.where(mask, g, 0)
@@ -36,17 +45,22 @@ def _step_flat(param, grad, acc, lr, threshold, eps, power, apply_scaling, grad_
         new_acc = acc + g * g
     else:
         new_acc = acc + g.abs().pow(power)
-    if apply_scaling:
+    if spec.apply_scaling:
         denom = torch.where(mask, eps + new_acc, 1)
         if power == 1:
             g = g / denom
-        elif power == 2:
-            g = g * torch.rsqrt(denom)
-        else:
-            g = g * torch.exp2(torch.log2(denom) / -power)
-    new_param = (param.to(acc.dtype) - lr * g).to(param.dtype)
-    return (torch.where(mask, new_param, param), torch.where(mask, new_acc, acc), mask,
-            nonfinite)
+        else:  # the step size is lr * root
+            root = torch.rsqrt(denom) if power == 2 else torch.exp2(torch.log2(denom) / -power)
+            g = g * root
+    new_param = param.to(acc.dtype) - lr * g
+    if form == "proximal":
+        eta = torch.as_tensor(lr, dtype=acc.dtype, device=g.device)  # the step size per element
+        if spec.apply_scaling:
+            eta = eta / denom if power == 1 else eta * root
+        c = (factor * importance * eta).clamp_max(torch.finfo(acc.dtype).max / 2)
+        new_param = new_param + c / (1 + c) * (anchor - new_param)
+    return (torch.where(mask, new_param.to(param.dtype), param), torch.where(mask, new_acc, acc),
+            mask, nonfinite)
 
 
 def _flat(tensors):
@@ -82,31 +96,43 @@ def _write_back(targets, flat, numels):
         torch._foreach_copy_(targets, _unflatten_dense_tensors(flat, targets))
 
 
-def _step_group(params, grads, accs, lr, threshold, eps, power, apply_scaling, grad_scale,
-                found_inf):
-    """Step non-empty tensors of one device and dtype; returns their ``(n, 2)`` counts."""
+def _step_group(params, grads, accs, spec, importances=None, anchors=None):
+    """Step non-empty tensors of one device and dtype, all with ``spec``'s penalty
+    (``importances`` and ``anchors``) or all without; returns their ``(n, 2)`` counts."""
     numels = list(map(torch.Tensor.numel, params))
-    new_param, new_acc, mask, nonfinite = _step_flat(
-        _flat(params), _flat(grads), _flat(accs), lr, threshold, eps, power, apply_scaling,
-        grad_scale, found_inf)
+    penalty = () if importances is None else (_flat(importances), _flat(anchors))
+    new_param, new_acc, mask, nonfinite = _step_flat(_flat(params), _flat(grads), _flat(accs),
+                                                     spec, *penalty)
     for targets, flat in ((params, new_param), (accs, new_acc)):
         _write_back(targets, flat, numels)
     return _segment_counts(mask, nonfinite, numels)
 
 
-def step(params, grads, accs, lr, threshold, eps, power, apply_scaling, grad_scale, found_inf):
-    """The step over tensors on one device (validated by the caller), grouped by dtype."""
+def _take(tensors, indices) -> list:
+    return [tensors[i] for i in indices]
+
+
+def step(params, grads, accs, spec):
+    """The step over tensors on one device (validated by the caller), grouped by dtype and by
+    whether ``spec.penalty`` covers them."""
     device = params[0].device if params else torch.device("cpu")
-    groups: dict = {}  # dtype -> indices of non-empty tensors, in traceable Python
+    penalty = spec.penalty
+    groups: dict = {}  # (dtype, penalized) -> indices of non-empty tensors, in traceable Python
     for i, p in enumerate(params):
         if p.numel():
-            groups.setdefault(p.dtype, []).append(i)
-    hyper = (lr, threshold, eps, power, apply_scaling, grad_scale, found_inf)
-    if len(groups) == 1 and len(params) == sum(map(len, groups.values())):  # one dtype, no empty
-        return _step_group(params, grads, accs, *hyper)
-    results = [(indices, _step_group([params[i] for i in indices], [grads[i] for i in indices],
-                                     [accs[i] for i in indices], *hyper))
-               for indices in groups.values()]
+            penalized = penalty is not None and penalty.importances[i] is not None
+            groups.setdefault((p.dtype, penalized), []).append(i)
+    if len(groups) == 1 and len(params) == sum(map(len, groups.values())):  # one group, no empty
+        if penalty is None or not next(iter(groups))[1]:
+            return _step_group(params, grads, accs, spec)
+        return _step_group(params, grads, accs, spec, list(penalty.importances),
+                           list(penalty.anchors))
+    results = []
+    for (_, penalized), indices in groups.items():
+        terms = (_take(penalty.importances, indices), _take(penalty.anchors, indices)) \
+            if penalized else ()
+        results.append((indices, _step_group(_take(params, indices), _take(grads, indices),
+                                             _take(accs, indices), spec, *terms)))
     rows = [torch.zeros(2, dtype=torch.int64, device=device)] * len(params)
     for indices, counts in results:
         for i, row in zip(indices, counts.unbind()):

@@ -6,6 +6,8 @@ def is_available(device) -> bool:
     return True
 
 
-def step(params, grads, accs, lr, threshold, eps, power, apply_scaling, grad_scale, found_inf):
-    return classp_step_(params, grads, accs, lr=lr, threshold=threshold, eps=eps, power=power,
-                        apply_scaling=apply_scaling, grad_scale=grad_scale, found_inf=found_inf)
+def step(params, grads, accs, spec):
+    return classp_step_(params, grads, accs, lr=spec.lr, threshold=spec.threshold, eps=spec.eps,
+                        power=spec.power, apply_scaling=spec.apply_scaling,
+                        grad_scale=spec.grad_scale, found_inf=spec.found_inf,
+                        penalty=spec.penalty)

@@ -1,9 +1,10 @@
 """Backend ``triton``: the CLASSP step as one Triton kernel launch per parameter dtype.
 
-The tensors of a dtype group are cut into ``CHUNK``-element chunks. An int64 table gives each
-chunk the element offsets of its param, grad and accumulator from the group's first tensors,
-its length and its output row; it is cached per set of tensor addresses, so repeated steps on
-the same tensors neither rebuild nor copy it. Programs are persistent: as many as the GPU holds
+The tensors of a dtype group (split by whether a penalty covers them) are cut into
+``CHUNK``-element chunks. An int64 table gives each chunk the element offsets of its param,
+grad and accumulator (and importance and anchor) from the group's first tensors, its length and
+its output row; it is cached per set of tensor addresses, so repeated steps on the same tensors
+neither rebuild nor copy it. Programs are persistent: as many as the GPU holds
 at once, each striding over the chunks and adding its counts when the chunks' row changes.
 Grads, read once, are loaded with the evict-first hint. lr is read by the kernel from its
 tensor, or passed by value when it lives on the CPU; grad_scale and found_inf are read by the
@@ -39,6 +40,8 @@ ALIGNMENT = 16  # bytes; every tensor the kernel touches starts on this boundary
 PROGRAMS_PER_SM = 8  # resident programs per GPU multiprocessor (at 4 or 8 warps each)
 INTERPRETED_PROGRAMS = 4  # each program instance costs the interpreter about a millisecond
 CACHED_TABLES = 64
+PENALTY_PATHS = {"none": 0, "explicit": 1, "proximal": 2}  # the kernel's PENALTY
+PROXIMAL_CAP = float(torch.finfo(torch.float32).max / 2)  # bound of the proximal coefficient c
 
 
 def is_available(device) -> bool:
@@ -61,27 +64,34 @@ def _lr_tensor(lr: float) -> Tensor:
     return torch.tensor(lr, dtype=torch.float64)
 
 
-def step(params, grads, accs, lr, threshold, eps, power, apply_scaling, grad_scale, found_inf):
+def step(params, grads, accs, spec):
     """The backend entry point: the op, with a float lr as a 0-dim CPU tensor."""
-    if not isinstance(lr, Tensor):
-        lr = _lr_tensor(float(lr))
-    return classp_step_triton(params, grads, accs, lr, threshold, eps, power, apply_scaling,
-                              grad_scale, found_inf)
+    lr = spec.lr if isinstance(spec.lr, Tensor) else _lr_tensor(spec.lr)
+    penalty = spec.penalty
+    if penalty is None:
+        importances, anchors, form, scale = [], [], "none", 0.0
+    else:
+        importances, anchors = list(penalty.importances), list(penalty.anchors)
+        form, scale = penalty.form, penalty.scale
+    return classp_step_triton(params, grads, accs, lr, spec.threshold, spec.eps, spec.power,
+                              spec.apply_scaling, spec.grad_scale, spec.found_inf, importances,
+                              anchors, form, scale)
 
 
 def chunk_table(entries, device="cpu") -> Tensor:
-    """The kernel's ``(chunks, 5)`` int64 table (``TABLE_COLUMNS``).
+    """The kernel's ``(chunks, 7)`` int64 table (``TABLE_COLUMNS``).
 
-    ``entries`` holds one ``(param offset, grad offset, acc offset, numel, row)`` per non-empty
-    tensor, offsets in elements from the group's base tensors. Each chunk gets its three element
-    offsets, its length (at most ``CHUNK``) and the row of the counts it adds to.
+    ``entries`` holds one ``(param offset, grad offset, acc offset, numel, row, importance
+    offset, anchor offset)`` per non-empty tensor, offsets in elements from the group's base
+    tensors (the last two 0 without a penalty). Each chunk gets its element offsets, its length
+    (at most ``CHUNK``) and the row of the counts it adds to.
     """
     chunks = []
-    for p_offset, g_offset, a_offset, numel, row in entries:
+    for p_offset, g_offset, a_offset, numel, row, w_offset, m_offset in entries:
         start = torch.arange(0, numel, CHUNK, dtype=torch.int64, device=device)
         chunks.append(torch.stack([start + p_offset, start + g_offset, start + a_offset,
-                                   (numel - start).clamp(max=CHUNK), torch.full_like(start, row)],
-                                  dim=1))
+                                   (numel - start).clamp(max=CHUNK), torch.full_like(start, row),
+                                   start + w_offset, start + m_offset], dim=1))
     return torch.cat(chunks)
 
 
@@ -140,8 +150,9 @@ def _grid(num_chunks: int, device: torch.device) -> int:
     return max(1, -(-num_chunks // max(waves, 1)))
 
 
-def _dtype_groups(params) -> list[list[int]]:
-    """Indices of the non-empty params, grouped by dtype: one launch per group."""
+def _dtype_groups(params, importances) -> list[list[int]]:
+    """Indices of the non-empty params, grouped by dtype and by whether the penalty covers them
+    (``importances``: empty, or an entry per param): one launch per group."""
     groups = {}
     for i, p in enumerate(params):
         if p.dtype not in KERNEL_DTYPES:
@@ -151,7 +162,8 @@ def _dtype_groups(params) -> list[list[int]]:
             raise ValueError(f"params[{i}] is on {p.device}, params[0] on {params[0].device}: "
                              f"the triton backend needs them on one device")
         if p.numel():
-            groups.setdefault(p.dtype, []).append(i)
+            covered = bool(importances) and importances[i] is not None
+            groups.setdefault((p.dtype, covered), []).append(i)
     return list(groups.values())
 
 
@@ -178,18 +190,26 @@ def _dense(t: Tensor) -> Tensor:
 
 
 def _entries(members) -> tuple:
-    """The ``chunk_table`` entries of ``(row, param, grad, acc)`` members (dense, aligned, one
-    dtype): element offsets from the first member's tensors, each address read once."""
-    _, p0, g0, a0 = members[0]
+    """The ``chunk_table`` entries of ``(row, param, grad, acc, importance, anchor)`` members
+    (dense, aligned, one dtype, all with a penalty or all without: None): element offsets from
+    the first member's tensors, each address read once."""
+    _, p0, g0, a0, w0, m0 = members[0]
     p_base, g_base, a_base = p0.data_ptr(), g0.data_ptr(), a0.data_ptr()
     p_size, a_size = p0.element_size(), a0.element_size()
+    if w0 is None:
+        return tuple(((p.data_ptr() - p_base) // p_size, (g.data_ptr() - g_base) // p_size,
+                      (a.data_ptr() - a_base) // a_size, p.numel(), row, 0, 0)
+                     for row, p, g, a, _, _ in members)
+    w_base, m_base = w0.data_ptr(), m0.data_ptr()
     return tuple(((p.data_ptr() - p_base) // p_size, (g.data_ptr() - g_base) // p_size,
-                  (a.data_ptr() - a_base) // a_size, p.numel(), row)
-                 for row, p, g, a in members)
+                  (a.data_ptr() - a_base) // a_size, p.numel(), row,
+                  (w.data_ptr() - w_base) // p_size, (m.data_ptr() - m_base) // p_size)
+                 for row, p, g, a, w, m in members)
 
 
 if triton is not None:
-    TABLE_COLUMNS = tl.constexpr(5)  # param offset, grad offset, acc offset, length, output row
+    # param offset, grad offset, acc offset, length, output row, importance and anchor offsets
+    TABLE_COLUMNS = tl.constexpr(7)
 
     def _configs():
         if INTERPRET:  # the interpreter runs a single config
@@ -211,24 +231,38 @@ if triton is not None:
         return x.to(dtype)
 
     @triton.jit
-    def _update_block(p_ptr, g_ptr, a_ptr, idx, bounds, lr, grad_scale_ptr, threshold, eps, power,
-                      FULL: tl.constexpr, FAST_POWER: tl.constexpr, APPLY_SCALING: tl.constexpr):
+    def _update_block(p_ptr, g_ptr, a_ptr, w_ptr, m_ptr, idx, bounds, lr, grad_scale_ptr,
+                      threshold, eps, power, factor, cap, FULL: tl.constexpr,
+                      FAST_POWER: tl.constexpr, APPLY_SCALING: tl.constexpr,
+                      PENALTY: tl.constexpr):
         """Update the elements ``idx`` in place; return how many were updated and non-finite.
 
         Stores are masked per row of ``idx`` (32 bytes of params): a row with an update is
         written whole, masked-out elements with the values just read, so stores stay vectors.
+        ``PENALTY`` 1 adds ``factor * w * (p - m)`` to the gradient; 2 pulls each new value
+        toward ``m`` by ``c / (1 + c)``, ``c = min(factor * w * eta, cap)``.
         """
         if FULL:
             p = tl.load(p_ptr + idx)
             g = tl.load(g_ptr + idx, eviction_policy="evict_first").to(tl.float32)
             a = tl.load(a_ptr + idx)
+            if PENALTY != 0:
+                w = tl.load(w_ptr + idx, eviction_policy="evict_first").to(tl.float32)
+                m = tl.load(m_ptr + idx, eviction_policy="evict_first").to(tl.float32)
         else:
             p = tl.load(p_ptr + idx, mask=bounds, other=0.0)
             g = tl.load(g_ptr + idx, mask=bounds, other=0.0,
                         eviction_policy="evict_first").to(tl.float32)
             a = tl.load(a_ptr + idx, mask=bounds, other=0.0)
+            if PENALTY != 0:
+                w = tl.load(w_ptr + idx, mask=bounds, other=0.0,
+                            eviction_policy="evict_first").to(tl.float32)
+                m = tl.load(m_ptr + idx, mask=bounds, other=0.0,
+                            eviction_policy="evict_first").to(tl.float32)
         if grad_scale_ptr is not None:
             g = g / tl.load(grad_scale_ptr).to(tl.float32)
+        if PENALTY == 1:
+            g = g + factor * (w * (p.to(tl.float32) - m))
         finite = tl.abs(g) < float("inf")
         mask = finite & (g * g > threshold)
         nonfinite = ~finite
@@ -241,14 +275,27 @@ if triton is not None:
             new_a = a + g * g
         else:
             new_a = a + tl.exp2(power * tl.log2(tl.abs(g)))
+        eta = lr  # the step size of each element
         if APPLY_SCALING:
             if FAST_POWER == 1:
-                g = g / (eps + new_a)
-            elif FAST_POWER == 2:
-                g = g * tl.rsqrt(eps + new_a)
+                denom = eps + new_a
+                g = g / denom
+                if PENALTY == 2:
+                    eta = lr / denom
             else:
-                g = g * tl.exp2(-tl.log2(eps + new_a) / power)
-        new_p = _round(p.to(tl.float32) - lr * g, p.dtype)
+                if FAST_POWER == 2:
+                    root = tl.rsqrt(eps + new_a)
+                else:
+                    root = tl.exp2(-tl.log2(eps + new_a) / power)
+                g = g * root
+                if PENALTY == 2:
+                    eta = lr * root
+        new_p = p.to(tl.float32) - lr * g
+        if PENALTY == 2:
+            c = factor * w * eta
+            c = tl.where(c > cap, cap, c)  # a NaN c stays NaN
+            new_p = new_p + c / (1.0 + c) * (m - new_p)
+        new_p = _round(new_p, p.dtype)
 
         write = tl.max(mask.to(tl.int32), axis=1)[:, None] != 0
         if not FULL:
@@ -258,13 +305,14 @@ if triton is not None:
         return tl.sum(mask.to(tl.int32)), tl.sum(nonfinite.to(tl.int32))
 
     @triton.jit
-    def _classp_kernel(p_ptr, g_ptr, a_ptr, table_ptr, num_chunks, counts_ptr, lr_ptr, lr_value,
-                       grad_scale_ptr, found_inf_ptr, threshold, eps, power,
-                       FAST_POWER: tl.constexpr, APPLY_SCALING: tl.constexpr, GROUP: tl.constexpr,
-                       BLOCK_SIZE: tl.constexpr):
+    def _classp_kernel(p_ptr, g_ptr, a_ptr, w_ptr, m_ptr, table_ptr, num_chunks, counts_ptr,
+                       lr_ptr, lr_value, grad_scale_ptr, found_inf_ptr, threshold, eps, power,
+                       factor, cap, FAST_POWER: tl.constexpr, APPLY_SCALING: tl.constexpr,
+                       PENALTY: tl.constexpr, GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr):
         """Update the chunks ``program_id``, ``program_id + num_programs``, ... of the table; add
         up their counts per output row. lr is read from ``lr_ptr``, or is ``lr_value`` when
-        ``lr_ptr`` is None."""
+        ``lr_ptr`` is None. ``w_ptr`` and ``m_ptr`` (importances and anchors) are read only
+        with a ``PENALTY`` (see ``_update_block``)."""
         if found_inf_ptr is not None:
             if tl.load(found_inf_ptr) != 0:
                 return
@@ -284,6 +332,9 @@ if triton is not None:
             a_offset = tl.load(chunk + 2)
             length = tl.load(chunk + 3)
             chunk_row = tl.load(chunk + 4)
+            if PENALTY != 0:
+                w_offset = tl.load(chunk + 5)
+                m_offset = tl.load(chunk + 6)
             flush = (chunk_row != row) & (row >= 0)
             out = counts_ptr + tl.maximum(row, 0) * 2
             tl.atomic_add(out, updated.to(tl.int64), mask=flush)
@@ -293,19 +344,31 @@ if triton is not None:
             row = chunk_row
             full_end = length - length % BLOCK_SIZE
             for start in range(0, full_end, BLOCK_SIZE):
+                w_block = w_ptr
+                m_block = m_ptr
+                if PENALTY != 0:
+                    w_block = w_ptr + tl.multiple_of(w_offset + start, GROUP // 2)
+                    m_block = m_ptr + tl.multiple_of(m_offset + start, GROUP // 2)
                 u, n = _update_block(p_ptr + tl.multiple_of(p_offset + start, GROUP // 2),
                                      g_ptr + tl.multiple_of(g_offset + start, GROUP // 2),
                                      a_ptr + tl.multiple_of(a_offset + start, 4),
-                                     idx, None, lr, grad_scale_ptr, threshold, eps, power,
-                                     True, FAST_POWER, APPLY_SCALING)
+                                     w_block, m_block, idx, None, lr, grad_scale_ptr, threshold,
+                                     eps, power, factor, cap, True, FAST_POWER, APPLY_SCALING,
+                                     PENALTY)
                 updated += u
                 nonfinite += n
             if full_end < length:
+                w_block = w_ptr
+                m_block = m_ptr
+                if PENALTY != 0:
+                    w_block = w_ptr + tl.multiple_of(w_offset + full_end, GROUP // 2)
+                    m_block = m_ptr + tl.multiple_of(m_offset + full_end, GROUP // 2)
                 u, n = _update_block(p_ptr + tl.multiple_of(p_offset + full_end, GROUP // 2),
                                      g_ptr + tl.multiple_of(g_offset + full_end, GROUP // 2),
                                      a_ptr + tl.multiple_of(a_offset + full_end, 4),
-                                     idx, idx < length - full_end, lr, grad_scale_ptr, threshold,
-                                     eps, power, False, FAST_POWER, APPLY_SCALING)
+                                     w_block, m_block, idx, idx < length - full_end, lr,
+                                     grad_scale_ptr, threshold, eps, power, factor, cap, False,
+                                     FAST_POWER, APPLY_SCALING, PENALTY)
                 updated += u
                 nonfinite += n
         out = counts_ptr + tl.maximum(row, 0) * 2
@@ -314,24 +377,27 @@ if triton is not None:
 
     # Tuning runs the kernel several times: only ever on buffers it may scribble on (scratch, or
     # the concatenated copies of the traceable op), never through the address table of a step.
-    # Keyed on the power path and scaling; the autotuner adds the dtypes of the tensor arguments.
+    # Keyed on the power path, scaling and penalty; the autotuner adds the dtypes of the tensor
+    # arguments.
     _classp_kernel_autotuned = triton.autotune(
-        configs=_configs(), key=["FAST_POWER", "APPLY_SCALING"],
+        configs=_configs(), key=["FAST_POWER", "APPLY_SCALING", "PENALTY"],
         restore_value=["p_ptr", "a_ptr", "counts_ptr"])(_classp_kernel)
 
-    def _launch(kernel, p, g, a, table, counts, lr, grad_scale, found_inf, threshold, eps, power,
-                apply_scaling, **config):
-        """One launch over every chunk of ``table``; ``p``, ``g``, ``a`` are the base tensors.
-        ``lr`` is a tensor on ``p``'s device or a float."""
+    def _launch(kernel, p, g, a, w, m, table, counts, lr, grad_scale, found_inf, threshold, eps,
+                power, apply_scaling, penalty, factor, **config):
+        """One launch over every chunk of ``table``; ``p``, ``g``, ``a`` (and ``w``, ``m`` with
+        a ``penalty`` form other than "none", else None) are the base tensors. ``lr`` is a
+        tensor on ``p``'s device or a float; ``factor`` is the penalty's 2 * scale."""
         lr_ptr, lr_value = (lr, 0.0) if isinstance(lr, Tensor) else (None, float(lr))
         num_chunks = table.shape[0]
         kernel[(_grid(num_chunks, p.device),)](
-            p, g, a, table, num_chunks, counts, lr_ptr, lr_value, grad_scale, found_inf,
-            threshold, eps, power, FAST_POWER=_power_path(power), APPLY_SCALING=apply_scaling,
+            p, g, a, w, m, table, num_chunks, counts, lr_ptr, lr_value, grad_scale, found_inf,
+            threshold, eps, power, factor, PROXIMAL_CAP, FAST_POWER=_power_path(power),
+            APPLY_SCALING=apply_scaling, PENALTY=PENALTY_PATHS[penalty],
             GROUP=32 // p.element_size(), **config)
 
     @functools.lru_cache
-    def _tuned_config(device, dtype, power_path, apply_scaling):
+    def _tuned_config(device, dtype, power_path, apply_scaling, penalty):
         """The autotuner's choice for one kernel variant, tuned on scratch buffers."""
         configs = _classp_kernel_autotuned.configs
         if len(configs) == 1:
@@ -340,37 +406,56 @@ if triton is not None:
         p = torch.randn(numel, device=device).to(dtype)
         g = torch.randn(numel, device=device).to(dtype)
         a = torch.rand(numel, device=device)
+        w, m = (torch.rand(numel, device=device).to(dtype), p.clone()) if penalty != "none" \
+            else (None, None)
         counts = torch.zeros(1, 2, dtype=torch.int64, device=device)
         lr = torch.tensor(1e-3, device=device)
         power = float(power_path) if power_path else 3.0
-        _launch(_classp_kernel_autotuned, p, g, a, chunk_table(((0, 0, 0, numel, 0),), device),
-                counts, lr, None, None, 0.0, 1e-5, power, apply_scaling)
+        _launch(_classp_kernel_autotuned, p, g, a, w, m,
+                chunk_table(((0, 0, 0, numel, 0, 0, 0),), device), counts, lr, None, None, 0.0,
+                1e-5, power, apply_scaling, penalty, 1.0)
         return _classp_kernel_autotuned.best_config
+
+    def _penalty_of(rows, importances, penalty_form) -> tuple[str, bool]:
+        """The form a launch over ``rows`` (one group of ``_dtype_groups``) takes, "none"
+        unless the penalty covers them, and whether it does."""
+        covered = penalty_form != "none" and importances[rows[0]] is not None
+        return (penalty_form if covered else "none"), covered
 
     @triton_op("classp_fused::classp_step_triton", mutates_args={"params", "accs"})
     def classp_step_triton(params: list[Tensor], grads: list[Tensor], accs: list[Tensor],
                            lr: Tensor, threshold: float, eps: float, power: float,
                            apply_scaling: bool, grad_scale: Optional[Tensor],
-                           found_inf: Optional[Tensor]) -> Tensor:
+                           found_inf: Optional[Tensor], importances: list[Optional[Tensor]],
+                           anchors: list[Optional[Tensor]], penalty_form: str,
+                           penalty_scale: float) -> Tensor:
         """One CLASSP step in place; returns ``(n, 2)`` int64 counts [updated, non-finite].
+
+        ``penalty_form`` "explicit" or "proximal" takes the penalty ``penalty_scale * sum W *
+        (p - m)^2`` of the params with an entry in ``importances`` (W) and ``anchors`` (m)
+        (SPEC section 4a); "none" with empty lists takes none.
 
         This body is what torch.compile traces: it steps concatenated copies of each dtype group
         and writes them back. Eager calls take ``_classp_step_in_place`` instead.
         """
         counts = _new_counts(params, lr)
         lr, grad_scale, found_inf = _on(counts.device, lr, grad_scale, found_inf)
-        for rows in _dtype_groups(params):
+        for rows in _dtype_groups(params, importances):
+            penalty, covered = _penalty_of(rows, importances, penalty_form)
             align = ALIGNMENT // params[rows[0]].element_size()
             numels = [params[i].numel() for i in rows]
             slots = [numel + (-numel) % align for numel in numels]
-            p, g, a = (torch.cat([F.pad(ts[i].reshape(-1), (0, slot - numel))
-                                  for i, numel, slot in zip(rows, numels, slots)])
-                       for ts in (params, grads, accs))
+            lists = (params, grads, accs) + ((importances, anchors) if covered else ())
+            flats = [torch.cat([F.pad(ts[i].reshape(-1), (0, slot - numel))
+                                for i, numel, slot in zip(rows, numels, slots)]) for ts in lists]
+            p, g, a = flats[:3]
+            w, m = flats[3:] if covered else (None, None)
             starts = list(itertools.accumulate(slots[:-1], initial=0))
-            table = chunk_table(tuple((s, s, s, n, i) for s, n, i in zip(starts, numels, rows)),
-                                counts.device)
-            _launch(wrap_triton(_classp_kernel_autotuned), p, g, a, table, counts,
-                    lr, grad_scale, found_inf, threshold, eps, power, apply_scaling)
+            table = chunk_table(tuple((s, s, s, n, i, s, s)
+                                      for s, n, i in zip(starts, numels, rows)), counts.device)
+            _launch(wrap_triton(_classp_kernel_autotuned), p, g, a, w, m, table, counts,
+                    lr, grad_scale, found_inf, threshold, eps, power, apply_scaling, penalty,
+                    2.0 * penalty_scale)
             for i, s, n in zip(rows, starts, numels):
                 params[i].copy_(p[s:s + n].view_as(params[i]))
                 accs[i].copy_(a[s:s + n].view_as(accs[i]))
@@ -378,11 +463,13 @@ if triton is not None:
 
     @classp_step_triton.register_fake
     def _classp_step_fake(params, grads, accs, lr, threshold, eps, power, apply_scaling,
-                          grad_scale, found_inf):
+                          grad_scale, found_inf, importances, anchors, penalty_form,
+                          penalty_scale):
         return _new_counts(params, lr)
 
     def _classp_step_in_place(params, grads, accs, lr, threshold, eps, power, apply_scaling,
-                              grad_scale, found_inf):
+                              grad_scale, found_inf, importances, anchors, penalty_form,
+                              penalty_scale):
         """The eager step: one launch per dtype group on the tensors themselves, by address.
 
         Non-contiguous or misaligned tensors are stepped through contiguous copies.
@@ -392,15 +479,18 @@ if triton is not None:
         # an lr on the CPU is passed by value: no copy to the device
         lr = lr.item() if lr.device.type == "cpu" else lr.to(device)
         grad_scale, found_inf = _on(device, grad_scale, found_inf)
-        for rows in _dtype_groups(params):
-            members = [(i, _dense(params[i]), _dense(grads[i]), _dense(accs[i])) for i in rows]
-            _, p0, g0, a0 = members[0]
+        for rows in _dtype_groups(params, importances):
+            penalty, covered = _penalty_of(rows, importances, penalty_form)
+            members = [(i, _dense(params[i]), _dense(grads[i]), _dense(accs[i]),
+                        _dense(importances[i]) if covered else None,
+                        _dense(anchors[i]) if covered else None) for i in rows]
+            _, p0, g0, a0, w0, m0 = members[0]
             entries = _entries(members)
-            config = _tuned_config(device, p0.dtype, _power_path(power), apply_scaling)
-            _launch(_classp_kernel, p0, g0, a0, _work_table(entries, device), counts, lr,
-                    grad_scale, found_inf, threshold, eps, power, apply_scaling,
-                    **config.all_kwargs())
-            for i, p, _, a in members:
+            config = _tuned_config(device, p0.dtype, _power_path(power), apply_scaling, penalty)
+            _launch(_classp_kernel, p0, g0, a0, w0, m0, _work_table(entries, device), counts,
+                    lr, grad_scale, found_inf, threshold, eps, power, apply_scaling, penalty,
+                    2.0 * penalty_scale, **config.all_kwargs())
+            for i, p, _, a, _, _ in members:
                 if p is not params[i]:
                     params[i].copy_(p)
                 if a is not accs[i]:

@@ -4,10 +4,12 @@ Defaults are hand-set starting points; the digits benchmarks override them with 
 (``classp_fused.cl.benchmarks``, ``classp-fused tune``). Methods with a regularizer take
 ``penalty``: ``"explicit"`` (the papers': the penalty gradient joins the loss gradient) or
 ``"proximal"`` (the regularizer's proximal step after each optimizer step, stable for every
-lambda). Every method accepts ``per_task``: a list of values of its optimizer's hyperparameters
-applied at the start of task i (the last entry repeats), as in the published vision run
-(``apply_scaling`` and ``threshold`` change between tasks). ``resolve_hparams`` checks every
-value, per_task's included, against ``HPARAM_CHECKS`` before anything is built or run.
+lambda); the regularizer is attached to the optimizer (``Regularizer.attach``), so every
+``optimizer.step()`` applies it, inside the step kernel for CLASSP. Every method accepts
+``per_task``: a list of values of its optimizer's hyperparameters applied at the start of task i
+(the last entry repeats), as in the published vision run (``apply_scaling`` and ``threshold``
+change between tasks). ``resolve_hparams`` checks every value, per_task's included, against
+``HPARAM_CHECKS`` before anything is built or run.
 """
 from __future__ import annotations
 
@@ -38,13 +40,13 @@ CLASSP_PUBLISHED = {"lr": 0.2, "threshold": 0.5, "eps": 1e-5, "power": 1.0, "app
 
 @dataclass
 class Method:
-    """An optimizer plus an optional regularizer, driven through a task sequence."""
+    """An optimizer plus an optional regularizer attached to it, driven through a task
+    sequence."""
 
     name: str
     optimizer: Optimizer
     regularizer: Optional[EWC | MAS] = None
     per_task: Sequence[Mapping[str, Any]] = ()
-    penalty: str = "explicit"
 
     def start_task(self, index: int) -> None:
         """Apply the ``per_task`` param-group settings of task ``index`` (last entry repeats)."""
@@ -52,16 +54,6 @@ class Method:
             settings = self.per_task[min(index, len(self.per_task) - 1)]
             for group in self.optimizer.param_groups:
                 group.update(settings)
-
-    def after_backward(self) -> None:
-        """Explicit penalty: add its gradient to the parameters' .grad."""
-        if self.regularizer is not None and self.penalty == "explicit":
-            self.regularizer.add_penalty_grad_()
-
-    def after_step(self) -> None:
-        """Proximal penalty: pull each updated element toward its anchor."""
-        if self.regularizer is not None and self.penalty == "proximal":
-            self.regularizer.proximal_step_(self.optimizer)
 
     def end_task(self, batches) -> bool:
         """Consolidate the regularizer on the finished task's (input, label) batches.
@@ -71,10 +63,10 @@ class Method:
         """
         if self.regularizer is None:
             return False
+        explicit = self.regularizer.penalty_form == "explicit"
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", StiffnessWarning)
-            self.regularizer.consolidate(
-                batches, optimizer=self.optimizer if self.penalty == "explicit" else None)
+            self.regularizer.consolidate(batches, optimizer=self.optimizer if explicit else None)
         return any(issubclass(w.category, StiffnessWarning) for w in caught)
 
     @property
@@ -233,7 +225,8 @@ def resolve_hparams(name: str, overrides: Optional[Mapping[str, Any]] = None) ->
 
 
 def build_method(name: str, model: nn.Module, hparams: Mapping[str, Any]) -> Method:
-    """Build method ``name`` for ``model`` with fully resolved ``hparams`` (see resolve_hparams)."""
+    """Build method ``name`` for ``model`` with fully resolved ``hparams`` (see resolve_hparams);
+    its regularizer, if any, is attached to its optimizer in the ``penalty`` form."""
     hp = dict(hparams)
     per_task = hp.pop("per_task", ())
     penalty = hp.pop("penalty", "explicit")
@@ -243,4 +236,7 @@ def build_method(name: str, model: nn.Module, hparams: Mapping[str, Any]) -> Met
         if unknown:
             raise ValueError(f"method {name!r}: per_task settings {sorted(unknown)} are not"
                              f" param-group settings of {type(optimizer).__name__}")
-    return Method(name, optimizer, regularizer, per_task, penalty)
+    if regularizer is not None:
+        regularizer.penalty_form = penalty
+        regularizer.attach(optimizer)
+    return Method(name, optimizer, regularizer, per_task)

@@ -71,9 +71,7 @@ def train_task(model: nn.Module, method: Method, task: Task, mask: Optional[Tens
                 raise Diverged(index, epoch, step, "loss")
             method.optimizer.zero_grad()
             loss.backward()
-            method.after_backward()
-            method.optimizer.step()
-            method.after_step()
+            method.optimizer.step()  # with the attached regularizer's penalty
             if not _finite(params):
                 raise Diverged(index, epoch, step, "parameter")
             fraction = method.update_fraction()

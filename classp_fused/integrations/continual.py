@@ -1,7 +1,8 @@
 """A task sequence around a regularizer, as framework callbacks drive it.
 
-``ContinualRun`` adds the penalty gradient once per optimizer step, consolidates the
-regularizer at the end of each task on the data the user names, carries the optimizer's
+``ContinualRun`` attaches the regularizer to each task's optimizer (every optimizer step then
+applies the penalty: inside CLASSP's step kernel, through step hooks for other optimizers),
+consolidates it at the end of each task on the data the user names, carries the optimizer's
 per-parameter state (CLASSP's accumulators) from one task's optimizer to the next one's, and
 saves all of it as one state dict for the framework's checkpoints.
 """
@@ -62,10 +63,17 @@ class ContinualRun:
         self.optimizer_state: Optional[dict] = None
 
     def begin_task(self, optimizer) -> None:
-        """Give a new task's optimizer the carried state if it starts without any."""
+        """Give a new task's optimizer the carried state if it starts without any, and attach
+        the regularizer to it (``Regularizer.attach``: its steps apply the penalty in the
+        regularizer's ``penalty_form``; nothing before the first consolidation)."""
         optimizer = unwrap_optimizer(optimizer)
-        if not self.carry_optimizer_state or self.optimizer_state is None or optimizer.state:
-            return
+        if self.carry_optimizer_state and self.optimizer_state is not None and not optimizer.state:
+            self._load_carried_state(optimizer)
+        if self.regularizer is not None and self.regularizer.attached_to is not optimizer:
+            self.regularizer.detach()
+            self.regularizer.attach(optimizer)
+
+    def _load_carried_state(self, optimizer: torch.optim.Optimizer) -> None:
         state_dict = optimizer.state_dict()
         count = sum(len(group["params"]) for group in state_dict["param_groups"])
         if any(not isinstance(i, int) or i >= count for i in self.optimizer_state):
@@ -74,15 +82,9 @@ class ContinualRun:
         state_dict["state"] = self.optimizer_state
         optimizer.load_state_dict(state_dict)
 
-    def add_penalty(self, optimizer, scaler=None) -> None:
-        """Add the penalty gradient to the gradients of ``optimizer``'s step (at the scaler's
-        current scale)."""
-        if self.regularizer is not None and self.regularizer.tasks_seen:
-            optimizer = unwrap_optimizer(optimizer)
-            self.regularizer.add_penalty_grad_(scaler, optimizer if scaler is not None else None)
-
     def end_task(self, optimizer, training_data: Optional[Iterable] = None) -> None:
-        """Consolidate on the task's data and keep the optimizer's per-parameter state."""
+        """Consolidate on the task's data, keep the optimizer's per-parameter state and detach
+        the regularizer from the task's optimizer."""
         optimizer = unwrap_optimizer(optimizer)
         if self.regularizer is not None:
             data = self.data(self.tasks_done) if callable(self.data) else self.data
@@ -94,6 +96,8 @@ class ContinualRun:
             self.regularizer.consolidate(data, forward=self.forward, labels=self.labels)
         if self.carry_optimizer_state:
             self.optimizer_state = optimizer.state_dict()["state"]
+        if self.regularizer is not None:
+            self.regularizer.detach()
         self.tasks_done += 1
 
     def state_dict(self) -> dict[str, Any]:

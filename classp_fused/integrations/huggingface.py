@@ -9,9 +9,10 @@ Use one callback object for the whole sequence and a new ``Trainer`` per task (e
                           optimizer_cls_and_kwargs=(CLASSP, {"lr": 0.05, "threshold": 1e-6}))
         trainer.train()
 
-- The penalty gradient is added at the start of each optimizer step, before the step's
-  backward passes (gradients add up), at the GradScaler's scale under fp16 AMP: gradient
-  clipping and the logged grad norm include it, gradient accumulation adds it once.
+- The regularizer is attached to each task's optimizer (``Regularizer.attach``): every
+  optimizer step applies the penalty in the regularizer's ``penalty_form``, once per step with
+  gradient accumulation, on the unscaled gradients under fp16 AMP, inside CLASSP's step kernel.
+  Gradient clipping and the logged grad norm see the loss gradient alone.
 - At the end of ``train()`` the regularizer is consolidated on ``data`` (default: the
   Trainer's training DataLoader, batches as the model gets them) and the optimizer's
   per-parameter state is kept; the next task's new optimizer starts from it, so CLASSP's
@@ -62,9 +63,6 @@ class ContinualCallback(TrainerCallback):
             self.load(folder)
         self._loaded = False
         self.run.begin_task(optimizer)
-
-    def on_step_begin(self, args, state, control, optimizer=None, **kwargs):
-        self.run.add_penalty(optimizer, getattr(optimizer, "scaler", None))
 
     def on_train_end(self, args, state, control, optimizer=None, train_dataloader=None,
                      **kwargs):

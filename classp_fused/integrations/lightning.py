@@ -7,10 +7,10 @@ Use one callback object for the whole sequence and a new ``Trainer`` per task (e
     for task in range(tasks):
         Trainer(max_epochs=2, callbacks=[callback]).fit(module, train[task])
 
-- The penalty gradient is added in ``on_before_optimizer_step``: once per optimizer step
-  (after gradient accumulation), after Lightning's unscaling and before its gradient
-  clipping; under a 16-mixed GradScaler that does not unscale (CLASSP unscales inside its
-  step) it is added at the scaler's scale.
+- The regularizer is attached to the task's optimizer (``Regularizer.attach``): every
+  optimizer step applies the penalty in the regularizer's ``penalty_form``, once per step
+  (after gradient accumulation), on the unscaled gradients under a 16-mixed GradScaler, inside
+  CLASSP's step kernel; gradient clipping sees the loss gradient alone.
 - At the end of ``fit()`` the regularizer is consolidated on ``data`` (default: the training
   DataLoader) and the optimizer's per-parameter state is kept; the next task's new optimizer
   starts from it, so CLASSP's accumulators continue.
@@ -31,8 +31,8 @@ class ContinualCallback(Callback):
 
     Arguments as :class:`classp_fused.integrations.continual.ContinualRun`: ``regularizer``,
     ``data`` (batches or ``data(task_index)``; default the training DataLoader), ``forward``,
-    ``labels`` (for ``consolidate``), ``carry_optimizer_state``. Manual optimization is not
-    supported: call ``callback.run.add_penalty(optimizer)`` before each step instead.
+    ``labels`` (for ``consolidate``), ``carry_optimizer_state``. The module configures one
+    optimizer (automatic or manual optimization).
     """
 
     def __init__(self, regularizer=None, data=None, forward=None, labels=None,
@@ -44,9 +44,6 @@ class ContinualCallback(Callback):
             raise ValueError("ContinualCallback supports one optimizer, "
                              f"the module configured {len(trainer.optimizers)}")
         self.run.begin_task(trainer.optimizers[0])
-
-    def on_before_optimizer_step(self, trainer, pl_module, optimizer):
-        self.run.add_penalty(optimizer, getattr(trainer.precision_plugin, "scaler", None))
 
     def on_train_end(self, trainer, pl_module):
         self.run.end_task(trainer.optimizers[0], trainer.train_dataloader)

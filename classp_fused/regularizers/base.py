@@ -14,6 +14,10 @@ Two ways to apply the penalty while training a new task:
 - proximal: ``proximal_step_(optimizer)`` after ``optimizer.step()``, before ``zero_grad``;
   stable for every lambda.
 
+``attach(optimizer)`` applies the penalty in the form the regularizer is set to
+(``penalty="explicit"|"proximal"``) at every ``optimizer.step()`` instead: inside CLASSP's step
+kernel (one pass), through step hooks elsewhere (``attach``).
+
 Under FSDP2 the parameters are DTensors: ``add_penalty_grad_``, ``proximal_step_`` and
 ``penalty`` work on each rank's local shard (``penalty`` is then this rank's share), and
 ``consolidate`` runs on the sharded model at any task boundary, each rank on its part of the
@@ -36,6 +40,7 @@ from torch import Tensor, nn
 from . import penalty as penalty_ops
 from . import stability
 from .amp import current_grad_scale
+from .attach import Attachment
 from .batches import Forward, Labels, check_forward_and_labels, default_forward
 from .checks import check_number
 from .importance import ImportancePasses, PassTrace
@@ -47,7 +52,7 @@ class StiffnessWarning(UserWarning):
     """The explicit penalty step would diverge at the optimizer's step size."""
 
 
-class Regularizer(ImportancePasses, TaskState, abc.ABC):
+class Regularizer(ImportancePasses, TaskState, Attachment, abc.ABC):
     """Base class: consolidate at task boundaries, the penalty in explicit or proximal form.
 
     Subclasses implement ``_add_batch(x, y, params, sums)`` (one batch's per-parameter sums
@@ -64,7 +69,7 @@ class Regularizer(ImportancePasses, TaskState, abc.ABC):
     _scale: float
 
     def __init__(self, model: nn.Module, lam: float, per_sample: bool, process_group=None,
-                 keep_task_importances: bool = False):
+                 keep_task_importances: bool = False, penalty: str = "explicit"):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if next(model.parameters(), None) is None:
@@ -74,6 +79,7 @@ class Regularizer(ImportancePasses, TaskState, abc.ABC):
         self.per_sample = bool(per_sample)
         self.process_group = process_group
         self._reset_state(bool(keep_task_importances))
+        self._init_attachment(penalty)
 
     def consolidate(self, data: Iterable, forward: Optional[Forward] = None,
                     labels: Labels = None, *, optimizer=None, lr: float | None = None) -> None:

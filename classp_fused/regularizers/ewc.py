@@ -34,14 +34,16 @@ class EWC(Regularizer):
       ``keep_task_importances=True`` also keeps each task's F_t (``task_importances``; they
       count in state_bytes() and are saved in state_dict()).
       ``mode="online"``: F* = gamma * F*_prev + F_new and theta* the latest parameters.
+    - ``penalty``: the form an attached optimizer applies (``attach``): ``"explicit"`` or
+      ``"proximal"``.
     """
 
     _statistic = staticmethod(torch.square)
 
     def __init__(self, model: nn.Module, lam: float, mode: str = "separate", gamma: float = 1.0,
                  fisher: str = "empirical", per_sample: bool = False, process_group=None,
-                 keep_task_importances: bool = False):
-        super().__init__(model, lam, per_sample, process_group, keep_task_importances)
+                 keep_task_importances: bool = False, penalty: str = "explicit"):
+        super().__init__(model, lam, per_sample, process_group, keep_task_importances, penalty)
         check_choice("mode", mode, ("separate", "online"))
         check_choice("fisher", fisher, ("empirical", "exact"))
         self.mode = mode

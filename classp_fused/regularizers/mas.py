@@ -33,6 +33,9 @@ class MAS(Regularizer):
     - ``accumulate``: across tasks, "sum" adds the new Omega to the old, "ema" keeps
       ``alpha*old + (1 - alpha)*new`` (the first task takes new). theta* is reset each time.
 
+    - ``penalty``: the form an attached optimizer applies (``attach``): ``"explicit"`` or
+      ``"proximal"``.
+
     Labels in the data are ignored.
     """
 
@@ -40,8 +43,8 @@ class MAS(Regularizer):
 
     def __init__(self, model: nn.Module, lam: float = 1.0, accumulate: str = "sum",
                  alpha: float = 0.5, per_sample: bool = False, local: bool = False,
-                 process_group=None):
-        super().__init__(model, lam, per_sample, process_group)
+                 process_group=None, penalty: str = "explicit"):
+        super().__init__(model, lam, per_sample, process_group, penalty=penalty)
         check_choice("accumulate", accumulate, ("sum", "ema"))
         self.accumulate = accumulate
         self.alpha = check_number("alpha", alpha, 0.0, 1.0)

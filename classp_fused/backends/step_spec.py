@@ -1,0 +1,66 @@
+"""What one CLASSP step over a list of tensors does, as data: every backend receives it whole.
+
+A ``StepSpec`` holds a param group's hyperparameters, the AMP scalars and the options the step
+grows (SPEC section 4a); the tensor lists it carries (a ``Penalty``'s importances and anchors)
+are aligned with the stepped params. Backends read what they support from it, so an option is
+added here and in each backend's kernel, not to every backend's argument list.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+from torch import Tensor
+
+PENALTY_FORMS = ("explicit", "proximal")
+
+
+@dataclass(frozen=True, slots=True)
+class Penalty:
+    """The quadratic penalty ``scale * sum W * (theta - m)^2`` taken inside the step.
+
+    ``form``: ``"explicit"`` adds its gradient ``2*scale*W*(theta - m)`` to the unscaled
+    gradient before the threshold test and the update; ``"proximal"`` moves each element the
+    update changed to ``theta + w*(m - theta)``, ``w = c/(1 + c)``, ``c = 2*scale*eta*W`` (``c``
+    capped to half the largest fp32 value, so ``w`` stays in [0, 1]), eta the element's step
+    size ``lr/(eps + A)^(1/p)`` with the updated A (``lr`` without scaling). ``importances`` W and
+    ``anchors`` m hold per stepped tensor one tensor of its shape, dtype and device, or None
+    (that tensor steps without the penalty).
+    """
+
+    form: str
+    scale: float
+    importances: Sequence[Optional[Tensor]]
+    anchors: Sequence[Optional[Tensor]]
+
+
+@dataclass(frozen=True, slots=True)
+class StepSpec:
+    """One param group's step: hyperparameters (SPEC section 1), AMP scalars, options.
+
+    ``lr`` is a Python float or a 0-dim floating tensor; ``grad_scale`` and ``found_inf`` are
+    one-element tensors or None; ``penalty`` a ``Penalty`` or None.
+    """
+
+    lr: Union[float, Tensor]
+    threshold: float
+    eps: float
+    power: float
+    apply_scaling: bool
+    grad_scale: Optional[Tensor] = None
+    found_inf: Optional[Tensor] = None
+    penalty: Optional[Penalty] = None
+
+
+def as_scalar_lr(lr):
+    """``lr`` in the form every backend takes: a one-element tensor as 0-dim (a view), any other
+    lr (a numpy scalar, say) as a Python float."""
+    return lr.reshape(()) if isinstance(lr, Tensor) else float(lr)
+
+
+def step_spec(lr, threshold, eps, power, apply_scaling, grad_scale: Optional[Tensor] = None,
+              found_inf: Optional[Tensor] = None, penalty: Optional[Penalty] = None) -> StepSpec:
+    """A ``StepSpec`` with its values in the forms backends take: ``lr`` by ``as_scalar_lr``,
+    the other hyperparameters as Python floats and a bool."""
+    return StepSpec(as_scalar_lr(lr), float(threshold), float(eps), float(power),
+                    bool(apply_scaling), grad_scale, found_inf, penalty)
