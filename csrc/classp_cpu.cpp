@@ -24,6 +24,7 @@
 #include <type_traits>
 
 #include "classp_checks.h"
+#include "classp_penalty.h"
 #include "classp_plan.h"
 
 namespace classp {
@@ -507,7 +508,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> chunk_plan(c10::IntArrayRef numel
   std::vector<TensorRecord> records;
   for (int64_t i = 0; i < static_cast<int64_t>(numels.size()); ++i) {
     if (numels[i] > 0) {
-      records.push_back({0, 0, 0, numels[i], i});
+      records.push_back({0, 0, 0, numels[i], i, 0, 0});
     }
   }
   return {table, as_tensor(plan.part_starts), as_tensor(work_table(records))};
