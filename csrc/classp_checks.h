@@ -13,6 +13,8 @@
 #include <string>
 #include <vector>
 
+#include "classp_penalty.h"
+
 namespace classp {
 
 // The accumulator and arithmetic dtype for a parameter dtype.
@@ -85,9 +87,6 @@ inline void check_step_inputs(at::TensorList params, at::TensorList grads, at::T
                 "] must not have internal overlap (e.g. from expand())");
   }
 }
-
-// The penalty a step takes (SPEC section 4a); kNone also for the tensors it does not cover.
-enum class PenaltyForm { kNone, kExplicit, kProximal };
 
 // TORCH_CHECKs the penalty arguments against the (checked) params and returns the form:
 // "none" with empty lists, or "explicit"/"proximal" with a finite scale >= 0 and per param an

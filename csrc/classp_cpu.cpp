@@ -24,6 +24,7 @@
 #include <type_traits>
 
 #include "classp_checks.h"
+#include "classp_penalty.h"
 #include "classp_plan.h"
 
 namespace classp {
@@ -185,35 +186,32 @@ C10_ALWAYS_INLINE void store_param_block(scalar_t* ptr, const Block<scalar_t>& o
   }
 }
 
-// One block's memory: param, grad, accumulator, and with a penalty importance and anchor.
+// One range's memory: param, grad, accumulator, and with a penalty importance and anchor.
 template <typename scalar_t>
-struct BlockPointers {
+struct RangePointers {
   scalar_t* param;
   const scalar_t* grad;
   math_t<scalar_t>* acc;
   const scalar_t* weight;
   const scalar_t* anchor;
-
-  BlockPointers advanced(int64_t k) const {
-    return {param + k, grad + k, acc + k, weight == nullptr ? nullptr : weight + k,
-            anchor == nullptr ? nullptr : anchor + k};
-  }
 };
 
-// Updates kBlock<scalar_t> elements; returns how many were selected.
+// Updates the kBlock<scalar_t> elements from element `i`; returns how many were selected.
 template <Power kPower, PenaltyForm kForm, typename scalar_t>
-C10_ALWAYS_INLINE int step_block(const BlockPointers<scalar_t>& ptr,
+C10_ALWAYS_INLINE int step_block(const RangePointers<scalar_t>& ptr, int64_t i,
                                  const Hyper<math_t<scalar_t>>& h,
                                  Vectorized<math_t<scalar_t>>& probe, int64_t& nonfinite) {
   using Vec = Vectorized<math_t<scalar_t>>;
   constexpr int kVec = Vec::size();
   constexpr int kAllLanes = (1 << kVec) - 1;
-  const Block<scalar_t> p = load_block(ptr.param);
-  const Block<scalar_t> g = load_block(ptr.grad);
+  scalar_t* const param = ptr.param + i;
+  math_t<scalar_t>* const acc = ptr.acc + i;
+  const Block<scalar_t> p = load_block(param);
+  const Block<scalar_t> g = load_block(ptr.grad + i);
   Block<scalar_t> w{}, m{};
   if constexpr (kForm != PenaltyForm::kNone) {
-    w = load_block(ptr.weight);
-    m = load_block(ptr.anchor);
+    w = load_block(ptr.weight + i);
+    m = load_block(ptr.anchor + i);
   }
   Block<scalar_t> a, new_p, new_a, selected;
   int unselected = 0;  // count of unselected lanes
@@ -221,7 +219,7 @@ C10_ALWAYS_INLINE int step_block(const BlockPointers<scalar_t>& ptr,
   bool any_selected = false;
   bool all_selected = true;
   for (int v = 0; v < kVectors<scalar_t>; ++v) {
-    a[v] = Vec::loadu(ptr.acc + v * kVec);
+    a[v] = Vec::loadu(acc + v * kVec);
     update_vector<kPower, kForm>(p[v], g[v], a[v], w[v], m[v], h, new_p[v], new_a[v],
                                  selected[v], probe, block_nonfinite);
     const int unselected_lanes = selected[v].zero_mask();
@@ -234,10 +232,9 @@ C10_ALWAYS_INLINE int step_block(const BlockPointers<scalar_t>& ptr,
     return 0;  // no writes
   }
   for (int v = 0; v < kVectors<scalar_t>; ++v) {
-    (all_selected ? new_a[v] : Vec::blendv(a[v], new_a[v], selected[v]))
-        .store(ptr.acc + v * kVec);
+    (all_selected ? new_a[v] : Vec::blendv(a[v], new_a[v], selected[v])).store(acc + v * kVec);
   }
-  store_param_block(ptr.param, p, new_p, selected, !all_selected);
+  store_param_block(param, p, new_p, selected, !all_selected);
   return kBlock<scalar_t> - unselected;
 }
 
@@ -250,15 +247,21 @@ C10_ALWAYS_INLINE void prefetch_lines(const T* ptr, int64_t count) {
   }
 }
 
-// Prefetches the block kPrefetchElements ahead.
+// Blocks per prefetch: those of one cache line of params.
+template <typename scalar_t>
+constexpr int64_t kBlocksPerLine = std::max<int64_t>(1, 64 / (kBlock<scalar_t> * sizeof(scalar_t)));
+
+// Prefetches the `count` elements kPrefetchElements after element `i`.
 template <PenaltyForm kForm, typename scalar_t>
-C10_ALWAYS_INLINE void prefetch_block(const BlockPointers<scalar_t>& ptr) {
-  prefetch_lines<1>(ptr.param + kPrefetchElements, kBlock<scalar_t>);
-  prefetch_lines<0>(ptr.grad + kPrefetchElements, kBlock<scalar_t>);
-  prefetch_lines<1>(ptr.acc + kPrefetchElements, kBlock<scalar_t>);
+C10_ALWAYS_INLINE void prefetch_range(const RangePointers<scalar_t>& ptr, int64_t i,
+                                      int64_t count) {
+  const int64_t ahead = i + kPrefetchElements;
+  prefetch_lines<1>(ptr.param + ahead, count);
+  prefetch_lines<0>(ptr.grad + ahead, count);
+  prefetch_lines<1>(ptr.acc + ahead, count);
   if constexpr (kForm != PenaltyForm::kNone) {
-    prefetch_lines<0>(ptr.weight + kPrefetchElements, kBlock<scalar_t>);
-    prefetch_lines<0>(ptr.anchor + kPrefetchElements, kBlock<scalar_t>);
+    prefetch_lines<0>(ptr.weight + ahead, count);
+    prefetch_lines<0>(ptr.anchor + ahead, count);
   }
 }
 
@@ -278,19 +281,21 @@ int64_t count_nonfinite(const scalar_t* grad, int64_t n, const Hyper<math_t<scal
 // (a zero gradient, importance and anchor are never selected since threshold >= 0), copied
 // back only if selected. `h` is a copy so that stores through `param` and `acc` cannot alias it.
 template <Power kPower, PenaltyForm kForm, typename scalar_t>
-Tally step_range(const BlockPointers<scalar_t>& ptr, int64_t n, const Hyper<math_t<scalar_t>> h) {
+Tally step_range(const RangePointers<scalar_t>& ptr, int64_t n, const Hyper<math_t<scalar_t>> h) {
   using T = math_t<scalar_t>;
   constexpr int64_t kSize = kBlock<scalar_t>;
+  constexpr int64_t kLine = kSize * kBlocksPerLine<scalar_t>;  // elements per prefetch
   Tally tally;
   Vectorized<T> probe(T(0));
   int64_t i = 0;
-  for (; i + kSize <= n - kPrefetchElements; i += kSize) {
-    const BlockPointers<scalar_t> block = ptr.advanced(i);
-    prefetch_block<kForm>(block);
-    tally.updated += step_block<kPower, kForm>(block, h, probe, tally.nonfinite);
+  for (; i + kLine <= n - kPrefetchElements; i += kLine) {
+    prefetch_range<kForm>(ptr, i, kLine);
+    for (int64_t b = 0; b < kLine; b += kSize) {
+      tally.updated += step_block<kPower, kForm>(ptr, i + b, h, probe, tally.nonfinite);
+    }
   }
   for (; i + kSize <= n; i += kSize) {
-    tally.updated += step_block<kPower, kForm>(ptr.advanced(i), h, probe, tally.nonfinite);
+    tally.updated += step_block<kPower, kForm>(ptr, i, h, probe, tally.nonfinite);
   }
   const int64_t rest = n - i;
   if (rest > 0) {
@@ -306,9 +311,9 @@ Tally step_range(const BlockPointers<scalar_t>& ptr, int64_t n, const Hyper<math
       std::copy_n(ptr.weight + i, rest, weight_tail);
       std::copy_n(ptr.anchor + i, rest, anchor_tail);
     }
-    const BlockPointers<scalar_t> tail{param_tail, grad_tail, acc_tail, weight_tail,
+    const RangePointers<scalar_t> tail{param_tail, grad_tail, acc_tail, weight_tail,
                                        anchor_tail};
-    const int updated = step_block<kPower, kForm>(tail, h, probe, tally.nonfinite);
+    const int updated = step_block<kPower, kForm>(tail, 0, h, probe, tally.nonfinite);
     if (updated > 0) {
       tally.updated += updated;
       std::copy_n(param_tail, rest, ptr.param + i);
@@ -338,7 +343,7 @@ Tally step_chunk_as(const TensorPointers& t, const Chunk& chunk,
   const int64_t begin = chunk.begin;
   const auto* weight = static_cast<const scalar_t*>(t.weight);
   const auto* anchor = static_cast<const scalar_t*>(t.anchor);
-  const BlockPointers<scalar_t> ptr{static_cast<scalar_t*>(t.param) + begin,
+  const RangePointers<scalar_t> ptr{static_cast<scalar_t*>(t.param) + begin,
                                     static_cast<const scalar_t*>(t.grad) + begin,
                                     static_cast<math_t<scalar_t>*>(t.acc) + begin,
                                     weight == nullptr ? nullptr : weight + begin,
@@ -507,7 +512,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> chunk_plan(c10::IntArrayRef numel
   std::vector<TensorRecord> records;
   for (int64_t i = 0; i < static_cast<int64_t>(numels.size()); ++i) {
     if (numels[i] > 0) {
-      records.push_back({0, 0, 0, numels[i], i});
+      records.push_back({0, 0, 0, numels[i], i, 0, 0});
     }
   }
   return {table, as_tensor(plan.part_starts), as_tensor(work_table(records))};

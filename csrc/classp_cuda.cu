@@ -9,13 +9,16 @@
 // bits just read), never when none was. Arithmetic is fp32 (fp64 for fp64 params) with
 // explicitly rounded operations (no FMA contraction, IEEE division and square root: the CPU
 // kernel's results). lr, grad_scale and found_inf are read on the device; counts are summed per
-// block and tensor and added atomically.
+// block and tensor and added atomically. A launch over tensors a penalty covers (SPEC section
+// 4a) also reads their importances and anchors, in 128-bit streaming loads, and applies the
+// penalty in the same pass (explicit: into the gradient; proximal: into the new value).
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <limits>
 #include <type_traits>
 
 #include "classp_cuda.h"
@@ -56,21 +59,26 @@ __device__ __forceinline__ double log2_of(double a) { return log2(a); }
 __device__ __forceinline__ float exp2_of(float a) { return exp2f(a); }
 __device__ __forceinline__ double exp2_of(double a) { return exp2(a); }
 
-// The step's scalars in the arithmetic type, rounded as the reference rounds them.
+// The step's scalars in the arithmetic type, rounded as the reference rounds them; `factor` is
+// the penalty's 2 * scale, `cap` the bound of its proximal coefficient.
 template <typename T>
 struct Hyper {
-  T lr, threshold, eps, power, inv_power, grad_scale;
+  T lr, threshold, eps, power, inv_power, grad_scale, factor, cap;
   bool apply_scaling, has_grad_scale;
 };
 
 // The CLASSP update of one element, computed whether or not it is selected (no branch on the
 // element's values): whether it is selected and finite, and its new values if selected.
-template <Power kPower, typename T>
-__device__ __forceinline__ void step_element(T param, T grad, T acc, const Hyper<T>& h,
-                                             bool& selected, bool& finite, T& new_param,
-                                             T& new_acc) {
+// `weight` and `anchor` (importance and anchor) are read with a penalty only.
+template <Power kPower, PenaltyForm kForm, typename T>
+__device__ __forceinline__ void step_element(T param, T grad, T acc, T weight, T anchor,
+                                             const Hyper<T>& h, bool& selected, bool& finite,
+                                             T& new_param, T& new_acc) {
   if (h.has_grad_scale) {
     grad = div_rn(grad, h.grad_scale);
+  }
+  if constexpr (kForm == PenaltyForm::kExplicit) {
+    grad = add_rn(grad, mul_rn(h.factor, mul_rn(weight, sub_rn(param, anchor))));
   }
   const T magnitude = fabs(grad);
   const T square = mul_rn(grad, grad);
@@ -84,17 +92,28 @@ __device__ __forceinline__ void step_element(T param, T grad, T acc, const Hyper
     new_acc = add_rn(acc, exp2_of(mul_rn(h.power, log2_of(magnitude))));
   }
   T step = grad;
+  T eta = h.lr;  // the step size of the element (read by the proximal form)
   if (h.apply_scaling) {
     const T denom = add_rn(h.eps, new_acc);
     if constexpr (kPower == Power::kOne) {
       step = div_rn(grad, denom);
+      eta = div_rn(h.lr, denom);
     } else if constexpr (kPower == Power::kTwo) {
-      step = mul_rn(grad, div_rn(T(1), sqrt_rn(denom)));
+      const T root = div_rn(T(1), sqrt_rn(denom));
+      step = mul_rn(grad, root);
+      eta = mul_rn(h.lr, root);
     } else {
-      step = mul_rn(grad, exp2_of(mul_rn(log2_of(denom), -h.inv_power)));
+      const T root = exp2_of(mul_rn(log2_of(denom), -h.inv_power));  // no 1/denom overflow
+      step = mul_rn(grad, root);
+      eta = mul_rn(h.lr, root);
     }
   }
   new_param = sub_rn(param, mul_rn(h.lr, step));
+  if constexpr (kForm == PenaltyForm::kProximal) {
+    T c = mul_rn(mul_rn(h.factor, weight), eta);
+    c = c > h.cap ? h.cap : c;  // a NaN c stays NaN
+    new_param = add_rn(new_param, mul_rn(div_rn(c, add_rn(T(1), c)), sub_rn(anchor, new_param)));
+  }
 }
 
 // N elements of T in whole 128-bit words.
@@ -144,11 +163,15 @@ __device__ __forceinline__ bool is_vector_aligned(const void* ptr) {
 template <typename scalar_t>
 constexpr int kPack = kVectorBytes / sizeof(scalar_t);
 
-// Updates one pack in registers; writes it back whole if any element was selected.
-template <Power kPower, typename scalar_t, typename T>
+// Updates one pack in registers; writes it back whole if any element was selected. `w` and
+// `m` (importances and anchors) are read with a penalty only.
+template <Power kPower, PenaltyForm kForm, typename scalar_t, typename T>
 __device__ __forceinline__ void update_pack(Vector<scalar_t, kPack<scalar_t>>& p,
                                             const Vector<scalar_t, kPack<scalar_t>>& g,
-                                            Vector<T, kPack<scalar_t>>& a, const Hyper<T>& h,
+                                            Vector<T, kPack<scalar_t>>& a,
+                                            const Vector<scalar_t, kPack<scalar_t>>& w,
+                                            const Vector<scalar_t, kPack<scalar_t>>& m,
+                                            const Hyper<T>& h,
                                             Vector<scalar_t, kPack<scalar_t>>* p_out,
                                             Vector<T, kPack<scalar_t>>* a_out, int& updated,
                                             int& nonfinite) {
@@ -157,8 +180,9 @@ __device__ __forceinline__ void update_pack(Vector<scalar_t, kPack<scalar_t>>& p
   for (int e = 0; e < kPack<scalar_t>; ++e) {
     bool selected, finite;
     T new_param, new_acc;
-    step_element<kPower>(static_cast<T>(p.v[e]), static_cast<T>(g.v[e]), a.v[e], h, selected,
-                         finite, new_param, new_acc);
+    step_element<kPower, kForm>(static_cast<T>(p.v[e]), static_cast<T>(g.v[e]), a.v[e],
+                                static_cast<T>(w.v[e]), static_cast<T>(m.v[e]), h, selected,
+                                finite, new_param, new_acc);
     p.v[e] = selected ? static_cast<scalar_t>(new_param) : p.v[e];
     a.v[e] = selected ? new_acc : a.v[e];
     selected_count += selected;
@@ -171,49 +195,67 @@ __device__ __forceinline__ void update_pack(Vector<scalar_t, kPack<scalar_t>>& p
   }
 }
 
-// Updates the `n` elements of one chunk: packs of 128-bit words where all three tensors are
-// aligned, kIlp packs in flight per thread, then one element at a time.
-template <Power kPower, typename scalar_t, typename T>
-__device__ __forceinline__ void update_chunk(scalar_t* param, const scalar_t* grad, T* acc, int n,
-                                             const Hyper<T>& h, int& updated, int& nonfinite) {
+// Updates the `n` elements of one chunk: packs of 128-bit words where all its tensors are
+// aligned, kIlp packs in flight per thread, then one element at a time. `weight` and `anchor`
+// (importances and anchors) are read with a penalty only.
+template <Power kPower, PenaltyForm kForm, typename scalar_t, typename T>
+__device__ __forceinline__ void update_chunk(scalar_t* param, const scalar_t* grad, T* acc,
+                                             const scalar_t* weight, const scalar_t* anchor,
+                                             int n, const Hyper<T>& h, int& updated,
+                                             int& nonfinite) {
   constexpr int kP = kPack<scalar_t>;
+  constexpr bool kPenalty = kForm != PenaltyForm::kNone;
   using ParamPack = Vector<scalar_t, kP>;
   using AccPack = Vector<T, kP>;
   int scalar_from = 0;
-  if (is_vector_aligned(param) && is_vector_aligned(grad) && is_vector_aligned(acc)) {
+  if (is_vector_aligned(param) && is_vector_aligned(grad) && is_vector_aligned(acc) &&
+      (!kPenalty || (is_vector_aligned(weight) && is_vector_aligned(anchor)))) {
     auto* params = reinterpret_cast<ParamPack*>(param);
     const auto* grads = reinterpret_cast<const ParamPack*>(grad);
     auto* accs = reinterpret_cast<AccPack*>(acc);
+    const auto* weights = reinterpret_cast<const ParamPack*>(weight);
+    const auto* anchors = reinterpret_cast<const ParamPack*>(anchor);
     const int packs = n / kP;
     int i = threadIdx.x;
     for (; i + (kIlp - 1) * kThreads < packs; i += kIlp * kThreads) {
-      ParamPack p[kIlp], g[kIlp];
+      ParamPack p[kIlp], g[kIlp], w[kIlp]{}, m[kIlp]{};
       AccPack a[kIlp];
 #pragma unroll
       for (int k = 0; k < kIlp; ++k) {
         p[k] = load_vector(params + i + k * kThreads);
         g[k] = load_vector_streaming(grads + i + k * kThreads);
         a[k] = load_vector(accs + i + k * kThreads);
+        if constexpr (kPenalty) {
+          w[k] = load_vector_streaming(weights + i + k * kThreads);
+          m[k] = load_vector_streaming(anchors + i + k * kThreads);
+        }
       }
 #pragma unroll
       for (int k = 0; k < kIlp; ++k) {
-        update_pack<kPower>(p[k], g[k], a[k], h, params + i + k * kThreads,
-                            accs + i + k * kThreads, updated, nonfinite);
+        update_pack<kPower, kForm>(p[k], g[k], a[k], w[k], m[k], h, params + i + k * kThreads,
+                                   accs + i + k * kThreads, updated, nonfinite);
       }
     }
     for (; i < packs; i += kThreads) {
       ParamPack p = load_vector(params + i);
       AccPack a = load_vector(accs + i);
-      update_pack<kPower>(p, load_vector_streaming(grads + i), a, h, params + i, accs + i,
-                          updated, nonfinite);
+      ParamPack w{}, m{};
+      if constexpr (kPenalty) {
+        w = load_vector_streaming(weights + i);
+        m = load_vector_streaming(anchors + i);
+      }
+      update_pack<kPower, kForm>(p, load_vector_streaming(grads + i), a, w, m, h, params + i,
+                                 accs + i, updated, nonfinite);
     }
     scalar_from = packs * kP;
   }
   for (int i = scalar_from + threadIdx.x; i < n; i += kThreads) {
     bool selected, finite;
     T new_param, new_acc;
-    step_element<kPower>(static_cast<T>(param[i]), static_cast<T>(grad[i]), acc[i], h, selected,
-                         finite, new_param, new_acc);
+    const T w = kPenalty ? static_cast<T>(weight[i]) : T(0);
+    const T m = kPenalty ? static_cast<T>(anchor[i]) : T(0);
+    step_element<kPower, kForm>(static_cast<T>(param[i]), static_cast<T>(grad[i]), acc[i], w, m,
+                                h, selected, finite, new_param, new_acc);
     if (selected) {
       param[i] = static_cast<scalar_t>(new_param);
       acc[i] = new_acc;
@@ -259,7 +301,7 @@ __device__ __forceinline__ void add_counts(int64_t row, int updated, int nonfini
   }
 }
 
-template <typename scalar_t, Power kPower>
+template <typename scalar_t, Power kPower, PenaltyForm kForm>
 __global__ void __launch_bounds__(kThreads)
     classp_step_kernel(const DeviceWorkTable table, const StepArgs args, int64_t* counts) {
   using T = math_t<scalar_t>;
@@ -272,6 +314,8 @@ __global__ void __launch_bounds__(kThreads)
                    static_cast<T>(args.power),
                    static_cast<T>(1.0 / args.power),
                    static_cast<T>(args.has_grad_scale ? read_scalar(args.grad_scale) : 1.0),
+                   static_cast<T>(args.penalty_factor),
+                   std::numeric_limits<T>::max() / 2,
                    args.apply_scaling,
                    args.has_grad_scale};
   const int64_t* entries = table.data + table.num_records * kRecordColumns;
@@ -296,10 +340,16 @@ __global__ void __launch_bounds__(kThreads)
     }
     const int64_t rest = __ldg(record + 3) - begin;
     const int n = static_cast<int>(rest < kChunkElements ? rest : kChunkElements);
-    update_chunk<kPower>(reinterpret_cast<scalar_t*>(__ldg(record)) + begin,
-                         reinterpret_cast<const scalar_t*>(__ldg(record + 1)) + begin,
-                         reinterpret_cast<T*>(__ldg(record + 2)) + begin, n, h, updated,
-                         nonfinite);
+    const scalar_t* weight = nullptr;
+    const scalar_t* anchor = nullptr;
+    if constexpr (kForm != PenaltyForm::kNone) {
+      weight = reinterpret_cast<const scalar_t*>(__ldg(record + 5)) + begin;
+      anchor = reinterpret_cast<const scalar_t*>(__ldg(record + 6)) + begin;
+    }
+    update_chunk<kPower, kForm>(reinterpret_cast<scalar_t*>(__ldg(record)) + begin,
+                                reinterpret_cast<const scalar_t*>(__ldg(record + 1)) + begin,
+                                reinterpret_cast<T*>(__ldg(record + 2)) + begin, weight, anchor,
+                                n, h, updated, nonfinite);
   }
   if (row >= 0) {
     add_counts(row, updated, nonfinite, counts, scratch);
@@ -333,7 +383,7 @@ cudaError_t resident_blocks(Kernel kernel, std::atomic<int>* known, int* blocks)
   return cudaSuccess;
 }
 
-template <typename scalar_t, Power kPower>
+template <typename scalar_t, Power kPower, PenaltyForm kForm>
 cudaError_t launch(const DeviceWorkTable& table, const StepArgs& args, int64_t* counts,
                    cudaStream_t stream) {
   if (table.num_chunks == 0) {
@@ -342,7 +392,7 @@ cudaError_t launch(const DeviceWorkTable& table, const StepArgs& args, int64_t* 
   static std::atomic<int> known[kMaxDevices];
   int resident = 0;
   const cudaError_t status =
-      resident_blocks(classp_step_kernel<scalar_t, kPower>, known, &resident);
+      resident_blocks(classp_step_kernel<scalar_t, kPower, kForm>, known, &resident);
   if (status != cudaSuccess) {
     return status;
   }
@@ -350,20 +400,35 @@ cudaError_t launch(const DeviceWorkTable& table, const StepArgs& args, int64_t* 
   // one less: no last partial wave.
   const int64_t waves = (table.num_chunks + resident - 1) / resident;
   const int blocks = static_cast<int>((table.num_chunks + waves - 1) / waves);
-  classp_step_kernel<scalar_t, kPower><<<blocks, kThreads, 0, stream>>>(table, args, counts);
+  classp_step_kernel<scalar_t, kPower, kForm>
+      <<<blocks, kThreads, 0, stream>>>(table, args, counts);
   return cudaGetLastError();
 }
 
-template <typename scalar_t>
+template <typename scalar_t, PenaltyForm kForm>
 cudaError_t launch_for_power(const DeviceWorkTable& table, const StepArgs& args,
                              int64_t* counts, cudaStream_t stream) {
   if (args.power == 1.0) {
-    return launch<scalar_t, Power::kOne>(table, args, counts, stream);
+    return launch<scalar_t, Power::kOne, kForm>(table, args, counts, stream);
   }
   if (args.power == 2.0) {
-    return launch<scalar_t, Power::kTwo>(table, args, counts, stream);
+    return launch<scalar_t, Power::kTwo, kForm>(table, args, counts, stream);
   }
-  return launch<scalar_t, Power::kGeneric>(table, args, counts, stream);
+  return launch<scalar_t, Power::kGeneric, kForm>(table, args, counts, stream);
+}
+
+template <typename scalar_t>
+cudaError_t launch_for_form(PenaltyForm form, const DeviceWorkTable& table,
+                            const StepArgs& args, int64_t* counts, cudaStream_t stream) {
+  switch (form) {
+    case PenaltyForm::kNone:
+      return launch_for_power<scalar_t, PenaltyForm::kNone>(table, args, counts, stream);
+    case PenaltyForm::kExplicit:
+      return launch_for_power<scalar_t, PenaltyForm::kExplicit>(table, args, counts, stream);
+    case PenaltyForm::kProximal:
+      return launch_for_power<scalar_t, PenaltyForm::kProximal>(table, args, counts, stream);
+  }
+  return cudaErrorInvalidValue;
 }
 
 // Values of one write_values_kernel launch: with the other arguments under the 4 KiB limit.
@@ -396,17 +461,17 @@ cudaError_t write_to_device(const std::vector<int64_t>& values, int64_t* dst,
   return cudaSuccess;
 }
 
-cudaError_t launch_classp_step(ParamDtype dtype, const DeviceWorkTable& table,
+cudaError_t launch_classp_step(ParamDtype dtype, PenaltyForm form, const DeviceWorkTable& table,
                                const StepArgs& args, int64_t* counts, cudaStream_t stream) {
   switch (dtype) {
     case ParamDtype::kFloat:
-      return launch_for_power<float>(table, args, counts, stream);
+      return launch_for_form<float>(form, table, args, counts, stream);
     case ParamDtype::kBFloat16:
-      return launch_for_power<c10::BFloat16>(table, args, counts, stream);
+      return launch_for_form<c10::BFloat16>(form, table, args, counts, stream);
     case ParamDtype::kHalf:
-      return launch_for_power<c10::Half>(table, args, counts, stream);
+      return launch_for_form<c10::Half>(form, table, args, counts, stream);
     case ParamDtype::kDouble:
-      return launch_for_power<double>(table, args, counts, stream);
+      return launch_for_form<double>(form, table, args, counts, stream);
   }
   return cudaErrorInvalidValue;
 }

@@ -8,6 +8,8 @@
 #include <cstdint>
 #include <vector>
 
+#include "classp_penalty.h"
+
 namespace classp {
 
 enum class ParamDtype { kFloat, kBFloat16, kHalf, kDouble };
@@ -25,11 +27,13 @@ struct StepArgs {
   ScalarArg grad_scale;  // used when has_grad_scale
   ScalarArg found_inf;   // used when has_found_inf: a non-zero value makes the step a no-op
   double threshold, eps, power;
+  double penalty_factor;  // 2 * the penalty's scale
   bool apply_scaling, has_grad_scale, has_found_inf;
 };
 
 // A work table (classp_plan.h) in device memory: `num_records` tensor records, then
-// `num_chunks` chunk entries. Its tensors are all of one dtype.
+// `num_chunks` chunk entries. Its tensors are all of one dtype, and all covered by the penalty
+// (records with importance and anchor addresses) or none.
 struct DeviceWorkTable {
   const int64_t* data;
   int64_t num_records;
@@ -41,10 +45,10 @@ struct DeviceWorkTable {
 // memory, so the writes can be captured into a CUDA graph and replayed.
 cudaError_t write_to_device(const std::vector<int64_t>& values, int64_t* dst, cudaStream_t stream);
 
-// Enqueues the step over the tensors of `table` (all of `dtype`) on `stream` as one launch; adds
-// the per-tensor [updated, nonfinite] counts into `counts` (int64, 2 per row, zeroed by the
-// caller).
-cudaError_t launch_classp_step(ParamDtype dtype, const DeviceWorkTable& table,
+// Enqueues the step over the tensors of `table` (all of `dtype`, stepped with `form`) on
+// `stream` as one launch; adds the per-tensor [updated, nonfinite] counts into `counts` (int64,
+// 2 per row, zeroed by the caller).
+cudaError_t launch_classp_step(ParamDtype dtype, PenaltyForm form, const DeviceWorkTable& table,
                                const StepArgs& args, int64_t* counts, cudaStream_t stream);
 
 }  // namespace classp

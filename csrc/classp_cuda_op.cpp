@@ -40,7 +40,7 @@ class WorkTableCache {
     std::vector<int64_t> key{device.index(), static_cast<int64_t>(dtype)};
     key.reserve(2 + records.size() * kRecordColumns);
     for (const TensorRecord& r : records) {
-      key.insert(key.end(), {r.param, r.grad, r.acc, r.numel, r.row});
+      key.insert(key.end(), {r.param, r.grad, r.acc, r.numel, r.row, r.weight, r.anchor});
     }
     cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
     C10_CUDA_CHECK(cudaStreamIsCapturing(stream.stream(), &capture));
@@ -164,11 +164,16 @@ ParamDtype param_dtype(c10::ScalarType dtype) {
 at::Tensor classp_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList accs,
                             const at::Tensor& lr, double threshold, double eps, double power,
                             bool apply_scaling, const std::optional<at::Tensor>& grad_scale,
-                            const std::optional<at::Tensor>& found_inf) {
+                            const std::optional<at::Tensor>& found_inf,
+                            const c10::List<std::optional<at::Tensor>>& importances,
+                            const c10::List<std::optional<at::Tensor>>& anchors,
+                            c10::string_view penalty_form, double penalty_scale) {
   const c10::Device device = step_device(params, lr, grad_scale, found_inf);
   TORCH_CHECK(device.is_cuda(), "classp_step_: the CUDA kernel got tensors on ", device);
   check_step_inputs(params, grads, accs, lr, threshold, eps, power, grad_scale, found_inf,
                     device);
+  const PenaltyForm form = check_penalty_inputs(params, importances, anchors, penalty_form,
+                                                penalty_scale);
   const c10::cuda::CUDAGuard device_guard(device);
   const int64_t n = static_cast<int64_t>(params.size());
   at::Tensor counts = at::zeros({n, 2}, at::TensorOptions().dtype(at::kLong).device(device));
@@ -187,32 +192,56 @@ at::Tensor classp_step_cuda(at::TensorList params, at::TensorList grads, at::Ten
   args.eps = eps;
   args.power = power;
   args.apply_scaling = apply_scaling;
+  args.penalty_factor = 2.0 * penalty_scale;
 
   // Tensors laid out differently are updated on contiguous copies, written back afterwards.
-  std::vector<at::Tensor> work_params(n), work_grads(n), work_accs(n);
-  std::array<std::vector<TensorRecord>, 4> by_dtype;  // indexed by ParamDtype
+  std::vector<at::Tensor> work_params(n), work_grads(n), work_accs(n), work_weights(n),
+      work_anchors(n);
+  // Records by ParamDtype, first of the tensors the penalty does not cover, then of those it
+  // does: one launch each.
+  std::array<std::array<std::vector<TensorRecord>, 4>, 2> groups;
   for (int64_t i = 0; i < n; ++i) {
     if (params[i].numel() == 0) {
       continue;
     }
+    std::optional<at::Tensor> weight, anchor;
+    if (form != PenaltyForm::kNone) {
+      weight = importances.get(i);
+      anchor = anchors.get(i);
+    }
+    const auto& strides = params[i].strides();
     const bool direct = params[i].is_non_overlapping_and_dense() &&
-                        grads[i].strides() == params[i].strides() &&
-                        accs[i].strides() == params[i].strides();
+                        grads[i].strides() == strides && accs[i].strides() == strides &&
+                        (!weight.has_value() || (weight->strides() == strides &&
+                                                 anchor->strides() == strides));
     work_params[i] = direct ? params[i] : params[i].contiguous();
     work_grads[i] = direct ? grads[i] : grads[i].contiguous();
     work_accs[i] = direct ? accs[i] : accs[i].contiguous();
-    by_dtype[static_cast<int>(param_dtype(params[i].scalar_type()))].push_back(
+    int64_t weight_address = 0;
+    int64_t anchor_address = 0;
+    if (weight.has_value()) {
+      work_weights[i] = direct ? *weight : weight->contiguous();
+      work_anchors[i] = direct ? *anchor : anchor->contiguous();
+      weight_address = reinterpret_cast<int64_t>(work_weights[i].data_ptr());
+      anchor_address = reinterpret_cast<int64_t>(work_anchors[i].data_ptr());
+    }
+    groups[weight.has_value()][static_cast<int>(param_dtype(params[i].scalar_type()))].push_back(
         {reinterpret_cast<int64_t>(work_params[i].data_ptr()),
          reinterpret_cast<int64_t>(work_grads[i].data_ptr()),
-         reinterpret_cast<int64_t>(work_accs[i].data_ptr()), params[i].numel(), i});
+         reinterpret_cast<int64_t>(work_accs[i].data_ptr()), params[i].numel(), i,
+         weight_address, anchor_address});
   }
   const c10::cuda::CUDAStream stream = c10::cuda::getCurrentCUDAStream();
-  for (size_t dtype = 0; dtype < by_dtype.size(); ++dtype) {
-    if (!by_dtype[dtype].empty()) {
-      const auto [table, owner] =
-          work_tables().get(device, static_cast<ParamDtype>(dtype), by_dtype[dtype], stream);
-      C10_CUDA_CHECK(launch_classp_step(static_cast<ParamDtype>(dtype), table, args,
-                                        counts.data_ptr<int64_t>(), stream.stream()));
+  for (int covered = 0; covered < 2; ++covered) {
+    const PenaltyForm launch_form = covered ? form : PenaltyForm::kNone;
+    for (size_t dtype = 0; dtype < groups[covered].size(); ++dtype) {
+      const std::vector<TensorRecord>& records = groups[covered][dtype];
+      if (!records.empty()) {
+        const auto [table, owner] =
+            work_tables().get(device, static_cast<ParamDtype>(dtype), records, stream);
+        C10_CUDA_CHECK(launch_classp_step(static_cast<ParamDtype>(dtype), launch_form, table,
+                                          args, counts.data_ptr<int64_t>(), stream.stream()));
+      }
     }
   }
   for (int64_t i = 0; i < n; ++i) {

@@ -67,11 +67,12 @@ inline Plan plan_work(const std::vector<int64_t>& numels, int64_t num_parts) {
 // The CUDA kernel's work table, one int64 array in device memory: a record of kRecordColumns
 // values per tensor, then one entry per chunk of kChunkElements elements, tensor by tensor:
 // (record slot << 32) | chunk index within the tensor.
-constexpr int64_t kRecordColumns = 5;
+constexpr int64_t kRecordColumns = 7;
 struct TensorRecord {
   int64_t param, grad, acc;  // device addresses
   int64_t numel;             // > 0
   int64_t row;               // row of the tensor in the counts output
+  int64_t weight, anchor;    // device addresses of importance and anchor; 0 without a penalty
 };
 
 inline std::vector<int64_t> work_table(const std::vector<TensorRecord>& records) {
@@ -82,7 +83,7 @@ inline std::vector<int64_t> work_table(const std::vector<TensorRecord>& records)
   }
   table.reserve(records.size() * kRecordColumns + chunks);
   for (const TensorRecord& r : records) {
-    table.insert(table.end(), {r.param, r.grad, r.acc, r.numel, r.row});
+    table.insert(table.end(), {r.param, r.grad, r.acc, r.numel, r.row, r.weight, r.anchor});
   }
   for (int64_t slot = 0; slot < static_cast<int64_t>(records.size()); ++slot) {
     for (int64_t chunk = 0; chunk * kChunkElements < records[slot].numel; ++chunk) {

@@ -16,7 +16,7 @@ OP_PACKET = (torch.ops.classp_fused.classp_step_.default if _extension.LOAD_ERRO
 NO_PENALTY = ([], [], "none", 0.0)  # importances, anchors, penalty_form, penalty_scale
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 CHUNK = 1 << 16
-RECORD_COLUMNS = 5
+RECORD_COLUMNS = 7
 # Tolerance of the generic power path (exp2/log2 vs torch.pow): about one rounding of the dtype.
 GENERIC_RTOL = {torch.float32: 2e-6, torch.float64: 1e-14, torch.bfloat16: 2 ** -7,
                 torch.float16: 2 ** -10}
@@ -323,7 +323,8 @@ def check_work_table(numels, work_table):
     rows = [i for i, n in enumerate(numels) if n > 0]
     records = work_table[:RECORD_COLUMNS * len(rows)].view(-1, RECORD_COLUMNS)
     assert records[:, 3].tolist() == [numels[i] for i in rows]
-    assert records[:, 4].tolist() == rows and not records[:, :3].any()
+    assert records[:, 4].tolist() == rows
+    assert not records[:, :3].any() and not records[:, 5:].any()  # addresses 0 in the plan
     entries = work_table[RECORD_COLUMNS * len(rows):]
     expected = [slot << 32 | chunk for slot, i in enumerate(rows)
                 for chunk in range(-(-numels[i] // CHUNK))]

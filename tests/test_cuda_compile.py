@@ -16,7 +16,9 @@ from torch.utils import cpp_extension
 ROOT = Path(__file__).resolve().parents[1]
 KERNEL = "csrc/classp_cuda.cu"
 SOURCES = [KERNEL, "csrc/classp_cuda_op.cpp"]
-VARIANTS = 12  # param dtypes float, bfloat16, half, double x power paths 1, 2, generic
+# param dtypes float, bfloat16, half, double x power paths 1, 2, generic x penalty none,
+# explicit, proximal
+VARIANTS = 36
 
 
 def find_nvcc():
@@ -110,11 +112,19 @@ def test_kernel_ptx_has_128_bit_streaming_loads(built):
     assert returncode == 0 and outputs["ptx"] is not None, log
     kernels = step_kernels(outputs["ptx"].read_text(), r"\.entry\s+(\w+)")
     assert len(kernels) == VARIANTS, sorted(kernels)
+    streaming = {}
     for name, body in kernels.items():
         assert re.search(r"ld\.global\.cg\.v4\.", body), name
         assert re.search(r"ld\.global\.cs\.v4\.", body), name
         assert re.search(r"st\.global\.cg\.v4\.", body), name
         assert not re.search(r"(ld|st)\.local", body), name
+        streaming[name] = len(re.findall(r"ld\.global\.cs\.v4\.", body))
+    # with a penalty (PenaltyForm 1 explicit, 2 proximal), importances and anchors stream in
+    # 128-bit loads as the grads do: three times the loads of the same variant without
+    for name, count in streaming.items():
+        if "PenaltyFormE0E" not in name:
+            plain = re.sub(r"PenaltyFormE[12]E", "PenaltyFormE0E", name)
+            assert count == 3 * streaming[plain], (name, count, streaming[plain])
 
 
 def test_kernel_sass_has_128_bit_loads(built):

@@ -549,3 +549,46 @@ def test_nonfinite_raise_sees_the_penalized_gradient():
     with pytest.raises(FloatingPointError, match="param group 0, param 3"):
         optimizer.step()
     assert all(torch.equal(b, bits(p)) for b, p in zip(before, model.parameters()))
+
+
+@pytest.mark.skipif("cpp" not in CPU_BACKENDS, reason="C++ extension not built")
+@pytest.mark.parametrize("form", FORMS)
+def test_opcheck_of_the_cpp_op_with_a_penalty(form):
+    params, grads, accs, importances, anchors = make_case(torch.float32, seed=8)
+    lr = torch.tensor(0.05, dtype=torch.float64)
+    torch.library.opcheck(torch.ops.classp_fused.classp_step_.default,
+                          (params, grads, accs, lr, 0.01, 1e-5, 2.0, True, None, None,
+                           importances, anchors, form, SCALE))
+
+
+@pytest.mark.parametrize("backend", [b for b in ("cpp", "foreach") if b in CPU_BACKENDS])
+@pytest.mark.parametrize("form", FORMS)
+def test_the_attached_step_traces_as_one_graph(backend, form):
+    torch._dynamo.reset()
+    model, mas = _consolidated("mas", form)
+    optimizer = CLASSP(model.parameters(), lr=torch.tensor(0.05), backend=backend)
+    mas.attach(optimizer)
+    _backward(model, _batches(torch.float32)[0], optimizer)
+    explanation = torch._dynamo.explain(optimizer.step)()
+    torch._dynamo.reset()
+    assert explanation.graph_count == 1 and explanation.graph_break_count == 0, \
+        explanation.break_reasons
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("form", FORMS)
+def test_compiled_attached_training_matches_eager(form):
+    runs = []
+    for compiled in (False, True):
+        torch._dynamo.reset()
+        model, mas = _consolidated("mas", form)
+        optimizer = CLASSP(model.parameters(), lr=torch.tensor(0.05), threshold=1e-4,
+                           backend="foreach")
+        mas.attach(optimizer)
+        step = torch.compile(optimizer.step) if compiled else optimizer.step
+        for x in _batches(torch.float32):
+            _backward(model, x, optimizer)
+            step()
+        runs.append(model)
+    torch._dynamo.reset()
+    _assert_models_close(*runs, torch.float32)
