@@ -20,7 +20,7 @@ Use one callback object for the whole sequence and a new ``Trainer`` per task (e
   stiff for it), and the optimizer's per-parameter state is kept; the next task's new
   optimizer starts from it, so CLASSP's accumulators continue.
 - Every checkpoint folder gets ``continual.pt`` (regularizer, finished tasks, carried
-  optimizer state). ``train(resume_from_checkpoint=...)`` reloads it from
+  optimizer state, the task's largest lrs so far). ``train(resume_from_checkpoint=...)`` reloads it from
   ``output_dir/checkpoint-<step>``; for a checkpoint elsewhere call ``load(folder)`` first.
 """
 from __future__ import annotations

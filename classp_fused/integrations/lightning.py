@@ -17,8 +17,9 @@ Use one callback object for the whole sequence and a new ``Trainer`` per task (e
   ``StiffnessWarning`` when the penalty is too stiff for it), and the optimizer's
   per-parameter state is kept; the next task's new optimizer starts from it, so CLASSP's
   accumulators continue.
-- The callback's state (regularizer, finished tasks, carried optimizer state) is part of every
-  Lightning checkpoint, so ``fit(ckpt_path=...)`` restores it.
+- The callback's state (regularizer, finished tasks, carried optimizer state, the task's
+  largest lrs so far) is part of every Lightning checkpoint, so ``fit(ckpt_path=...)``
+  restores it.
 """
 from __future__ import annotations
 
