@@ -1,6 +1,8 @@
 """CLASSP as a ``torch.optim.Optimizer``: param groups, fp32 state, AMP scaling, the step."""
 from __future__ import annotations
 
+import os
+import sys
 import warnings
 from typing import Callable, Optional
 
@@ -173,14 +175,21 @@ class CLASSP(Optimizer):
         super().add_param_group(param_group)
         self._warn_foreign_keys(param_group, index, stacklevel=3)
 
-    def _warn_foreign_keys(self, group: dict, index: int, stacklevel: int) -> None:
-        """Warn, once per key, that a foreign key set to an "off" value is ignored."""
+    def _warn_foreign_keys(self, group: dict, index: int) -> None:
+        """Warn, once per key, that a foreign key set to an "off" value is ignored. The warning
+        points at the first caller outside classp_fused and torch: the line that built the
+        optimizer or added the group (through torch's ``Optimizer.__init__`` or not)."""
         for key in foreign_keys(group):
             if key not in self._warned_keys:
                 self._warned_keys.add(key)
+                internal = tuple(os.path.dirname(module.__file__) + os.sep
+                                 for module in (sys.modules[__package__], torch))
+                frame, level = sys._getframe(1), 2  # this method's caller is stacklevel 2
+                while frame is not None and frame.f_code.co_filename.startswith(internal):
+                    frame, level = frame.f_back, level + 1
                 warnings.warn(f"CLASSP ignores the param group key {key}={group[key]!r} "
                               f"(param group {index}): {FOREIGN_KEYS[key]}",
-                              UserWarning, stacklevel=stacklevel + 1)
+                              UserWarning, stacklevel=level)
 
     def _set_penalty_source(self, source) -> None:
         """Take the penalty of ``source`` (an attached regularizer, or None for none) inside

@@ -1,10 +1,13 @@
 """ContinualRun, the framework-free core of the callbacks: carried optimizer state, the
 penalty, consolidation data and an all-or-nothing state round trip."""
+import warnings
+
 import pytest
 import torch
 
 from classp_fused import CLASSP, EWC, MAS
 from classp_fused.integrations.continual import ContinualRun, unwrap_optimizer
+from classp_fused.regularizers import StiffnessWarning
 from helpers import tiny_model, train_steps
 
 
@@ -104,7 +107,8 @@ def test_the_regularizer_is_attached_to_each_tasks_optimizer_through_wrappers():
     assert mas.attached_to is None and first._penalty_source is None
     second = torch.optim.SGD(model.parameters(), lr=0.05)
     run.begin_task(Wrapper(Wrapper(second)))
-    assert mas.attached_to is second and len(second._optimizer_step_pre_hooks) == 1
+    # the penalty's pre-hook and the recorder of the task's lrs
+    assert mas.attached_to is second and len(second._optimizer_step_pre_hooks) == 2
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.1)
@@ -116,12 +120,113 @@ def test_the_regularizer_is_attached_to_each_tasks_optimizer_through_wrappers():
         unwrap_optimizer(Wrapper(3))
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    ({"regularizer": torch.nn.Linear(2, 2)}, "regularizer must be"),
-    ({"forward": 3}, "forward must be"),
-    ({"labels": 1.5}, "labels must be"),
-    ({"data": 7}, "data must be"),
+def _decaying(optimizer, factors=(0.5, 1.0, 0.5, 0.25)):
+    """A warm-up and decay schedule: lr * factors[step], 0 after the last step."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: factors[step] if step < len(factors) else 0.0)
+
+
+def test_end_task_checks_stability_at_the_largest_lr_the_task_stepped_with():
+    model = tiny_model()
+    mas = MAS(model, lam=300.0)
+    run = ContinualRun(mas, data=_batches(0))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    run.begin_task(optimizer)
+    train_steps(model, optimizer, steps=4, scheduler=_decaying(optimizer))
+    assert optimizer.param_groups[0]["lr"] == 0.0
+    assert run.task_lrs == [0.05]  # the peak, not the mean 0.028 nor the last 0.0125
+    with pytest.warns(StiffnessWarning, match="explicit penalty step is unstable") as record:
+        run.end_task(optimizer)
+    assert len(record) == 1
+    worst = max(mas.stability_bounds(lr=0.05).values(), key=lambda b: b.stiffness)
+    assert f"{worst.stiffness:.3g}" in str(record[0].message)
+    assert all(b.stiffness == 0 for b in mas.stability_bounds(optimizer).values())  # at lr 0
+    assert run.task_lrs is None and not optimizer._optimizer_step_pre_hooks
+    second = torch.optim.SGD(model.parameters(), lr=1e-5)
+    run.begin_task(second)
+    train_steps(model, second, steps=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # stable at this task's lr
+        run.end_task(second)
+
+
+def test_end_task_without_a_step_checks_the_optimizers_lr():
+    model = tiny_model()
+    run = ContinualRun(MAS(model, lam=300.0), data=_batches(0))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    run.begin_task(optimizer)
+    with pytest.warns(StiffnessWarning):
+        run.end_task(optimizer)
+
+
+def test_the_proximal_option_keeps_a_huge_lam_stable():
+    def second_task(penalty):
+        model = tiny_model()
+        run = ContinualRun(MAS(model, lam=1e6), data=_batches(0), penalty=penalty)
+        first = torch.optim.SGD(model.parameters(), lr=0.05)
+        run.begin_task(first)
+        with pytest.warns(StiffnessWarning) as record:
+            run.end_task(first)
+        anchor = [p.detach().clone() for p in model.parameters()]
+        second = torch.optim.SGD(model.parameters(), lr=0.05)
+        run.begin_task(second)
+        train_steps(model, second, steps=5, seed=2)
+        moved = max(float((p.detach() - a).abs().max())
+                    for p, a in zip(model.parameters(), anchor))
+        return run, str(record[0].message), moved
+
+    run, message, moved = second_task("proximal")
+    assert run.regularizer.penalty_form == "proximal" and "stays stable" in message
+    assert moved < 1e-4  # pulled back to the anchor at every step
+    run, message, moved = second_task(None)  # the regularizer's own form: explicit
+    assert run.regularizer.penalty_form == "explicit" and "unstable" in message
+    assert not moved < 1e3  # diverged (inf or NaN)
+    proximal = MAS(tiny_model(), penalty="proximal")
+    assert ContinualRun(proximal).regularizer.penalty_form == "proximal"  # None keeps it
+
+
+def test_the_tasks_lrs_travel_with_the_state_and_are_checked():
+    model = tiny_model()
+    run = ContinualRun(EWC(model, lam=1.0), data=_batches(0))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.3)
+    run.begin_task(optimizer)
+    train_steps(model, optimizer, steps=2)
+    state = run.state_dict()
+    assert state["task_lrs"] == [0.3]
+    restored = ContinualRun(EWC(tiny_model(), lam=1.0))
+    restored.load_state_dict(state)
+    assert restored.task_lrs == [0.3]
+    for bad in ([float("nan")], "0.3", [-1.0], [True]):
+        with pytest.raises(ValueError, match="task_lrs"):
+            restored.load_state_dict({**state, "task_lrs": bad, "tasks_done": 5})
+        assert restored.task_lrs == [0.3] and restored.tasks_done == 0
+    earlier = {k: v for k, v in state.items() if k != "task_lrs"}
+    restored.load_state_dict(earlier)
+    assert restored.task_lrs is None
+    restored.load_state_dict(state)
+    two_groups = torch.optim.SGD([{"params": list(restored.regularizer.model.parameters())[:2]},
+                                  {"params": list(restored.regularizer.model.parameters())[2:]}],
+                                 lr=0.1)
+    with pytest.raises(ValueError, match="1 param group"):
+        restored.begin_task(two_groups)
+    assert restored.regularizer.attached_to is None and not two_groups._optimizer_step_pre_hooks
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    ({"regularizer": torch.nn.Linear(2, 2)}, TypeError, "regularizer must be"),
+    ({"forward": 3}, TypeError, "forward must be"),
+    ({"labels": 1.5}, TypeError, "labels must be"),
+    ({"data": 7}, TypeError, "data must be"),
+    ({"penalty": "implicit"}, ValueError, "penalty must be one of"),
+    ({"penalty": "proximal"}, ValueError, "needs a regularizer"),
 ])
-def test_bad_arguments_raise_at_construction(kwargs, match):
-    with pytest.raises(TypeError, match=match):
+def test_bad_arguments_raise_at_construction(kwargs, error, match):
+    with pytest.raises(error, match=match):
         ContinualRun(**kwargs)
+
+
+def test_a_refused_penalty_leaves_the_regularizer_as_it_was():
+    mas = MAS(tiny_model())
+    with pytest.raises(TypeError, match="data must be"):
+        ContinualRun(mas, data=7, penalty="proximal")
+    assert mas.penalty_form == "explicit"

@@ -14,6 +14,7 @@ pytest.importorskip("accelerate")
 
 from classp_fused import CLASSP, MAS, EWC  # noqa: E402
 from classp_fused.integrations.huggingface import ContinualCallback  # noqa: E402
+from classp_fused.regularizers import StiffnessWarning  # noqa: E402
 from helpers import bits  # noqa: E402
 
 HYPER = {"lr": 0.05, "threshold": 1e-6}
@@ -210,8 +211,60 @@ def test_default_consolidation_data_is_the_trainers_training_data(tmp_path):
     assert sum(float(t.sum()) for t in ewc.importance.values()) > 0
 
 
+def test_the_stiffness_check_runs_at_the_tasks_peak_lr_under_the_decayed_schedule(tmp_path):
+    model = _model()
+    mas = MAS(model, lam=1e4)
+    callback = ContinualCallback(mas, data=_consolidation_batches)
+    trainer = _trainer(model, callback, tmp_path, 0)  # the Trainer's default: linear decay to 0
+    with pytest.warns(StiffnessWarning, match="explicit penalty step is unstable") as record:
+        trainer.train()
+    record = [w for w in record if issubclass(w.category, StiffnessWarning)]
+    optimizer = trainer.optimizer.optimizer  # accelerate's wrapper holds CLASSP
+    assert isinstance(optimizer, CLASSP) and len(record) == 1
+    assert [group["lr"] for group in optimizer.param_groups] == [0.0, 0.0]
+    assert all(b.stiffness == 0 for b in mas.stability_bounds(optimizer).values())
+    worst = max(mas.stability_bounds(optimizer, lr=HYPER["lr"]).values(),
+                key=lambda b: b.stiffness)
+    assert f"{worst.stiffness:.3g}" in str(record[0].message)
+    assert callback.run.task_lrs is None and not optimizer._optimizer_step_pre_hooks
+
+
+def test_the_proximal_option_takes_the_proximal_form_in_the_step(tmp_path, monkeypatch):
+    from classp_fused import optim
+
+    model = _model()
+    callback = ContinualCallback(MAS(model, lam=1e4), data=_consolidation_batches,
+                                 penalty="proximal")
+    forms = []  # per CLASSP kernel call, the form of the penalty it took
+    run_backend = optim.run_backend
+    monkeypatch.setattr(optim, "run_backend", lambda name, *args: (
+        forms.append(getattr(args[-1].penalty, "form", None)), run_backend(name, *args))[1])
+    with pytest.warns(StiffnessWarning, match="stays stable"):
+        _trainer(model, callback, tmp_path / "a", 0).train()
+    assert set(forms) == {None}  # nothing to apply before the first consolidation
+    forms.clear()
+    with pytest.warns(StiffnessWarning, match="stays stable"):
+        _trainer(model, callback, tmp_path / "b", 1).train()
+    assert forms and set(forms) == {"proximal"}
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_the_ignored_weight_decay_warning_points_at_the_trainer_not_at_torch(tmp_path):
+    import warnings
+
+    trainer = _trainer(_model(), ContinualCallback(), tmp_path, 0)
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        trainer.create_optimizer()
+    ignored = [w for w in seen if "CLASSP ignores" in str(w.message)]
+    assert len(ignored) == 1
+    assert ignored[0].filename.startswith(os.path.dirname(transformers.__file__))
+
+
 def test_bad_callback_arguments_raise():
     with pytest.raises(TypeError, match="regularizer must be"):
         ContinualCallback(regularizer=torch.nn.Linear(2, 2))
     with pytest.raises(TypeError, match="forward must be"):
         ContinualCallback(forward=3)
+    with pytest.raises(ValueError, match="penalty must be one of"):
+        ContinualCallback(MAS(_model()), penalty="implicit")

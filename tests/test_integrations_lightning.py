@@ -10,6 +10,7 @@ pl = pytest.importorskip("lightning.pytorch")
 
 from classp_fused import CLASSP, EWC, MAS  # noqa: E402
 from classp_fused.integrations.lightning import ContinualCallback  # noqa: E402
+from classp_fused.regularizers import StiffnessWarning  # noqa: E402
 from helpers import bits  # noqa: E402
 
 BATCHES, BATCH = 4, 8
@@ -187,6 +188,49 @@ def test_bf16_with_clipping_through_configure_gradient_clipping(tmp_path):
                  gradient_clip_val=0.5).fit(module, _loader(task))
     assert callback.run.tasks_done == 2 and len(norms) == 2 * BATCHES
     assert max(norms) <= 0.5 * (1 + 1e-5)
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+
+
+class Decaying(Classifier):
+    """CLASSP with a per-step linear decay of the lr to 0 at the end of one epoch."""
+
+    def configure_optimizers(self):
+        optimizer = CLASSP(self.parameters(), lr=0.05, threshold=1e-6)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 - step / BATCHES)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule,
+                                                         "interval": "step"}}
+
+
+def test_the_stiffness_check_runs_at_the_tasks_peak_lr_under_a_decayed_schedule(tmp_path):
+    module = Decaying()
+    ewc = EWC(module.net, lam=1e4)
+    callback = ContinualCallback(ewc, data=_consolidation)
+    trainer = _trainer(tmp_path, [callback], max_epochs=1)
+    with pytest.warns(StiffnessWarning, match="explicit penalty step is unstable") as record:
+        trainer.fit(module, _loader(0))
+    record = [w for w in record if issubclass(w.category, StiffnessWarning)]
+    optimizer = trainer.optimizers[0]
+    assert len(record) == 1 and optimizer.param_groups[0]["lr"] == 0.0
+    assert all(b.stiffness == 0 for b in ewc.stability_bounds(optimizer).values())
+    worst = max(ewc.stability_bounds(optimizer, lr=0.05).values(), key=lambda b: b.stiffness)
+    assert f"{worst.stiffness:.3g}" in str(record[0].message)
+
+
+def test_the_proximal_option_takes_the_proximal_form_in_the_step(tmp_path, monkeypatch):
+    from classp_fused import optim
+
+    module = Classifier()
+    callback = ContinualCallback(MAS(module.net, lam=1e4), data=_consolidation,
+                                 penalty="proximal")
+    forms = []  # per CLASSP kernel call, the form of the penalty it took
+    run_backend = optim.run_backend
+    monkeypatch.setattr(optim, "run_backend", lambda name, *args: (
+        forms.append(getattr(args[-1].penalty, "form", None)), run_backend(name, *args))[1])
+    for task in range(2):
+        forms.clear()
+        with pytest.warns(StiffnessWarning, match="stays stable"):
+            _trainer(tmp_path / str(task), [callback], max_epochs=1).fit(module, _loader(task))
+    assert forms == ["proximal"] * BATCHES
     assert all(torch.isfinite(p).all() for p in module.parameters())
 
 

@@ -722,6 +722,18 @@ def test_keys_of_other_optimizers_set_off_are_ignored_with_one_warning(backend):
     assert optimizer.state_dict()["param_groups"][0]["weight_decay"] == 0.0
 
 
+def test_the_ignored_key_warning_points_at_the_callers_line():
+    model = tiny_model()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        optimizer = CLASSP([{"params": model[0].parameters(), "weight_decay": 0.0}], lr=0.05)
+        optimizer.add_param_group({"params": model[2].parameters(), "nesterov": False})
+    ignored = [w for w in seen if "CLASSP ignores" in str(w.message)]
+    assert [(w.filename, "nesterov" in str(w.message)) for w in ignored] == [
+        (__file__, False), (__file__, True)]
+    assert ignored[1].lineno == ignored[0].lineno + 1
+
+
 @pytest.mark.parametrize("key, value", [("weight_decay", 0.01), ("momentum", 0.9),
                                         ("betas", (0.9, 0.999)), ("maximize", True)])
 def test_keys_of_other_optimizers_set_on_are_refused(key, value):

@@ -84,6 +84,7 @@ def test_consolidate_warns_once_naming_the_stiffest_param_and_safe_values():
     message = str(record[0].message)
     assert repr(worst.param) in message and f"{worst.max_lr:.3g}" in message
     assert f"{worst.max_lam:.3g}" in message and "proximal_step_" in message
+    assert "penalty='proximal'" in message
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         reg.consolidate(batches([6, 5]), lr=1e-4)
@@ -109,20 +110,69 @@ def test_classp_step_size_is_lr_over_root_of_accumulator():
 def test_bound_arguments_are_checked():
     model, reg = consolidated(MAS, lam=1.0)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="give optimizer=, lr= or both"):
+        reg.stability_bounds()
     for kwargs in ({}, {"optimizer": optimizer, "lr": 0.1}):
         with pytest.raises(ValueError, match="exactly one of optimizer= and lr="):
-            reg.stability_bounds(**kwargs)
+            reg.proximal_step_(**kwargs)
     with pytest.raises(ValueError, match="lr"):
         reg.proximal_step_(lr=-1.0)
     with pytest.raises(TypeError, match="optimizer"):
         reg.stability_bounds("sgd")
+    with pytest.raises(ValueError, match="without optimizer="):
+        reg.stability_bounds(lr=[0.1])
+    with pytest.raises(ValueError, match=r"one lr per param group \(1\), got 2"):
+        reg.stability_bounds(optimizer, lr=[0.1, 0.2])
+    with pytest.raises(ValueError, match=r"lr\[0\] must be a finite number"):
+        reg.stability_bounds(optimizer, lr=[float("nan")])
     other = torch.optim.SGD(mlp(1).parameters(), lr=0.1)
     with pytest.raises(ValueError, match="regularized parameter"):
         reg.proximal_step_(other)
     before = reg.importance
-    with pytest.raises(ValueError, match="exactly one"):  # checked before any work
-        reg.consolidate(batches([3]), optimizer=optimizer, lr=0.1)
+    with pytest.raises(ValueError, match="one lr per param group"):  # checked before any work
+        reg.consolidate(batches([3]), optimizer=optimizer, lr=[0.1, 0.1])
     assert all(torch.equal(before[n], t) for n, t in reg.importance.items())
+
+
+def test_an_lr_with_the_optimizer_replaces_its_groups_lrs():
+    model, reg = consolidated(EWC, lam=4.0)
+    optimizer = CLASSP([{"params": model[0].parameters()},
+                        {"params": model[2].parameters()}],
+                       lr=0.0, threshold=0.0, eps=1e-3, power=2.0, backend="torch")
+    optimizer.zero_grad()
+    model(batches([4], seed=5)[0][0]).pow(2).sum().backward()
+    optimizer.step()  # an accumulator to scale by
+    assert all(b.stiffness == 0 for b in reg.stability_bounds(optimizer).values())
+    bounds = reg.stability_bounds(optimizer, lr=[0.05, 0.2])
+    for (name, p), k in zip(model.named_parameters(), curvature(reg).values()):
+        lr = 0.05 if name.startswith("0.") else 0.2
+        eta = lr / (1e-3 + optimizer.state[p]["accumulator"]).sqrt()
+        assert math.isclose(bounds[name].stiffness, (eta * k).max().item(), rel_tol=1e-9)
+        assert math.isclose(bounds[name].max_lr, 2 * lr / bounds[name].stiffness, rel_tol=1e-12)
+    for group in optimizer.param_groups:
+        group["lr"] = 0.2
+    assert reg.stability_bounds(optimizer, lr=0.2) == reg.stability_bounds(optimizer)
+    assert reg.max_stable_lr(optimizer, lr=0.2) == reg.max_stable_lr(optimizer)
+
+
+def test_consolidate_checks_the_lr_given_with_the_optimizer_not_its_decayed_one():
+    model = mlp()
+    reg = MAS(model, lam=50.0)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # a schedule's end
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        reg.consolidate(batches([6, 5]), optimizer=optimizer)
+    with pytest.warns(StiffnessWarning, match="explicit penalty step is unstable"):
+        reg.consolidate(batches([6, 5]), optimizer=optimizer, lr=[1.0])
+
+
+def test_stability_bounds_is_a_dict_by_parameter_name_of_those_holding_state():
+    model, reg = consolidated(MAS, lam=1.0)
+    model[0].weight.requires_grad_(False)
+    bounds = reg.stability_bounds(lr=0.1)
+    assert isinstance(bounds, dict)
+    assert list(bounds) == ["0.bias", "2.weight", "2.bias"]
+    assert MAS(mlp()).stability_bounds(lr=0.1) == {}
 
 
 @pytest.mark.parametrize("method, kwargs", [(MAS, {}), (EWC, {}), (EWC, {"mode": "online"})])
@@ -200,3 +250,17 @@ def test_proximal_step_with_classp_moves_only_updated_elements():
         torch.testing.assert_close(p.detach(), expected, rtol=1e-12, atol=0)
         assert torch.equal(p.detach()[~mask], stepped[name][~mask])
     assert any(m.any() for m in masks) and any((~m).any() for m in masks)
+
+
+@pytest.mark.parametrize("method", [MAS, EWC])
+def test_in_the_proximal_form_the_warning_says_elements_freeze_not_to_go_proximal(method):
+    reg = method(mlp(), lam=50.0, penalty="proximal")
+    optimizer = torch.optim.SGD(reg.model.parameters(), lr=1.0)
+    with pytest.warns(StiffnessWarning) as record:
+        reg.consolidate(batches([6, 5]), optimizer=optimizer)
+    message = str(record[0].message)
+    assert "stays stable" in message and "stop learning" in message
+    assert "apply the penalty in proximal form" not in message
+    assert "proximal_step_()" not in message
+    worst = max(reg.stability_bounds(optimizer).values(), key=lambda b: b.stiffness)
+    assert f"{worst.max_lam:.3g}" in message and repr(worst.param) in message

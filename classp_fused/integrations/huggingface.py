@@ -13,12 +13,14 @@ Use one callback object for the whole sequence and a new ``Trainer`` per task (e
   optimizer step applies the penalty in the regularizer's ``penalty_form``, once per step with
   gradient accumulation, on the unscaled gradients under fp16 AMP, inside CLASSP's step kernel.
   Gradient clipping and the logged grad norm see the loss gradient alone.
+  The callback's ``penalty="proximal"`` (or the regularizer's) applies the proximal form.
 - At the end of ``train()`` the regularizer is consolidated on ``data`` (default: the
-  Trainer's training DataLoader, batches as the model gets them) and the optimizer's
-  per-parameter state is kept; the next task's new optimizer starts from it, so CLASSP's
-  accumulators continue.
+  Trainer's training DataLoader, batches as the model gets them) with the optimizer and the
+  largest lr it stepped with during the task (a ``StiffnessWarning`` when the penalty is too
+  stiff for it), and the optimizer's per-parameter state is kept; the next task's new
+  optimizer starts from it, so CLASSP's accumulators continue.
 - Every checkpoint folder gets ``continual.pt`` (regularizer, finished tasks, carried
-  optimizer state). ``train(resume_from_checkpoint=...)`` reloads it from
+  optimizer state, the task's largest lrs so far). ``train(resume_from_checkpoint=...)`` reloads it from
   ``output_dir/checkpoint-<step>``; for a checkpoint elsewhere call ``load(folder)`` first.
 """
 from __future__ import annotations
@@ -40,12 +42,14 @@ class ContinualCallback(TrainerCallback):
 
     Arguments as :class:`classp_fused.integrations.continual.ContinualRun`: ``regularizer``,
     ``data`` (batches or ``data(task_index)``; default the Trainer's training data),
-    ``forward``, ``labels`` (for ``consolidate``), ``carry_optimizer_state``.
+    ``forward``, ``labels`` (for ``consolidate``), ``carry_optimizer_state``, ``penalty``
+    (``"explicit"`` or ``"proximal"``; None: the regularizer's ``penalty_form``).
     """
 
     def __init__(self, regularizer=None, data=None, forward=None, labels=None,
-                 carry_optimizer_state: bool = True):
-        self.run = ContinualRun(regularizer, data, forward, labels, carry_optimizer_state)
+                 carry_optimizer_state: bool = True, penalty=None):
+        self.run = ContinualRun(regularizer, data, forward, labels, carry_optimizer_state,
+                                penalty)
         self._loaded = False
 
     def load(self, checkpoint_folder: str) -> None:

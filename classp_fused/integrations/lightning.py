@@ -11,11 +11,15 @@ Use one callback object for the whole sequence and a new ``Trainer`` per task (e
   optimizer step applies the penalty in the regularizer's ``penalty_form``, once per step
   (after gradient accumulation), on the unscaled gradients under a 16-mixed GradScaler, inside
   CLASSP's step kernel; gradient clipping sees the loss gradient alone.
+  The callback's ``penalty="proximal"`` (or the regularizer's) applies the proximal form.
 - At the end of ``fit()`` the regularizer is consolidated on ``data`` (default: the training
-  DataLoader) and the optimizer's per-parameter state is kept; the next task's new optimizer
-  starts from it, so CLASSP's accumulators continue.
-- The callback's state (regularizer, finished tasks, carried optimizer state) is part of every
-  Lightning checkpoint, so ``fit(ckpt_path=...)`` restores it.
+  DataLoader) with the optimizer and the largest lr it stepped with during the task (a
+  ``StiffnessWarning`` when the penalty is too stiff for it), and the optimizer's
+  per-parameter state is kept; the next task's new optimizer starts from it, so CLASSP's
+  accumulators continue.
+- The callback's state (regularizer, finished tasks, carried optimizer state, the task's
+  largest lrs so far) is part of every Lightning checkpoint, so ``fit(ckpt_path=...)``
+  restores it.
 """
 from __future__ import annotations
 
@@ -31,13 +35,15 @@ class ContinualCallback(Callback):
 
     Arguments as :class:`classp_fused.integrations.continual.ContinualRun`: ``regularizer``,
     ``data`` (batches or ``data(task_index)``; default the training DataLoader), ``forward``,
-    ``labels`` (for ``consolidate``), ``carry_optimizer_state``. The module configures one
+    ``labels`` (for ``consolidate``), ``carry_optimizer_state``, ``penalty`` (``"explicit"``
+    or ``"proximal"``; None: the regularizer's ``penalty_form``). The module configures one
     optimizer (automatic or manual optimization).
     """
 
     def __init__(self, regularizer=None, data=None, forward=None, labels=None,
-                 carry_optimizer_state: bool = True):
-        self.run = ContinualRun(regularizer, data, forward, labels, carry_optimizer_state)
+                 carry_optimizer_state: bool = True, penalty=None):
+        self.run = ContinualRun(regularizer, data, forward, labels, carry_optimizer_state,
+                                penalty)
 
     def on_train_start(self, trainer, pl_module):
         if len(trainer.optimizers) != 1:

@@ -12,7 +12,12 @@ Two ways to apply the penalty while training a new task:
   ``max_stable_lr`` give the bound, and ``consolidate(data, optimizer=...)`` warns
   (``StiffnessWarning``) when the next explicit step would be unstable.
 - proximal: ``proximal_step_(optimizer)`` after ``optimizer.step()``, before ``zero_grad``;
-  stable for every lambda.
+  stable for every lambda (past the same bound it pulls each element most of the way back to
+  its anchor at every step: the element stops learning; the warning then says so).
+
+``normalize="mean"|"max"`` divides each task's importance by its mean (max) over all
+regularized elements before it enters the state, so that lam means the same across models
+and data (a departure from the papers, whose lam multiplies the raw importance).
 
 ``attach(optimizer)`` applies the penalty in the form the regularizer is set to
 (``penalty="explicit"|"proximal"``) at every ``optimizer.step()`` instead: inside CLASSP's step
@@ -42,14 +47,18 @@ from . import stability
 from .amp import current_grad_scale
 from .attach import Attachment
 from .batches import Forward, Labels, check_forward_and_labels, default_forward
-from .checks import check_number
+from .checks import check_choice, check_number
 from .importance import ImportancePasses, PassTrace
-from .shards import DTensor, local, wrap_like
+from .shards import DTensor, local, max_over_mesh, sum_over_mesh, wrap_like
 from .state import TaskState
 
 
+NORMALIZATIONS = ("none", "mean", "max")
+
+
 class StiffnessWarning(UserWarning):
-    """The explicit penalty step would diverge at the optimizer's step size."""
+    """The explicit penalty step would diverge at the optimizer's step size (in the proximal
+    form: the penalty would all but freeze the stiffest elements)."""
 
 
 class Regularizer(ImportancePasses, TaskState, Attachment, abc.ABC):
@@ -61,6 +70,13 @@ class Regularizer(ImportancePasses, TaskState, Attachment, abc.ABC):
     Those using ``_add_per_sample`` also define ``_sample_losses``, ``_sample_weights`` and
     ``_statistic``.
 
+    ``normalize``: ``"none"`` (the papers': the raw importance), ``"mean"`` or ``"max"``: at
+    each ``consolidate`` the task's new importance is divided by its mean (max) over all
+    regularized elements (every rank's shards under FSDP2) before it is merged, so one task's
+    importance has mean (max) 1 and lam is the penalty per element of average (largest)
+    importance. An all-zero importance stays zero. Saved in ``state_dict``; a state is only
+    loaded into a regularizer with the same setting.
+
     Every public state change is all or nothing: arguments, data and the resulting values
     are checked first, and a refusal (an error naming what and what was expected) leaves the
     regularizer, the model's parameters and their .grad exactly as they were.
@@ -69,13 +85,16 @@ class Regularizer(ImportancePasses, TaskState, Attachment, abc.ABC):
     _scale: float
 
     def __init__(self, model: nn.Module, lam: float, per_sample: bool, process_group=None,
-                 keep_task_importances: bool = False, penalty: str = "explicit"):
+                 keep_task_importances: bool = False, penalty: str = "explicit",
+                 normalize: str = "none"):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if next(model.parameters(), None) is None:
             raise ValueError(f"model ({type(model).__name__}) has no parameters to regularize")
         self.model = model
         self.lam = check_number("lam", lam, 0.0, math.inf)
+        check_choice("normalize", normalize, NORMALIZATIONS)
+        self.normalize = normalize
         self.per_sample = bool(per_sample)
         self.process_group = process_group
         self._reset_state(bool(keep_task_importances))
@@ -107,10 +126,12 @@ class Regularizer(ImportancePasses, TaskState, Attachment, abc.ABC):
         inf input, a non-finite parameter, an overflowing output or gradient): the pass stops
         there and the error names the batch's index in ``data`` (on every rank, when one rank
         finds one); a merged state that is not finite (an overflow of the parameter's dtype);
-        a parameter whose shape, dtype or device no longer fits its state. With ``optimizer``
-        or ``lr`` (not both), one ``StiffnessWarning`` names the stiffest parameter when the
-        next explicit step would be unstable; the optimizer must hold every regularized
-        parameter.
+        a parameter whose shape, dtype or device no longer fits its state. With ``optimizer``,
+        ``lr`` or both (as for ``stability_bounds``: ``lr`` with an optimizer replaces its
+        groups' lrs, e.g. by the largest lr a decaying schedule used), one
+        ``StiffnessWarning`` names the stiffest parameter when the next explicit step would
+        be unstable; the optimizer must hold every regularized parameter. With
+        ``normalize`` set, the new importance is divided by its mean or max (see the class).
 
         A parameter frozen now (``requires_grad=False``) that holds state from earlier tasks
         keeps its anchor, and its importance merges as for a task that did not touch it (zero
@@ -119,7 +140,7 @@ class Regularizer(ImportancePasses, TaskState, Attachment, abc.ABC):
         """
         check_forward_and_labels(forward, labels)
         if optimizer is not None or lr is not None:
-            stability.check_step_source(optimizer, lr)
+            stability.check_bound_source(optimizer, lr)
         params = self._regularized_params()
         if optimizer is not None:
             for p in params.values():
@@ -149,12 +170,33 @@ class Regularizer(ImportancePasses, TaskState, Attachment, abc.ABC):
         if count == 0:
             raise ValueError("data is empty: consolidate saw no samples (an empty batch or a "
                              "loader that yields none); the importance is left as it was")
-        new = {name: wrap_like((s / count).to(params[name].dtype), params[name])
-               for name, s in sums.items()}
+        means = {name: s / count for name, s in sums.items()}
+        self._normalize_(means, params)
+        new = {name: wrap_like(t.to(params[name].dtype), params[name])
+               for name, t in means.items()}
         anchor = {name: p.detach().clone() for name, p in params.items()}
         self._enter_task(new, anchor)
         if optimizer is not None or lr is not None:
             self._warn_if_stiff(optimizer, lr)
+
+    def _normalize_(self, importance: dict[str, Tensor], params: dict[str, Tensor]) -> None:
+        """Divide a task's local importances in place by their mean or max over every element
+        of ``params`` (all shards under FSDP2), as ``normalize`` says; zero stays zero."""
+        if self.normalize == "none" or not importance:
+            return
+        like = next(iter(params.values()))
+        values = list(importance.values())
+        zero = torch.zeros((), dtype=torch.float64, device=values[0].device)
+        if self.normalize == "mean":
+            total = sum((t.sum(dtype=torch.float64) for t in values), zero)
+            count = sum(p.numel() for p in params.values())  # a DTensor's numel is global
+            divisor = float(sum_over_mesh(total, like)) / count
+        else:  # the importance is >= 0: the max over 0 and the local maxima is its max
+            peak = torch.stack([zero, *(t.amax().double() for t in values if t.numel())]).amax()
+            divisor = float(max_over_mesh(peak, like))
+        if divisor > 0:
+            for t in values:
+                t.div_(divisor)
 
     def _regularized_params(self) -> dict[str, nn.Parameter]:
         params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
@@ -206,43 +248,62 @@ class Regularizer(ImportancePasses, TaskState, Attachment, abc.ABC):
         steps = [stability.step_size(optimizer, lr, p, updated_only=True) for p in params]
         penalty_ops.proximal_step_(params, imps, anchors, steps, 2 * self._scale)
 
-    def stability_bounds(self, optimizer=None, *, lr: float | None = None
-                         ) -> dict[str, stability.StabilityBound]:
-        """Per regularized parameter, the stiffness max(eta * 2 * scale * Omega) of the explicit
-        step and the largest lr and lam that keep it below 2 (``StabilityBound``).
+    def stability_bounds(self, optimizer=None, *, lr=None) -> dict[str, stability.StabilityBound]:
+        """A dict by parameter name (as ``model.named_parameters()`` names it), one entry per
+        parameter that holds state and requires grad: the stiffness max(eta * 2 * scale *
+        Omega) of its explicit step and the largest lr and lam that keep it below 2
+        (``StabilityBound``); empty before consolidate.
 
-        Give the optimizer (its step sizes, see ``stability``) or a plain ``lr``. Under FSDP2
-        or DDP the maxima are taken over all ranks (every rank must call it).
+        Give the optimizer (its step sizes, see ``stability``), a plain ``lr`` (SGD), or both:
+        the optimizer's step sizes at ``lr`` (a float, or one per param group) in place of its
+        groups' current lrs. Under FSDP2 or DDP the maxima are taken over all ranks (every
+        rank must call it).
         """
-        lr = stability.check_step_source(optimizer, lr)
+        lrs = stability.check_bound_source(optimizer, lr)
         params, imps, _, _ = self._terms()
         names = {id(p): n for n, p in self.model.named_parameters()}
         values, scales = [], []
         for p, imp in zip(params, imps):
-            eta = stability.step_size(optimizer, lr, p, updated_only=False)
+            if optimizer is None:
+                scale = lrs
+            else:
+                index = stability.group_index(optimizer, p)
+                scale = float(optimizer.param_groups[index]["lr"]) if lrs is None else lrs[index]
+            eta = stability.step_size(optimizer, scale, p, updated_only=False)
             values.append(stability.stiffness(imp, eta, 2 * self._scale))
-            scales.append(lr if optimizer is None else float(stability.group_of(optimizer, p)["lr"]))
+            scales.append(scale)
         values = self._all_reduce_max(values, params)
         return {names[id(p)]: stability.bound(names[id(p)], v, s, self.lam)
                 for p, v, s in zip(params, values, scales)}
 
-    def max_stable_lr(self, optimizer=None, *, lr: float | None = None) -> float:
+    def max_stable_lr(self, optimizer=None, *, lr=None) -> float:
         """The largest step scale (``lr``, or every group's lr scaled alike) below which the
-        explicit step is stable for all parameters; inf before consolidate."""
+        explicit step is stable for all parameters; inf before consolidate. Arguments as for
+        ``stability_bounds``."""
         bounds = self.stability_bounds(optimizer, lr=lr).values()
         return min((b.max_lr for b in bounds), default=math.inf)
 
     def _warn_if_stiff(self, optimizer, lr) -> None:
         bounds = self.stability_bounds(optimizer, lr=lr)
         unstable = [b for b in bounds.values() if b.stiffness >= 2]
-        if unstable:
-            worst = max(unstable, key=lambda b: b.stiffness)
-            warnings.warn(
-                f"{type(self).__name__}: the explicit penalty step is unstable for "
-                f"{len(unstable)} parameter(s); worst {worst.param!r} with step size * 2 * "
-                f"scale * importance = {worst.stiffness:.3g} >= 2. Keep lr below "
-                f"{worst.max_lr:.3g} or lam below {worst.max_lam:.3g}, or apply the penalty "
-                "with proximal_step_()", StiffnessWarning, stacklevel=3)
+        if not unstable:
+            return
+        worst = max(unstable, key=lambda b: b.stiffness)
+        where = (f"{len(unstable)} parameter(s); worst {worst.param!r} with step size * 2 * "
+                 f"scale * importance = {worst.stiffness:.3g} >= 2")
+        limits = f"lr below {worst.max_lr:.3g} or lam below {worst.max_lam:.3g}"
+        if self.penalty_form == "proximal":
+            message = (f"{type(self).__name__}: the proximal penalty step stays stable, but "
+                       f"pulls elements at least 2/3 of the way back to their anchor at every "
+                       f"step for {where}: they all but stop learning. Keep {limits} for them "
+                       f"to move (penalty='proximal' is in use: the explicit step, "
+                       f"add_penalty_grad_(), would diverge there)")
+        else:
+            message = (f"{type(self).__name__}: the explicit penalty step is unstable for "
+                       f"{where}. Keep {limits}, or apply the penalty in proximal form "
+                       f"(penalty='proximal' for attach and the callbacks, or "
+                       f"proximal_step_())")
+        warnings.warn(message, StiffnessWarning, stacklevel=3)
 
     def _all_reduce_max(self, values: list[float], params: list[Tensor]) -> list[float]:
         """Elementwise maxima of ``values`` over ranks when parameters are sharded."""

@@ -36,14 +36,18 @@ class EWC(Regularizer):
       ``mode="online"``: F* = gamma * F*_prev + F_new and theta* the latest parameters.
     - ``penalty``: the form an attached optimizer applies (``attach``): ``"explicit"`` or
       ``"proximal"``.
+    - ``normalize``: ``"none"`` (the papers' raw Fisher), ``"mean"`` or ``"max"``: each task's
+      F_t divided by its mean (max) over all regularized elements (``Regularizer``).
     """
 
     _statistic = staticmethod(torch.square)
 
     def __init__(self, model: nn.Module, lam: float, mode: str = "separate", gamma: float = 1.0,
                  fisher: str = "empirical", per_sample: bool = False, process_group=None,
-                 keep_task_importances: bool = False, penalty: str = "explicit"):
-        super().__init__(model, lam, per_sample, process_group, keep_task_importances, penalty)
+                 keep_task_importances: bool = False, penalty: str = "explicit",
+                 normalize: str = "none"):
+        super().__init__(model, lam, per_sample, process_group, keep_task_importances, penalty,
+                         normalize)
         check_choice("mode", mode, ("separate", "online"))
         check_choice("fisher", fisher, ("empirical", "exact"))
         self.mode = mode

@@ -35,6 +35,8 @@ class MAS(Regularizer):
 
     - ``penalty``: the form an attached optimizer applies (``attach``): ``"explicit"`` or
       ``"proximal"``.
+    - ``normalize``: ``"none"`` (the paper's raw Omega), ``"mean"`` or ``"max"``: each task's
+      Omega divided by its mean (max) over all regularized elements (``Regularizer``).
 
     Labels in the data are ignored.
     """
@@ -43,8 +45,9 @@ class MAS(Regularizer):
 
     def __init__(self, model: nn.Module, lam: float = 1.0, accumulate: str = "sum",
                  alpha: float = 0.5, per_sample: bool = False, local: bool = False,
-                 process_group=None, penalty: str = "explicit"):
-        super().__init__(model, lam, per_sample, process_group, penalty=penalty)
+                 process_group=None, penalty: str = "explicit", normalize: str = "none"):
+        super().__init__(model, lam, per_sample, process_group, penalty=penalty,
+                         normalize=normalize)
         check_choice("accumulate", accumulate, ("sum", "ema"))
         self.accumulate = accumulate
         self.alpha = check_number("alpha", alpha, 0.0, 1.0)

@@ -42,12 +42,28 @@ def wrap_like(t: Tensor, like: Tensor) -> Tensor:
     return t
 
 
+def sum_over_mesh(t: Tensor, like: Tensor) -> Tensor:
+    """``t`` summed in place over the mesh dims that shard ``like`` when it is a DTensor (the
+    sum of every shard's part; replicas are not counted twice), else ``t``."""
+    if isinstance(like, DTensor):
+        for dim, placement in enumerate(like.placements):
+            if isinstance(placement, Shard):
+                dist.all_reduce(t, group=like.device_mesh.get_group(dim))
+    return t
+
+
+def max_over_mesh(t: Tensor, like: Tensor | None) -> Tensor:
+    """``t`` maxed in place over every rank of the mesh of ``like`` when it is a DTensor, else
+    ``t``."""
+    if isinstance(like, DTensor):
+        for dim in range(like.device_mesh.ndim):
+            dist.all_reduce(t, op=dist.ReduceOp.MAX, group=like.device_mesh.get_group(dim))
+    return t
+
+
 def any_over_mesh(flag: bool, like: Tensor | None) -> bool:
     """``flag`` or'ed over every rank of the mesh of ``like`` when it is a DTensor, else
     ``flag``: so that all ranks of the mesh refuse together or none does."""
     if not isinstance(like, DTensor):
         return flag
-    t = torch.tensor(float(flag), device=local(like).device)
-    for dim in range(like.device_mesh.ndim):
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=like.device_mesh.get_group(dim))
-    return bool(t.item())
+    return bool(max_over_mesh(torch.tensor(float(flag), device=local(like).device), like).item())

@@ -8,7 +8,9 @@ max over its elements of eta * k; the explicit step is stable while it stays bel
 Step size eta per element:
 
 - ``lr`` given (a float): eta = lr everywhere (plain SGD).
-- ``optimizer`` given: each parameter's group lr. For a CLASSP group (one with ``threshold``,
+- ``optimizer`` given: each parameter's group lr, or with ``lr`` too that lr (a float for
+  every group, or one per param group: e.g. the peak of a schedule whose lr has decayed to 0
+  by the end of a task) in its place. For a CLASSP group (one with ``threshold``,
   ``eps``, ``power`` and ``apply_scaling``) with ``apply_scaling=True`` and an accumulator A
   in the optimizer state, eta = lr / (eps + A)^(1/p) from the current A. A only grows, so the
   next step's eta is at most this: the bound errs on the safe side. Before the first step
@@ -37,25 +39,31 @@ class StabilityBound(NamedTuple):
     max_lam: float    # lam must stay below this, at this lr
 
 
+def group_index(optimizer, p: Tensor) -> int:
+    """The index of the param group of ``optimizer`` that holds ``p``."""
+    for index, group in enumerate(optimizer.param_groups):
+        if any(q is p for q in group["params"]):
+            return index
+    raise ValueError("optimizer does not hold every regularized parameter of the model")
+
+
 def group_of(optimizer, p: Tensor) -> dict:
     """The param group of ``optimizer`` that holds ``p``."""
-    for group in optimizer.param_groups:
-        if any(q is p for q in group["params"]):
-            return group
-    raise ValueError("optimizer does not hold every regularized parameter of the model")
+    return optimizer.param_groups[group_index(optimizer, p)]
 
 
 def step_size(optimizer, lr: float | None, p: Tensor, updated_only: bool) -> Tensor | float:
     """eta for the local elements of ``p``: a float, or a local tensor (CLASSP with scaling).
 
-    ``updated_only`` zeroes eta where CLASSP's last step left the element alone, judged from
-    the current ``p.grad`` (mask: finite and g^2 > threshold), so it must be called after the
-    step and before the gradients are cleared.
+    Without ``optimizer``, eta = ``lr``; with one, ``lr`` replaces the group's lr (None: the
+    group's own). ``updated_only`` zeroes eta where CLASSP's last step left the element
+    alone, judged from the current ``p.grad`` (mask: finite and g^2 > threshold), so it must
+    be called after the step and before the gradients are cleared.
     """
     if optimizer is None:
         return lr
     group = group_of(optimizer, p)
-    eta = float(group["lr"])
+    eta = float(group["lr"]) if lr is None else lr
     if not all(key in group for key in CLASSP_KEYS):
         return eta
     accumulator = optimizer.state.get(p, {}).get("accumulator")
@@ -75,13 +83,44 @@ def check_step_source(optimizer, lr) -> float | None:
     if (optimizer is None) == (lr is None):
         raise ValueError("give exactly one of optimizer= and lr=")
     if lr is None:
-        if not hasattr(optimizer, "param_groups"):
-            raise TypeError(f"optimizer must be a torch.optim.Optimizer, "
-                            f"got {type(optimizer).__name__}")
+        _check_optimizer(optimizer)
         return None
+    return _check_lr("lr", lr)
+
+
+def check_bound_source(optimizer, lr) -> float | list[float] | None:
+    """Validate the step sizes a stability bound is taken at: ``optimizer``, ``lr`` or both.
+
+    Returns ``lr`` as a float without an optimizer; with one, None (the groups' own lrs) or
+    one lr per param group (``lr`` a float for all of them, or a sequence with one each).
+    """
+    if optimizer is None and lr is None:
+        raise ValueError("give optimizer=, lr= or both")
+    if optimizer is None:
+        if not isinstance(lr, (int, float)):
+            raise ValueError(f"lr must be a finite number >= 0 without optimizer=, got {lr!r}")
+        return _check_lr("lr", lr)
+    _check_optimizer(optimizer)
+    if lr is None:
+        return None
+    count = len(optimizer.param_groups)
+    if isinstance(lr, (list, tuple)):
+        if len(lr) != count:
+            raise ValueError(f"lr must hold one lr per param group ({count}), got {len(lr)}")
+        return [_check_lr(f"lr[{i}]", value) for i, value in enumerate(lr)]
+    return [_check_lr("lr", lr)] * count
+
+
+def _check_optimizer(optimizer) -> None:
+    if not hasattr(optimizer, "param_groups"):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer, "
+                        f"got {type(optimizer).__name__}")
+
+
+def _check_lr(name: str, lr) -> float:
     if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not math.isfinite(lr) \
             or lr < 0:
-        raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
+        raise ValueError(f"{name} must be a finite number >= 0, got {lr!r}")
     return float(lr)
 
 

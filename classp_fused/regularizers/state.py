@@ -11,8 +11,8 @@ check the values (finite; importance and residual >= 0) before anything changes,
 per-step penalty, gradient and proximal step only check that each parameter still fits its
 state (shape, dtype, device).
 
-``TaskState`` is mixed into ``Regularizer``; it uses ``self.model`` and the subclass's
-``_merge``.
+``TaskState`` is mixed into ``Regularizer``; it uses ``self.model``, ``self.normalize`` and
+the subclass's ``_merge``.
 """
 from __future__ import annotations
 
@@ -20,11 +20,11 @@ import numbers
 from collections.abc import Mapping
 
 import torch
-import torch.distributed as dist
 from torch import Tensor
 
 from .checks import bad_values
-from .shards import DTensor, Shard, any_over_mesh, like_param, local, match_shard, wrap_like
+from .shards import (DTensor, any_over_mesh, like_param, local, match_shard, sum_over_mesh,
+                     wrap_like)
 
 
 class TaskState:
@@ -130,7 +130,7 @@ class TaskState:
                 residual.setdefault(name, torch.zeros((), dtype=torch.float64))
         if increments:
             sums = torch.stack([increments[n].to(torch.float64) for n in increments])
-            sums = _sum_over_mesh(sums, next(iter(new.values())))
+            sums = sum_over_mesh(sums, next(iter(new.values())))
             for name, s in zip(increments, sums):
                 residual[name] = residual[name] + s.cpu()
         entries = _value_entries(importance, anchors, residual, "{} of {!r} after this task")
@@ -163,9 +163,9 @@ class TaskState:
             if p is not None and p.shape == self._importance[name].shape:
                 match_shard(self._importance, name, p)
                 match_shard(self._anchor, name, p)
-        state = {"method": self._method_name(), "tasks_seen": self.tasks_seen,
-                 "importance": dict(self._importance), "anchor": dict(self._anchor),
-                 "residual": dict(self._residual)}
+        state = {"method": self._method_name(), "normalize": self.normalize,
+                 "tasks_seen": self.tasks_seen, "importance": dict(self._importance),
+                 "anchor": dict(self._anchor), "residual": dict(self._residual)}
         if self.task_importances is not None:
             state["task_importances"] = [dict(task) for task in self.task_importances]
         return state
@@ -179,7 +179,8 @@ class TaskState:
         params = {n: p for n, p in self.model.named_parameters()
                   if p.requires_grad or n in self._importance}
         with torch.no_grad():
-            state = {"method": self._method_name(), "tasks_seen": 0,
+            state = {"method": self._method_name(), "normalize": self.normalize,
+                     "tasks_seen": 0,
                      "importance": {n: torch.zeros_like(p) for n, p in params.items()},
                      "anchor": {n: torch.zeros_like(p) for n, p in params.items()},
                      "residual": {n: torch.zeros((), dtype=torch.float64) for n in params}
@@ -198,11 +199,19 @@ class TaskState:
         it expected: importance and anchor for the same parameters, floating-point tensors
         of their parameter's shape; importances (also per task) and residuals finite and
         >= 0, anchors finite, in the parameter's dtype; residuals scalars, only for
-        EWC-separate; ``tasks_seen`` an int >= 0. Under FSDP2 every rank refuses together.
+        EWC-separate; ``tasks_seen`` an int >= 0; ``normalize`` (absent: ``"none"``, as
+        states of earlier versions) this regularizer's, since it sets the importance's units.
+        Under FSDP2 every rank refuses together.
         """
         if not isinstance(state, Mapping):
             raise TypeError("state must be a mapping as state_dict() returns, got "
                             f"{type(state).__name__}")
+        normalize = state.get("normalize", "none")
+        if normalize != self.normalize:
+            raise ValueError(f"state was consolidated with normalize={normalize!r}, this "
+                             f"{type(self).__name__} has normalize={self.normalize!r}: its "
+                             f"importance is in other units; build the regularizer with "
+                             f"normalize={normalize!r}")
         params = dict(self.model.named_parameters())
         if "tasks" in state and state.get("method") == type(self).__name__:
             self._load_per_task(state["tasks"], params)
@@ -362,12 +371,3 @@ def _kind(value) -> str:
     if isinstance(value, Tensor):
         return f"a {value.dtype} tensor of shape {tuple(value.shape)}"
     return type(value).__name__
-
-
-def _sum_over_mesh(t: Tensor, like: Tensor) -> Tensor:
-    """``t`` summed over the mesh dims that shard ``like`` when it is a DTensor, else ``t``."""
-    if isinstance(like, DTensor):
-        for dim, placement in enumerate(like.placements):
-            if isinstance(placement, Shard):
-                dist.all_reduce(t, group=like.device_mesh.get_group(dim))
-    return t
