@@ -173,7 +173,7 @@ class CLASSP(Optimizer):
         index = len(self.param_groups)
         check_group({**self.defaults, **param_group, "params": group_tensors(params)}, index)
         super().add_param_group(param_group)
-        self._warn_foreign_keys(param_group, index, stacklevel=3)
+        self._warn_foreign_keys(param_group, index)
 
     def _warn_foreign_keys(self, group: dict, index: int) -> None:
         """Warn, once per key, that a foreign key set to an "off" value is ignored. The warning
@@ -244,7 +244,7 @@ class CLASSP(Optimizer):
         if self.nonfinite == "raise":
             self._raise_on_nonfinite(grad_scale, [terms for _, _, terms in plans])
         for group, index in checked:  # keys of other optimizers set to "off" after construction
-            self._warn_foreign_keys(group, index, stacklevel=5)  # in step, under two wrappers
+            self._warn_foreign_keys(group, index)
         return plans, unsettled
 
     @staticmethod
