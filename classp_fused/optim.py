@@ -13,8 +13,8 @@ from .backends.step_spec import Penalty, StepSpec, step_spec
 from .group_plan import GroupPlan
 from .reference import classp_legacy_step_, compute_dtype, penalized_grad
 from .telemetry import StepTelemetry
-from .validation import (FOREIGN_KEYS, HYPERPARAMETERS, PARAM_DTYPES, check_group,
-                         check_hyperparameters, check_penalty, check_penalty_scale,
+from .validation import (ADDED_HYPERPARAMETERS, FOREIGN_KEYS, HYPERPARAMETERS, PARAM_DTYPES,
+                         check_group, check_hyperparameters, check_penalty, check_penalty_scale,
                          check_state_dict, check_stepped_group, foreign_keys, group_tensors)
 
 MODES = ("paper", "legacy")
@@ -36,6 +36,13 @@ class CLASSP(Optimizer):
             element updates. The published default 0.5 was meant for a per-tensor gate; under
             the per-element rule it blocks nearly every element of a typical network (|g| > 0.71),
             so the sparsity level is a choice to make per model (e.g. 1e-6 to 1e-3).
+        relative_threshold: unitless sparsity, tau >= 0 (default 0: off). An element is also
+            updated only where ``g*g > tau * S``, S the mean of ``g*g`` over the tensor's
+            elements at its previous step (non-finite ones counted as 0): tau = 1 updates the
+            elements whose squared gradient is above the tensor's recent average, whatever the
+            gradients' scale. g is the gradient the threshold tests (unscaled, with an attached
+            explicit penalty's gradient), so a GradScaler changes nothing. S starts at 0: the
+            first step is gated by ``threshold`` alone. ``mode="paper"`` only.
         eps: added to the accumulator inside the root (published default 1e-5).
         power: ``p > 0`` of the accumulated ``|g|**p`` and of the root; 1 (published default)
             and 2 (AdaGrad) have exact fast paths.
@@ -62,15 +69,18 @@ class CLASSP(Optimizer):
     every step, against sparse updates).
 
     State per parameter: ``"accumulator"`` (fp32, fp64 for fp64 params, param-shaped) and
-    ``"step"`` (0-dim fp32). Accumulators stay fp32 for fp16/bf16 params, also after
-    ``load_state_dict``. With ``torch.amp.GradScaler`` gradients are unscaled inside the
-    kernel and a step with ``found_inf`` is a no-op.
+    ``"step"`` (0-dim fp32); with ``relative_threshold > 0`` also ``"grad_sq_mean"`` (S, 0-dim,
+    the accumulator's dtype), created at the param's first such step and refreshed by every
+    step its group takes with ``relative_threshold > 0`` (one with found_inf excepted).
+    Accumulators stay fp32 for fp16/bf16 params, also after ``load_state_dict``. With
+    ``torch.amp.GradScaler`` gradients are unscaled inside the kernel and a step with
+    ``found_inf`` is a no-op.
 
     Under FSDP2 (``fully_shard``) parameters, gradients and accumulators are DTensors; the
     step runs on their local shards, and the counts (``last_update_fraction``,
-    ``nonfinite_skipped``) are this rank's. Under ``torch.compile`` the per-step input
-    validation is skipped; give ``lr`` as a tensor so that a scheduler changing it causes no
-    recompilation.
+    ``nonfinite_skipped``) are this rank's, as is S (the mean over the local shard). Under
+    ``torch.compile`` the per-step input validation is skipped; give ``lr`` as a tensor so
+    that a scheduler changing it causes no recompilation.
 
     A regularizer attached with ``MAS.attach(optimizer)`` / ``EWC.attach(optimizer)`` has its
     penalty taken inside the step kernel (explicit or proximal form, SPEC section 4a), read
@@ -82,8 +92,8 @@ class CLASSP(Optimizer):
 
     def __init__(self, params, lr, threshold: float = 0.0, eps: float = 1e-5, power: float = 1.0,
                  apply_scaling: bool = True, mode: str = "paper", backend: str = "auto",
-                 nonfinite: str = "skip"):
-        check_hyperparameters(lr, threshold, eps, power, apply_scaling)
+                 nonfinite: str = "skip", relative_threshold: float = 0.0):
+        check_hyperparameters(lr, threshold, eps, power, apply_scaling, relative_threshold)
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if nonfinite not in NONFINITE_POLICIES:
@@ -92,6 +102,9 @@ class CLASSP(Optimizer):
             raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
         if mode == "legacy" and backend != "torch":
             raise ValueError(f"mode='legacy' runs on backend='torch' only, got backend={backend!r}")
+        if mode == "legacy" and relative_threshold > 0:
+            raise ValueError(f"relative_threshold needs mode='paper' (the legacy gate is per "
+                             f"tensor), got relative_threshold={relative_threshold!r}")
         self.mode = mode
         self.nonfinite = nonfinite
         self._requested_backend = backend
@@ -99,7 +112,7 @@ class CLASSP(Optimizer):
         self._plans: dict[int, GroupPlan] = {}
         self._penalty_source = None  # the attached regularizer, see _set_penalty_source
         defaults = dict(lr=lr, threshold=threshold, eps=eps, power=power,
-                        apply_scaling=apply_scaling)
+                        apply_scaling=apply_scaling, relative_threshold=relative_threshold)
         super().__init__(params, defaults)
         self._telemetry = StepTelemetry(self._placed_device())
         for device in {p.device for group in self.param_groups for p in group["params"]}:
@@ -144,6 +157,9 @@ class CLASSP(Optimizer):
         state = dict(state)
         backend = state.pop("backend", None)
         super().__setstate__(state)
+        for group in self.param_groups:  # saved before these hyperparameters existed
+            for key, value in ADDED_HYPERPARAMETERS.items():
+                group.setdefault(key, value)
         if backend is not None:  # unpickling; load_state_dict passes state and groups only
             self._requested_backend = backend
             self._warned_keys = set()
@@ -205,6 +221,10 @@ class CLASSP(Optimizer):
             if grads is not None:
                 check_hyperparameters(*(group[key] for key in HYPERPARAMETERS),
                                       where=f"param group {index}: ")
+                self._check_mode(group, index)
+                if (plan.grad_sq_means is None) == (group["relative_threshold"] > 0):
+                    grads = None  # the relative threshold was switched: the step gathers S
+            if grads is not None:
                 terms = None if source is None else plan.penalty_terms(
                     source, lambda params: self._penalty_terms(source, params, params, index))
                 plans.append((plan, grads, terms))
@@ -216,6 +236,7 @@ class CLASSP(Optimizer):
                 dtypes = param_dtypes(self._backend_for(_local(first).device))
             if check_stepped_group(index, group, self.state, dtypes):
                 moved.append(group)
+            self._check_mode(group, index)
             terms = None
             if source is not None:
                 stepped = [p for p in group["params"] if p.grad is not None]
@@ -224,6 +245,12 @@ class CLASSP(Optimizer):
         if self.nonfinite == "raise":
             self._raise_on_nonfinite(grad_scale, [terms for _, _, terms in plans])
         return plans, moved
+
+    def _check_mode(self, group: dict, index: int) -> None:
+        """Raise if group ``index`` (hyperparameters checked) asks what ``mode`` cannot do."""
+        if self.mode == "legacy" and group["relative_threshold"] > 0:
+            raise ValueError(f"param group {index}: relative_threshold needs mode='paper' (the "
+                             f"legacy gate is per tensor), got {group['relative_threshold']!r}")
 
     @staticmethod
     def _penalty_terms(source, params: list, local_params: list, index: int) -> Optional[tuple]:
@@ -242,8 +269,9 @@ class CLASSP(Optimizer):
         for p in group["params"]:
             state = self.state.get(p)
             if state and state["accumulator"].device != p.device:
-                state["step"] = state["step"].to(p.device)
-                state["accumulator"] = state["accumulator"].to(p.device)
+                for key in ("step", "accumulator", "grad_sq_mean"):
+                    if key in state:
+                        state[key] = state[key].to(p.device)
 
     def _raise_on_nonfinite(self, grad_scale: Optional[Tensor], terms: list) -> None:
         """Raise FloatingPointError for a non-finite element of a gradient the update would see
@@ -263,9 +291,10 @@ class CLASSP(Optimizer):
                         f"non-finite gradient in param group {index}, param {i} "
                         f"(shape {tuple(g.shape)}); nothing was updated (nonfinite='raise')")
 
-    def _init_group(self, group: dict, params: list, grads: list, accs: list,
-                    steps: list) -> None:
-        """Append the group's stepped tensors (local shards of DTensors) to the lists.
+    def _init_group(self, group: dict, params: list, grads: list, accs: list, steps: list,
+                    means: Optional[list]) -> None:
+        """Append the group's stepped tensors (local shards of DTensors) to the lists, and their
+        ``"grad_sq_mean"`` to ``means`` unless it is None (the group's relative_threshold is 0).
 
         State is created here on first use; the lists are filled in place, the form
         torch.compile traces without running the state initialization in the graph. The inputs
@@ -288,6 +317,10 @@ class CLASSP(Optimizer):
             grads.append(grad)
             accs.append(acc)
             steps.append(state["step"])
+            if means is not None:
+                if "grad_sq_mean" not in state:  # S of the local shard: a plain tensor
+                    state["grad_sq_mean"] = torch.zeros((), dtype=acc.dtype, device=p.device)
+                means.append(state["grad_sq_mean"])
 
     def _advance_steps(self, group: dict, steps: list, increment) -> Optional[Tensor]:
         """Add ``increment`` to the step counters of the group's stepped params.
@@ -338,11 +371,12 @@ class CLASSP(Optimizer):
         for group, (plan, grads, terms) in zip(self.param_groups, plans):
             if plan is None:
                 params, grads, accs, counters = [], [], [], []
-                self._init_group(group, params, grads, accs, counters)
+                means = [] if group["relative_threshold"] > 0 else None
+                self._init_group(group, params, grads, accs, counters, means)
                 if not params:
                     continue
             else:
-                params, accs = plan.params, plan.accs
+                params, accs, means = plan.params, plan.accs, plan.grad_sq_means
             penalty = None if terms is None else Penalty(source.penalty_form,
                                                          source.penalty_scale, *terms)
             device = params[0].device
@@ -350,14 +384,16 @@ class CLASSP(Optimizer):
             counts = self._run(group, backend, params, grads, accs,
                                step_spec(group["lr"], group["threshold"], group["eps"],
                                          group["power"], group["apply_scaling"], grad_scale,
-                                         found_inf, penalty))
+                                         found_inf, penalty, group["relative_threshold"],
+                                         means))
             increment = 1.0 if found_inf is None else 1.0 - found_inf.to(device, torch.float32)
             if plan is not None:
                 plan.steps.add_(increment)
                 steps.append((counts, plan.numels, backend))
                 continue
             base = self._advance_steps(group, counters, increment)
-            plan = None if compiling else GroupPlan.build(group, self.state, params, base)
+            plan = None if compiling else GroupPlan.build(group, self.state, params, base,
+                                                          means)
             if plan is not None:
                 if source is not None:
                     plan.keep_penalty_terms(source, terms)
@@ -393,15 +429,18 @@ class CLASSP(Optimizer):
         return self._telemetry.nonfinite_skipped
 
     def state_bytes(self) -> int:
-        """Bytes held in optimizer state tensors (accumulators and step counters)."""
+        """Bytes held in optimizer state tensors (accumulators, step counters, gradient
+        means)."""
         return sum(t.numel() * t.element_size() for state in self.state.values()
                    for t in state.values() if isinstance(t, Tensor))
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load state after checking all of it (:func:`classp_fused.validation.check_state_dict`).
 
-        Accumulators keep their fp32 (fp64) dtype instead of taking the param's; a ``step`` saved
-        as a Python number becomes a 0-dim fp32 tensor. A bad dict raises and changes nothing.
+        Accumulators and gradient means keep their fp32 (fp64) dtype instead of taking the
+        param's; a ``step`` saved as a Python number becomes a 0-dim fp32 tensor. A dict saved
+        before ``relative_threshold`` existed loads with it 0. A bad dict raises and changes
+        nothing.
         """
         check_state_dict(state_dict, self.param_groups)
         saved = {key: dict(value) for key, value in state_dict["state"].items()}
@@ -418,6 +457,9 @@ class CLASSP(Optimizer):
                 copy=True)
             state["step"] = torch.as_tensor(saved[pid]["step"]).to(
                 device=p.device, dtype=torch.float32, copy=True).reshape(())
+            if "grad_sq_mean" in saved[pid]:
+                state["grad_sq_mean"] = saved[pid]["grad_sq_mean"].to(
+                    device=p.device, dtype=compute_dtype(p), copy=True).reshape(())
 
 
 def _local(t: Tensor) -> Tensor:

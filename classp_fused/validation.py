@@ -19,8 +19,12 @@ from .backends.step_spec import PENALTY_FORMS, Penalty, StepSpec
 from .reference import compute_dtype
 
 PARAM_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-HYPERPARAMETERS = ("lr", "threshold", "eps", "power", "apply_scaling")
+HYPERPARAMETERS = ("lr", "threshold", "eps", "power", "apply_scaling", "relative_threshold")
+#: Hyperparameters a state dict saved before they existed lacks, with the value it then had.
+ADDED_HYPERPARAMETERS = {"relative_threshold": 0.0}
 STATE_KEYS = ("step", "accumulator")
+#: State a param has only while a feature uses it (the relative threshold's gradient mean).
+OPTIONAL_STATE_KEYS = ("grad_sq_mean",)
 # Keys other torch optimizers put in param groups for features CLASSP does not have. Set to an
 # "off" value (0, False, None) they are ignored with a warning; any other value is refused.
 FOREIGN_KEYS = {
@@ -67,10 +71,12 @@ def check_lr(lr, where: str = "") -> None:
         raise ValueError(f"{where}lr must be a finite non-negative number, got {value}")
 
 
-def check_hyperparameters(lr, threshold, eps, power, apply_scaling=True, where: str = "") -> None:
+def check_hyperparameters(lr, threshold, eps, power, apply_scaling=True, relative_threshold=0.0,
+                          where: str = "") -> None:
     """Raise ValueError naming the first out-of-range hyperparameter (``where`` prefixes it)."""
     check_lr(lr, where)
-    for name, value in (("threshold", threshold), ("eps", eps)):
+    for name, value in (("threshold", threshold), ("eps", eps),
+                        ("relative_threshold", relative_threshold)):
         if not (_is_real(value) and math.isfinite(value) and value >= 0.0):
             raise ValueError(f"{where}{name} must be a finite non-negative number, got {value!r}")
     if not (_is_real(power) and math.isfinite(power) and power > 0.0):
@@ -130,7 +136,8 @@ def check_step_inputs(params: Sequence[Tensor], grads: Sequence[Tensor], accs: S
     if not (len(params) == len(grads) == len(accs)):
         raise ValueError(f"params, grads and accs must have the same length, got "
                          f"{len(params)}, {len(grads)}, {len(accs)}")
-    check_hyperparameters(spec.lr, spec.threshold, spec.eps, spec.power, spec.apply_scaling)
+    check_hyperparameters(spec.lr, spec.threshold, spec.eps, spec.power, spec.apply_scaling,
+                          spec.relative_threshold)
     for name, t in (("grad_scale", spec.grad_scale), ("found_inf", spec.found_inf)):
         if t is not None and (not isinstance(t, Tensor) or t.numel() != 1):
             raise ValueError(f"{name} must be a one-element tensor or None")
@@ -143,6 +150,24 @@ def check_step_inputs(params: Sequence[Tensor], grads: Sequence[Tensor], accs: S
         check_accumulator(p, a, f"accs[{i}]")
     if spec.penalty is not None:
         check_penalty(params, spec.penalty)
+    if spec.grad_sq_means is not None or spec.relative_threshold > 0:
+        check_grad_sq_means(params, spec.grad_sq_means)
+
+
+def check_grad_sq_means(params: Sequence[Tensor], means, where: str = "grad_sq_means") -> None:
+    """Raise unless ``means`` holds per param a 0-dim tensor of its compute dtype and device
+    (the relative threshold's gradient means; required when relative_threshold > 0)."""
+    if not isinstance(means, Sequence) or len(means) != len(params):
+        length = len(means) if isinstance(means, Sequence) else type(means).__name__
+        raise ValueError(f"{where} must be a list with one tensor per param ({len(params)}) "
+                         f"when relative_threshold > 0, got {length}")
+    for i, (p, s) in enumerate(zip(params, means)):
+        if not isinstance(s, Tensor) or s.dim() != 0 or s.dtype != compute_dtype(p):
+            raise TypeError(f"{where}[{i}] must be a 0-dim {compute_dtype(p)} tensor, got "
+                            f"{_describe(s)}")
+        if s.device != p.device:
+            raise RuntimeError(f"{where}[{i}] is on {s.device}, expected the param's device "
+                               f"{p.device}")
 
 
 def check_penalty(params: Sequence[Tensor], penalty, where: str = "penalty") -> None:
@@ -281,9 +306,10 @@ def check_state_dict(state_dict, groups: Sequence[Mapping]) -> None:
     """Raise if ``state_dict`` cannot be loaded into an optimizer with param groups ``groups``.
 
     Checks the layout (``"state"`` and ``"param_groups"``), the number of groups and of params
-    per group, each group's hyperparameters and foreign keys, and each param's state: exactly
-    ``"step"`` (a tensor of one element or a Python number) and ``"accumulator"`` (a real
-    floating tensor of the param's shape).
+    per group, each group's hyperparameters (those of ``ADDED_HYPERPARAMETERS`` may be
+    missing) and foreign keys, and each param's state: ``"step"`` (a tensor of one element or a
+    Python number), ``"accumulator"`` (a real floating tensor of the param's shape) and
+    optionally ``"grad_sq_mean"`` (a one-element floating tensor, finite and >= 0).
     """
     if not isinstance(state_dict, Mapping) or not {"state", "param_groups"} <= set(state_dict):
         raise ValueError("state_dict must be a dict with keys 'state' and 'param_groups', got "
@@ -296,14 +322,16 @@ def check_state_dict(state_dict, groups: Sequence[Mapping]) -> None:
                          f"{len(groups)}")
     params_of = {}
     for index, (saved, group) in enumerate(zip(saved_groups, groups)):
-        missing = [key for key in ("params",) + HYPERPARAMETERS if key not in saved]
+        missing = [key for key in ("params",) + HYPERPARAMETERS
+                   if key not in saved and key not in ADDED_HYPERPARAMETERS]
         if missing:
             raise ValueError(f"state_dict['param_groups'][{index}] lacks {missing}: not a CLASSP "
                              f"state dict (keys: {sorted(saved)})")
         if len(saved["params"]) != len(group["params"]):
             raise ValueError(f"state_dict['param_groups'][{index}] has {len(saved['params'])} "
                              f"params, this optimizer's group {index} has {len(group['params'])}")
-        check_hyperparameters(*(saved[key] for key in HYPERPARAMETERS),
+        check_hyperparameters(*(saved.get(key, ADDED_HYPERPARAMETERS.get(key))
+                                for key in HYPERPARAMETERS),
                               where=f"state_dict['param_groups'][{index}]: ")
         check_foreign_keys(saved, index)
         params_of.update(zip(saved["params"], group["params"]))
@@ -311,10 +339,11 @@ def check_state_dict(state_dict, groups: Sequence[Mapping]) -> None:
         where = f"state_dict['state'][{key!r}]"
         if key not in params_of:
             raise ValueError(f"{where} belongs to no param of state_dict['param_groups']")
-        if not isinstance(entry, Mapping) or set(entry) != set(STATE_KEYS):
+        if not isinstance(entry, Mapping) or not (
+                set(STATE_KEYS) <= set(entry) <= set(STATE_KEYS + OPTIONAL_STATE_KEYS)):
             keys = sorted(entry) if isinstance(entry, Mapping) else _describe(entry)
             raise ValueError(f"{where} must hold exactly {list(STATE_KEYS)}, got {keys}: "
-                             f"not a CLASSP state dict")
+                             f"not a CLASSP state dict (optional: {list(OPTIONAL_STATE_KEYS)})")
         _check_saved_step(entry["step"], f"{where}['step']")
         acc, param = entry["accumulator"], params_of[key]
         if not isinstance(acc, Tensor) or not acc.is_floating_point():
@@ -323,6 +352,8 @@ def check_state_dict(state_dict, groups: Sequence[Mapping]) -> None:
         if acc.shape != param.shape:
             raise ValueError(f"{where}['accumulator'] has shape {tuple(acc.shape)}, expected the "
                              f"param's {tuple(param.shape)}")
+        if "grad_sq_mean" in entry:
+            _check_saved_grad_sq_mean(entry["grad_sq_mean"], f"{where}['grad_sq_mean']")
 
 
 def _check_saved_step(step, where: str) -> None:
@@ -335,6 +366,17 @@ def _check_saved_step(step, where: str) -> None:
         step = step.item()
     if not (_is_real(step) and math.isfinite(step) and step >= 0):
         raise ValueError(f"{where} must be a finite non-negative count, got {step!r}")
+
+
+def _check_saved_grad_sq_mean(mean, where: str) -> None:
+    if not isinstance(mean, Tensor) or mean.numel() != 1 or not mean.is_floating_point():
+        raise TypeError(f"{where} must be a one-element floating-point tensor, got "
+                        f"{_describe(mean)}")
+    if is_fake(mean):
+        return
+    value = float(mean)
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"{where} must be a finite mean >= 0, got {value}")
 
 
 def _describe(x) -> str:
