@@ -120,10 +120,10 @@ def _step_group(params, grads, accs, spec, importances=None, anchors=None, means
     penalty = () if importances is None else (_flat(importances), _flat(anchors))
     bound = lengths = None
     if means is not None:
-        eager = type(params[0]) is torch.Tensor and not torch.compiler.is_compiling()
-        lengths = (_cached_segment_lengths if eager else _segment_lengths)(tuple(numels),
-                                                                          params[0].device)
         old = torch.stack(list(means))
+        eager = type(old) is torch.Tensor and not torch.compiler.is_compiling()  # not fake
+        lengths = (_cached_segment_lengths if eager else _segment_lengths)(tuple(numels),
+                                                                          old.device)
         if spec.relative_threshold > 0:
             bound = (old * spec.relative_threshold).repeat_interleave(
                 lengths, output_size=sum(numels))
