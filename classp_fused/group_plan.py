@@ -14,6 +14,7 @@ from .validation import foreign_keys
 _get_grads = attrgetter("grad")
 _get_accumulator = itemgetter("accumulator")
 _get_step = itemgetter("step")
+_get_grad_sq_mean = itemgetter("grad_sq_mean")
 
 
 class GroupPlan:
@@ -23,10 +24,11 @@ class GroupPlan:
     It holds while the group has the same keys, with the same values for keys of other
     optimizers (``validation.FOREIGN_KEYS``: one set later is checked again), lists the same
     param objects, the same params have a grad, the optimizer's state dict, each param's state
-    entry and the accumulator and step counter in it are the same objects, and every (param,
-    grad, accumulator) is still dense, dtype- and shape-consistent and on the plan's device (one
-    C++ pass over the metadata, ``_extension.steppable_as_is``: a ``p.data = other`` swap or a
-    new grad is seen there). Grads are taken from the params at every step and not held (the
+    entry and the accumulator and step counter in it (and the relative threshold's gradient
+    mean, when the plan's step had one) are the same objects, and every (param, grad,
+    accumulator) is still dense, dtype- and shape-consistent and on the plan's device (one C++
+    pass over the metadata, ``_extension.steppable_as_is``: a ``p.data = other`` swap or a new
+    grad is seen there). Grads are taken from the params at every step and not held (the
     memory of grads set to None is freed). Plain tensors only (DTensors are checked at every
     step), and only where the extension is built.
 
@@ -36,13 +38,15 @@ class GroupPlan:
     """
 
     __slots__ = ("group", "keys", "foreign", "state", "all_params", "has_grad", "params",
-                 "entries", "accs", "counters", "device", "steps", "numels", "penalty_source",
-                 "penalty_token", "terms")
+                 "entries", "accs", "counters", "grad_sq_means", "device", "steps", "numels",
+                 "penalty_source", "penalty_token", "terms")
 
     @classmethod
-    def build(cls, group: dict, state, params: list, base: Optional[Tensor]):
+    def build(cls, group: dict, state, params: list, base: Optional[Tensor],
+              grad_sq_means: Optional[list]):
         """The plan of a group just stepped through ``params`` (its stepped params) with step
-        counters viewing ``base``; None where the group cannot be planned."""
+        counters viewing ``base`` and gradient means ``grad_sq_means`` (None: none); None where
+        the group cannot be planned."""
         all_params = list(group["params"])
         stepped = [p for p in all_params if p.grad is not None]
         if (base is None or steppable_as_is is None or len(stepped) != len(params)
@@ -58,6 +62,7 @@ class GroupPlan:
         plan.entries = [state[p] for p in params]
         plan.accs = list(map(_get_accumulator, plan.entries))
         plan.counters = list(map(_get_step, plan.entries))
+        plan.grad_sq_means = grad_sq_means
         plan.device = params[0].device
         plan.steps = base
         plan.numels = [p.numel() for p in params]
@@ -101,7 +106,9 @@ class GroupPlan:
         try:
             if (not all(map(is_, map(state.get, params), entries))
                     or not all(map(is_, map(_get_accumulator, entries), self.accs))
-                    or not all(map(is_, map(_get_step, entries), self.counters))):
+                    or not all(map(is_, map(_get_step, entries), self.counters))
+                    or self.grad_sq_means is not None
+                    and not all(map(is_, map(_get_grad_sq_mean, entries), self.grad_sq_means))):
                 return None
         except KeyError:  # an entry emptied
             return None

@@ -15,8 +15,8 @@ from .backends.step_spec import Penalty, StepSpec, step_spec
 from .group_plan import GroupPlan
 from .reference import classp_legacy_step_, compute_dtype, penalized_grad
 from .telemetry import StepTelemetry
-from .validation import (FOREIGN_KEYS, HYPERPARAMETERS, PARAM_DTYPES, check_group,
-                         check_hyperparameters, check_penalty, check_penalty_scale,
+from .validation import (ADDED_HYPERPARAMETERS, FOREIGN_KEYS, HYPERPARAMETERS, PARAM_DTYPES,
+                         check_group, check_hyperparameters, check_penalty, check_penalty_scale,
                          check_state_dict, check_state_values, check_stepped_group,
                          foreign_keys, group_tensors, is_settled, local_part)
 
@@ -39,6 +39,13 @@ class CLASSP(Optimizer):
             element updates. The published default 0.5 was meant for a per-tensor gate; under
             the per-element rule it blocks nearly every element of a typical network (|g| > 0.71),
             so the sparsity level is a choice to make per model (e.g. 1e-6 to 1e-3).
+        relative_threshold: unitless sparsity, tau >= 0 (default 0: off). An element is also
+            updated only where ``g*g > tau * S``, S the mean of ``g*g`` over the tensor's
+            elements at its previous step (non-finite ones counted as 0): tau = 1 updates the
+            elements whose squared gradient is above the tensor's recent average, whatever the
+            gradients' scale. g is the gradient the threshold tests (unscaled, with an attached
+            explicit penalty's gradient), so a GradScaler changes nothing. S starts at 0: the
+            first step is gated by ``threshold`` alone. ``mode="paper"`` only.
         eps: added to the accumulator inside the root (published default 1e-5).
         power: ``p > 0`` of the accumulated ``|g|**p`` and of the root; 1 (published default)
             and 2 (AdaGrad) have exact fast paths.
@@ -67,20 +74,24 @@ class CLASSP(Optimizer):
     params' device.
 
     State per parameter: ``"accumulator"`` (fp32, fp64 for fp64 params, param-shaped) and
-    ``"step"`` (0-dim fp32). Accumulators stay fp32 for fp16/bf16 params, also after
-    ``load_state_dict``. Values are checked where state enters (``load_state_dict``,
-    unpickling): an accumulator with a negative or NaN element, or a step that is not a finite
-    count >= 0, raises. A step counter replaced by a number or by a tensor of another dtype,
-    shape or device (``state[p]["step"] = 0``) is converted to a 0-dim fp32 tensor before the
-    next step; an accumulator replaced by one of the wrong dtype, shape or device raises there
-    (its values are not read at a step). With ``torch.amp.GradScaler`` gradients are unscaled
-    inside the kernel and a step with ``found_inf`` is a no-op.
+    ``"step"`` (0-dim fp32); with ``relative_threshold > 0`` also ``"grad_sq_mean"`` (S, 0-dim,
+    the accumulator's dtype), created at the param's first such step and refreshed by every
+    step its group takes with ``relative_threshold > 0`` (one with found_inf excepted).
+    Accumulators stay fp32 for fp16/bf16 params, also after ``load_state_dict``. Values are
+    checked where state enters (``load_state_dict``, unpickling): an accumulator with a
+    negative or NaN element, a step that is not a finite count >= 0, or a gradient mean that is
+    not a finite number >= 0, raises. A step counter replaced by a number or by a tensor of
+    another dtype, shape or device (``state[p]["step"] = 0``) is converted to a 0-dim fp32
+    tensor before the next step (a gradient mean likewise, to the accumulator's dtype); an
+    accumulator replaced by one of the wrong dtype, shape or device raises there (its values
+    are not read at a step). With ``torch.amp.GradScaler`` gradients are unscaled inside the
+    kernel and a step with ``found_inf`` is a no-op.
 
     Under FSDP2 (``fully_shard``) parameters, gradients and accumulators are DTensors; the
     step runs on their local shards, and the counts (``last_update_fraction``,
-    ``nonfinite_skipped``) are this rank's. Under ``torch.compile`` the per-step input
-    validation is skipped; give ``lr`` as a tensor so that a scheduler changing it causes no
-    recompilation.
+    ``nonfinite_skipped``) are this rank's, as is S (the mean over the local shard). Under
+    ``torch.compile`` the per-step input validation is skipped; give ``lr`` as a tensor so
+    that a scheduler changing it causes no recompilation.
 
     A regularizer attached with ``MAS.attach(optimizer)`` / ``EWC.attach(optimizer)`` has its
     penalty taken inside the step kernel (explicit or proximal form, SPEC section 4a), read
@@ -92,8 +103,8 @@ class CLASSP(Optimizer):
 
     def __init__(self, params, lr, threshold: float = 0.0, eps: float = 1e-5, power: float = 1.0,
                  apply_scaling: bool = True, mode: str = "paper", backend: str = "auto",
-                 nonfinite: str = "skip"):
-        check_hyperparameters(lr, threshold, eps, power, apply_scaling)
+                 nonfinite: str = "skip", relative_threshold: float = 0.0):
+        check_hyperparameters(lr, threshold, eps, power, apply_scaling, relative_threshold)
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if nonfinite not in NONFINITE_POLICIES:
@@ -102,6 +113,9 @@ class CLASSP(Optimizer):
             raise ValueError(f"backend must be one of {('auto',) + BACKENDS}, got {backend!r}")
         if mode == "legacy" and backend != "torch":
             raise ValueError(f"mode='legacy' runs on backend='torch' only, got backend={backend!r}")
+        if mode == "legacy" and relative_threshold > 0:
+            raise ValueError(f"relative_threshold needs mode='paper' (the legacy gate is per "
+                             f"tensor), got relative_threshold={relative_threshold!r}")
         self.mode = mode
         self.nonfinite = nonfinite
         self._requested_backend = backend
@@ -109,7 +123,7 @@ class CLASSP(Optimizer):
         self._plans: dict[int, GroupPlan] = {}
         self._penalty_source = None  # the attached regularizer, see _set_penalty_source
         defaults = dict(lr=lr, threshold=threshold, eps=eps, power=power,
-                        apply_scaling=apply_scaling)
+                        apply_scaling=apply_scaling, relative_threshold=relative_threshold)
         super().__init__(params, defaults)
         self._telemetry = StepTelemetry(self._placed_device())
         for device in {p.device for group in self.param_groups for p in group["params"]}:
@@ -154,6 +168,9 @@ class CLASSP(Optimizer):
         state = dict(state)
         backend = state.pop("backend", None)
         super().__setstate__(state)
+        for group in self.param_groups:  # saved before these hyperparameters existed
+            for key, value in ADDED_HYPERPARAMETERS.items():
+                group.setdefault(key, value)
         if backend is not None:  # unpickling; load_state_dict passes state and groups only
             check_state_values(self.state, self.param_groups)
             self._requested_backend = backend
@@ -223,6 +240,10 @@ class CLASSP(Optimizer):
             if grads is not None:
                 check_hyperparameters(*(group[key] for key in HYPERPARAMETERS),
                                       where=f"param group {index}: ", device=plan.device)
+                self._check_mode(group, index)
+                if (plan.grad_sq_means is None) == (group["relative_threshold"] > 0):
+                    grads = None  # the relative threshold was switched: the step gathers S
+            if grads is not None:
                 terms = None if source is None else plan.penalty_terms(
                     source, lambda params: self._penalty_terms(source, params, params, index))
                 plans.append((plan, grads, terms))
@@ -234,6 +255,7 @@ class CLASSP(Optimizer):
                 dtypes = param_dtypes(self._backend_for(local_part(first).device))
             if check_stepped_group(index, group, self.state, dtypes):
                 unsettled.append(group)
+            self._check_mode(group, index)
             checked.append((group, index))
             terms = None
             if source is not None:
@@ -246,6 +268,12 @@ class CLASSP(Optimizer):
         for group, index in checked:  # keys of other optimizers set to "off" after construction
             self._warn_foreign_keys(group, index)
         return plans, unsettled
+
+    def _check_mode(self, group: dict, index: int) -> None:
+        """Raise if group ``index`` (hyperparameters checked) asks what ``mode`` cannot do."""
+        if self.mode == "legacy" and group["relative_threshold"] > 0:
+            raise ValueError(f"param group {index}: relative_threshold needs mode='paper' (the "
+                             f"legacy gate is per tensor), got {group['relative_threshold']!r}")
 
     @staticmethod
     def _penalty_terms(source, params: list, local_params: list, index: int) -> Optional[tuple]:
@@ -261,9 +289,10 @@ class CLASSP(Optimizer):
 
     def _settle_state(self, group: dict) -> None:
         """Bring the state of the group's stepped params to the form the step advances
-        (``validation.is_settled``): the accumulator and step counter of a param that moved
-        follow it, and a step counter set to a number or to a tensor of another form becomes a
-        0-dim fp32 tensor on the param's device."""
+        (``validation.is_settled``): the accumulator, step counter and gradient mean of a param
+        that moved follow it, a step counter set to a number or to a tensor of another form
+        becomes a 0-dim fp32 tensor on the param's device, and a gradient mean of another form a
+        0-dim tensor of the accumulator's dtype there."""
         for p in group["params"]:
             state = self.state.get(p)
             if p.grad is None or not state:
@@ -272,6 +301,10 @@ class CLASSP(Optimizer):
                 state["accumulator"] = state["accumulator"].to(p.device)
             if not is_settled(state["step"], state["accumulator"], p.device):
                 state["step"] = _step_counter(state["step"], p.device)
+            mean = state.get("grad_sq_mean")
+            if mean is not None and not is_settled(state["step"], state["accumulator"],
+                                                   p.device, mean):
+                state["grad_sq_mean"] = _grad_sq_mean(mean, p)
 
     def _raise_on_nonfinite(self, grad_scale: Optional[Tensor], terms: list) -> None:
         """Raise FloatingPointError for a non-finite element of a gradient the update would see
@@ -291,9 +324,10 @@ class CLASSP(Optimizer):
                         f"non-finite gradient in param group {index}, param {i} "
                         f"(shape {tuple(g.shape)}); nothing was updated (nonfinite='raise')")
 
-    def _init_group(self, group: dict, params: list, grads: list, accs: list,
-                    steps: list) -> None:
-        """Append the group's stepped tensors (local shards of DTensors) to the lists.
+    def _init_group(self, group: dict, params: list, grads: list, accs: list, steps: list,
+                    means: Optional[list]) -> None:
+        """Append the group's stepped tensors (local shards of DTensors) to the lists, and their
+        ``"grad_sq_mean"`` to ``means`` unless it is None (the group's relative_threshold is 0).
 
         State is created here on first use; the lists are filled in place, the form
         torch.compile traces without running the state initialization in the graph. The inputs
@@ -316,6 +350,10 @@ class CLASSP(Optimizer):
             grads.append(grad)
             accs.append(acc)
             steps.append(state["step"])
+            if means is not None:
+                if "grad_sq_mean" not in state:  # S of the local shard: a plain tensor
+                    state["grad_sq_mean"] = torch.zeros((), dtype=acc.dtype, device=p.device)
+                means.append(state["grad_sq_mean"])
 
     def _advance_steps(self, group: dict, steps: list, increment) -> Optional[Tensor]:
         """Add ``increment`` to the step counters of the group's stepped params.
@@ -366,11 +404,12 @@ class CLASSP(Optimizer):
         for group, (plan, grads, terms) in zip(self.param_groups, plans):
             if plan is None:
                 params, grads, accs, counters = [], [], [], []
-                self._init_group(group, params, grads, accs, counters)
+                means = [] if group["relative_threshold"] > 0 else None
+                self._init_group(group, params, grads, accs, counters, means)
                 if not params:
                     continue
             else:
-                params, accs = plan.params, plan.accs
+                params, accs, means = plan.params, plan.accs, plan.grad_sq_means
             penalty = None if terms is None else Penalty(source.penalty_form,
                                                          source.penalty_scale, *terms)
             device = params[0].device
@@ -378,14 +417,16 @@ class CLASSP(Optimizer):
             counts = self._run(group, backend, params, grads, accs,
                                step_spec(group["lr"], group["threshold"], group["eps"],
                                          group["power"], group["apply_scaling"], grad_scale,
-                                         found_inf, penalty))
+                                         found_inf, penalty, group["relative_threshold"],
+                                         means))
             increment = 1.0 if found_inf is None else 1.0 - found_inf.to(device, torch.float32)
             if plan is not None:
                 plan.steps.add_(increment)
                 steps.append((counts, plan.numels, backend))
                 continue
             base = self._advance_steps(group, counters, increment)
-            plan = None if compiling else GroupPlan.build(group, self.state, params, base)
+            plan = None if compiling else GroupPlan.build(group, self.state, params, base,
+                                                          means)
             if plan is not None:
                 if source is not None:
                     plan.keep_penalty_terms(source, terms)
@@ -421,18 +462,20 @@ class CLASSP(Optimizer):
         return self._telemetry.nonfinite_skipped
 
     def state_bytes(self) -> int:
-        """Bytes held in optimizer state tensors (accumulators and step counters)."""
+        """Bytes held in optimizer state tensors (accumulators, step counters, gradient
+        means)."""
         return sum(t.numel() * t.element_size() for state in self.state.values()
                    for t in state.values() if isinstance(t, Tensor))
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load state after checking all of it (:func:`classp_fused.validation.check_state_dict`).
 
-        Accumulators keep their fp32 (fp64) dtype instead of taking the param's; a ``step`` saved
-        as a Python number or an integer tensor becomes a 0-dim fp32 tensor. A bad dict (an
-        accumulator with a negative or NaN element, a step that is not a finite count >= 0, a
-        tensor ``lr`` on another device than the CPU and the group's params, ...) raises and
-        changes nothing.
+        Accumulators and gradient means keep their fp32 (fp64) dtype instead of taking the
+        param's; a ``step`` saved as a Python number or an integer tensor becomes a 0-dim fp32
+        tensor. A dict saved before ``relative_threshold`` existed loads with it 0. A bad dict
+        (an accumulator with a negative or NaN element, a step that is not a finite count >= 0,
+        a gradient mean that is not a finite number >= 0, a tensor ``lr`` on another device
+        than the CPU and the group's params, ...) raises and changes nothing.
         """
         check_state_dict(state_dict, self.param_groups)
         saved = {key: dict(value) for key, value in state_dict["state"].items()}
@@ -448,6 +491,8 @@ class CLASSP(Optimizer):
                 device=p.device, dtype=compute_dtype(p), memory_format=torch.contiguous_format,
                 copy=True)
             state["step"] = _step_counter(saved[pid]["step"], p.device)
+            if "grad_sq_mean" in saved[pid]:
+                state["grad_sq_mean"] = _grad_sq_mean(saved[pid]["grad_sq_mean"], p)
 
 
 def _step_counter(step, device: torch.device) -> Tensor:
@@ -455,3 +500,9 @@ def _step_counter(step, device: torch.device) -> Tensor:
     ``device``."""
     step = local_part(step) if isinstance(step, Tensor) else step
     return torch.as_tensor(step).to(device=device, dtype=torch.float32, copy=True).reshape(())
+
+
+def _grad_sq_mean(mean: Tensor, p: Tensor) -> Tensor:
+    """A gradient mean S (a one-element floating tensor, checked) as a new 0-dim tensor of
+    ``p``'s accumulator dtype on ``p``'s device."""
+    return local_part(mean).to(device=p.device, dtype=compute_dtype(p), copy=True).reshape(())

@@ -7,6 +7,11 @@ Per element, with gradient ``g`` (divided by ``grad_scale`` when given), accumul
                   param -= lr * g / (eps + A)**(1/power)     (or lr * g without scaling)
     elsewhere:    param and A stay bit-identical
 
+With a relative threshold tau > 0 and the tensor's gradient mean S (SPEC section 4a: unitless
+sparsity) the mask also needs ``g*g > tau * S``, and the step replaces S with this step's
+``sum(g*g over finite elements) / numel`` (read by the next step; S = 0 at first, so the first
+step is gated by ``threshold`` alone).
+
 With a penalty ``scale * sum W * (param - m)**2`` (importance W, anchor m; SPEC section 4a):
 explicit, ``g += 2*scale*W*(param - m)`` before the mask; proximal, where mask, after the update
 ``param += w*(m - param)``, ``w = c/(1 + c)``, ``c = min(2*scale*W*eta, max/2)``, eta the step
@@ -47,11 +52,15 @@ def classp_update_(param: Tensor, grad: Tensor, acc: Tensor, *, lr, threshold: f
                    power: float, apply_scaling: bool, grad_scale: Tensor | None = None,
                    found_inf: Tensor | None = None, penalty_form: Optional[str] = None,
                    penalty_scale: float = 0.0, importance: Tensor | None = None,
-                   anchor: Tensor | None = None) -> Tensor:
+                   anchor: Tensor | None = None, relative_threshold: float = 0.0,
+                   grad_sq_mean: Tensor | None = None) -> Tensor:
     """One CLASSP step on one tensor, in place. Returns ``[updated, nonfinite]`` element counts.
 
     ``penalty_form`` ("explicit" or "proximal") with ``importance`` and ``anchor`` (tensors of
     the param's shape) takes the penalty ``penalty_scale * sum W * (param - m)**2`` in the step.
+    ``grad_sq_mean`` (a 0-dim tensor of the compute dtype, needed when ``relative_threshold``
+    > 0) is the mean S the relative threshold reads; it is replaced by this step's mean,
+    except on an empty tensor or a step skipped by ``found_inf``.
     """
     dtype = compute_dtype(param)
     explicit = penalty_form == "explicit" and importance is not None
@@ -61,10 +70,18 @@ def classp_update_(param: Tensor, grad: Tensor, acc: Tensor, *, lr, threshold: f
                        scale=penalty_scale)
     finite = torch.isfinite(g)
     nonfinite = ~finite
-    mask = finite & (g * g > threshold)
+    square = g * g
+    mask = finite & (square > threshold)
+    if relative_threshold > 0:
+        mask &= square > relative_threshold * grad_sq_mean
+    if grad_sq_mean is not None and g.numel():
+        new_mean = torch.where(finite, square, 0).sum() / g.numel()
     if found_inf is not None:  # an overflowed AMP step changes and counts nothing
-        mask &= found_inf.to(g.device) == 0
-        nonfinite &= found_inf.to(g.device) == 0
+        applied = found_inf.to(g.device).reshape(()) == 0
+        mask &= applied
+        nonfinite &= applied
+        if grad_sq_mean is not None and g.numel():
+            new_mean = torch.where(applied, new_mean, grad_sq_mean)
     g = torch.where(mask, g, 0)
 
     if power == 1:
@@ -94,6 +111,8 @@ def classp_update_(param: Tensor, grad: Tensor, acc: Tensor, *, lr, threshold: f
 
     param.copy_(torch.where(mask, new_param.to(param.dtype), param))
     acc.copy_(torch.where(mask, new_acc, acc))
+    if grad_sq_mean is not None and g.numel():
+        grad_sq_mean.copy_(new_mean)
     return torch.stack([mask.sum(), nonfinite.sum()])
 
 
@@ -127,20 +146,26 @@ def classp_legacy_update_(param: Tensor, grad: Tensor, acc: Tensor, *, lr, thres
 
 
 def classp_step_(params, grads, accs, *, lr, threshold, eps, power, apply_scaling,
-                 grad_scale=None, found_inf=None, penalty: Optional[Penalty] = None) -> Tensor:
+                 grad_scale=None, found_inf=None, penalty: Optional[Penalty] = None,
+                 relative_threshold: float = 0.0, grad_sq_means=None) -> Tensor:
     """Multi-tensor form of ``classp_update_``: one ``[updated, nonfinite]`` row per tensor.
 
     ``penalty`` (a :class:`~classp_fused.backends.step_spec.Penalty`) gives the importances
-    and anchors aligned with ``params``."""
+    and anchors aligned with ``params``; ``grad_sq_means`` the relative threshold's means."""
     hyper = dict(lr=lr, threshold=threshold, eps=eps, power=power, apply_scaling=apply_scaling,
-                 grad_scale=grad_scale, found_inf=found_inf)
+                 grad_scale=grad_scale, found_inf=found_inf,
+                 relative_threshold=relative_threshold)
+    none = [None] * len(params)
+    means = none if grad_sq_means is None else grad_sq_means
     if penalty is None:
-        counts = [classp_update_(p, g, a, **hyper) for p, g, a in zip(params, grads, accs)]
+        counts = [classp_update_(p, g, a, **hyper, grad_sq_mean=s)
+                  for p, g, a, s in zip(params, grads, accs, means)]
     else:
         counts = [classp_update_(p, g, a, **hyper, penalty_form=penalty.form,
-                                 penalty_scale=penalty.scale, importance=w, anchor=m)
-                  for p, g, a, w, m in zip(params, grads, accs, penalty.importances,
-                                           penalty.anchors)]
+                                 penalty_scale=penalty.scale, importance=w, anchor=m,
+                                 grad_sq_mean=s)
+                  for p, g, a, w, m, s in zip(params, grads, accs, penalty.importances,
+                                              penalty.anchors, means)]
     return _stacked(counts)
 
 

@@ -21,9 +21,14 @@ from .backends.step_spec import PENALTY_FORMS, Penalty, StepSpec
 from .reference import compute_dtype
 
 PARAM_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
-HYPERPARAMETERS = ("lr", "threshold", "eps", "power", "apply_scaling")
+HYPERPARAMETERS = ("lr", "threshold", "eps", "power", "apply_scaling", "relative_threshold")
+#: Hyperparameters a state dict saved before they existed lacks, with the value it then had.
+ADDED_HYPERPARAMETERS = {"relative_threshold": 0.0}
 STATE_KEYS = ("step", "accumulator")
 _STATE_KEY_SET = frozenset(STATE_KEYS)
+#: State a param has only while a feature uses it (the relative threshold's gradient mean).
+OPTIONAL_STATE_KEYS = ("grad_sq_mean",)
+_STATE_KEY_SETS = (_STATE_KEY_SET, _STATE_KEY_SET | frozenset(OPTIONAL_STATE_KEYS))
 _NO_STATE: dict = {}  # what a param that was never stepped has (read only)
 # Keys other torch optimizers put in param groups for features CLASSP does not have. Set to an
 # "off" value (0, False, None) they are ignored with a warning; any other value is refused.
@@ -105,12 +110,13 @@ def check_lr_value(lr, where: str = "") -> None:
         check_lr(local_part(lr).cpu(), where)
 
 
-def check_hyperparameters(lr, threshold, eps, power, apply_scaling=True, where: str = "",
-                          device: torch.device | None = None) -> None:
+def check_hyperparameters(lr, threshold, eps, power, apply_scaling=True, relative_threshold=0.0,
+                          where: str = "", device: torch.device | None = None) -> None:
     """Raise ValueError naming the first out-of-range hyperparameter (``where`` prefixes it);
     a tensor ``lr`` must be on the CPU or on ``device``, the params', where given."""
     check_lr(lr, where, device)
-    for name, value in (("threshold", threshold), ("eps", eps)):
+    for name, value in (("threshold", threshold), ("eps", eps),
+                        ("relative_threshold", relative_threshold)):
         if not (_is_real(value) and math.isfinite(value) and value >= 0.0):
             raise ValueError(f"{where}{name} must be a finite non-negative number, got {value!r}")
     if not (_is_real(power) and math.isfinite(power) and power > 0.0):
@@ -178,7 +184,7 @@ def check_step_inputs(params: Sequence[Tensor], grads: Sequence[Tensor], accs: S
                          f"{len(params)}, {len(grads)}, {len(accs)}")
     device = params[0].device if params and isinstance(params[0], Tensor) else None
     check_hyperparameters(spec.lr, spec.threshold, spec.eps, spec.power, spec.apply_scaling,
-                          device=device)
+                          spec.relative_threshold, device=device)
     for name, t in (("grad_scale", spec.grad_scale), ("found_inf", spec.found_inf)):
         if t is not None and (not isinstance(t, Tensor) or t.numel() != 1):
             raise ValueError(f"{name} must be a one-element tensor or None")
@@ -193,6 +199,24 @@ def check_step_inputs(params: Sequence[Tensor], grads: Sequence[Tensor], accs: S
         check_accumulator(p, a, f"accs[{i}]")
     if spec.penalty is not None:
         check_penalty(params, spec.penalty)
+    if spec.grad_sq_means is not None or spec.relative_threshold > 0:
+        check_grad_sq_means(params, spec.grad_sq_means)
+
+
+def check_grad_sq_means(params: Sequence[Tensor], means, where: str = "grad_sq_means") -> None:
+    """Raise unless ``means`` holds per param a 0-dim tensor of its compute dtype and device
+    (the relative threshold's gradient means; required when relative_threshold > 0)."""
+    if not isinstance(means, Sequence) or len(means) != len(params):
+        length = len(means) if isinstance(means, Sequence) else type(means).__name__
+        raise ValueError(f"{where} must be a list with one tensor per param ({len(params)}) "
+                         f"when relative_threshold > 0, got {length}")
+    for i, (p, s) in enumerate(zip(params, means)):
+        if not isinstance(s, Tensor) or s.dim() != 0 or s.dtype != compute_dtype(p):
+            raise TypeError(f"{where}[{i}] must be a 0-dim {compute_dtype(p)} tensor, got "
+                            f"{_describe(s)}")
+        if s.device != p.device:
+            raise RuntimeError(f"{where}[{i}] is on {s.device}, expected the param's device "
+                               f"{p.device}")
 
 
 def check_penalty(params: Sequence[Tensor], penalty, where: str = "penalty") -> None:
@@ -292,11 +316,12 @@ def check_stepped_group(index: int, group: Mapping, state: Mapping,
     since it was added; a tensor ``lr`` must be on the CPU or on the params' device), that its
     stepped params share one device and have a dtype its backend steps (``dtypes``), that grads
     are dense, and each existing state entry against its param: exactly ``"step"`` and
-    ``"accumulator"``, the accumulator's metadata (not its values: reading them is a reduction,
-    done where state enters, ``check_state_entry``) and the step counter. Returns whether the
-    state must be settled before the step (``is_settled``): an accumulator on another device
-    than its param (the param moved; the step moves its state along), or a step counter set to
-    a number or to a tensor of another form (the step converts it). Grads are compared with
+    ``"accumulator"`` (and optionally ``"grad_sq_mean"``), the accumulator's metadata (not its
+    values: reading them is a reduction, done where state enters, ``check_state_entry``) and
+    the step counter. Returns whether the state must be settled before the step
+    (``is_settled``): an accumulator on another device than its param (the param moved; the
+    step moves its state along), or a step counter or gradient mean set to a number or to a
+    tensor of another form (the step converts it). Grads are compared with
     their param too: torch checks them when a grad is assigned, but a later ``p.data = other``
     swap changes the param alone. (The optimizer runs these checks when a group changed since
     its last step, see ``group_plan.GroupPlan``.)
@@ -313,9 +338,9 @@ def check_stepped_group(index: int, group: Mapping, state: Mapping,
             device = p.device
         entry = state.get(p, _NO_STATE)
         has_state = bool(entry) or not isinstance(entry, dict)
-        step = acc = None
+        step = acc = mean = None
         if has_state:
-            step, acc = _state_entry(entry, f"the state of param group {index}, param {i}")
+            step, acc, mean = _state_entry(entry, f"the state of param group {index}, param {i}")
         if (g.layout is not strided or p.dtype not in dtypes or p.device != device
                 or g.dtype is not p.dtype or g.shape != p.shape
                 or not p.is_contiguous() and torch._debug_has_internal_overlap(p) == 1
@@ -325,21 +350,27 @@ def check_stepped_group(index: int, group: Mapping, state: Mapping,
                                   and torch._debug_has_internal_overlap(acc) == 1)):
             _explain_stepped(f"param group {index}, param {i}", p, has_state, acc, device,
                              dtypes)
-        if has_state and not is_settled(step, acc, device):
+        if has_state and not is_settled(step, acc, device, mean):
             check_step_count(step, f"the step of param group {index}, param {i}")
             for name, t in (("accumulator", acc), ("step", step)):
                 check_has_values(t, device, f"the {name} of param group {index}, param {i}")
+            if mean is not None:
+                check_grad_sq_mean(mean, device, f"the grad_sq_mean of param group {index}, "
+                                                 f"param {i}")
             unsettled = True
     if device is not None:
         check_scalar_device(group["lr"], device, "lr", where)
     return unsettled
 
 
-def is_settled(step, acc: Tensor, device: torch.device) -> bool:
+def is_settled(step, acc: Tensor, device: torch.device, mean=None) -> bool:
     """Whether a param's state is in the form a step on ``device`` advances as it is: the
-    accumulator on ``device`` and ``step`` a 0-dim fp32 tensor there."""
+    accumulator on ``device``, ``step`` a 0-dim fp32 tensor there and the gradient mean
+    ``mean``, if any, a 0-dim tensor of the accumulator's dtype there."""
     return (acc.device == device and type(step) is Tensor and step.dtype is torch.float32
-            and step.dim() == 0 and step.device == device)
+            and step.dim() == 0 and step.device == device
+            and (mean is None or type(mean) is Tensor and mean.dtype is acc.dtype
+                 and mean.dim() == 0 and mean.device == device))
 
 
 def check_has_values(t, device: torch.device, where: str) -> None:
@@ -352,11 +383,13 @@ def check_has_values(t, device: torch.device, where: str) -> None:
 
 
 def _state_entry(entry, where: str) -> tuple:
-    """``(step, accumulator)`` of a non-empty state entry; raise unless it holds exactly those."""
-    if not isinstance(entry, dict) or entry.keys() != _STATE_KEY_SET:
+    """``(step, accumulator, grad_sq_mean or None)`` of a non-empty state entry; raise unless it
+    holds exactly ``STATE_KEYS`` and optionally ``OPTIONAL_STATE_KEYS``."""
+    if not isinstance(entry, dict) or entry.keys() not in _STATE_KEY_SETS:
         keys = sorted(entry) if isinstance(entry, Mapping) else _describe(entry)
-        raise ValueError(f"{where} must be a dict of exactly {list(STATE_KEYS)}, got {keys}")
-    return entry["step"], entry["accumulator"]
+        raise ValueError(f"{where} must be a dict of exactly {list(STATE_KEYS)}, got {keys} "
+                         f"(optional: {list(OPTIONAL_STATE_KEYS)})")
+    return entry["step"], entry["accumulator"], entry.get("grad_sq_mean")
 
 
 _ACC_DTYPES = {torch.float16: torch.float32, torch.bfloat16: torch.float32,
@@ -384,9 +417,9 @@ def check_state_dict(state_dict, groups: Sequence[Mapping]) -> None:
     """Raise if ``state_dict`` cannot be loaded into an optimizer with param groups ``groups``.
 
     Checks the layout (``"state"`` and ``"param_groups"``), the number of groups and of params
-    per group, each group's hyperparameters (a tensor ``lr`` on the CPU or on the group's
-    params' device) and foreign keys, and each param's state (``check_state_entry``, values
-    included).
+    per group, each group's hyperparameters (those of ``ADDED_HYPERPARAMETERS`` may be
+    missing; a tensor ``lr`` on the CPU or on the group's params' device) and foreign keys, and
+    each param's state (``check_state_entry``, values included).
     """
     if not isinstance(state_dict, Mapping) or not {"state", "param_groups"} <= set(state_dict):
         raise ValueError("state_dict must be a dict with keys 'state' and 'param_groups', got "
@@ -399,7 +432,8 @@ def check_state_dict(state_dict, groups: Sequence[Mapping]) -> None:
                          f"{len(groups)}")
     params_of = {}
     for index, (saved, group) in enumerate(zip(saved_groups, groups)):
-        missing = [key for key in ("params",) + HYPERPARAMETERS if key not in saved]
+        missing = [key for key in ("params",) + HYPERPARAMETERS
+                   if key not in saved and key not in ADDED_HYPERPARAMETERS]
         if missing:
             raise ValueError(f"state_dict['param_groups'][{index}] lacks {missing}: not a CLASSP "
                              f"state dict (keys: {sorted(saved)})")
@@ -407,7 +441,8 @@ def check_state_dict(state_dict, groups: Sequence[Mapping]) -> None:
             raise ValueError(f"state_dict['param_groups'][{index}] has {len(saved['params'])} "
                              f"params, this optimizer's group {index} has {len(group['params'])}")
         where = f"state_dict['param_groups'][{index}]: "
-        check_hyperparameters(*(saved[key] for key in HYPERPARAMETERS), where=where)
+        check_hyperparameters(*(saved.get(key, ADDED_HYPERPARAMETERS.get(key))
+                                for key in HYPERPARAMETERS), where=where)
         check_lr_placement(saved["lr"], group["params"], where)
         check_lr_value(saved["lr"], where)
         check_foreign_keys(saved, index)
@@ -435,17 +470,20 @@ def check_state_values(state: Mapping, groups: Sequence[Mapping]) -> None:
 def check_state_entry(entry, param: Tensor, where: str) -> None:
     """Raise unless ``entry`` is a CLASSP state entry for ``param``: exactly ``"step"`` (a count,
     ``check_step_count``) and ``"accumulator"`` (a dense real floating tensor of the param's
-    shape with no negative or NaN element; +inf is kept, ``|g|**power`` may overflow).
+    shape with no negative or NaN element; +inf is kept, ``|g|**power`` may overflow), and
+    optionally ``"grad_sq_mean"`` (a one-element floating tensor, finite and >= 0).
 
     The values of tensors that hold data are read (a reduction per accumulator), so this runs
     where state enters, never at a step.
     """
-    if not isinstance(entry, Mapping) or set(entry) != set(STATE_KEYS):
+    if not isinstance(entry, Mapping) or frozenset(entry) not in _STATE_KEY_SETS:
         keys = sorted(entry) if isinstance(entry, Mapping) else _describe(entry)
         raise ValueError(f"{where} must hold exactly {list(STATE_KEYS)}, got {keys}: "
-                         f"not a CLASSP state dict")
+                         f"not a CLASSP state dict (optional: {list(OPTIONAL_STATE_KEYS)})")
     check_step_count(entry["step"], f"{where}['step']")
     check_has_values(entry["step"], param.device, f"{where}['step']")
+    if "grad_sq_mean" in entry:
+        check_grad_sq_mean(entry["grad_sq_mean"], param.device, f"{where}['grad_sq_mean']")
     acc, where = entry["accumulator"], f"{where}['accumulator']"
     if not isinstance(acc, Tensor) or not acc.is_floating_point():
         raise TypeError(f"{where} must be a floating-point tensor, got {_describe(acc)}")
@@ -479,6 +517,22 @@ def check_step_count(step, where: str) -> None:
         step = step.item()
     if not (_is_real(step) and math.isfinite(step) and step >= 0):
         raise ValueError(f"{where} must be a finite non-negative count, got {step!r}")
+
+
+def check_grad_sq_mean(mean, device: torch.device, where: str) -> None:
+    """Raise unless ``mean`` (a param's relative-threshold gradient mean S, for a param on
+    ``device``) is a one-element floating tensor holding a finite number >= 0. Its value is read
+    where it has one (not on the meta device, not a FakeTensor)."""
+    if not isinstance(mean, Tensor) or mean.numel() != 1 or not mean.is_floating_point():
+        raise TypeError(f"{where} must be a one-element floating-point tensor, got "
+                        f"{_describe(mean)}")
+    check_has_values(mean, device, where)
+    mean = local_part(mean)
+    if mean.device.type == "meta" or is_fake(mean):
+        return
+    value = float(mean)
+    if not (math.isfinite(value) and value >= 0):
+        raise ValueError(f"{where} must be a finite mean >= 0, got {value}")
 
 
 def _describe(x) -> str:

@@ -133,6 +133,30 @@ inline PenaltyForm check_penalty_inputs(at::TensorList params,
   return form_name == "explicit" ? PenaltyForm::kExplicit : PenaltyForm::kProximal;
 }
 
+// TORCH_CHECKs the relative threshold's arguments against the (checked) params: a finite
+// relative_threshold >= 0, and gradient means, required when it is > 0, empty or one per param:
+// a one-element tensor of the param's compute dtype on its device.
+inline void check_grad_sq_means(at::TensorList params, double relative_threshold,
+                                at::TensorList grad_sq_means) {
+  TORCH_CHECK(std::isfinite(relative_threshold) && relative_threshold >= 0.0,
+              "classp_step_: relative_threshold must be a finite number >= 0, got ",
+              relative_threshold);
+  TORCH_CHECK(grad_sq_means.size() == params.size() ||
+                  (grad_sq_means.empty() && relative_threshold == 0.0),
+              "classp_step_: grad_sq_means must have one entry per param (", params.size(),
+              "), got ", grad_sq_means.size(),
+              grad_sq_means.empty() ? " (they are required when relative_threshold > 0)" : "");
+  for (size_t i = 0; i < grad_sq_means.size(); ++i) {
+    const at::Tensor& mean = grad_sq_means[i];
+    const auto dtype = compute_dtype(params[i].scalar_type());
+    TORCH_CHECK(mean.defined() && mean.numel() == 1 && mean.scalar_type() == dtype,
+                "classp_step_: grad_sq_means[", i, "] must be a one-element ", dtype,
+                " tensor");
+    TORCH_CHECK(mean.device() == params[i].device(), "classp_step_: grad_sq_means[", i,
+                "] is on ", mean.device(), ", expected the param's device ", params[i].device());
+  }
+}
+
 // Whether a (param, grad, acc) triple can be stepped as it is, with nothing to explain: dense,
 // the grad of the param's dtype and the accumulator of its compute dtype, both of the param's
 // shape, all on `device`, no internal overlap. The optimizer's per-step test of tensors it

@@ -7,7 +7,10 @@
 // blocks keep the old bits of unselected elements by a bitwise blend. A penalty (SPEC section
 // 4a) reads the importance and anchor of the tensors it covers in the same pass: explicit, its
 // gradient joins the unscaled gradient before the threshold; proximal, the new value of each
-// updated element is pulled toward its anchor before it is written.
+// updated element is pulled toward its anchor before it is written. A relative threshold tau > 0
+// raises a tensor's threshold to tau * S, S its gradient mean of the previous step; given means
+// are refreshed from per-chunk sums of the squared finite gradients, added up per tensor after
+// the parallel region.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/cpu/vec/functional.h>
@@ -45,16 +48,17 @@ template <typename scalar_t>
 using math_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
 // The step's scalars in the arithmetic type, rounded as the reference rounds them.
-// `factor` is the penalty's 2 * scale; `cap` bounds its proximal coefficient c.
+// `factor` is the penalty's 2 * scale; `cap` bounds its proximal coefficient c. `threshold` is
+// set per tensor (see tensor_threshold); `sum_squares` asks for the gradient means' sums.
 template <typename T>
 struct Hyper {
   T lr, threshold, eps, power, inv_power, grad_scale, factor, cap;
-  bool apply_scaling, has_grad_scale;
+  bool apply_scaling, has_grad_scale, sum_squares;
 };
 
 template <typename T>
 Hyper<T> make_hyper(double lr, double threshold, double eps, double power, bool apply_scaling,
-                    std::optional<double> grad_scale, double penalty_scale) {
+                    std::optional<double> grad_scale, double penalty_scale, bool sum_squares) {
   return {static_cast<T>(lr),
           static_cast<T>(threshold),
           static_cast<T>(eps),
@@ -64,13 +68,15 @@ Hyper<T> make_hyper(double lr, double threshold, double eps, double power, bool 
           static_cast<T>(2.0 * penalty_scale),
           std::numeric_limits<T>::max() / 2,
           apply_scaling,
-          grad_scale.has_value()};
+          grad_scale.has_value(),
+          sum_squares};
 }
 
-// Element counts of one work item.
+// Element counts of one work item, and the sum of its finite squared gradients (when asked).
 struct Tally {
   int64_t updated = 0;
   int64_t nonfinite = 0;
+  double square_sum = 0.0;
 };
 
 // The gradient as the update sees it: divided by grad_scale when there is one.
@@ -83,14 +89,15 @@ C10_ALWAYS_INLINE Vectorized<T> scaled(const Vectorized<T>& grad, const Hyper<T>
 // clear). `probe` accumulates grad - grad: zero while every gradient is finite, NaN after any
 // that is not (counted afterwards, in the rare ranges that have one); with the explicit
 // penalty the non-finite lanes of the penalized gradient are counted into `nonfinite` instead.
-// `weight` and `anchor` (importance and anchor) are read only with a penalty.
+// `weight` and `anchor` (importance and anchor) are read only with a penalty. With
+// `h.sum_squares` the finite lanes' g*g are added to `squares`.
 template <Power kPower, PenaltyForm kForm, typename T>
 C10_ALWAYS_INLINE void update_vector(const Vectorized<T>& param, const Vectorized<T>& raw_grad,
                                      const Vectorized<T>& acc, const Vectorized<T>& weight,
                                      const Vectorized<T>& anchor, const Hyper<T>& h,
                                      Vectorized<T>& new_param, Vectorized<T>& new_acc,
                                      Vectorized<T>& selected, Vectorized<T>& probe,
-                                     int& nonfinite) {
+                                     Vectorized<T>& squares, int& nonfinite) {
   using Vec = Vectorized<T>;
   Vec grad = scaled(raw_grad, h);
   if constexpr (kForm == PenaltyForm::kExplicit) {
@@ -102,6 +109,9 @@ C10_ALWAYS_INLINE void update_vector(const Vectorized<T>& param, const Vectorize
     nonfinite += __builtin_popcount((nan_unless_finite == Vec(T(0))).zero_mask());
   } else {
     probe = probe + nan_unless_finite;
+  }
+  if (h.sum_squares) {
+    squares = squares + Vec::blendv(Vec(T(0)), square, nan_unless_finite == Vec(T(0)));
   }
   // isfinite(g) && g*g > threshold: a NaN sum compares false.
   selected = (square + nan_unless_finite) > Vec(h.threshold);
@@ -200,7 +210,8 @@ struct RangePointers {
 template <Power kPower, PenaltyForm kForm, typename scalar_t>
 C10_ALWAYS_INLINE int step_block(const RangePointers<scalar_t>& ptr, int64_t i,
                                  const Hyper<math_t<scalar_t>>& h,
-                                 Vectorized<math_t<scalar_t>>& probe, int64_t& nonfinite) {
+                                 Vectorized<math_t<scalar_t>>& probe,
+                                 Vectorized<math_t<scalar_t>>& squares, int64_t& nonfinite) {
   using Vec = Vectorized<math_t<scalar_t>>;
   constexpr int kVec = Vec::size();
   constexpr int kAllLanes = (1 << kVec) - 1;
@@ -221,7 +232,7 @@ C10_ALWAYS_INLINE int step_block(const RangePointers<scalar_t>& ptr, int64_t i,
   for (int v = 0; v < kVectors<scalar_t>; ++v) {
     a[v] = Vec::loadu(acc + v * kVec);
     update_vector<kPower, kForm>(p[v], g[v], a[v], w[v], m[v], h, new_p[v], new_a[v],
-                                 selected[v], probe, block_nonfinite);
+                                 selected[v], probe, squares, block_nonfinite);
     const int unselected_lanes = selected[v].zero_mask();
     any_selected |= unselected_lanes != kAllLanes;
     all_selected &= unselected_lanes == 0;
@@ -287,15 +298,16 @@ Tally step_range(const RangePointers<scalar_t>& ptr, int64_t n, const Hyper<math
   constexpr int64_t kLine = kSize * kBlocksPerLine<scalar_t>;  // elements per prefetch
   Tally tally;
   Vectorized<T> probe(T(0));
+  Vectorized<T> squares(T(0));
   int64_t i = 0;
   for (; i + kLine <= n - kPrefetchElements; i += kLine) {
     prefetch_range<kForm>(ptr, i, kLine);
     for (int64_t b = 0; b < kLine; b += kSize) {
-      tally.updated += step_block<kPower, kForm>(ptr, i + b, h, probe, tally.nonfinite);
+      tally.updated += step_block<kPower, kForm>(ptr, i + b, h, probe, squares, tally.nonfinite);
     }
   }
   for (; i + kSize <= n; i += kSize) {
-    tally.updated += step_block<kPower, kForm>(ptr, i, h, probe, tally.nonfinite);
+    tally.updated += step_block<kPower, kForm>(ptr, i, h, probe, squares, tally.nonfinite);
   }
   const int64_t rest = n - i;
   if (rest > 0) {
@@ -313,7 +325,7 @@ Tally step_range(const RangePointers<scalar_t>& ptr, int64_t n, const Hyper<math
     }
     const RangePointers<scalar_t> tail{param_tail, grad_tail, acc_tail, weight_tail,
                                        anchor_tail};
-    const int updated = step_block<kPower, kForm>(tail, 0, h, probe, tally.nonfinite);
+    const int updated = step_block<kPower, kForm>(tail, 0, h, probe, squares, tally.nonfinite);
     if (updated > 0) {
       tally.updated += updated;
       std::copy_n(param_tail, rest, ptr.param + i);
@@ -323,11 +335,19 @@ Tally step_range(const RangePointers<scalar_t>& ptr, int64_t n, const Hyper<math
   if (probe.zero_mask() != (1 << Vectorized<T>::size()) - 1) {
     tally.nonfinite = count_nonfinite(ptr.grad, n, h);
   }
+  if (h.sum_squares) {
+    T lanes[Vectorized<T>::size()];
+    squares.store(lanes);
+    for (const T lane : lanes) {
+      tally.square_sum += lane;
+    }
+  }
   return tally;
 }
 
 // One tensor's memory, laid out alike (contiguous, or dense with equal strides): param, grad,
-// accumulator, and importance and anchor where the penalty covers it (else nullptr).
+// accumulator, and importance and anchor where the penalty covers it (else nullptr); and its
+// threshold, a value of its arithmetic type.
 struct TensorPointers {
   void* param;
   const void* grad;
@@ -335,11 +355,25 @@ struct TensorPointers {
   const void* weight;
   const void* anchor;
   c10::ScalarType dtype;
+  double threshold;
 };
+
+// The threshold of a tensor with gradient mean `mean` (of its arithmetic type T, or nullptr):
+// `threshold`, raised to tau * mean when tau > 0 (a NaN product selects nothing, as g*g > NaN
+// is false).
+template <typename T>
+double tensor_threshold(double threshold, double tau, const at::Tensor* mean) {
+  if (mean == nullptr || !(tau > 0.0)) {
+    return static_cast<T>(threshold);
+  }
+  const T relative = static_cast<T>(tau) * *static_cast<const T*>(mean->const_data_ptr());
+  return std::isnan(relative) ? relative : std::max(static_cast<T>(threshold), relative);
+}
 
 template <Power kPower, PenaltyForm kForm, typename scalar_t>
 Tally step_chunk_as(const TensorPointers& t, const Chunk& chunk,
-                    const Hyper<math_t<scalar_t>>& h) {
+                    Hyper<math_t<scalar_t>> h) {
+  h.threshold = static_cast<math_t<scalar_t>>(t.threshold);
   const int64_t begin = chunk.begin;
   const auto* weight = static_cast<const scalar_t*>(t.weight);
   const auto* anchor = static_cast<const scalar_t*>(t.anchor);
@@ -413,11 +447,14 @@ at::Tensor classp_step_cpu(at::TensorList params, at::TensorList grads, at::Tens
                            const std::optional<at::Tensor>& found_inf,
                            const c10::List<std::optional<at::Tensor>>& importances,
                            const c10::List<std::optional<at::Tensor>>& anchors,
-                           c10::string_view penalty_form, double penalty_scale) {
+                           c10::string_view penalty_form, double penalty_scale,
+                           double relative_threshold, at::TensorList grad_sq_means) {
   check_step_inputs(params, grads, accs, lr, threshold, eps, power, grad_scale, found_inf,
                     c10::Device(c10::kCPU));
   const PenaltyForm form = check_penalty_inputs(params, importances, anchors, penalty_form,
                                                 penalty_scale);
+  check_grad_sq_means(params, relative_threshold, grad_sq_means);
+  const bool sum_squares = !grad_sq_means.empty();
   const int64_t n = static_cast<int64_t>(params.size());
   at::Tensor counts = at::zeros({n, 2}, at::TensorOptions().dtype(at::kLong));
   if (found_inf.has_value() && found_inf->item<double>() != 0.0) {
@@ -426,10 +463,10 @@ at::Tensor classp_step_cpu(at::TensorList params, at::TensorList grads, at::Tens
   const double lr_value = lr.item<double>();
   const std::optional<double> scale =
       grad_scale.has_value() ? std::optional<double>(grad_scale->item<double>()) : std::nullopt;
-  const auto hf =
-      make_hyper<float>(lr_value, threshold, eps, power, apply_scaling, scale, penalty_scale);
-  const auto hd =
-      make_hyper<double>(lr_value, threshold, eps, power, apply_scaling, scale, penalty_scale);
+  const auto hf = make_hyper<float>(lr_value, threshold, eps, power, apply_scaling, scale,
+                                    penalty_scale, sum_squares);
+  const auto hd = make_hyper<double>(lr_value, threshold, eps, power, apply_scaling, scale,
+                                     penalty_scale, sum_squares);
 
   // Tensors laid out differently are updated on contiguous copies, written back afterwards.
   std::vector<at::Tensor> work_params(n), work_grads(n), work_accs(n), work_weights(n),
@@ -453,12 +490,16 @@ at::Tensor classp_step_cpu(at::TensorList params, at::TensorList grads, at::Tens
     }
     numels[i] = params[i].numel();
     total += numels[i];
+    const bool wide = params[i].scalar_type() == c10::kDouble;
+    const at::Tensor* mean = sum_squares ? &grad_sq_means[i] : nullptr;
     tensors[i] = {work_params[i].data_ptr(),
                   work_grads[i].data_ptr(),
                   work_accs[i].data_ptr(),
                   weight.has_value() ? work_weights[i].data_ptr() : nullptr,
                   weight.has_value() ? work_anchors[i].data_ptr() : nullptr,
-                  params[i].scalar_type()};
+                  params[i].scalar_type(),
+                  wide ? tensor_threshold<double>(threshold, relative_threshold, mean)
+                       : tensor_threshold<float>(threshold, relative_threshold, mean)};
   }
 
   const int64_t num_parts =
@@ -474,9 +515,23 @@ at::Tensor classp_step_cpu(at::TensorList params, at::TensorList grads, at::Tens
   }
 
   auto counts_data = counts.accessor<int64_t, 2>();
+  std::vector<double> square_sums(n, 0.0);
   for (size_t i = 0; i < plan.chunks.size(); ++i) {
     counts_data[plan.chunks[i].tensor][0] += tallies[i].updated;
     counts_data[plan.chunks[i].tensor][1] += tallies[i].nonfinite;
+    square_sums[plan.chunks[i].tensor] += tallies[i].square_sum;
+  }
+  for (int64_t i = 0; sum_squares && i < n; ++i) {
+    if (numels[i] == 0) {
+      continue;  // an empty tensor keeps its mean
+    }
+    // one division: exact sums give the correctly rounded mean in either dtype
+    void* mean = grad_sq_means[i].mutable_data_ptr();
+    if (params[i].scalar_type() == c10::kDouble) {
+      *static_cast<double*>(mean) = square_sums[i] / static_cast<double>(numels[i]);
+    } else {
+      *static_cast<float*>(mean) = static_cast<float>(square_sums[i] / numels[i]);
+    }
   }
   for (int64_t i = 0; i < n; ++i) {
     if (!work_params[i].is_same(params[i])) {
@@ -526,7 +581,7 @@ TORCH_LIBRARY(classp_fused, m) {
       "classp_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] accs, Tensor lr, "
       "float threshold, float eps, float power, bool apply_scaling, Tensor? grad_scale, "
       "Tensor? found_inf, Tensor?[] importances, Tensor?[] anchors, str penalty_form, "
-      "float penalty_scale) -> Tensor");
+      "float penalty_scale, float relative_threshold, Tensor(c!)[] grad_sq_means) -> Tensor");
   m.def("_chunk_plan(int[] numels, int num_parts) -> (Tensor, Tensor, Tensor)",
         &classp::chunk_plan);
 }

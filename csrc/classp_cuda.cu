@@ -11,7 +11,11 @@
 // kernel's results). lr, grad_scale and found_inf are read on the device; counts are summed per
 // block and tensor and added atomically. A launch over tensors a penalty covers (SPEC section
 // 4a) also reads their importances and anchors, in 128-bit streaming loads, and applies the
-// penalty in the same pass (explicit: into the gradient; proximal: into the new value).
+// penalty in the same pass (explicit: into the gradient; proximal: into the new value). With
+// gradient means (the relative threshold) a tensor's threshold is raised to tau * S, S read
+// from the means the op stacked before the launch, and the squared finite gradients (after the
+// explicit penalty) and element counts are summed like the counts into scratch the op turns
+// into the new means after the launch.
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
@@ -59,21 +63,23 @@ __device__ __forceinline__ double log2_of(double a) { return log2(a); }
 __device__ __forceinline__ float exp2_of(float a) { return exp2f(a); }
 __device__ __forceinline__ double exp2_of(double a) { return exp2(a); }
 
-// The step's scalars in the arithmetic type, rounded as the reference rounds them; `factor` is
-// the penalty's 2 * scale, `cap` the bound of its proximal coefficient.
+// The step's scalars in the arithmetic type, rounded as the reference rounds them; `threshold`
+// is the current tensor's, `factor` the penalty's 2 * scale, `cap` the bound of its proximal
+// coefficient.
 template <typename T>
 struct Hyper {
   T lr, threshold, eps, power, inv_power, grad_scale, factor, cap;
-  bool apply_scaling, has_grad_scale;
+  bool apply_scaling, has_grad_scale, sum_squares;
 };
 
 // The CLASSP update of one element, computed whether or not it is selected (no branch on the
-// element's values): whether it is selected and finite, and its new values if selected.
-// `weight` and `anchor` (importance and anchor) are read with a penalty only.
+// element's values): whether it is selected and finite, and its new values if selected; with
+// `h.sum_squares` its finite squared gradient is added to `squares`. `weight` and `anchor`
+// (importance and anchor) are read with a penalty only.
 template <Power kPower, PenaltyForm kForm, typename T>
 __device__ __forceinline__ void step_element(T param, T grad, T acc, T weight, T anchor,
                                              const Hyper<T>& h, bool& selected, bool& finite,
-                                             T& new_param, T& new_acc) {
+                                             T& new_param, T& new_acc, T& squares) {
   if (h.has_grad_scale) {
     grad = div_rn(grad, h.grad_scale);
   }
@@ -84,6 +90,9 @@ __device__ __forceinline__ void step_element(T param, T grad, T acc, T weight, T
   const T square = mul_rn(grad, grad);
   finite = isfinite(grad);
   selected = finite & (square > h.threshold);
+  if (h.sum_squares) {
+    squares = add_rn(squares, finite ? square : T(0));
+  }
   if constexpr (kPower == Power::kOne) {
     new_acc = add_rn(acc, magnitude);
   } else if constexpr (kPower == Power::kTwo) {
@@ -174,7 +183,7 @@ __device__ __forceinline__ void update_pack(Vector<scalar_t, kPack<scalar_t>>& p
                                             const Hyper<T>& h,
                                             Vector<scalar_t, kPack<scalar_t>>* p_out,
                                             Vector<T, kPack<scalar_t>>* a_out, int& updated,
-                                            int& nonfinite) {
+                                            int& nonfinite, T& squares) {
   int selected_count = 0;
 #pragma unroll
   for (int e = 0; e < kPack<scalar_t>; ++e) {
@@ -182,7 +191,7 @@ __device__ __forceinline__ void update_pack(Vector<scalar_t, kPack<scalar_t>>& p
     T new_param, new_acc;
     step_element<kPower, kForm>(static_cast<T>(p.v[e]), static_cast<T>(g.v[e]), a.v[e],
                                 static_cast<T>(w.v[e]), static_cast<T>(m.v[e]), h, selected,
-                                finite, new_param, new_acc);
+                                finite, new_param, new_acc, squares);
     p.v[e] = selected ? static_cast<scalar_t>(new_param) : p.v[e];
     a.v[e] = selected ? new_acc : a.v[e];
     selected_count += selected;
@@ -202,7 +211,7 @@ template <Power kPower, PenaltyForm kForm, typename scalar_t, typename T>
 __device__ __forceinline__ void update_chunk(scalar_t* param, const scalar_t* grad, T* acc,
                                              const scalar_t* weight, const scalar_t* anchor,
                                              int n, const Hyper<T>& h, int& updated,
-                                             int& nonfinite) {
+                                             int& nonfinite, T& squares) {
   constexpr int kP = kPack<scalar_t>;
   constexpr bool kPenalty = kForm != PenaltyForm::kNone;
   using ParamPack = Vector<scalar_t, kP>;
@@ -233,7 +242,7 @@ __device__ __forceinline__ void update_chunk(scalar_t* param, const scalar_t* gr
 #pragma unroll
       for (int k = 0; k < kIlp; ++k) {
         update_pack<kPower, kForm>(p[k], g[k], a[k], w[k], m[k], h, params + i + k * kThreads,
-                                   accs + i + k * kThreads, updated, nonfinite);
+                                   accs + i + k * kThreads, updated, nonfinite, squares);
       }
     }
     for (; i < packs; i += kThreads) {
@@ -245,7 +254,7 @@ __device__ __forceinline__ void update_chunk(scalar_t* param, const scalar_t* gr
         m = load_vector_streaming(anchors + i);
       }
       update_pack<kPower, kForm>(p, load_vector_streaming(grads + i), a, w, m, h, params + i,
-                                 accs + i, updated, nonfinite);
+                                 accs + i, updated, nonfinite, squares);
     }
     scalar_from = packs * kP;
   }
@@ -255,7 +264,7 @@ __device__ __forceinline__ void update_chunk(scalar_t* param, const scalar_t* gr
     const T w = kPenalty ? static_cast<T>(weight[i]) : T(0);
     const T m = kPenalty ? static_cast<T>(anchor[i]) : T(0);
     step_element<kPower, kForm>(static_cast<T>(param[i]), static_cast<T>(grad[i]), acc[i], w, m,
-                                h, selected, finite, new_param, new_acc);
+                                h, selected, finite, new_param, new_acc, squares);
     if (selected) {
       param[i] = static_cast<scalar_t>(new_param);
       acc[i] = new_acc;
@@ -267,7 +276,8 @@ __device__ __forceinline__ void update_chunk(scalar_t* param, const scalar_t* gr
 
 // Sums `value` over the block; the result is valid in thread 0. Starts with a barrier, so the
 // scratch space can be reused by consecutive calls.
-__device__ __forceinline__ long long block_sum(long long value, long long* scratch) {
+template <typename V>
+__device__ __forceinline__ V block_sum(V value, V* scratch) {
   for (int offset = 16; offset > 0; offset /= 2) {
     value += __shfl_down_sync(0xffffffffu, value, offset);
   }
@@ -285,11 +295,20 @@ __device__ __forceinline__ long long block_sum(long long value, long long* scrat
   return value;
 }
 
-// Adds the block's counts for one counts row (called by every thread of the block).
+// Adds the block's counts for one counts row (called by every thread of the block), and with
+// gradient means its squared gradients and its `size` elements (the same in every thread).
 __device__ __forceinline__ void add_counts(int64_t row, int updated, int nonfinite,
-                                           int64_t* counts, long long* scratch) {
-  const long long block_updated = block_sum(updated, scratch);
-  const long long block_nonfinite = block_sum(nonfinite, scratch);
+                                           int64_t* counts, long long* scratch, double squares,
+                                           unsigned long long size, const MeanArgs& means) {
+  if (means.square_sums != nullptr) {
+    const double block_squares = block_sum(squares, reinterpret_cast<double*>(scratch));
+    if (threadIdx.x == 0) {
+      atomicAdd(means.square_sums + row, block_squares);
+      atomicAdd(means.sizes + row, size);
+    }
+  }
+  const long long block_updated = block_sum<long long>(updated, scratch);
+  const long long block_nonfinite = block_sum<long long>(nonfinite, scratch);
   if (threadIdx.x == 0) {
     auto* out = reinterpret_cast<unsigned long long*>(counts + 2 * row);
     if (block_updated != 0) {
@@ -308,16 +327,19 @@ __global__ void __launch_bounds__(kThreads)
   if (args.has_found_inf && read_scalar(args.found_inf) != 0.0) {
     return;  // an overflowed AMP step changes and counts nothing
   }
-  const Hyper<T> h{static_cast<T>(read_scalar(args.lr)),
-                   static_cast<T>(args.threshold),
-                   static_cast<T>(args.eps),
-                   static_cast<T>(args.power),
-                   static_cast<T>(1.0 / args.power),
-                   static_cast<T>(args.has_grad_scale ? read_scalar(args.grad_scale) : 1.0),
-                   static_cast<T>(args.penalty_factor),
-                   std::numeric_limits<T>::max() / 2,
-                   args.apply_scaling,
-                   args.has_grad_scale};
+  Hyper<T> h{static_cast<T>(read_scalar(args.lr)),
+             static_cast<T>(args.threshold),
+             static_cast<T>(args.eps),
+             static_cast<T>(args.power),
+             static_cast<T>(1.0 / args.power),
+             static_cast<T>(args.has_grad_scale ? read_scalar(args.grad_scale) : 1.0),
+             static_cast<T>(args.penalty_factor),
+             std::numeric_limits<T>::max() / 2,
+             args.apply_scaling,
+             args.has_grad_scale,
+             args.means.square_sums != nullptr};
+  const T threshold = h.threshold;
+  const bool relative = args.means.old_means != nullptr && args.means.relative_threshold > 0.0;
   const int64_t* entries = table.data + table.num_records * kRecordColumns;
   __shared__ long long scratch[kThreads / 32];
 
@@ -325,6 +347,8 @@ __global__ void __launch_bounds__(kThreads)
   int64_t row = -1;
   int updated = 0;
   int nonfinite = 0;
+  T squares = 0;
+  unsigned long long size = 0;
   for (int64_t c = blockIdx.x; c < table.num_chunks; c += gridDim.x) {
     const int64_t entry = __ldg(entries + c);
     const int64_t* record = table.data + (entry >> 32) * kRecordColumns;
@@ -332,11 +356,18 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t record_row = __ldg(record + 4);
     if (record_row != row) {  // the same for every thread of the block
       if (row >= 0) {
-        add_counts(row, updated, nonfinite, counts, scratch);
+        add_counts(row, updated, nonfinite, counts, scratch, squares, size, args.means);
       }
       row = record_row;
       updated = 0;
       nonfinite = 0;
+      squares = 0;
+      size = 0;
+      if (relative) {  // max(threshold, tau * S); a NaN product selects nothing
+        const T bound = mul_rn(static_cast<T>(args.means.relative_threshold),
+                               static_cast<T>(__ldg(args.means.old_means + row)));
+        h.threshold = isnan(bound) || bound > threshold ? bound : threshold;
+      }
     }
     const int64_t rest = __ldg(record + 3) - begin;
     const int n = static_cast<int>(rest < kChunkElements ? rest : kChunkElements);
@@ -346,13 +377,14 @@ __global__ void __launch_bounds__(kThreads)
       weight = reinterpret_cast<const scalar_t*>(__ldg(record + 5)) + begin;
       anchor = reinterpret_cast<const scalar_t*>(__ldg(record + 6)) + begin;
     }
+    size += n;
     update_chunk<kPower, kForm>(reinterpret_cast<scalar_t*>(__ldg(record)) + begin,
                                 reinterpret_cast<const scalar_t*>(__ldg(record + 1)) + begin,
                                 reinterpret_cast<T*>(__ldg(record + 2)) + begin, weight, anchor,
-                                n, h, updated, nonfinite);
+                                n, h, updated, nonfinite, squares);
   }
   if (row >= 0) {
-    add_counts(row, updated, nonfinite, counts, scratch);
+    add_counts(row, updated, nonfinite, counts, scratch, squares, size, args.means);
   }
 }
 

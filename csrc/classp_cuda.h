@@ -22,6 +22,16 @@ struct ScalarArg {
   double host_value;
 };
 
+// Gradient means (the relative threshold), per counts row in device memory: the means read
+// (as float64), and the sums of squared finite gradients and the element counts the launch adds
+// to; all nullptr without means. The op publishes the new means after the launches.
+struct MeanArgs {
+  double relative_threshold;
+  const double* old_means;
+  double* square_sums;
+  unsigned long long* sizes;
+};
+
 struct StepArgs {
   ScalarArg lr;
   ScalarArg grad_scale;  // used when has_grad_scale
@@ -29,6 +39,7 @@ struct StepArgs {
   double threshold, eps, power;
   double penalty_factor;  // 2 * the penalty's scale
   bool apply_scaling, has_grad_scale, has_found_inf;
+  MeanArgs means;
 };
 
 // A work table (classp_plan.h) in device memory: `num_records` tensor records, then

@@ -2,7 +2,12 @@
 // cached work tables and the counts output; the kernels themselves are in classp_cuda.cu.
 // Built only with CUDA.
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/_foreach_copy.h>
+#include <ATen/ops/div.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/gt.h>
+#include <ATen/ops/stack.h>
+#include <ATen/ops/where.h>
 #include <ATen/ops/zeros.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -161,19 +166,40 @@ ParamDtype param_dtype(c10::ScalarType dtype) {
   }
 }
 
+// Replaces the gradient means with the launches' sums / sizes (float64, per row), keeping `old`
+// where no element was counted (an empty tensor, a step skipped by found_inf): device ops.
+void publish_means(at::TensorList means, const at::Tensor& old, const at::Tensor& sums,
+                   const at::Tensor& sizes) {
+  const at::Tensor fresh = at::where(at::gt(sizes, 0), at::div(sums, sizes), old);
+  std::array<std::vector<at::Tensor>, 2> targets, values;  // float32 means, float64 means
+  const at::Tensor as_float = fresh.to(at::kFloat);
+  for (size_t i = 0; i < means.size(); ++i) {
+    const bool wide = means[i].scalar_type() == at::kDouble;
+    targets[wide].push_back(means[i]);
+    values[wide].push_back((wide ? fresh : as_float)[static_cast<int64_t>(i)]);
+  }
+  for (int wide = 0; wide < 2; ++wide) {
+    if (!targets[wide].empty()) {
+      at::_foreach_copy_(targets[wide], values[wide]);
+    }
+  }
+}
+
 at::Tensor classp_step_cuda(at::TensorList params, at::TensorList grads, at::TensorList accs,
                             const at::Tensor& lr, double threshold, double eps, double power,
                             bool apply_scaling, const std::optional<at::Tensor>& grad_scale,
                             const std::optional<at::Tensor>& found_inf,
                             const c10::List<std::optional<at::Tensor>>& importances,
                             const c10::List<std::optional<at::Tensor>>& anchors,
-                            c10::string_view penalty_form, double penalty_scale) {
+                            c10::string_view penalty_form, double penalty_scale,
+                            double relative_threshold, at::TensorList grad_sq_means) {
   const c10::Device device = step_device(params, lr, grad_scale, found_inf);
   TORCH_CHECK(device.is_cuda(), "classp_step_: the CUDA kernel got tensors on ", device);
   check_step_inputs(params, grads, accs, lr, threshold, eps, power, grad_scale, found_inf,
                     device);
   const PenaltyForm form = check_penalty_inputs(params, importances, anchors, penalty_form,
                                                 penalty_scale);
+  check_grad_sq_means(params, relative_threshold, grad_sq_means);
   const c10::cuda::CUDAGuard device_guard(device);
   const int64_t n = static_cast<int64_t>(params.size());
   at::Tensor counts = at::zeros({n, 2}, at::TensorOptions().dtype(at::kLong).device(device));
@@ -193,6 +219,18 @@ at::Tensor classp_step_cuda(at::TensorList params, at::TensorList grads, at::Ten
   args.power = power;
   args.apply_scaling = apply_scaling;
   args.penalty_factor = 2.0 * penalty_scale;
+  // Gradient means: read from a stacked copy, summed into scratch, published after the launches
+  // (no block reads a mean another one writes).
+  at::Tensor old_means, square_sums, sizes;
+  args.means = {relative_threshold, nullptr, nullptr, nullptr};
+  if (!grad_sq_means.empty()) {
+    old_means = at::stack(grad_sq_means).to(at::kDouble);
+    square_sums = at::zeros({n}, old_means.options());
+    sizes = at::zeros({n}, old_means.options().dtype(at::kLong));
+    args.means.old_means = old_means.data_ptr<double>();
+    args.means.square_sums = square_sums.data_ptr<double>();
+    args.means.sizes = reinterpret_cast<unsigned long long*>(sizes.data_ptr<int64_t>());
+  }
 
   // Tensors laid out differently are updated on contiguous copies, written back afterwards.
   std::vector<at::Tensor> work_params(n), work_grads(n), work_accs(n), work_weights(n),
@@ -251,6 +289,9 @@ at::Tensor classp_step_cuda(at::TensorList params, at::TensorList grads, at::Ten
     if (work_accs[i].defined() && !work_accs[i].is_same(accs[i])) {
       accs[i].copy_(work_accs[i]);
     }
+  }
+  if (!grad_sq_means.empty()) {
+    publish_means(grad_sq_means, old_means, square_sums, sizes);
   }
   return counts;
 }

@@ -373,6 +373,7 @@ def test_every_method_grid_has_the_same_size():
     classp = GRIDS["classp"]
     assert {p["apply_scaling"] for p in classp} == {True, False}
     assert {p["power"] for p in classp} == {1.0, 2.0} and {p["threshold"] for p in classp} > {0.0}
+    assert {p["relative_threshold"] for p in classp} > {0.0}
     assert all(set(p) == {"lr", "lam"} for m in ("ewc", "mas") for p in GRIDS[m])
     both = GRIDS["classp+mas"]
     assert all(set(p) == {*classp[0], "lam"} for p in both)

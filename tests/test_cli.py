@@ -375,7 +375,8 @@ def test_something_in_the_way_of_a_result_file_is_refused_before_anything_is_wri
 
 #: Out-of-range values of every hyperparameter any method has (JSON, as --hparam reads them).
 BAD_VALUES = {"lr": ["NaN", "-Infinity", "-0.1", '"fast"', "true", "1e999"],
-              "threshold": ["NaN", "-1"], "eps": ["Infinity", "-1e-9"], "power": ["0", "NaN"],
+              "threshold": ["NaN", "-1"], "relative_threshold": ["-0.5", "Infinity"],
+              "eps": ["Infinity", "-1e-9"], "power": ["0", "NaN"],
               "apply_scaling": ["1", '"yes"'], "lam": ["NaN", "-1"], "gamma": ["0", "1.5"],
               "fisher": ['"exactly"'], "per_sample": ["0"], "accumulate": ['"mean"'],
               "penalty": ['"implicit"']}

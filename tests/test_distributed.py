@@ -121,6 +121,25 @@ def fsdp2_ranks(rank, backends):
         assert_matches(model, optimizer, *single_process_run(backend, batches))
 
 
+def fsdp2_relative_ranks(rank, backends):
+    """The relative threshold's gradient mean S is per local shard: a plain 0-dim tensor, the
+    mean of the last step's squared local gradient (left at 0 on an empty shard)."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh("cpu", (WORLD_SIZE,))
+    batches = [local_batch(x, rank) for x in global_batches()]
+    for backend in backends:
+        model = shard(make_model(), mesh)
+        optimizer = CLASSP(model.parameters(), backend=backend, relative_threshold=1.0, **HYPER)
+        train(model, optimizer, batches)
+        assert 0 < optimizer.last_update_fraction < 1
+        for p in model.parameters():
+            mean, grad = optimizer.state[p]["grad_sq_mean"], p.grad.to_local()
+            assert type(mean) is torch.Tensor and mean.dim() == 0
+            expected = grad.pow(2).sum() / grad.numel() if grad.numel() else torch.tensor(0.0)
+            torch.testing.assert_close(mean, expected, rtol=1e-5, atol=0)
+
+
 def zero_ranks(rank, backends):
     from torch.distributed.optim import ZeroRedundancyOptimizer
     from torch.nn.parallel import DistributedDataParallel
@@ -226,6 +245,10 @@ def test_ddp_replicas_identical_and_match_single_process():
 
 def test_fsdp2_steps_local_shards_and_matches_single_process():
     run_ranks(fsdp2_ranks, CPU_BACKENDS)
+
+
+def test_fsdp2_relative_threshold_means_are_per_local_shard():
+    run_ranks(fsdp2_relative_ranks, CPU_BACKENDS)
 
 
 def test_zero_redundancy_optimizer_matches_ddp():

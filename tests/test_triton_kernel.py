@@ -26,7 +26,8 @@ CHUNK = triton_backend.CHUNK
 TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.float16: dict(rtol=1e-3, atol=1e-3),
              torch.bfloat16: dict(rtol=8e-3, atol=8e-3)}
 HYPER = dict(lr=0.05, threshold=0.01, eps=1e-5, power=1.0, apply_scaling=True)
-NO_PENALTY = ([], [], "none", 0.0)  # importances, anchors, penalty_form, penalty_scale
+# importances, anchors, penalty_form, penalty_scale, relative_threshold, grad_sq_means
+NO_PENALTY = ([], [], "none", 0.0, 0.0, [])
 
 
 def _case(shapes, dtype=torch.float32, seed=0, grad_scale=1.0):
@@ -283,7 +284,7 @@ def test_traceable_body_takes_the_penalty(form):
         importances[3] = anchors[3] = None
         ours = _on_device(ref)
         penalty = ([None if t is None else t.to(DEVICE) for t in importances],
-                   [None if t is None else t.to(DEVICE) for t in anchors], form, 0.5)
+                   [None if t is None else t.to(DEVICE) for t in anchors], form, 0.5, 0.0, [])
         with triton_backend.classp_step_triton.set_kernel_enabled(DEVICE, False):
             counts = triton_backend.classp_step_triton(
                 *ours, torch.tensor(0.05, device=DEVICE), 0.01, 1e-5, 2.0, True, None, None,
@@ -321,7 +322,7 @@ def test_opcheck(amp):
     anchors = [None if w is None else w.neg() for w in covered]
     for form in ("explicit", "proximal"):
         torch.library.opcheck(triton_backend.classp_step_triton,
-                              (*args, covered, anchors, form, 0.5))
+                              (*args, covered, anchors, form, 0.5, 0.0, []))
 
 
 def test_chunk_table_offsets_past_two_to_the_31():
@@ -349,10 +350,12 @@ from triton.compiler import ASTSource
 from classp_fused.backends.triton import _classp_kernel
 
 results = []
-variants = [(d, p, True, 0) for d in ("fp32", "bf16", "fp16") for p in (1, 2, 0)]
-variants += [("fp32", 1, False, 0)]
-variants += [(d, p, True, penalty) for d in ("fp32", "bf16") for p in (2, 0) for penalty in (1, 2)]
-for dtype, power, amp, penalty in variants:
+variants = [(d, p, True, 0, False) for d in ("fp32", "bf16", "fp16") for p in (1, 2, 0)]
+variants += [("fp32", 1, False, 0, False)]
+variants += [(d, p, True, penalty, False)
+             for d in ("fp32", "bf16") for p in (2, 0) for penalty in (1, 2)]
+variants += [(d, 1, True, 1, True) for d in ("fp32", "bf16")]  # the relative threshold
+for dtype, power, amp, penalty, relative in variants:
     scalar = "*fp32" if amp else "constexpr"
     # amp: grad_scale and found_inf pointers and a tensor lr; else neither, and lr by value
     lr = "*fp64" if amp else "constexpr"
@@ -362,7 +365,10 @@ for dtype, power, amp, penalty in variants:
                      num_chunks="i64" if amp else "i32",  # as Triton types the int it gets
                      counts_ptr="*i64", lr_ptr=lr, lr_value="fp32",
                      grad_scale_ptr=scalar, found_inf_ptr=scalar, threshold="fp32", eps="fp32",
-                     power="fp32", factor="fp32", cap="fp32", FAST_POWER="constexpr",
+                     power="fp32", factor="fp32", cap="fp32",
+                     thresholds_ptr="*fp32" if relative else "constexpr",
+                     sums_ptr="*fp32" if relative else "constexpr",
+                     sizes_ptr="*i64" if relative else "constexpr", FAST_POWER="constexpr",
                      APPLY_SCALING="constexpr", PENALTY="constexpr", GROUP="constexpr",
                      BLOCK_SIZE="constexpr")
     constexprs = dict(FAST_POWER=power, APPLY_SCALING=amp, PENALTY=penalty,
@@ -371,13 +377,16 @@ for dtype, power, amp, penalty in variants:
         constexprs.update(lr_ptr=None, grad_scale_ptr=None, found_inf_ptr=None)
     if not penalty:
         constexprs.update(w_ptr=None, m_ptr=None)
+    if not relative:
+        constexprs.update(thresholds_ptr=None, sums_ptr=None, sizes_ptr=None)
     aligned = {(i,): [["tt.divisibility", 16]] for i, v in enumerate(signature.values())
                if v.startswith("*")}
     kernel = triton.compile(ASTSource(_classp_kernel, signature, constexprs, aligned),
                             target=GPUTarget("cuda", 90, 32), options=dict(num_warps=4))
     ptx = kernel.asm["ptx"]
     loads = re.findall(r"ld\.global[\w:.]*\.v4", ptx)
-    results.append(dict(variant=f"{dtype} power path {power} amp {amp} penalty {penalty}",
+    results.append(dict(variant=f"{dtype} power path {power} amp {amp} penalty {penalty} "
+                                f"relative {relative}",
                         penalty=penalty, cubin=len(kernel.asm["cubin"]), ld_v4=len(loads),
                         ld_v4_evict_first=sum("evict_first" in load for load in loads),
                         st_v4=len(re.findall(r"st\.global[\w:.]*\.v4", ptx))))
@@ -398,7 +407,7 @@ def test_kernel_compiles_for_sm90_ahead_of_time():
                           text=True, cwd=Path(__file__).resolve().parents[1], timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(done.stdout.splitlines()[-1])
-    assert len(results) == 18
+    assert len(results) == 20
     for result in results:
         assert result["cubin"] > 0, result
         # params, grads and accs of a full block (with a penalty also importances and anchors):

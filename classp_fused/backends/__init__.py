@@ -81,6 +81,7 @@ def classp_step_(params: Sequence[Tensor], grads: Sequence[Tensor], accs: Sequen
                  lr, threshold: float = 0.0, eps: float = 1e-5, power: float = 1.0,
                  apply_scaling: bool = True, grad_scale: Tensor | None = None,
                  found_inf: Tensor | None = None, penalty: Penalty | None = None,
+                 relative_threshold: float = 0.0, grad_sq_means: Sequence[Tensor] | None = None,
                  backend: str = "auto") -> Tensor:
     """One in-place CLASSP step over lists of tensors; returns ``(n, 2)`` int64 counts.
 
@@ -88,13 +89,18 @@ def classp_step_(params: Sequence[Tensor], grads: Sequence[Tensor], accs: Sequen
     (of the gradient the update sees: with an explicit ``penalty``, the penalized one).
     ``penalty`` (a :class:`~classp_fused.backends.step_spec.Penalty`, importances and anchors
     aligned with ``params``) takes a quadratic penalty inside the step (SPEC section 4a).
+    ``relative_threshold`` tau > 0 also requires ``g*g > tau * S`` per element, S the tensor's
+    entry in ``grad_sq_means`` (0-dim tensors of the accumulators' dtype), which the step then
+    replaces with this step's mean of g*g over finite elements (see ``StepSpec``).
     """
     params, grads, accs = list(params), list(grads), list(accs)
     compiling = torch.compiler.is_compiling()
     if not compiling:  # the values as given, before step_spec converts them
         check_step_inputs(params, grads, accs, StepSpec(lr, threshold, eps, power, apply_scaling,
-                                                        grad_scale, found_inf, penalty))
-    spec = step_spec(lr, threshold, eps, power, apply_scaling, grad_scale, found_inf, penalty)
+                                                        grad_scale, found_inf, penalty,
+                                                        relative_threshold, grad_sq_means))
+    spec = step_spec(lr, threshold, eps, power, apply_scaling, grad_scale, found_inf, penalty,
+                     relative_threshold, grad_sq_means)
     if not compiling or backend == "auto":  # while compiling, a named backend is taken as given
         backend = resolve_backend(backend, params[0].device if params else "cpu")
     return run_backend(backend, params, grads, accs, spec)

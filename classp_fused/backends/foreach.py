@@ -5,7 +5,9 @@ concatenated into flat buffers (importances and anchors too), stepped there in a
 ops, and written back with one op per list:
 the ops a step dispatches do not grow with the number of tensors (only views do), so many
 small tensors cost little more than one large one. The per-tensor views are made in C++
-(flatten / split), and the segment ends of a layout are built once and cached.
+(flatten / split), and the segment ends of a layout are built once and cached. With gradient
+means (the relative threshold) each tensor's bound ``tau * S`` is repeated over its segment and
+its new S is a segment sum, written back with one op.
 """
 import functools
 
@@ -17,10 +19,11 @@ def is_available(device) -> bool:
     return True
 
 
-def _step_flat(param, grad, acc, spec, importance=None, anchor=None):
+def _step_flat(param, grad, acc, spec, importance=None, anchor=None, bound=None):
     """The reference's update on flat tensors (with ``spec.penalty``'s form on the flat
-    ``importance`` and ``anchor`` when given): new param, new acc, selected and non-finite
-    masks."""
+    ``importance`` and ``anchor`` when given, and the relative threshold's per-element
+    ``bound`` tau * S): new param, new acc, selected and non-finite masks, and the squared
+    gradient where finite, else 0."""
     lr, threshold, eps, power = spec.lr, spec.threshold, spec.eps, spec.power
     g = grad.to(acc.dtype)
     if spec.grad_scale is not None:
@@ -32,7 +35,10 @@ def _step_flat(param, grad, acc, spec, importance=None, anchor=None):
     if form == "explicit":
         g = g + factor * (importance * (param.to(acc.dtype) - anchor))
     finite = torch.isfinite(g)
-    mask = finite & (g * g > threshold)
+    square = g * g
+    mask = finite & (square > threshold)
+    if bound is not None:
+        mask &= square > bound
     nonfinite = ~finite
     if spec.found_inf is not None:  # an overflowed AMP step changes and counts nothing
         no_inf = spec.found_inf.to(g.device) == 0
@@ -60,7 +66,7 @@ def _step_flat(param, grad, acc, spec, importance=None, anchor=None):
         c = (factor * importance * eta).clamp_max(torch.finfo(acc.dtype).max / 2)
         new_param = new_param + c / (1 + c) * (anchor - new_param)
     return (torch.where(mask, new_param.to(param.dtype), param), torch.where(mask, new_acc, acc),
-            mask, nonfinite)
+            mask, nonfinite, torch.where(finite, square, 0))
 
 
 def _flat(tensors):
@@ -76,6 +82,13 @@ def _segment_ends(numels: tuple, device: torch.device) -> torch.Tensor:
 
 
 _cached_segment_ends = functools.lru_cache(maxsize=16)(_segment_ends)  # per layout, eager only
+
+
+def _segment_lengths(numels: tuple, device: torch.device) -> torch.Tensor:
+    return torch.tensor(numels, device=device)
+
+
+_cached_segment_lengths = functools.lru_cache(maxsize=16)(_segment_lengths)
 
 
 def _segment_counts(mask, nonfinite, numels):
@@ -96,15 +109,30 @@ def _write_back(targets, flat, numels):
         torch._foreach_copy_(targets, _unflatten_dense_tensors(flat, targets))
 
 
-def _step_group(params, grads, accs, spec, importances=None, anchors=None):
+def _step_group(params, grads, accs, spec, importances=None, anchors=None, means=None):
     """Step non-empty tensors of one device and dtype, all with ``spec``'s penalty
-    (``importances`` and ``anchors``) or all without; returns their ``(n, 2)`` counts."""
+    (``importances`` and ``anchors``) or all without, and refresh their gradient ``means``
+    when given; returns their ``(n, 2)`` counts."""
     numels = list(map(torch.Tensor.numel, params))
     penalty = () if importances is None else (_flat(importances), _flat(anchors))
-    new_param, new_acc, mask, nonfinite = _step_flat(_flat(params), _flat(grads), _flat(accs),
-                                                     spec, *penalty)
+    bound = lengths = None
+    if means is not None:
+        old = torch.stack(list(means))
+        eager = type(old) is torch.Tensor and not torch.compiler.is_compiling()  # not fake
+        lengths = (_cached_segment_lengths if eager else _segment_lengths)(tuple(numels),
+                                                                          old.device)
+        if spec.relative_threshold > 0:
+            bound = (old * spec.relative_threshold).repeat_interleave(
+                lengths, output_size=sum(numels))
+    new_param, new_acc, mask, nonfinite, squares = _step_flat(
+        _flat(params), _flat(grads), _flat(accs), spec, *penalty, bound=bound)
     for targets, flat in ((params, new_param), (accs, new_acc)):
         _write_back(targets, flat, numels)
+    if means is not None:
+        new = torch.segment_reduce(squares, "sum", lengths=lengths) / lengths
+        if spec.found_inf is not None:
+            new = torch.where(spec.found_inf.to(new.device).reshape(()) == 0, new, old)
+        torch._foreach_copy_(list(means), list(new.unbind()))
     return _segment_counts(mask, nonfinite, numels)
 
 
@@ -116,7 +144,7 @@ def step(params, grads, accs, spec):
     """The step over tensors on one device (validated by the caller), grouped by dtype and by
     whether ``spec.penalty`` covers them."""
     device = params[0].device if params else torch.device("cpu")
-    penalty = spec.penalty
+    penalty, means = spec.penalty, spec.grad_sq_means
     groups: dict = {}  # (dtype, penalized) -> indices of non-empty tensors, in traceable Python
     for i, p in enumerate(params):
         if p.numel():
@@ -124,15 +152,16 @@ def step(params, grads, accs, spec):
             groups.setdefault((p.dtype, penalized), []).append(i)
     if len(groups) == 1 and len(params) == sum(map(len, groups.values())):  # one group, no empty
         if penalty is None or not next(iter(groups))[1]:
-            return _step_group(params, grads, accs, spec)
+            return _step_group(params, grads, accs, spec, means=means)
         return _step_group(params, grads, accs, spec, list(penalty.importances),
-                           list(penalty.anchors))
+                           list(penalty.anchors), means)
     results = []
     for (_, penalized), indices in groups.items():
         terms = (_take(penalty.importances, indices), _take(penalty.anchors, indices)) \
-            if penalized else ()
+            if penalized else (None, None)
         results.append((indices, _step_group(_take(params, indices), _take(grads, indices),
-                                             _take(accs, indices), spec, *terms)))
+                                             _take(accs, indices), spec, *terms,
+                                             None if means is None else _take(means, indices))))
     rows = [torch.zeros(2, dtype=torch.int64, device=device)] * len(params)
     for indices, counts in results:
         for i, row in zip(indices, counts.unbind()):

@@ -1,9 +1,10 @@
 """What one CLASSP step over a list of tensors does, as data: every backend receives it whole.
 
 A ``StepSpec`` holds a param group's hyperparameters, the AMP scalars and the options the step
-grows (SPEC section 4a); the tensor lists it carries (a ``Penalty``'s importances and anchors)
-are aligned with the stepped params. Backends read what they support from it, so an option is
-added here and in each backend's kernel, not to every backend's argument list.
+grows (SPEC section 4a); the tensor lists it carries (a ``Penalty``'s importances and anchors,
+the per-tensor gradient means of the relative threshold) are aligned with the stepped params.
+Backends read what they support from it, so an option is added here and in each backend's
+kernel, not to every backend's argument list.
 """
 from __future__ import annotations
 
@@ -40,6 +41,14 @@ class StepSpec:
 
     ``lr`` is a Python float or a 0-dim floating tensor; ``grad_scale`` and ``found_inf`` are
     one-element tensors or None; ``penalty`` a ``Penalty`` or None.
+
+    Relative threshold (unitless sparsity): ``grad_sq_means`` holds per stepped tensor a 0-dim
+    tensor S of its compute dtype (float32, float64 for float64 params), or is None. With
+    ``relative_threshold`` tau > 0 an element is updated only where also ``g*g > tau * S``
+    (``g`` the gradient the threshold tests); every step that is not skipped by ``found_inf``
+    then replaces each non-empty tensor's S with ``sum(g*g over its finite elements) / numel``,
+    read by the next step. ``grad_sq_means`` is required when tau > 0 and updated whenever
+    given.
     """
 
     lr: Union[float, Tensor]
@@ -50,6 +59,8 @@ class StepSpec:
     grad_scale: Optional[Tensor] = None
     found_inf: Optional[Tensor] = None
     penalty: Optional[Penalty] = None
+    relative_threshold: float = 0.0
+    grad_sq_means: Optional[Sequence[Tensor]] = None
 
 
 def as_scalar_lr(lr):
@@ -59,8 +70,11 @@ def as_scalar_lr(lr):
 
 
 def step_spec(lr, threshold, eps, power, apply_scaling, grad_scale: Optional[Tensor] = None,
-              found_inf: Optional[Tensor] = None, penalty: Optional[Penalty] = None) -> StepSpec:
+              found_inf: Optional[Tensor] = None, penalty: Optional[Penalty] = None,
+              relative_threshold=0.0,
+              grad_sq_means: Optional[Sequence[Tensor]] = None) -> StepSpec:
     """A ``StepSpec`` with its values in the forms backends take: ``lr`` by ``as_scalar_lr``,
     the other hyperparameters as Python floats and a bool."""
     return StepSpec(as_scalar_lr(lr), float(threshold), float(eps), float(power),
-                    bool(apply_scaling), grad_scale, found_inf, penalty)
+                    bool(apply_scaling), grad_scale, found_inf, penalty,
+                    float(relative_threshold), grad_sq_means)

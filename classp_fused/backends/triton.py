@@ -13,6 +13,13 @@ host (a new table comes from pinned memory, asynchronously). Params may be float
 bfloat16 or float16; accumulators and arithmetic are float32, and the param is rounded once on
 write.
 
+Gradient means (the relative threshold, SPEC section 4a): the kernel reads each tensor's
+threshold, ``max(threshold, tau * S)``, from a vector made from the means before the launch, and
+adds its squared finite gradients and its element count per output row into scratch buffers;
+after the launches the new means (sum / count, the old S where the count is 0: an empty tensor
+or a step skipped by found_inf) are copied into the means by device ops. No program reads a
+mean while another writes it, and nothing synchronizes.
+
 On the CPU the kernel runs through the Triton interpreter (``TRITON_INTERPRET=1`` when this
 module is imported).
 """
@@ -73,9 +80,10 @@ def step(params, grads, accs, spec):
     else:
         importances, anchors = list(penalty.importances), list(penalty.anchors)
         form, scale = penalty.form, penalty.scale
+    means = [] if spec.grad_sq_means is None else list(spec.grad_sq_means)
     return classp_step_triton(params, grads, accs, lr, spec.threshold, spec.eps, spec.power,
                               spec.apply_scaling, spec.grad_scale, spec.found_inf, importances,
-                              anchors, form, scale)
+                              anchors, form, scale, spec.relative_threshold, means)
 
 
 def chunk_table(entries, device="cpu") -> Tensor:
@@ -182,6 +190,28 @@ def _on(device, *tensors):
     return [None if t is None else t.to(device) for t in tensors]
 
 
+def _mean_buffers(means, threshold: float, relative_threshold: float, device):
+    """For gradient ``means`` (one per param, or none): the old means stacked, the per-row
+    thresholds the kernel reads (None unless ``relative_threshold`` > 0) and zeroed scratch
+    for the sums of squares and the element counts; all None without means."""
+    if not means:
+        return None, None, None, None
+    old = torch.stack(list(means))
+    thresholds = None
+    if relative_threshold > 0:  # a NaN tau * S stays NaN: it selects nothing
+        thresholds = torch.clamp_min(old * relative_threshold, threshold)
+    return (old, thresholds, torch.zeros_like(old),
+            torch.zeros(len(means), dtype=torch.int64, device=device))
+
+
+def _publish_means(means, old, sums, sizes) -> None:
+    """Replace the means with ``sums / sizes``, keeping the old ones where no element was
+    counted (an empty tensor, a step skipped by found_inf): after every launch, by device ops."""
+    if means:
+        new = torch.where(sizes > 0, sums / sizes, old)
+        torch._foreach_copy_(list(means), list(new.unbind()))
+
+
 def _dense(t: Tensor) -> Tensor:
     """``t`` if contiguous and ``ALIGNMENT``-aligned, else a contiguous copy."""
     if t.is_contiguous() and t.data_ptr() % ALIGNMENT == 0:
@@ -234,8 +264,9 @@ if triton is not None:
     def _update_block(p_ptr, g_ptr, a_ptr, w_ptr, m_ptr, idx, bounds, lr, grad_scale_ptr,
                       threshold, eps, power, factor, cap, FULL: tl.constexpr,
                       FAST_POWER: tl.constexpr, APPLY_SCALING: tl.constexpr,
-                      PENALTY: tl.constexpr):
-        """Update the elements ``idx`` in place; return how many were updated and non-finite.
+                      PENALTY: tl.constexpr, SUM_SQUARES: tl.constexpr):
+        """Update the elements ``idx`` in place; return how many were updated and non-finite,
+        and with ``SUM_SQUARES`` the sum of the finite gradients' squares (else 0).
 
         Stores are masked per row of ``idx`` (32 bytes of params): a row with an update is
         written whole, masked-out elements with the values just read, so stores stay vectors.
@@ -268,6 +299,9 @@ if triton is not None:
         nonfinite = ~finite
         if not FULL:
             nonfinite = nonfinite & bounds
+        squares = 0.0
+        if SUM_SQUARES:  # out of bounds g is 0
+            squares = tl.sum(tl.where(finite, g * g, 0.0))
 
         if FAST_POWER == 1:
             new_a = a + tl.abs(g)
@@ -302,17 +336,21 @@ if triton is not None:
             write = write & bounds
         tl.store(p_ptr + idx, tl.where(mask, new_p, p), mask=write)
         tl.store(a_ptr + idx, tl.where(mask, new_a, a), mask=write)
-        return tl.sum(mask.to(tl.int32)), tl.sum(nonfinite.to(tl.int32))
+        return tl.sum(mask.to(tl.int32)), tl.sum(nonfinite.to(tl.int32)), squares
 
     @triton.jit
     def _classp_kernel(p_ptr, g_ptr, a_ptr, w_ptr, m_ptr, table_ptr, num_chunks, counts_ptr,
                        lr_ptr, lr_value, grad_scale_ptr, found_inf_ptr, threshold, eps, power,
-                       factor, cap, FAST_POWER: tl.constexpr, APPLY_SCALING: tl.constexpr,
+                       factor, cap, thresholds_ptr, sums_ptr, sizes_ptr,
+                       FAST_POWER: tl.constexpr, APPLY_SCALING: tl.constexpr,
                        PENALTY: tl.constexpr, GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr):
         """Update the chunks ``program_id``, ``program_id + num_programs``, ... of the table; add
         up their counts per output row. lr is read from ``lr_ptr``, or is ``lr_value`` when
         ``lr_ptr`` is None. ``w_ptr`` and ``m_ptr`` (importances and anchors) are read only
-        with a ``PENALTY`` (see ``_update_block``)."""
+        with a ``PENALTY`` (see ``_update_block``). A row's threshold is read from
+        ``thresholds_ptr`` unless it is None (then ``threshold``); unless ``sums_ptr`` is None,
+        the finite squared gradients and the elements of each row are added into ``sums_ptr``
+        and ``sizes_ptr``."""
         if found_inf_ptr is not None:
             if tl.load(found_inf_ptr) != 0:
                 return
@@ -325,6 +363,9 @@ if triton is not None:
         row = tl.full((), -1, tl.int64)  # the output row the counts below belong to
         updated = tl.full((), 0, tl.int32)
         nonfinite = tl.full((), 0, tl.int32)
+        squares = tl.full((), 0.0, tl.float32)
+        size = tl.full((), 0, tl.int64)
+        row_threshold = threshold
         for c in range(tl.program_id(0).to(tl.int64), num_chunks, tl.num_programs(0)):
             chunk = table_ptr + c * TABLE_COLUMNS
             p_offset = tl.load(chunk)
@@ -341,6 +382,13 @@ if triton is not None:
             tl.atomic_add(out + 1, nonfinite.to(tl.int64), mask=flush)
             updated = tl.where(chunk_row != row, 0, updated)
             nonfinite = tl.where(chunk_row != row, 0, nonfinite)
+            if sums_ptr is not None:
+                tl.atomic_add(sums_ptr + tl.maximum(row, 0), squares, mask=flush)
+                tl.atomic_add(sizes_ptr + tl.maximum(row, 0), size, mask=flush)
+                squares = tl.where(chunk_row != row, 0.0, squares)
+                size = tl.where(chunk_row != row, 0, size) + length
+            if thresholds_ptr is not None:
+                row_threshold = tl.load(thresholds_ptr + chunk_row)
             row = chunk_row
             full_end = length - length % BLOCK_SIZE
             for start in range(0, full_end, BLOCK_SIZE):
@@ -349,31 +397,37 @@ if triton is not None:
                 if PENALTY != 0:
                     w_block = w_ptr + tl.multiple_of(w_offset + start, GROUP // 2)
                     m_block = m_ptr + tl.multiple_of(m_offset + start, GROUP // 2)
-                u, n = _update_block(p_ptr + tl.multiple_of(p_offset + start, GROUP // 2),
-                                     g_ptr + tl.multiple_of(g_offset + start, GROUP // 2),
-                                     a_ptr + tl.multiple_of(a_offset + start, 4),
-                                     w_block, m_block, idx, None, lr, grad_scale_ptr, threshold,
-                                     eps, power, factor, cap, True, FAST_POWER, APPLY_SCALING,
-                                     PENALTY)
+                u, n, q = _update_block(p_ptr + tl.multiple_of(p_offset + start, GROUP // 2),
+                                        g_ptr + tl.multiple_of(g_offset + start, GROUP // 2),
+                                        a_ptr + tl.multiple_of(a_offset + start, 4),
+                                        w_block, m_block, idx, None, lr, grad_scale_ptr,
+                                        row_threshold, eps, power, factor, cap, True, FAST_POWER,
+                                        APPLY_SCALING, PENALTY, sums_ptr is not None)
                 updated += u
                 nonfinite += n
+                squares += q
             if full_end < length:
                 w_block = w_ptr
                 m_block = m_ptr
                 if PENALTY != 0:
                     w_block = w_ptr + tl.multiple_of(w_offset + full_end, GROUP // 2)
                     m_block = m_ptr + tl.multiple_of(m_offset + full_end, GROUP // 2)
-                u, n = _update_block(p_ptr + tl.multiple_of(p_offset + full_end, GROUP // 2),
-                                     g_ptr + tl.multiple_of(g_offset + full_end, GROUP // 2),
-                                     a_ptr + tl.multiple_of(a_offset + full_end, 4),
-                                     w_block, m_block, idx, idx < length - full_end, lr,
-                                     grad_scale_ptr, threshold, eps, power, factor, cap, False,
-                                     FAST_POWER, APPLY_SCALING, PENALTY)
+                u, n, q = _update_block(p_ptr + tl.multiple_of(p_offset + full_end, GROUP // 2),
+                                        g_ptr + tl.multiple_of(g_offset + full_end, GROUP // 2),
+                                        a_ptr + tl.multiple_of(a_offset + full_end, 4),
+                                        w_block, m_block, idx, idx < length - full_end, lr,
+                                        grad_scale_ptr, row_threshold, eps, power, factor, cap,
+                                        False, FAST_POWER, APPLY_SCALING, PENALTY,
+                                        sums_ptr is not None)
                 updated += u
                 nonfinite += n
+                squares += q
         out = counts_ptr + tl.maximum(row, 0) * 2
         tl.atomic_add(out, updated.to(tl.int64), mask=row >= 0)
         tl.atomic_add(out + 1, nonfinite.to(tl.int64), mask=row >= 0)
+        if sums_ptr is not None:
+            tl.atomic_add(sums_ptr + tl.maximum(row, 0), squares, mask=row >= 0)
+            tl.atomic_add(sizes_ptr + tl.maximum(row, 0), size, mask=row >= 0)
 
     # Tuning runs the kernel several times: only ever on buffers it may scribble on (scratch, or
     # the concatenated copies of the traceable op), never through the address table of a step.
@@ -381,18 +435,19 @@ if triton is not None:
     # arguments.
     _classp_kernel_autotuned = triton.autotune(
         configs=_configs(), key=["FAST_POWER", "APPLY_SCALING", "PENALTY"],
-        restore_value=["p_ptr", "a_ptr", "counts_ptr"])(_classp_kernel)
+        restore_value=["p_ptr", "a_ptr", "counts_ptr", "sums_ptr", "sizes_ptr"])(_classp_kernel)
 
     def _launch(kernel, p, g, a, w, m, table, counts, lr, grad_scale, found_inf, threshold, eps,
-                power, apply_scaling, penalty, factor, **config):
+                power, apply_scaling, penalty, factor, means=(None, None, None), **config):
         """One launch over every chunk of ``table``; ``p``, ``g``, ``a`` (and ``w``, ``m`` with
         a ``penalty`` form other than "none", else None) are the base tensors. ``lr`` is a
-        tensor on ``p``'s device or a float; ``factor`` is the penalty's 2 * scale."""
+        tensor on ``p``'s device or a float; ``factor`` is the penalty's 2 * scale; ``means``
+        the per-row thresholds, sums and sizes of ``_mean_buffers`` (None: none)."""
         lr_ptr, lr_value = (lr, 0.0) if isinstance(lr, Tensor) else (None, float(lr))
         num_chunks = table.shape[0]
         kernel[(_grid(num_chunks, p.device),)](
             p, g, a, w, m, table, num_chunks, counts, lr_ptr, lr_value, grad_scale, found_inf,
-            threshold, eps, power, factor, PROXIMAL_CAP, FAST_POWER=_power_path(power),
+            threshold, eps, power, factor, PROXIMAL_CAP, *means, FAST_POWER=_power_path(power),
             APPLY_SCALING=apply_scaling, PENALTY=PENALTY_PATHS[penalty],
             GROUP=32 // p.element_size(), **config)
 
@@ -422,24 +477,29 @@ if triton is not None:
         covered = penalty_form != "none" and importances[rows[0]] is not None
         return (penalty_form if covered else "none"), covered
 
-    @triton_op("classp_fused::classp_step_triton", mutates_args={"params", "accs"})
+    @triton_op("classp_fused::classp_step_triton",
+               mutates_args={"params", "accs", "grad_sq_means"})
     def classp_step_triton(params: list[Tensor], grads: list[Tensor], accs: list[Tensor],
                            lr: Tensor, threshold: float, eps: float, power: float,
                            apply_scaling: bool, grad_scale: Optional[Tensor],
                            found_inf: Optional[Tensor], importances: list[Optional[Tensor]],
                            anchors: list[Optional[Tensor]], penalty_form: str,
-                           penalty_scale: float) -> Tensor:
+                           penalty_scale: float, relative_threshold: float,
+                           grad_sq_means: list[Tensor]) -> Tensor:
         """One CLASSP step in place; returns ``(n, 2)`` int64 counts [updated, non-finite].
 
         ``penalty_form`` "explicit" or "proximal" takes the penalty ``penalty_scale * sum W *
         (p - m)^2`` of the params with an entry in ``importances`` (W) and ``anchors`` (m)
-        (SPEC section 4a); "none" with empty lists takes none.
+        (SPEC section 4a); "none" with empty lists takes none. ``grad_sq_means`` (one float32
+        0-dim tensor per param, or empty) are the relative threshold's gradient means: read
+        when ``relative_threshold`` > 0, and refreshed.
 
         This body is what torch.compile traces: it steps concatenated copies of each dtype group
         and writes them back. Eager calls take ``_classp_step_in_place`` instead.
         """
         counts = _new_counts(params, lr)
         lr, grad_scale, found_inf = _on(counts.device, lr, grad_scale, found_inf)
+        old, *means = _mean_buffers(grad_sq_means, threshold, relative_threshold, counts.device)
         for rows in _dtype_groups(params, importances):
             penalty, covered = _penalty_of(rows, importances, penalty_form)
             align = ALIGNMENT // params[rows[0]].element_size()
@@ -455,21 +515,22 @@ if triton is not None:
                                       for s, n, i in zip(starts, numels, rows)), counts.device)
             _launch(wrap_triton(_classp_kernel_autotuned), p, g, a, w, m, table, counts,
                     lr, grad_scale, found_inf, threshold, eps, power, apply_scaling, penalty,
-                    2.0 * penalty_scale)
+                    2.0 * penalty_scale, means)
             for i, s, n in zip(rows, starts, numels):
                 params[i].copy_(p[s:s + n].view_as(params[i]))
                 accs[i].copy_(a[s:s + n].view_as(accs[i]))
+        _publish_means(grad_sq_means, old, *means[1:])
         return counts
 
     @classp_step_triton.register_fake
     def _classp_step_fake(params, grads, accs, lr, threshold, eps, power, apply_scaling,
                           grad_scale, found_inf, importances, anchors, penalty_form,
-                          penalty_scale):
+                          penalty_scale, relative_threshold, grad_sq_means):
         return _new_counts(params, lr)
 
     def _classp_step_in_place(params, grads, accs, lr, threshold, eps, power, apply_scaling,
                               grad_scale, found_inf, importances, anchors, penalty_form,
-                              penalty_scale):
+                              penalty_scale, relative_threshold, grad_sq_means):
         """The eager step: one launch per dtype group on the tensors themselves, by address.
 
         Non-contiguous or misaligned tensors are stepped through contiguous copies.
@@ -479,6 +540,7 @@ if triton is not None:
         # an lr on the CPU is passed by value: no copy to the device
         lr = lr.item() if lr.device.type == "cpu" else lr.to(device)
         grad_scale, found_inf = _on(device, grad_scale, found_inf)
+        old, *means = _mean_buffers(grad_sq_means, threshold, relative_threshold, device)
         for rows in _dtype_groups(params, importances):
             penalty, covered = _penalty_of(rows, importances, penalty_form)
             members = [(i, _dense(params[i]), _dense(grads[i]), _dense(accs[i]),
@@ -489,12 +551,13 @@ if triton is not None:
             config = _tuned_config(device, p0.dtype, _power_path(power), apply_scaling, penalty)
             _launch(_classp_kernel, p0, g0, a0, w0, m0, _work_table(entries, device), counts,
                     lr, grad_scale, found_inf, threshold, eps, power, apply_scaling, penalty,
-                    2.0 * penalty_scale, **config.all_kwargs())
+                    2.0 * penalty_scale, means, **config.all_kwargs())
             for i, p, _, a, _, _ in members:
                 if p is not params[i]:
                     params[i].copy_(p)
                 if a is not accs[i]:
                     accs[i].copy_(a)
+        _publish_means(grad_sq_means, old, *means[1:])
         return counts
 
     for _device_type in ("cpu", "cuda"):  # one at a time: a tuple shares one enable switch

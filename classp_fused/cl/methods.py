@@ -28,7 +28,8 @@ from .. import CLASSP, EWC, MAS
 from ..regularizers import StiffnessWarning
 
 SGD_LR = 0.05
-CLASSP_DEFAULTS = {"lr": 0.05, "threshold": 1e-4, "eps": 1e-5, "power": 1.0, "apply_scaling": True}
+CLASSP_DEFAULTS = {"lr": 0.05, "threshold": 1e-4, "eps": 1e-5, "power": 1.0,
+                   "apply_scaling": True, "relative_threshold": 0.0}
 #: Per-sample empirical Fisher (the definition); the batch form underestimates it.
 EWC_DEFAULTS = {"lam": 30.0, "fisher": "empirical", "per_sample": True, "penalty": "explicit"}
 #: The original code's batch form of the importance, summed over tasks.
@@ -103,7 +104,8 @@ class MethodSpec:
 
 def _classp(model: nn.Module, hp: dict, **mode) -> CLASSP:
     return CLASSP(model.parameters(), lr=hp["lr"], threshold=hp["threshold"], eps=hp["eps"],
-                  power=hp["power"], apply_scaling=hp["apply_scaling"], **mode)
+                  power=hp["power"], apply_scaling=hp["apply_scaling"],
+                  relative_threshold=hp.get("relative_threshold", 0.0), **mode)
 
 
 def _sgd(model: nn.Module, hp: dict) -> Optimizer:
@@ -175,6 +177,7 @@ def _one_of(*choices: Any) -> Check:
 #: The check of every hyperparameter any method has.
 HPARAM_CHECKS: dict[str, Check] = {
     "lr": _number(0.0), "threshold": _number(0.0), "eps": _number(0.0),
+    "relative_threshold": _number(0.0),
     "power": _number(0.0, above=True), "apply_scaling": _one_of(True, False),
     "lam": _number(0.0), "gamma": _number(0.0, above=True, high=1.0),
     "fisher": _one_of("empirical", "exact"), "per_sample": _one_of(True, False),

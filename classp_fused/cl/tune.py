@@ -1,12 +1,12 @@
 """One tuning protocol for every method: a plain grid of equal size, scored on validation data.
 
 Each method gets ``GRID_SIZE`` configurations (learning rate for all; lambda for EWC and MAS;
-threshold, power and apply_scaling for CLASSP; power and lambda for CLASSP plus MAS). Every
-configuration is trained with the tuning seeds (by default apart from the evaluation seeds 0,
-1, 2, ...) on the benchmark's task stream with ``validation`` of each task's training data
-held out; the score is the final average accuracy on those held-out parts, averaged over the
-tuning seeds. A configuration with a diverged seed is scored as diverged and never picked.
-The test splits are not used.
+threshold or relative threshold, power and apply_scaling for CLASSP; power and lambda for
+CLASSP plus MAS). Every configuration is trained with the tuning seeds (by default apart from
+the evaluation seeds 0, 1, 2, ...) on the benchmark's task stream with ``validation`` of each
+task's training data held out; the score is the final average accuracy on those held-out
+parts, averaged over the tuning seeds. A configuration with a diverged seed is scored as
+diverged and never picked. The test splits are not used.
 
 A plain grid rather than a sampler: with 12 points per method the search is exhaustive and
 cheap, every method gets exactly the same budget, and the full table of scores can be read.
@@ -31,20 +31,27 @@ from .report import atomic_write, write_json
 _LR_SGD = (0.003, 0.005, 0.01, 0.02, 0.03, 0.05, 0.07, 0.1, 0.15, 0.2, 0.3, 0.5)
 _LR_ADAM = (1e-4, 2e-4, 3e-4, 5e-4, 7e-4, 1e-3, 1.5e-3, 2e-3, 3e-3, 5e-3, 7e-3, 1e-2)
 _LR_REG = (0.01, 0.03, 0.1)
+#: CLASSP's relative threshold in the grid (docs/RESULTS.md, "Unitless sparsity")
+RELATIVE_THRESHOLD = 1.0
 
 
 def _classp_grid() -> list[dict]:
-    scaled = [{"lr": lr, "threshold": thr, "power": p, "apply_scaling": True}
+    scaled = [{"lr": lr, "threshold": thr, "relative_threshold": 0.0, "power": p,
+               "apply_scaling": True}
               for lr, thr, p in itertools.product((0.03, 0.1), (0.0, 1e-4), (1.0, 2.0))]
+    # the unitless sparsity setting at its recommended value
+    relative = [{"lr": lr, "threshold": 0.0, "relative_threshold": RELATIVE_THRESHOLD,
+                 "power": 1.0, "apply_scaling": True} for lr in (0.03, 0.1)]
     # without scaling the step is lr * g whatever the power (only the accumulator differs)
-    unscaled = [{"lr": lr, "threshold": thr, "power": 1.0, "apply_scaling": False}
-                for lr, thr in itertools.product((0.03, 0.1), (0.0, 1e-4))]
-    return scaled + unscaled
+    unscaled = [{"lr": lr, "threshold": 0.0, "relative_threshold": 0.0, "power": 1.0,
+                 "apply_scaling": False} for lr in (0.03, 0.1)]
+    return scaled + relative + unscaled
 
 
 def _classp_mas_grid() -> list[dict]:
     # CLASSP's scaled settings at threshold 0 (the optimizer part) times MAS's penalty strength
-    return [{"lr": lr, "threshold": 0.0, "power": p, "apply_scaling": True, "lam": lam}
+    return [{"lr": lr, "threshold": 0.0, "relative_threshold": 0.0, "power": p,
+             "apply_scaling": True, "lam": lam}
             for lr, p, lam in itertools.product((0.03, 0.1), (1.0, 2.0), (0.1, 1.0, 10.0))]
 
 

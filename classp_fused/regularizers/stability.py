@@ -58,7 +58,9 @@ def step_size(optimizer, lr: float | None, p: Tensor, updated_only: bool) -> Ten
     Without ``optimizer``, eta = ``lr``; with one, ``lr`` replaces the group's lr (None: the
     group's own). ``updated_only`` zeroes eta where CLASSP's last step left the element
     alone, judged from the current ``p.grad`` (mask: finite and g^2 > threshold), so it must
-    be called after the step and before the gradients are cleared.
+    be called after the step and before the gradients are cleared. A CLASSP group with a
+    relative threshold raises there: its mask also read the gradient means the step has since
+    replaced.
     """
     if optimizer is None:
         return lr
@@ -72,6 +74,11 @@ def step_size(optimizer, lr: float | None, p: Tensor, updated_only: bool) -> Ten
                                                                                dtype=torch.float32)
         eta = (a + group["eps"]).pow(-1.0 / group["power"]).mul_(eta)
     if updated_only:
+        if group.get("relative_threshold", 0) > 0:
+            raise ValueError("proximal_step_ cannot tell which elements a CLASSP step with "
+                             "relative_threshold > 0 updated; attach the regularizer to "
+                             "it (regularizer.attach(optimizer)): CLASSP then takes the "
+                             "proximal step inside its own step")
         g = local(p.grad) if p.grad is not None else torch.zeros_like(local(p))
         mask = torch.isfinite(g) & (g.float().square() > group["threshold"])
         eta = torch.where(mask, eta, 0.0)
