@@ -35,8 +35,8 @@ class CLASSP(Optimizer):
         params: iterable of parameters or of param-group dicts.
         lr: learning rate: a finite number >= 0 (numpy scalars too) or a one-element floating
             tensor of shape ``()``, ``(1,)`` or ``(1, 1)`` (schedulers work with all).
-        threshold: squared-gradient threshold. Default 0.0: every finite non-zero gradient
-            element updates. The published default 0.5 was meant for a per-tensor gate; under
+        threshold: squared-gradient threshold. Default 0.0: every finite gradient element
+            whose square is non-zero in fp32 (|g| > 2**-75) updates. The published default 0.5 was meant for a per-tensor gate; under
             the per-element rule it blocks nearly every element of a typical network (|g| > 0.71),
             so the sparsity level is a choice to make per model (e.g. 1e-6 to 1e-3).
         relative_threshold: unitless sparsity, tau >= 0 (default 0: off). An element is also
