@@ -1,5 +1,6 @@
 """The installation self-check: it passes on this machine's CPU backends, and a backend that breaks
 the rule makes it exit 1, naming that backend and each failing case."""
+import dataclasses
 import itertools
 import math
 import os
@@ -35,24 +36,24 @@ def break_backend(monkeypatch, name, breaking):
 
 def inclusive_threshold(step):
     """``step`` updating where ``g*g >= threshold``: the threshold moved to the float32 below."""
-    def broken(params, grads, accs, lr, threshold, *rest):
-        below = torch.nextafter(torch.tensor(threshold, dtype=torch.float32),
+    def broken(params, grads, accs, spec):
+        below = torch.nextafter(torch.tensor(spec.threshold, dtype=torch.float32),
                                 torch.tensor(-math.inf))
-        return step(params, grads, accs, lr, below.item(), *rest)
+        return step(params, grads, accs, dataclasses.replace(spec, threshold=below.item()))
     return broken
 
 
 def accumulator_not_updated(step):
-    def broken(params, grads, accs, *rest):
-        return step(params, grads, [a.clone() for a in accs], *rest)
+    def broken(params, grads, accs, spec):
+        return step(params, grads, [a.clone() for a in accs], spec)
     return broken
 
 
 def contiguous_copies_stepped(step):
     """``step`` on contiguous copies: a non-contiguous param or accumulator is never written."""
-    def broken(params, grads, accs, *rest):
+    def broken(params, grads, accs, spec):
         return step([p.contiguous() for p in params], grads, [a.contiguous() for a in accs],
-                    *rest)
+                    spec)
     return broken
 
 
