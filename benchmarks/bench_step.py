@@ -25,11 +25,11 @@ from __future__ import annotations
 import statistics
 
 import torch
-from torch._C._profiler import _EventType
 
 from classp_fused import CLASSP, available_backends
 
 from bandwidth import seconds, synchronize
+from memory import peak_extra_bytes
 from step_cases import (EPS, LR, MANY, MASKING_THRESHOLD, Case, bytes_per_element, make_params,
                         naive_classp_step)
 
@@ -96,27 +96,6 @@ def make_step(case: Case, params):
     return optimizer.step
 
 
-def peak_extra_bytes(step, device: torch.device) -> int:
-    """Peak memory allocated by one step above what was allocated before it (CPU)."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
-                                profile_memory=True) as prof:
-        step()
-
-    def walk(nodes):
-        for node in nodes:
-            yield node
-            yield from walk(node.children)
-
-    events = sorted((node.start_time_ns, node.extra_fields.alloc_size)
-                    for node in walk(prof.profiler.kineto_results.experimental_event_tree())
-                    if node.tag == _EventType.Allocation)
-    live = peak = 0
-    for _, size in events:
-        live += size
-        peak = max(peak, live)
-    return peak
-
-
 def test_step(benchmark, case: Case, device: torch.device, bandwidth: dict):
     params = make_params(case, device)
     step = make_step(case, params)
@@ -127,7 +106,7 @@ def test_step(benchmark, case: Case, device: torch.device, bandwidth: dict):
         first_call_s = seconds(step, device)
     estimate = max(seconds(step, device) for _ in range(3))
     rounds = max(MIN_ROUNDS, min(MAX_ROUNDS, int(TIME_BUDGET_S / estimate)))
-    peak = peak_extra_bytes(step, device)
+    peak = peak_extra_bytes(step)
 
     baseline_case = Case(BASELINE, case.size, case.tensors, case.dtype)
     baseline = make_step(baseline_case, make_params(baseline_case, device))

@@ -60,7 +60,7 @@ def test_report_from_synthetic_json(tmp_path):
     path = tmp_path / "step_cpu.json"
     path.write_text(json.dumps(data))
     out = tmp_path / "RESULTS.md"
-    report.write([path], out, tmp_path)
+    report.write([path], out, tmp_path, bounded_json=tmp_path / "absent.json")
 
     text = out.read_text()
     assert "## CPU" in text and "## GPU" in text
@@ -73,6 +73,39 @@ def test_report_from_synthetic_json(tmp_path):
     assert "| CLASSP (fp32 accumulator) | 20 | 14 |" in text
     assert text.count("| cpu | 2.13.0 |") == len(data["benchmarks"])
     assert (tmp_path / "step_bandwidth_cpu.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_bounded_memory_section_from_synthetic_json(tmp_path):
+    report, bounded_report = load("report"), load("bounded_report")
+    assert bounded_report.section(tmp_path / "absent.json") == []
+
+    def case(name, tensors, threads, median, peer, load_average):
+        info = dict(case=name, tensors=tensors, size=10**7, threads=threads, rounds=15,
+                    load_average=load_average, median_s=median, peer_median_s=peer,
+                    ratio_median=median / peer, ratio_min=0.5 * median / peer,
+                    ratio_max=2 * median / peer, peak_extra_mb=1.2, peak_extra_fraction=0.03)
+        return {"name": f"test_bounded_memory[{name}]", "extra_info": info}
+    data = {"machine_info": {"bench_device": {"type": "cpu", "name": "Test CPU",
+                                              "torch": "2.13.0", "threads": 2}},
+            "datetime": "2026-12-05T10:00:00.000000+00:00",
+            "benchmarks": [case("foreach-step", 1, 2, 12e-3, 4e-3, 5.5),
+                           case("proximal_step_", 200, 1, 9e-3, 3e-3, 3.25)]}
+    bounded = tmp_path / "bounded_memory_cpu.json"
+    bounded.write_text(json.dumps(data))
+    step = tmp_path / "step_cpu.json"
+    step.write_text(json.dumps({
+        "machine_info": data["machine_info"], "datetime": data["datetime"],
+        "classp_bandwidth": {}, "classp_wall_s": 60.0,
+        "benchmarks": [benchmark("adagrad/fused", 10**7, 1, 4e-3, 4e-3)]}))
+    out = tmp_path / "RESULTS.md"
+    report.write([step], out, tmp_path, bounded_json=bounded)
+    text = out.read_text()
+    assert "### Bounded temporaries (CPU, pure-PyTorch paths)" in text
+    assert "load average 3.2 to 5.5" in text
+    assert ('| `CLASSP(backend="foreach").step()` | fused Adagrad | 1 tensor | 2 | 12 ms | 4 ms '
+            '| **3.00x** (1.50-6.00) | 1.20 MB (3.0%) |') in text
+    assert "| `proximal_step_` | `torch._foreach_add_` | 200 tensors | 1 |" in text
+    assert text.index("Bounded temporaries") < text.index("## How to read the tables")
 
 
 def test_bandwidth_probe_writes_every_kernel():

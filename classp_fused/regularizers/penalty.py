@@ -1,10 +1,12 @@
 """The quadratic penalty sum Omega * (theta - m)^2 + residual, its gradient and its proximal
-step, each on local tensors (FSDP2 shards) in one multi-tensor pass where it updates."""
+step, each on local tensors (FSDP2 shards); the updates in one pass of multi-tensor ops over
+bounded runs of chunk views, with no temporary the size of the params."""
 from __future__ import annotations
 
 import torch
 from torch import Tensor
 
+from ..chunks import batches, chunk_elements
 from .shards import local
 
 
@@ -26,18 +28,25 @@ def penalty_sum(params: list[Tensor], importances: list[Tensor], anchors: list[T
 @torch.no_grad()
 def add_penalty_grad_(params: list[Tensor], importances: list[Tensor], anchors: list[Tensor],
                       factor: float, grad_scale: Tensor | float | None = None) -> None:
-    """Add ``factor * Omega * (theta - m)`` to each param's .grad (created if missing),
-    in one multi-tensor pass on local tensors; times ``grad_scale`` for scaled gradients."""
+    """Add ``factor * Omega * (theta - m)`` to each param's .grad (created if missing), times
+    ``grad_scale`` for scaled gradients: one pass over local tensors in runs of chunk views
+    (``classp_fused.chunks``), a few multi-tensor ops per run, temporaries of a run's size."""
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-    diffs = torch._foreach_sub([local(p) for p in params], anchors)
-    torch._foreach_mul_(diffs, importances)
+    thetas = [local(p) for p in params]
     if isinstance(grad_scale, Tensor):
-        torch._foreach_mul_(diffs, grad_scale.to(diffs[0].device) if diffs else grad_scale)
+        grad_scale = grad_scale.to(thetas[0].device) if thetas else grad_scale
     elif grad_scale is not None:
         factor *= grad_scale
-    torch._foreach_add_([local(p.grad) for p in params], diffs, alpha=factor)
+    size = chunk_elements(thetas[0].device) if thetas else 0
+    grads = [local(p.grad) for p in params]
+    for theta, importance, anchor, grad in batches([thetas, importances, anchors, grads], size):
+        diffs = torch._foreach_sub(theta, anchor)
+        torch._foreach_mul_(diffs, importance)
+        if isinstance(grad_scale, Tensor):
+            torch._foreach_mul_(diffs, grad_scale)
+        torch._foreach_add_(grad, diffs, alpha=factor)
 
 
 @torch.no_grad()
@@ -48,21 +57,23 @@ def proximal_step_(params: list[Tensor], importances: list[Tensor], anchors: lis
     ``step_sizes`` holds per param the step size eta the optimizer used (a float, or a local
     tensor broadcastable to the param, zero where it did not update). The update is written as
     theta + w * (m - theta), w = c / (1 + c) with c capped to a finite value, so w stays in
-    [0, 1] for any lambda (exactly 1 where c overflows).
+    [0, 1] for any lambda (exactly 1 where c overflows). One pass in runs of chunk views, as
+    ``add_penalty_grad_``.
     """
-    if not params:
-        return
     thetas = [local(p) for p in params]
-    coeffs = torch._foreach_mul(importances, factor)
-    scalar = [i for i, s in enumerate(step_sizes) if not isinstance(s, Tensor)]
-    tensor = [i for i, s in enumerate(step_sizes) if isinstance(s, Tensor)]
-    for indices, steps in ((scalar, [float(step_sizes[i]) for i in scalar]),
-                           (tensor, [step_sizes[i] for i in tensor])):
-        if indices:
-            torch._foreach_mul_([coeffs[i] for i in indices], steps)
-    torch._foreach_clamp_max_(coeffs, [torch.finfo(c.dtype).max / 2 for c in coeffs])
-    denominators = torch._foreach_add(coeffs, 1.0)
-    torch._foreach_div_(coeffs, denominators)
-    pulls = torch._foreach_sub(anchors, thetas)
-    torch._foreach_mul_(pulls, coeffs)
-    torch._foreach_add_(thetas, pulls)
+    steps = [s.expand_as(t) if isinstance(s, Tensor) else float(s)
+             for s, t in zip(step_sizes, thetas)]
+    size = chunk_elements(thetas[0].device) if thetas else 0
+    for theta, importance, anchor, step in batches([thetas, importances, anchors, steps], size):
+        coeffs = torch._foreach_mul(importance, factor)
+        scalar = [i for i, s in enumerate(step) if not isinstance(s, Tensor)]
+        tensor = [i for i, s in enumerate(step) if isinstance(s, Tensor)]
+        for indices in (scalar, tensor):
+            if indices:
+                torch._foreach_mul_([coeffs[i] for i in indices], [step[i] for i in indices])
+        torch._foreach_clamp_max_(coeffs, [torch.finfo(c.dtype).max / 2 for c in coeffs])
+        denominators = torch._foreach_add(coeffs, 1.0)
+        torch._foreach_div_(coeffs, denominators)
+        pulls = torch._foreach_sub(anchor, theta)
+        torch._foreach_mul_(pulls, coeffs)
+        torch._foreach_add_(theta, pulls)
