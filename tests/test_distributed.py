@@ -17,9 +17,10 @@ from helpers import CPU_BACKENDS
 
 STEPS = 4
 HYPER = dict(lr=0.05, threshold=1e-6)
-# A hang fails within these (the tests take a few seconds each).
-COLLECTIVE_TIMEOUT_S = 20
-TEST_TIMEOUT_S = 60
+# A hang fails within these. The tests take a few seconds each on an idle machine; on two
+# cores shared with other work the FSDP2 test was seen past 60 s, so the bounds leave room.
+COLLECTIVE_TIMEOUT_S = 60
+TEST_TIMEOUT_S = 300
 
 pytestmark = requires_gloo
 
