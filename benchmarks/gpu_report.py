@@ -19,7 +19,11 @@ NOT_MEASURED = f"""\
 **Not yet measured.** No GPU figure in this file has been measured: every kernel time, eager
 and CUDA-graph step time, host time, GB/s and bandwidth fraction of the GPU suite is still to
 be taken, and so are the speedups of a captured step and of
-`torch.compile(mode="reduce-overhead")` that README.md names. `benchmarks/gpu_check.sh` on
+`torch.compile(mode="reduce-overhead")` that README.md names. Also unmeasured on a GPU: the
+CUDA and Triton kernels with the fused MAS/EWC penalty (explicit and proximal) and with the
+relative threshold's per-tensor gradient means, none of which has run on a GPU yet (CUDA is
+compiled and its SASS read here, Triton run through its interpreter and compiled for sm_90),
+and the foreach fallback's GPU chunk size. `benchmarks/gpu_check.sh` on
 a CUDA machine builds the extension, runs the GPU tests and
 `{COMMAND}`, whose JSON (`benchmarks/gpu_step_cuda.json`) fills this section.
 """
