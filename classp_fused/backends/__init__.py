@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from ..validation import PARAM_DTYPES, check_step_inputs
-from .step_spec import Penalty, StepSpec, as_scalar_lr, step_spec  # noqa: F401
+from .step_spec import Penalty, StepSpec, step_spec
 
 BACKENDS = ("torch", "foreach", "cpp", "cuda", "triton")
 _MODULES = {"torch": "reference_backend", "foreach": "foreach", "cpp": "cpp", "cuda": "cuda",
