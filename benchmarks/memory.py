@@ -6,7 +6,8 @@ from torch._C._profiler import _EventType
 
 
 def peak_extra_bytes(fn) -> int:
-    """Peak memory allocated by ``fn()`` above what was allocated before it (CPU)."""
+    """The most CPU memory allocated at any time during ``fn()`` above what was allocated before
+    it, from torch.profiler's allocation and free events (bytes, not time: deterministic)."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
                                 profile_memory=True) as prof:
         fn()

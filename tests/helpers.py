@@ -2,10 +2,10 @@
 comparison."""
 import torch
 from torch import nn
-from torch._C._profiler import _EventType
 
 import classp_fused
 import oracle
+from benchmarks.memory import peak_extra_bytes  # noqa: F401 (the tests' memory bound)
 from classp_fused.regularizers import Regularizer
 
 CPU_BACKENDS = classp_fused.available_backends("cpu")
@@ -35,28 +35,6 @@ def bits(t: torch.Tensor) -> torch.Tensor:
     """The raw bit pattern of ``t``, for bit-identity checks that also hold for NaN and -0.0."""
     int_dtype = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
     return t.detach().contiguous().view(int_dtype)
-
-
-def peak_extra_bytes(fn) -> int:
-    """The most CPU memory allocated at any time during ``fn()`` above what was allocated before
-    it, from torch.profiler's allocation and free events (bytes, not time: deterministic)."""
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
-                                profile_memory=True) as prof:
-        fn()
-
-    def walk(nodes):
-        for node in nodes:
-            yield node
-            yield from walk(node.children)
-
-    events = sorted((node.start_time_ns, node.extra_fields.alloc_size)
-                    for node in walk(prof.profiler.kineto_results.experimental_event_tree())
-                    if node.tag == _EventType.Allocation)
-    live = peak = 0
-    for _, size in events:
-        live += size
-        peak = max(peak, live)
-    return peak
 
 
 def tiny_model(dtype=torch.float32, seed=0):
