@@ -48,7 +48,8 @@ def contenders(tensors: int, numel: int, device: torch.device) -> dict:
 
         def bare_op():
             torch.ops.classp_fused.classp_step_(params, grads, accs, lr, 0.0, 1e-5, 1.0, True,
-                                               None, None, [], [], "none", 0.0)
+                                               None, None, [], [], "none", 0.0, 0.0, [], [],
+                                               None, [])
         steps["bare op"] = bare_op
     if device.type == "cpu":
         steps["adagrad/fused"] = torch.optim.Adagrad(make_params(tensors, numel, device), lr=LR,

@@ -24,7 +24,8 @@ if LOAD_ERROR is None:
     @torch.library.register_fake(OP_NAME)
     def _classp_step_fake(params, grads, accs, lr, threshold, eps, power, apply_scaling,
                           grad_scale, found_inf, importances, anchors, penalty_form,
-                          penalty_scale, relative_threshold, grad_sq_means):
+                          penalty_scale, relative_threshold, grad_sq_means, acc_scales,
+                          rounding_keys, index_offsets):
         # As the kernels choose: the params' device, else a non-CPU scalar argument's.
         scalars = [t for t in (grad_scale, found_inf, lr) if t is not None]
         device = params[0].device if params else next(
@@ -45,18 +46,7 @@ def _lr_tensor(lr: float) -> torch.Tensor:
 
 
 def call_step_op(params, grads, accs, spec):
-    """Run ``torch.ops.classp_fused.classp_step_`` as ``spec`` (a ``StepSpec``) says: a float lr
-    becomes a 0-dim float64 tensor, no penalty empty lists and the form ``"none"``, no gradient
-    means an empty list."""
+    """Run ``torch.ops.classp_fused.classp_step_`` as ``spec`` (a ``StepSpec``) says, a float
+    lr as a 0-dim float64 tensor."""
     lr = spec.lr if isinstance(spec.lr, torch.Tensor) else _lr_tensor(spec.lr)
-    penalty = spec.penalty
-    if penalty is None:
-        importances, anchors, form, scale = [], [], "none", 0.0
-    else:
-        importances, anchors = list(penalty.importances), list(penalty.anchors)
-        form, scale = penalty.form, penalty.scale
-    means = [] if spec.grad_sq_means is None else list(spec.grad_sq_means)
-    return torch.ops.classp_fused.classp_step_(params, grads, accs, lr, spec.threshold, spec.eps,
-                                               spec.power, spec.apply_scaling, spec.grad_scale,
-                                               spec.found_inf, importances, anchors, form, scale,
-                                               spec.relative_threshold, means)
+    return torch.ops.classp_fused.classp_step_(params, grads, accs, *spec.op_arguments(lr))

@@ -17,6 +17,11 @@ explicit, ``g += 2*scale*W*(param - m)`` before the mask; proximal, where mask, 
 ``param += w*(m - param)``, ``w = c/(1 + c)``, ``c = min(2*scale*W*eta, max/2)``, eta the step
 size ``lr/(eps + A)**(1/power)`` with the updated A (``lr`` without scaling).
 
+A compressed accumulator (bfloat16, or 8-bit codes with per-block scales;
+``classp_fused.state_formats``) is decoded to float32, updated and stepped with as above, and the
+updated elements' new values rounded back stochastically (an 8-bit block with an updated element
+is encoded again whole).
+
 Arithmetic is float32 (float64 for float64 params); the parameter is rounded once on write.
 """
 from __future__ import annotations
@@ -26,7 +31,8 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .backends.step_spec import Penalty
+from . import state_formats
+from .backends.step_spec import CompressedState, Penalty
 
 
 def compute_dtype(param: Tensor) -> torch.dtype:
@@ -53,7 +59,8 @@ def classp_update_(param: Tensor, grad: Tensor, acc: Tensor, *, lr, threshold: f
                    found_inf: Tensor | None = None, penalty_form: Optional[str] = None,
                    penalty_scale: float = 0.0, importance: Tensor | None = None,
                    anchor: Tensor | None = None, relative_threshold: float = 0.0,
-                   grad_sq_mean: Tensor | None = None) -> Tensor:
+                   grad_sq_mean: Tensor | None = None, acc_scale: Tensor | None = None,
+                   rounding_key: Tensor | None = None, index_offset: int = 0) -> Tensor:
     """One CLASSP step on one tensor, in place. Returns ``[updated, nonfinite]`` element counts.
 
     ``penalty_form`` ("explicit" or "proximal") with ``importance`` and ``anchor`` (tensors of
@@ -61,8 +68,16 @@ def classp_update_(param: Tensor, grad: Tensor, acc: Tensor, *, lr, threshold: f
     ``grad_sq_mean`` (a 0-dim tensor of the compute dtype, needed when ``relative_threshold``
     > 0) is the mean S the relative threshold reads; it is replaced by this step's mean,
     except on an empty tensor or a step skipped by ``found_inf``.
+    A bfloat16 ``acc``, or a uint8 one (8-bit codes) with its block scales ``acc_scale``, is a
+    compressed accumulator, rounded with the bits of ``rounding_key`` (a 0-dim int64 tensor) at
+    element indices from ``index_offset``.
     """
     dtype = compute_dtype(param)
+    stored_acc = acc
+    if acc.dtype == torch.uint8:
+        acc = state_formats.decode(acc.reshape(-1), acc_scale).reshape(acc.shape)
+    elif acc.dtype != dtype:
+        acc = acc.to(dtype)
     explicit = penalty_form == "explicit" and importance is not None
     proximal = penalty_form == "proximal" and importance is not None
     g = penalized_grad(param, grad, grad_scale=grad_scale,
@@ -110,10 +125,41 @@ def classp_update_(param: Tensor, grad: Tensor, acc: Tensor, *, lr, threshold: f
         new_param = new_param + c / (1 + c) * (anchor.to(dtype) - new_param)
 
     param.copy_(torch.where(mask, new_param.to(param.dtype), param))
-    acc.copy_(torch.where(mask, new_acc, acc))
+    if stored_acc.dtype == dtype:
+        stored_acc.copy_(torch.where(mask, new_acc, acc))
+    else:
+        _store_compressed(stored_acc, acc_scale, torch.where(mask, new_acc, acc), mask,
+                          rounding_key, index_offset)
     if grad_sq_mean is not None and g.numel():
         grad_sq_mean.copy_(new_mean)
     return torch.stack([mask.sum(), nonfinite.sum()])
+
+
+def _store_compressed(acc: Tensor, acc_scale: Tensor | None, value: Tensor, mask: Tensor,
+                      key: Tensor, offset: int) -> None:
+    """Round ``value`` (float32: the new A where ``mask``, the decoded old A elsewhere) into the
+    compressed ``acc``: its ``mask`` elements (bfloat16), or every block holding one (8-bit)."""
+    if not bool(mask.any()):
+        return
+    index = torch.arange(offset, offset + value.numel(), dtype=torch.int64, device=value.device)
+    bits = state_formats.element_bits(key.to(value.device), index)
+    if acc.dtype == torch.bfloat16:
+        flat = acc.view(-1)
+        flat.copy_(torch.where(mask.reshape(-1), state_formats.round_bf16(value.reshape(-1), bits),
+                               flat))
+        return
+    flat_mask = mask.reshape(-1)
+    x = torch.where(flat_mask, value.reshape(-1).clamp_max(state_formats.SATURATION),
+                    value.reshape(-1))
+    codes, scales = state_formats.encode_blocks(x, bits)
+    padded = torch.zeros(acc_scale.numel() * state_formats.BLOCK, dtype=torch.bool,
+                         device=mask.device)
+    padded[:flat_mask.numel()] = flat_mask
+    touched = padded.view(-1, state_formats.BLOCK).any(dim=1)
+    flat = acc.view(-1)
+    flat.copy_(torch.where(touched.repeat_interleave(state_formats.BLOCK)[:flat.numel()], codes,
+                           flat))
+    acc_scale.copy_(torch.where(touched, scales, acc_scale))
 
 
 def classp_legacy_update_(param: Tensor, grad: Tensor, acc: Tensor, *, lr, threshold: float,
@@ -147,25 +193,30 @@ def classp_legacy_update_(param: Tensor, grad: Tensor, acc: Tensor, *, lr, thres
 
 def classp_step_(params, grads, accs, *, lr, threshold, eps, power, apply_scaling,
                  grad_scale=None, found_inf=None, penalty: Optional[Penalty] = None,
-                 relative_threshold: float = 0.0, grad_sq_means=None) -> Tensor:
+                 relative_threshold: float = 0.0, grad_sq_means=None,
+                 compressed: Optional[CompressedState] = None) -> Tensor:
     """Multi-tensor form of ``classp_update_``: one ``[updated, nonfinite]`` row per tensor.
 
     ``penalty`` (a :class:`~classp_fused.backends.step_spec.Penalty`) gives the importances
-    and anchors aligned with ``params``; ``grad_sq_means`` the relative threshold's means."""
+    and anchors aligned with ``params``; ``grad_sq_means`` the relative threshold's means;
+    ``compressed`` the scales, rounding keys and index offsets of compressed accumulators."""
     hyper = dict(lr=lr, threshold=threshold, eps=eps, power=power, apply_scaling=apply_scaling,
                  grad_scale=grad_scale, found_inf=found_inf,
                  relative_threshold=relative_threshold)
     none = [None] * len(params)
     means = none if grad_sq_means is None else grad_sq_means
-    if penalty is None:
-        counts = [classp_update_(p, g, a, **hyper, grad_sq_mean=s)
-                  for p, g, a, s in zip(params, grads, accs, means)]
-    else:
-        counts = [classp_update_(p, g, a, **hyper, penalty_form=penalty.form,
-                                 penalty_scale=penalty.scale, importance=w, anchor=m,
-                                 grad_sq_mean=s)
-                  for p, g, a, w, m, s in zip(params, grads, accs, penalty.importances,
-                                              penalty.anchors, means)]
+    importances, anchors = (none, none) if penalty is None else (penalty.importances,
+                                                                  penalty.anchors)
+    if penalty is not None:
+        hyper.update(penalty_form=penalty.form, penalty_scale=penalty.scale)
+    scales, keys, offsets = none, none, [0] * len(params)
+    if compressed is not None:
+        scales, keys, offsets = compressed.scales, compressed.keys.unbind(), compressed.offsets
+    counts = [classp_update_(p, g, a, **hyper, importance=w, anchor=m, grad_sq_mean=s,
+                             acc_scale=scale, rounding_key=key, index_offset=offset)
+              for p, g, a, w, m, s, scale, key, offset in zip(params, grads, accs, importances,
+                                                              anchors, means, scales, keys,
+                                                              offsets)]
     return _stacked(counts)
 
 

@@ -17,7 +17,8 @@ import torch
 from torch import Tensor
 from torch._subclasses.fake_tensor import is_fake
 
-from .backends.step_spec import PENALTY_FORMS, Penalty, StepSpec
+from . import state_formats
+from .backends.step_spec import PENALTY_FORMS, CompressedState, Penalty, StepSpec
 from .reference import compute_dtype
 
 PARAM_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -154,12 +155,26 @@ def check_grad(param: Tensor, grad, where: str) -> None:
     _check_like_param(param, grad, where)
 
 
-def check_accumulator(param: Tensor, acc, where: str, same_device: bool = True) -> None:
+COMPRESSED_ACC_DTYPES = (torch.bfloat16, torch.uint8)
+
+
+def check_accumulator(param: Tensor, acc, where: str, same_device: bool = True,
+                      compressed: bool = False) -> None:
     """Raise unless ``acc`` is the param's accumulator: dense, param-shaped, fp32 (fp64 for
-    fp64), no internal overlap."""
+    fp64), no internal overlap; with ``compressed`` also a contiguous bfloat16 or uint8 one
+    (``classp_fused.state_formats``) of a param that is not float64."""
+    if (compressed and isinstance(acc, Tensor) and acc.dtype in COMPRESSED_ACC_DTYPES
+            and param.dtype != torch.float64):
+        if acc.layout != torch.strided or not acc.is_contiguous():
+            raise ValueError(f"{where}: a compressed ({acc.dtype}) accumulator must be a "
+                             f"contiguous dense tensor")
+        _check_like_param(param, acc, where, same_device)
+        return
     if not isinstance(acc, Tensor) or acc.dtype != compute_dtype(param):
         raise TypeError(f"{where} must be a {compute_dtype(param)} tensor "
-                        f"(accumulators stay fp32 for fp16/bf16/fp32 params)")
+                        f"(accumulators stay fp32 for fp16/bf16/fp32 params"
+                        f"{', or are bfloat16/uint8 with compressed state' if compressed else ''}"
+                        f")")
     if acc.layout != torch.strided:
         raise TypeError(f"{where} must be a dense tensor, got layout {acc.layout}")
     _check_like_param(param, acc, where, same_device)
@@ -196,11 +211,53 @@ def check_step_inputs(params: Sequence[Tensor], grads: Sequence[Tensor], accs: S
             raise RuntimeError(f"params[{i}] is on {p.device}, expected params[0]'s device "
                                f"{params[0].device} (one step runs on one device)")
         check_grad(p, g, f"grads[{i}]")
-        check_accumulator(p, a, f"accs[{i}]")
+        check_accumulator(p, a, f"accs[{i}]", compressed=spec.compressed is not None)
+    if spec.compressed is not None:
+        check_compressed(params, accs, spec.compressed)
     if spec.penalty is not None:
         check_penalty(params, spec.penalty)
     if spec.grad_sq_means is not None or spec.relative_threshold > 0:
         check_grad_sq_means(params, spec.grad_sq_means)
+
+
+def check_compressed(params: Sequence[Tensor], accs: Sequence[Tensor], compressed,
+                     where: str = "compressed") -> None:
+    """Raise unless ``compressed`` (a ``CompressedState``) fits ``params`` and their accumulators
+    (checked): per param a float32 scales tensor of ``state_formats.num_blocks(numel)``
+    elements on its device where the accumulator is uint8 (else None), an int64 ``keys`` tensor
+    of one key per param on their device, and an integer offset >= 0 per param."""
+    if not isinstance(compressed, CompressedState):
+        raise TypeError(f"{where} must be a CompressedState or None, got "
+                        f"{type(compressed).__name__}")
+    n = len(params)
+    scales, keys, offsets = compressed.scales, compressed.keys, compressed.offsets
+    for name, seq in (("scales", scales), ("offsets", offsets)):
+        if not isinstance(seq, Sequence) or len(seq) != n:
+            length = len(seq) if isinstance(seq, Sequence) else type(seq).__name__
+            raise ValueError(f"{where}.{name} must be a list with one entry per param ({n}), "
+                             f"got {length}")
+    if not isinstance(keys, Tensor) or keys.dtype != torch.int64 or keys.shape != (n,):
+        raise TypeError(f"{where}.keys must be an int64 tensor of shape ({n},), got "
+                        f"{_describe(keys)}")
+    if n and keys.device != params[0].device:
+        raise RuntimeError(f"{where}.keys is on {keys.device}, expected the params' device "
+                           f"{params[0].device}")
+    for i, (p, a, scale, offset) in enumerate(zip(params, accs, scales, offsets)):
+        if not (isinstance(offset, int) and offset >= 0):
+            raise ValueError(f"{where}.offsets[{i}] must be an int >= 0, got {offset!r}")
+        if a.dtype != torch.uint8:
+            if scale is not None:
+                raise ValueError(f"{where}.scales[{i}] must be None: accs[{i}] is not 8-bit")
+            continue
+        blocks = state_formats.num_blocks(p.numel())
+        if (not isinstance(scale, Tensor) or scale.dtype != torch.float32
+                or scale.shape != (blocks,) or not scale.is_contiguous()):
+            raise TypeError(f"{where}.scales[{i}] must be a contiguous float32 tensor of shape "
+                            f"({blocks},) (one scale per block of {state_formats.BLOCK}), got "
+                            f"{_describe(scale)}")
+        if scale.device != p.device:
+            raise RuntimeError(f"{where}.scales[{i}] is on {scale.device}, expected the "
+                               f"param's device {p.device}")
 
 
 def check_grad_sq_means(params: Sequence[Tensor], means, where: str = "grad_sq_means") -> None:

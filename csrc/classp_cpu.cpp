@@ -448,7 +448,10 @@ at::Tensor classp_step_cpu(at::TensorList params, at::TensorList grads, at::Tens
                            const c10::List<std::optional<at::Tensor>>& importances,
                            const c10::List<std::optional<at::Tensor>>& anchors,
                            c10::string_view penalty_form, double penalty_scale,
-                           double relative_threshold, at::TensorList grad_sq_means) {
+                           double relative_threshold, at::TensorList grad_sq_means,
+                           at::TensorList acc_scales,
+                           const std::optional<at::Tensor>& rounding_keys,
+                           c10::IntArrayRef index_offsets) {
   check_step_inputs(params, grads, accs, lr, threshold, eps, power, grad_scale, found_inf,
                     c10::Device(c10::kCPU));
   const PenaltyForm form = check_penalty_inputs(params, importances, anchors, penalty_form,
@@ -581,7 +584,8 @@ TORCH_LIBRARY(classp_fused, m) {
       "classp_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] accs, Tensor lr, "
       "float threshold, float eps, float power, bool apply_scaling, Tensor? grad_scale, "
       "Tensor? found_inf, Tensor?[] importances, Tensor?[] anchors, str penalty_form, "
-      "float penalty_scale, float relative_threshold, Tensor(c!)[] grad_sq_means) -> Tensor");
+      "float penalty_scale, float relative_threshold, Tensor(c!)[] grad_sq_means, "
+      "Tensor(d!)[] acc_scales, Tensor? rounding_keys, int[] index_offsets) -> Tensor");
   m.def("_chunk_plan(int[] numels, int num_parts) -> (Tensor, Tensor, Tensor)",
         &classp::chunk_plan);
 }

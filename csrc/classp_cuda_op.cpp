@@ -192,7 +192,10 @@ at::Tensor classp_step_cuda(at::TensorList params, at::TensorList grads, at::Ten
                             const c10::List<std::optional<at::Tensor>>& importances,
                             const c10::List<std::optional<at::Tensor>>& anchors,
                             c10::string_view penalty_form, double penalty_scale,
-                            double relative_threshold, at::TensorList grad_sq_means) {
+                            double relative_threshold, at::TensorList grad_sq_means,
+                            at::TensorList acc_scales,
+                            const std::optional<at::Tensor>& rounding_keys,
+                            c10::IntArrayRef index_offsets) {
   const c10::Device device = step_device(params, lr, grad_scale, found_inf);
   TORCH_CHECK(device.is_cuda(), "classp_step_: the CUDA kernel got tensors on ", device);
   check_step_inputs(params, grads, accs, lr, threshold, eps, power, grad_scale, found_inf,

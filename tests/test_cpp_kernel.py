@@ -14,7 +14,7 @@ pytestmark = pytest.mark.skipif(not _extension.has_kernel("CPU"),
 OP_PACKET = (torch.ops.classp_fused.classp_step_.default if _extension.LOAD_ERROR is None
              else None)
 # importances, anchors, penalty_form, penalty_scale, relative_threshold, grad_sq_means
-NO_PENALTY = ([], [], "none", 0.0, 0.0, [])
+NO_PENALTY = ([], [], "none", 0.0, 0.0, [], [], None, [])
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 CHUNK = 1 << 16
 RECORD_COLUMNS = 7

@@ -27,7 +27,7 @@ TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.float16: dict(rtol
              torch.bfloat16: dict(rtol=8e-3, atol=8e-3)}
 HYPER = dict(lr=0.05, threshold=0.01, eps=1e-5, power=1.0, apply_scaling=True)
 # importances, anchors, penalty_form, penalty_scale, relative_threshold, grad_sq_means
-NO_PENALTY = ([], [], "none", 0.0, 0.0, [])
+NO_PENALTY = ([], [], "none", 0.0, 0.0, [], [], None, [])
 
 
 def _case(shapes, dtype=torch.float32, seed=0, grad_scale=1.0):
@@ -284,7 +284,7 @@ def test_traceable_body_takes_the_penalty(form):
         importances[3] = anchors[3] = None
         ours = _on_device(ref)
         penalty = ([None if t is None else t.to(DEVICE) for t in importances],
-                   [None if t is None else t.to(DEVICE) for t in anchors], form, 0.5, 0.0, [])
+                   [None if t is None else t.to(DEVICE) for t in anchors], form, 0.5, 0.0, [], [], None, [])
         with triton_backend.classp_step_triton.set_kernel_enabled(DEVICE, False):
             counts = triton_backend.classp_step_triton(
                 *ours, torch.tensor(0.05, device=DEVICE), 0.01, 1e-5, 2.0, True, None, None,
@@ -322,7 +322,7 @@ def test_opcheck(amp):
     anchors = [None if w is None else w.neg() for w in covered]
     for form in ("explicit", "proximal"):
         torch.library.opcheck(triton_backend.classp_step_triton,
-                              (*args, covered, anchors, form, 0.5, 0.0, []))
+                              (*args, covered, anchors, form, 0.5, 0.0, [], [], None, []))
 
 
 def test_chunk_table_offsets_past_two_to_the_31():

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from ..validation import PARAM_DTYPES, check_step_inputs
-from .step_spec import Penalty, StepSpec, step_spec
+from .step_spec import CompressedState, Penalty, StepSpec, step_spec
 
 BACKENDS = ("torch", "foreach", "cpp", "cuda", "triton")
 _MODULES = {"torch": "reference_backend", "foreach": "foreach", "cpp": "cpp", "cuda": "cuda",
@@ -82,7 +82,7 @@ def classp_step_(params: Sequence[Tensor], grads: Sequence[Tensor], accs: Sequen
                  apply_scaling: bool = True, grad_scale: Tensor | None = None,
                  found_inf: Tensor | None = None, penalty: Penalty | None = None,
                  relative_threshold: float = 0.0, grad_sq_means: Sequence[Tensor] | None = None,
-                 backend: str = "auto") -> Tensor:
+                 compressed: CompressedState | None = None, backend: str = "auto") -> Tensor:
     """One in-place CLASSP step over lists of tensors; returns ``(n, 2)`` int64 counts.
 
     Column 0 counts the elements updated, column 1 the non-finite gradient elements skipped
@@ -92,15 +92,19 @@ def classp_step_(params: Sequence[Tensor], grads: Sequence[Tensor], accs: Sequen
     ``relative_threshold`` tau > 0 also requires ``g*g > tau * S`` per element, S the tensor's
     entry in ``grad_sq_means`` (0-dim tensors of the accumulators' dtype), which the step then
     replaces with this step's mean of g*g over finite elements (see ``StepSpec``).
+    ``compressed`` (a :class:`~classp_fused.backends.step_spec.CompressedState`) is needed
+    where ``accs`` holds compressed accumulators (bfloat16, or uint8 8-bit codes;
+    ``classp_fused.state_formats``).
     """
     params, grads, accs = list(params), list(grads), list(accs)
     compiling = torch.compiler.is_compiling()
     if not compiling:  # the values as given, before step_spec converts them
         check_step_inputs(params, grads, accs, StepSpec(lr, threshold, eps, power, apply_scaling,
                                                         grad_scale, found_inf, penalty,
-                                                        relative_threshold, grad_sq_means))
+                                                        relative_threshold, grad_sq_means,
+                                                        compressed))
     spec = step_spec(lr, threshold, eps, power, apply_scaling, grad_scale, found_inf, penalty,
-                     relative_threshold, grad_sq_means)
+                     relative_threshold, grad_sq_means, compressed)
     if not compiling or backend == "auto":  # while compiling, a named backend is taken as given
         backend = resolve_backend(backend, params[0].device if params else "cpu")
     return run_backend(backend, params, grads, accs, spec)

@@ -11,4 +11,5 @@ def step(params, grads, accs, spec):
                         power=spec.power, apply_scaling=spec.apply_scaling,
                         grad_scale=spec.grad_scale, found_inf=spec.found_inf,
                         penalty=spec.penalty, relative_threshold=spec.relative_threshold,
-                        grad_sq_means=spec.grad_sq_means)
+                        grad_sq_means=spec.grad_sq_means,
+                        compressed=spec.compressed)

@@ -36,6 +36,23 @@ class Penalty:
 
 
 @dataclass(frozen=True, slots=True)
+class CompressedState:
+    """What a step needs to update compressed accumulators (``classp_fused.state_formats``).
+
+    A tensor's accumulator format is its dtype: float32 (float64) exact, bfloat16, or uint8
+    codes of the 8-bit format, whose per-block float32 scales ``scales`` holds (None for the
+    other tensors). ``keys`` is an int64 tensor of one rounding key per tensor
+    (``state_formats.tensor_key``: seed and step), on the params' device so that no step reads
+    it on the host; ``offsets`` gives per tensor the index within its whole parameter of its
+    first element (0 but for local shards), from which the random bits are drawn.
+    """
+
+    scales: Sequence[Optional[Tensor]]
+    keys: Tensor
+    offsets: Sequence[int]
+
+
+@dataclass(frozen=True, slots=True)
 class StepSpec:
     """One param group's step: hyperparameters (SPEC section 1), AMP scalars, options.
 
@@ -49,6 +66,12 @@ class StepSpec:
     then replaces each non-empty tensor's S with ``sum(g*g over its finite elements) / numel``,
     read by the next step. ``grad_sq_means`` is required when tau > 0 and updated whenever
     given.
+
+    ``compressed`` is required when an accumulator is bfloat16 or uint8 (8-bit codes): an
+    updated element's new A (in float32, from the decoded old one) steps the param, then is
+    rounded stochastically into the format; an 8-bit block with an updated element is encoded
+    again as a whole (a block whose scale changes may move an unchanged element's code, never
+    its value unless it falls below the block's 2**-15 range).
     """
 
     lr: Union[float, Tensor]
@@ -61,6 +84,28 @@ class StepSpec:
     penalty: Optional[Penalty] = None
     relative_threshold: float = 0.0
     grad_sq_means: Optional[Sequence[Tensor]] = None
+    compressed: Optional[CompressedState] = None
+
+    def op_arguments(self, lr: Tensor) -> tuple:
+        """The arguments of the kernels' op after ``(params, grads, accs)``, ``lr`` given as a
+        0-dim tensor: no penalty as empty lists and the form ``"none"``, no gradient means as an
+        empty list; of ``compressed``, the scales of the 8-bit accumulators only (in order),
+        the keys (None without) and the offsets (empty without)."""
+        penalty, compressed = self.penalty, self.compressed
+        if penalty is None:
+            importances, anchors, form, scale = [], [], "none", 0.0
+        else:
+            importances, anchors = list(penalty.importances), list(penalty.anchors)
+            form, scale = penalty.form, penalty.scale
+        means = [] if self.grad_sq_means is None else list(self.grad_sq_means)
+        if compressed is None:
+            scales, keys, offsets = [], None, []
+        else:
+            scales = [t for t in compressed.scales if t is not None]
+            keys, offsets = compressed.keys, list(compressed.offsets)
+        return (lr, self.threshold, self.eps, self.power, self.apply_scaling, self.grad_scale,
+                self.found_inf, importances, anchors, form, scale, self.relative_threshold,
+                means, scales, keys, offsets)
 
 
 def as_scalar_lr(lr):
@@ -71,10 +116,10 @@ def as_scalar_lr(lr):
 
 def step_spec(lr, threshold, eps, power, apply_scaling, grad_scale: Optional[Tensor] = None,
               found_inf: Optional[Tensor] = None, penalty: Optional[Penalty] = None,
-              relative_threshold=0.0,
-              grad_sq_means: Optional[Sequence[Tensor]] = None) -> StepSpec:
+              relative_threshold=0.0, grad_sq_means: Optional[Sequence[Tensor]] = None,
+              compressed: Optional[CompressedState] = None) -> StepSpec:
     """A ``StepSpec`` with its values in the forms backends take: ``lr`` by ``as_scalar_lr``,
     the other hyperparameters as Python floats and a bool."""
     return StepSpec(as_scalar_lr(lr), float(threshold), float(eps), float(power),
                     bool(apply_scaling), grad_scale, found_inf, penalty,
-                    float(relative_threshold), grad_sq_means)
+                    float(relative_threshold), grad_sq_means, compressed)

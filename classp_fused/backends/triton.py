@@ -74,16 +74,7 @@ def _lr_tensor(lr: float) -> Tensor:
 def step(params, grads, accs, spec):
     """The backend entry point: the op, with a float lr as a 0-dim CPU tensor."""
     lr = spec.lr if isinstance(spec.lr, Tensor) else _lr_tensor(spec.lr)
-    penalty = spec.penalty
-    if penalty is None:
-        importances, anchors, form, scale = [], [], "none", 0.0
-    else:
-        importances, anchors = list(penalty.importances), list(penalty.anchors)
-        form, scale = penalty.form, penalty.scale
-    means = [] if spec.grad_sq_means is None else list(spec.grad_sq_means)
-    return classp_step_triton(params, grads, accs, lr, spec.threshold, spec.eps, spec.power,
-                              spec.apply_scaling, spec.grad_scale, spec.found_inf, importances,
-                              anchors, form, scale, spec.relative_threshold, means)
+    return classp_step_triton(params, grads, accs, *spec.op_arguments(lr))
 
 
 def chunk_table(entries, device="cpu") -> Tensor:
@@ -478,14 +469,15 @@ if triton is not None:
         return (penalty_form if covered else "none"), covered
 
     @triton_op("classp_fused::classp_step_triton",
-               mutates_args={"params", "accs", "grad_sq_means"})
+               mutates_args={"params", "accs", "grad_sq_means", "acc_scales"})
     def classp_step_triton(params: list[Tensor], grads: list[Tensor], accs: list[Tensor],
                            lr: Tensor, threshold: float, eps: float, power: float,
                            apply_scaling: bool, grad_scale: Optional[Tensor],
                            found_inf: Optional[Tensor], importances: list[Optional[Tensor]],
                            anchors: list[Optional[Tensor]], penalty_form: str,
                            penalty_scale: float, relative_threshold: float,
-                           grad_sq_means: list[Tensor]) -> Tensor:
+                           grad_sq_means: list[Tensor], acc_scales: list[Tensor],
+                           rounding_keys: Optional[Tensor], index_offsets: list[int]) -> Tensor:
         """One CLASSP step in place; returns ``(n, 2)`` int64 counts [updated, non-finite].
 
         ``penalty_form`` "explicit" or "proximal" takes the penalty ``penalty_scale * sum W *
@@ -525,12 +517,14 @@ if triton is not None:
     @classp_step_triton.register_fake
     def _classp_step_fake(params, grads, accs, lr, threshold, eps, power, apply_scaling,
                           grad_scale, found_inf, importances, anchors, penalty_form,
-                          penalty_scale, relative_threshold, grad_sq_means):
+                          penalty_scale, relative_threshold, grad_sq_means, acc_scales,
+                          rounding_keys, index_offsets):
         return _new_counts(params, lr)
 
     def _classp_step_in_place(params, grads, accs, lr, threshold, eps, power, apply_scaling,
                               grad_scale, found_inf, importances, anchors, penalty_form,
-                              penalty_scale, relative_threshold, grad_sq_means):
+                              penalty_scale, relative_threshold, grad_sq_means, acc_scales,
+                              rounding_keys, index_offsets):
         """The eager step: one launch per dtype group on the tensors themselves, by address.
 
         Non-contiguous or misaligned tensors are stepped through contiguous copies.

@@ -1,0 +1,128 @@
+"""Compressed CLASSP accumulators: the formats, their stochastic rounding and its random bits.
+
+This module defines them (SPEC section 4a, "Compressed state"); every backend reproduces it bit
+for bit. An accumulator A is stored as
+
+- ``"fp32"``: float32 (float64 for float64 params), exact;
+- ``"bf16"``: bfloat16, rounded stochastically: the float32 value's bits plus 16 random bits,
+  truncated to the upper 16 (rounds up with probability equal to the dropped fraction);
+- ``"8bit"``: one uint8 code per element and one float32 scale ``s = 2**E`` per block of
+  ``BLOCK`` consecutive elements (row-major order of the param's local tensor; the last block
+  may be shorter). A code ``c = 16*e + m`` (``e``, ``m`` in 0..15) is worth ``s * q(c)`` with
+  ``q(c) = 2**(e - 16) * (1 + m/16)`` for ``e >= 1`` and ``q(c) = m * 2**-19`` for ``e = 0``:
+  15 binades below the block's top with 4 mantissa bits, then 16 even steps down to 0. Both
+  products are exact in float32, so decoding is the same everywhere.
+
+Encoding a block (``encode_blocks``) takes its values ``x`` (float32, >= 0, at most
+``SATURATION``): ``E`` is the smallest exponent with ``max(x) <= 31/32 * 2**E`` (the top code;
+``E >= -125``; a block of zeros gets ``s = 0``); each ``q = x / s`` (exact: a power of two) is
+rounded stochastically to the codes around it by adding 19 random bits to its float32 bits
+below the code's 4 mantissa bits (below ``2**-15`` to ``q + 2**-15``'s) and truncating; a
+positive ``x`` never gets code 0, so an element once updated never reads back as zero. A value
+already on the grid keeps its value whatever the bits.
+
+The random bits of element ``i`` (its row-major index within the whole parameter, also on a
+local shard) at a step are ``element_bits(tensor_key(seed, step), i)``: counter-based
+(lowbias32 mixing), so every backend, thread split and sharding draws the same bits, and a
+resumed run draws those of the run it continues. Only the elements of the ``"8bit"`` blocks
+and ``"bf16"`` elements a step rewrites are rounded.
+
+Tensors of fewer than ``MIN_COMPRESSED_NUMEL`` elements, and float64 params, keep exact
+accumulators in every format (their state is small, and their steps cost more host time than
+memory).
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+STATE_DTYPES = ("fp32", "bf16", "8bit")
+BLOCK = 256
+MIN_COMPRESSED_NUMEL = 4096
+# The largest value an 8-bit code can hold: 31/32 * 2**127 (the top code at E = 127).
+SATURATION = 31 / 32 * 2.0 ** 127
+
+_MASK32 = 0xFFFFFFFF
+_CODE_BIAS = (127 - 16) << 4  # float32 bits >> 19 of q(16*e + m) = (e + 111) << 4 | m
+_LOW19 = (1 << 19) - 1
+_LOW16 = (1 << 16) - 1
+
+
+def compressed_dtype(param: Tensor, state_dtype: str) -> torch.dtype | None:
+    """The accumulator dtype of ``param`` under ``state_dtype``: torch.bfloat16 or torch.uint8
+    where it is compressed, None where it stays exact (float64, small, or ``"fp32"``)."""
+    if (state_dtype == "fp32" or param.dtype == torch.float64
+            or param.numel() < MIN_COMPRESSED_NUMEL):
+        return None
+    return torch.bfloat16 if state_dtype == "bf16" else torch.uint8
+
+
+def num_blocks(numel: int) -> int:
+    """The number of 8-bit blocks (scales) of a tensor of ``numel`` elements."""
+    return -(-numel // BLOCK)
+
+
+def mix32(x: Tensor) -> Tensor:
+    """lowbias32 on uint32 values held in an int64 tensor (products wrap modulo 2**64, the low
+    32 bits kept)."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _MASK32
+    x = x ^ (x >> 15)
+    x = (x * 0x846CA68B) & _MASK32
+    return x ^ (x >> 16)
+
+
+def tensor_key(seed: int, step: Tensor) -> Tensor:
+    """The rounding key of a tensor at a step: ``mix32(seed ^ mix32(step))`` on the low 32 bits
+    of ``seed`` and of the step count before the step (a float32 counter, exact to 2**24)."""
+    step = step.to(torch.int64) & _MASK32
+    return mix32(mix32(step) ^ (int(seed) & _MASK32))
+
+
+def element_bits(key: Tensor, index: Tensor) -> Tensor:
+    """32 random bits (as int64) per element index: ``mix32((i mod 2**32) ^ mix32(key + (i >>
+    32)))``; for indices below 2**32 one mix per element after ``mix32(key)``."""
+    high = mix32((key + (index >> 32)) & _MASK32)
+    return mix32((index & _MASK32) ^ high)
+
+
+def round_bf16(x: Tensor, bits: Tensor) -> Tensor:
+    """float32 ``x`` (>= 0 or +inf) rounded stochastically to bfloat16 with ``bits``."""
+    raw = x.to(torch.float32).view(torch.int32).to(torch.int64)
+    rounded = (raw + (bits & _LOW16)) >> 16
+    return (rounded << 16).to(torch.int32).view(torch.float32).to(torch.bfloat16)
+
+
+def decode(codes: Tensor, scales: Tensor) -> Tensor:
+    """The float32 values of a flat uint8 ``codes`` tensor with its blocks' ``scales``."""
+    c = codes.to(torch.int32)
+    normal = ((c + _CODE_BIAS) << 19).view(torch.float32)
+    q = torch.where(c >= 16, normal, c.to(torch.float32) * 2.0 ** -19)
+    return q * scales.repeat_interleave(BLOCK)[:codes.numel()]
+
+
+def block_scales(x: Tensor) -> Tensor:
+    """Per block of flat float32 ``x`` (>= 0, at most SATURATION): ``2**E`` with ``E`` the
+    smallest exponent >= -125 such that the block's max <= 31/32 * 2**E; 0 for a zero block."""
+    n = x.numel()
+    padded = torch.zeros(num_blocks(n) * BLOCK, dtype=torch.float32, device=x.device)
+    padded[:n] = x
+    top = padded.view(-1, BLOCK).amax(dim=1)
+    bits = top.clamp_min(2.0 ** -126).view(torch.int32)
+    exponent = (bits >> 23) - 127 + 1 + ((bits & 0x7FFFFF) > 0x780000).to(torch.int32)
+    scales = ((exponent + 127) << 23).view(torch.float32)
+    return torch.where(top > 0, scales, 0.0)
+
+
+def encode_blocks(x: Tensor, bits: Tensor) -> tuple[Tensor, Tensor]:
+    """Flat float32 ``x`` (>= 0, at most SATURATION) as ``(codes, scales)``, rounded
+    stochastically with ``bits`` (one int64 of 32 random bits per element)."""
+    x = x.to(torch.float32)
+    scales = block_scales(x)
+    s = scales.repeat_interleave(BLOCK)[:x.numel()]
+    q = torch.where(s > 0, x / torch.where(s > 0, s, 1.0), 0.0)  # exact: s is a power of two
+    low = q < 2.0 ** -15
+    shifted = torch.where(low, q + 2.0 ** -15, q).view(torch.int32).to(torch.int64)
+    code = ((shifted + (bits & _LOW19)) >> 19) - _CODE_BIAS - torch.where(low, 16, 0)
+    code = torch.where(x > 0, code.clamp_min(1), 0)
+    return code.to(torch.uint8), scales
