@@ -195,7 +195,8 @@ class CLASSP(Optimizer):
     def _warn_foreign_keys(self, group: dict, index: int) -> None:
         """Warn, once per key, that a foreign key set to an "off" value is ignored. The warning
         points at the first caller outside classp_fused and torch: the line that built the
-        optimizer or added the group (through torch's ``Optimizer.__init__`` or not)."""
+        optimizer, added the group, loaded the state dict or stepped (through torch's
+        ``Optimizer`` or ``GradScaler`` or not)."""
         for key in foreign_keys(group):
             if key not in self._warned_keys:
                 self._warned_keys.add(key)
@@ -475,7 +476,9 @@ class CLASSP(Optimizer):
         tensor. A dict saved before ``relative_threshold`` existed loads with it 0. A bad dict
         (an accumulator with a negative or NaN element, a step that is not a finite count >= 0,
         a gradient mean that is not a finite number >= 0, a tensor ``lr`` on another device
-        than the CPU and the group's params, ...) raises and changes nothing.
+        than the CPU and the group's params, ...) raises and changes nothing. Keys of other
+        optimizers set to "off" in the loaded groups are ignored with a warning, as at
+        construction.
         """
         check_state_dict(state_dict, self.param_groups)
         saved = {key: dict(value) for key, value in state_dict["state"].items()}
@@ -493,6 +496,8 @@ class CLASSP(Optimizer):
             state["step"] = _step_counter(saved[pid]["step"], p.device)
             if "grad_sq_mean" in saved[pid]:
                 state["grad_sq_mean"] = _grad_sq_mean(saved[pid]["grad_sq_mean"], p)
+        for index, group in enumerate(self.param_groups):  # loaded keys of other optimizers
+            self._warn_foreign_keys(group, index)
 
 
 def _step_counter(step, device: torch.device) -> Tensor:
