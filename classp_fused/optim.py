@@ -16,7 +16,8 @@ from .group_plan import GroupPlan
 from .reference import classp_legacy_step_, compute_dtype, penalized_grad
 from .telemetry import StepTelemetry
 from .validation import (ADDED_HYPERPARAMETERS, FOREIGN_KEYS, HYPERPARAMETERS, PARAM_DTYPES,
-                         check_group, check_hyperparameters, check_penalty, check_penalty_scale,
+                         check_group, check_group_keys,
+                         check_hyperparameters, check_penalty, check_penalty_scale,
                          check_state_dict, check_state_values, check_stepped_group,
                          foreign_keys, group_tensors, is_settled, local_part)
 
@@ -250,6 +251,7 @@ class CLASSP(Optimizer):
                 plans.append((plan, grads, terms))
                 continue
             self._plans.pop(id(group), None)  # the step rebuilds it from what it holds now
+            check_group_keys(group, index)  # a group appended to param_groups directly
             first = next((p for p in group["params"] if p.grad is not None), None)
             dtypes = PARAM_DTYPES
             if first is not None and self.mode == "paper":

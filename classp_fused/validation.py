@@ -308,6 +308,20 @@ def _is_off(value) -> bool:
     return value is None or (not isinstance(value, (str, Tensor)) and value == 0)
 
 
+def check_group_keys(group: Mapping, index: int) -> None:
+    """Raise unless param group ``index`` has ``"params"`` (a list of tensors, not one tensor)
+    and every hyperparameter: ``add_param_group`` fills them in from the defaults, a group
+    appended to ``param_groups`` directly has only what it was given (as in torch)."""
+    missing = [key for key in ("params",) + HYPERPARAMETERS if key not in group]
+    if missing:
+        raise ValueError(f"param group {index} lacks {missing}: a group appended to "
+                         f"param_groups directly gets no defaults; add it with "
+                         f"optimizer.add_param_group(group), which fills them in")
+    if isinstance(group["params"], Tensor):
+        raise TypeError(f"param group {index}: params is a tensor, not a list of tensors; add "
+                        f"the group with optimizer.add_param_group(group), which wraps it")
+
+
 def check_stepped_group(index: int, group: Mapping, state: Mapping,
                         dtypes: Sequence[torch.dtype] = PARAM_DTYPES) -> bool:
     """Raise if the params of a group that have a grad cannot be stepped together.
