@@ -16,7 +16,7 @@ from .group_plan import GroupPlan
 from .reference import classp_legacy_step_, compute_dtype, penalized_grad
 from .telemetry import StepTelemetry
 from .validation import (ADDED_HYPERPARAMETERS, FOREIGN_KEYS, HYPERPARAMETERS, PARAM_DTYPES,
-                         check_group, check_group_keys,
+                         check_amp_scalars, check_group, check_group_keys,
                          check_hyperparameters, check_penalty, check_penalty_scale,
                          check_state_dict, check_state_values, check_stepped_group,
                          foreign_keys, group_tensors, is_settled, local_part)
@@ -86,7 +86,9 @@ class CLASSP(Optimizer):
     tensor before the next step (a gradient mean likewise, to the accumulator's dtype); an
     accumulator replaced by one of the wrong dtype, shape or device raises there (its values
     are not read at a step). With ``torch.amp.GradScaler`` gradients are unscaled inside the
-    kernel and a step with ``found_inf`` is a no-op.
+    kernel and a step with ``found_inf`` is a no-op; the ``grad_scale`` and ``found_inf`` it
+    sets must be floating-point tensors of shape ``()`` or ``(1,)`` on the CPU or on the
+    params' device (checked at every step).
 
     Under FSDP2 (``fully_shard``) parameters, gradients and accumulators are DTensors; the
     step runs on their local shards, and the counts (``last_update_fraction``,
@@ -220,7 +222,8 @@ class CLASSP(Optimizer):
         for plan in self._plans.values():
             plan.keep_penalty_terms(None, None)
 
-    def _check_step(self, grad_scale: Optional[Tensor]) -> tuple[list, list[dict]]:
+    def _check_step(self, grad_scale: Optional[Tensor],
+                    found_inf: Optional[Tensor]) -> tuple[list, list[dict]]:
         """Raise if any group cannot be stepped, before any state or param changes.
 
         Returns, per group, ``(plan, grads, terms)``: the plan where it still holds (the
@@ -242,6 +245,9 @@ class CLASSP(Optimizer):
             if grads is not None:
                 check_hyperparameters(*(group[key] for key in HYPERPARAMETERS),
                                       where=f"param group {index}: ", device=plan.device)
+                if grad_scale is not None or found_inf is not None:
+                    check_amp_scalars(grad_scale, found_inf, plan.device,
+                                      f"param group {index}: ")
                 self._check_mode(group, index)
                 if (plan.grad_sq_means is None) == (group["relative_threshold"] > 0):
                     grads = None  # the relative threshold was switched: the step gathers S
@@ -258,6 +264,9 @@ class CLASSP(Optimizer):
                 dtypes = param_dtypes(self._backend_for(local_part(first).device))
             if check_stepped_group(index, group, self.state, dtypes):
                 unsettled.append(group)
+            if first is not None:
+                check_amp_scalars(grad_scale, found_inf, local_part(first).device,
+                                  f"param group {index}: ")
             self._check_mode(group, index)
             checked.append((group, index))
             terms = None
@@ -399,7 +408,7 @@ class CLASSP(Optimizer):
                 [p for p in group["params"] if p.grad is not None]))
                 for group in self.param_groups]
         else:
-            plans, unsettled = self._check_step(grad_scale)
+            plans, unsettled = self._check_step(grad_scale, found_inf)
             for group in unsettled:
                 self._settle_state(group)
 

@@ -76,6 +76,22 @@ def check_scalar_device(t, device: torch.device, name: str, where: str = "") -> 
                            f"on the params' device {device}")
 
 
+def check_amp_scalars(grad_scale, found_inf, device: torch.device, where: str = "") -> None:
+    """Raise unless the ``grad_scale`` and ``found_inf`` that ``torch.amp.GradScaler`` sets on
+    an optimizer for its step are each None or a floating-point tensor of shape ``()`` (as
+    GradScaler's) or ``(1,)``, on the CPU or on ``device``, the stepped params'."""
+    for name, t in (("grad_scale", grad_scale), ("found_inf", found_inf)):
+        if t is None:
+            continue
+        if not isinstance(t, Tensor) or not t.is_floating_point():
+            raise TypeError(f"{where}optimizer.{name} (set by torch.amp.GradScaler) must be "
+                            f"None or a floating-point tensor, got {_describe(t)}")
+        if t.shape not in ((), (1,)):
+            raise ValueError(f"{where}optimizer.{name} (set by torch.amp.GradScaler) must be "
+                             f"of shape () or (1,), got shape {tuple(t.shape)}")
+        check_scalar_device(t, device, f"optimizer.{name}", where)
+
+
 def check_lr(lr, where: str = "", device: torch.device | None = None) -> None:
     """Raise unless ``lr`` is a finite non-negative number or a one-element floating tensor, on
     the CPU or on ``device`` (the params', where known).

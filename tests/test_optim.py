@@ -8,6 +8,7 @@ import torch
 import classp_fused
 from classp_fused import CLASSP
 from helpers import CPU_BACKENDS, bits, random_like, tiny_model, train_steps
+from test_optim_contract import assert_unchanged, snapshot
 
 
 @pytest.fixture(params=CPU_BACKENDS)
@@ -253,6 +254,56 @@ def test_amp_grad_scale_unscales_inside_the_step(backend):
         runs.append([p.detach().clone() for p in model.parameters()])
     for p, q in zip(*runs):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+BAD_AMP_SCALARS = {
+    "a float": (2.0, TypeError, r"must be None or a floating-point tensor, got float"),
+    "an integer tensor": (torch.tensor(2), TypeError, r"floating-point tensor, got a torch.int64"),
+    "a bool tensor": (torch.tensor(False), TypeError, r"floating-point tensor, got a torch.bool"),
+    "two elements": (torch.ones(2), ValueError, r"must be of shape \(\) or \(1,\), got shape "
+                                                r"\(2,\)"),
+    "shape (1, 1)": (torch.ones(1, 1), ValueError, r"must be of shape \(\) or \(1,\)"),
+    "on the meta device": (torch.ones((), device="meta"), RuntimeError,
+                           r"is a tensor on meta; it must be on the CPU or on the params' "
+                           r"device cpu"),
+}
+
+
+@pytest.mark.parametrize("steps", [0, 2], ids=["first step", "later step"])
+@pytest.mark.parametrize("name", ["grad_scale", "found_inf"])
+@pytest.mark.parametrize("case", BAD_AMP_SCALARS)
+def test_amp_scalars_of_a_wrong_kind_fail_the_step_before_anything_changes(backend, steps,
+                                                                          name, case):
+    """What the optimizer reads from a GradScaler (or from code standing in for one)."""
+    value, error, message = BAD_AMP_SCALARS[case]
+    model = tiny_model()
+    opt = CLASSP([{"params": model[0].parameters()}, {"params": model[2].parameters()}],
+                 lr=0.05, backend=backend)
+    train_steps(model, opt, steps)
+    model(torch.randn(2, 6)).sum().backward()
+    opt.grad_scale, opt.found_inf = torch.tensor(4.0), torch.tensor(0.0)
+    setattr(opt, name, value)
+    before = snapshot(opt)
+    with pytest.raises(error, match=rf"param group 0: optimizer.{name} .*{message}"):
+        opt.step()
+    assert_unchanged(opt, before)
+
+
+@pytest.mark.parametrize("found_inf", [0.0, 1.0])
+def test_amp_scalars_of_shape_1_and_16_bit_step_as_gradscalers(backend, found_inf):
+    runs = []
+    for shape, dtype in (((), torch.float32), ((1,), torch.float16)):
+        model = tiny_model()
+        opt = CLASSP(model.parameters(), lr=0.05, backend=backend)
+        train_steps(model, opt, 1)
+        model(torch.randn(2, 6, generator=torch.Generator().manual_seed(2))).sum().backward()
+        opt.grad_scale = torch.full(shape, 2.0, dtype=dtype)
+        opt.found_inf = torch.full(shape, found_inf, dtype=dtype)
+        opt.step()
+        runs.append([bits(t).clone() for t in [*model.parameters(), *(
+            s[key] for s in opt.state.values() for key in ("accumulator", "step"))]])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+    assert {float(s["step"]) for s in opt.state.values()} == {2.0 - found_inf}
 
 
 def test_grad_scaler_integration(backend):
