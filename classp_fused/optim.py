@@ -16,7 +16,7 @@ from .group_plan import GroupPlan
 from .reference import classp_legacy_step_, compute_dtype, penalized_grad
 from .telemetry import StepTelemetry
 from .validation import (ADDED_HYPERPARAMETERS, FOREIGN_KEYS, HYPERPARAMETERS, PARAM_DTYPES,
-                         check_amp_scalars, check_group, check_group_keys,
+                         check_amp_scalars, check_foreign_options, check_group, check_group_keys,
                          check_hyperparameters, check_penalty, check_penalty_scale,
                          check_state_dict, check_state_values, check_stepped_group,
                          foreign_keys, group_tensors, is_settled, local_part)
@@ -61,6 +61,11 @@ class CLASSP(Optimizer):
             of the device it is on; ``optimizer.backend`` says what ran.
         nonfinite: ``"skip"`` never applies NaN/Inf gradient elements and counts them
             (``nonfinite_skipped``); ``"raise"`` raises before changing anything.
+        **foreign_options: options of other torch optimizers that CLASSP does not have
+            (``foreach``, ``fused``, ``capturable``, ``differentiable``, ``maximize``,
+            ``weight_decay``, ...: the keys of ``classp_fused.validation.FOREIGN_KEYS``), as
+            for param-group keys below: ignored with a warning when 0/False/None, ValueError
+            naming the argument otherwise. Any other name raises TypeError.
 
     Param groups are checked when added and before every step (a group whose keys, params,
     state entries and accumulators are the objects its last step saw, by one C++ pass over
@@ -106,7 +111,8 @@ class CLASSP(Optimizer):
 
     def __init__(self, params, lr, threshold: float = 0.0, eps: float = 1e-5, power: float = 1.0,
                  apply_scaling: bool = True, mode: str = "paper", backend: str = "auto",
-                 nonfinite: str = "skip", relative_threshold: float = 0.0):
+                 nonfinite: str = "skip", relative_threshold: float = 0.0, **foreign_options):
+        check_foreign_options(foreign_options)
         check_hyperparameters(lr, threshold, eps, power, apply_scaling, relative_threshold)
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -132,6 +138,8 @@ class CLASSP(Optimizer):
         for device in {p.device for group in self.param_groups for p in group["params"]}:
             if device.type != "meta":  # meta params are placed later; resolved at the step
                 resolve_backend(backend, device)
+        for key, value in foreign_options.items():  # all set off: check_foreign_options
+            _warn_at_caller(f"CLASSP ignores {key}={value!r}: {FOREIGN_KEYS[key]}")
 
     @property
     def backend(self) -> str:
@@ -196,21 +204,14 @@ class CLASSP(Optimizer):
         self._warn_foreign_keys(param_group, index)
 
     def _warn_foreign_keys(self, group: dict, index: int) -> None:
-        """Warn, once per key, that a foreign key set to an "off" value is ignored. The warning
-        points at the first caller outside classp_fused and torch: the line that built the
-        optimizer, added the group, loaded the state dict or stepped (through torch's
-        ``Optimizer`` or ``GradScaler`` or not)."""
+        """Warn, once per key, that a foreign key set to an "off" value is ignored, at the line
+        that built the optimizer, added the group, loaded the state dict or stepped
+        (``_warn_at_caller``)."""
         for key in foreign_keys(group):
             if key not in self._warned_keys:
                 self._warned_keys.add(key)
-                internal = tuple(os.path.dirname(module.__file__) + os.sep
-                                 for module in (sys.modules[__package__], torch))
-                frame, level = sys._getframe(1), 2  # this method's caller is stacklevel 2
-                while frame is not None and frame.f_code.co_filename.startswith(internal):
-                    frame, level = frame.f_back, level + 1
-                warnings.warn(f"CLASSP ignores the param group key {key}={group[key]!r} "
-                              f"(param group {index}): {FOREIGN_KEYS[key]}",
-                              UserWarning, stacklevel=level)
+                _warn_at_caller(f"CLASSP ignores the param group key {key}={group[key]!r} "
+                                f"(param group {index}): {FOREIGN_KEYS[key]}")
 
     def _set_penalty_source(self, source) -> None:
         """Take the penalty of ``source`` (an attached regularizer, or None for none) inside
@@ -509,6 +510,17 @@ class CLASSP(Optimizer):
                 state["grad_sq_mean"] = _grad_sq_mean(saved[pid]["grad_sq_mean"], p)
         for index, group in enumerate(self.param_groups):  # loaded keys of other optimizers
             self._warn_foreign_keys(group, index)
+
+
+def _warn_at_caller(message: str) -> None:
+    """A UserWarning pointing at the first caller outside classp_fused and torch (the user's
+    line, whether it reached CLASSP through torch's ``Optimizer`` or ``GradScaler`` or not)."""
+    internal = tuple(os.path.dirname(module.__file__) + os.sep
+                     for module in (sys.modules[__package__], torch))
+    frame, level = sys._getframe(1), 2  # this function's caller is stacklevel 2
+    while frame is not None and frame.f_code.co_filename.startswith(internal):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, UserWarning, stacklevel=level)
 
 
 def _step_counter(step, device: torch.device) -> Tensor:

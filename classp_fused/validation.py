@@ -30,8 +30,9 @@ _STATE_KEY_SET = frozenset(STATE_KEYS)
 OPTIONAL_STATE_KEYS = ("grad_sq_mean",)
 _STATE_KEY_SETS = (_STATE_KEY_SET, _STATE_KEY_SET | frozenset(OPTIONAL_STATE_KEYS))
 _NO_STATE: dict = {}  # what a param that was never stepped has (read only)
-# Keys other torch optimizers put in param groups for features CLASSP does not have. Set to an
-# "off" value (0, False, None) they are ignored with a warning; any other value is refused.
+# Keys other torch optimizers put in param groups (and take as constructor arguments) for
+# features CLASSP does not have. Set to an "off" value (0, False, None) they are ignored with a
+# warning; any other value is refused.
 FOREIGN_KEYS = {
     "weight_decay": "CLASSP has no weight decay: decay would move every weight at every step, "
                     "against the sparse updates CLASSP promotes (protect old tasks with MAS/EWC)",
@@ -45,6 +46,14 @@ FOREIGN_KEYS = {
     "initial_accumulator_value": "CLASSP's accumulators start at zero; eps plays that role",
     "maximize": "CLASSP minimizes; negate the loss to maximize",
     "decoupled_weight_decay": "CLASSP has no weight decay",
+    "foreach": "CLASSP picks its kernel with backend= (backend='foreach' runs torch's "
+               "multi-tensor ops)",
+    "fused": "CLASSP's kernels are fused already: backend='auto' runs the fastest one for the "
+             "params' device",
+    "capturable": "CLASSP's step can be captured in a CUDA graph as it is (give lr as a tensor "
+                  "on the device to change it between replays)",
+    "differentiable": "CLASSP's step updates the params in place under no_grad; it cannot be "
+                      "differentiated through",
 }
 
 
@@ -313,9 +322,23 @@ def foreign_keys(group: Mapping) -> list[str]:
 def check_foreign_keys(group: Mapping, index: int) -> None:
     """Raise for a foreign key (see ``FOREIGN_KEYS``) whose value turns its feature on."""
     for key in foreign_keys(group):
-        if not _is_off(group[key]):
-            raise ValueError(f"param group {index}: {key}={group[key]!r} is not supported; "
-                             f"{FOREIGN_KEYS[key]}. Set it to 0 or leave it out")
+        _check_off(key, group[key], f"param group {index}: ")
+
+
+def check_foreign_options(options: Mapping) -> None:
+    """Raise for a keyword argument of CLASSP's constructor beyond its own: TypeError for a
+    name that is not in ``FOREIGN_KEYS`` (as for any unknown argument), ValueError for one whose
+    value turns its feature on."""
+    for key, value in options.items():
+        if key not in FOREIGN_KEYS:
+            raise TypeError(f"CLASSP() got an unexpected keyword argument {key!r}")
+        _check_off(key, value, "")
+
+
+def _check_off(key: str, value, where: str) -> None:
+    if not _is_off(value):
+        raise ValueError(f"{where}{key}={value!r} is not supported; {FOREIGN_KEYS[key]}. Leave "
+                         f"it out or set it to 0, False or None")
 
 
 def _is_off(value) -> bool:

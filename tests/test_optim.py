@@ -1,12 +1,15 @@
 """The torch.optim contract of classp_fused.CLASSP, on every backend available on the CPU."""
 import copy
 import io
+import re
+import warnings
 
 import pytest
 import torch
 
 import classp_fused
 from classp_fused import CLASSP
+from classp_fused.validation import FOREIGN_KEYS
 from helpers import CPU_BACKENDS, bits, random_like, tiny_model, train_steps
 from test_optim_contract import assert_unchanged, snapshot
 
@@ -42,6 +45,56 @@ def test_constructor_rejects_unusable_params():
         CLASSP([torch.zeros(3, dtype=torch.int32)], lr=0.1)
     with pytest.raises(ValueError, match="overlap"):
         CLASSP([torch.zeros(1, 3).expand(4, 3)], lr=0.1)
+
+
+TORCH_FLAGS_OFF = [("foreach", None), ("foreach", False), ("fused", None), ("fused", False),
+                   ("capturable", False), ("differentiable", False), ("maximize", False),
+                   ("weight_decay", 0.0)]
+
+
+@pytest.mark.parametrize("key, value", TORCH_FLAGS_OFF)
+def test_options_of_torch_optimizers_set_off_are_ignored_with_a_warning(key, value):
+    model, reference = tiny_model(), tiny_model()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        optimizer = CLASSP(model.parameters(), lr=0.05, **{key: value})
+    assert [(str(w.message), w.filename) for w in seen] == [
+        (f"CLASSP ignores {key}={value!r}: {FOREIGN_KEYS[key]}", __file__)]
+    assert key not in optimizer.param_groups[0] and key not in optimizer.defaults
+    train_steps(model, optimizer, 2)
+    train_steps(reference, CLASSP(reference.parameters(), lr=0.05), 2)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), reference.parameters()))
+
+
+@pytest.mark.parametrize("key", ["foreach", "fused", "capturable", "differentiable", "maximize"])
+def test_options_of_torch_optimizers_set_on_are_refused_naming_them(key):
+    with pytest.raises(ValueError, match=rf"^{key}=True is not supported; "
+                                         rf"{re.escape(FOREIGN_KEYS[key])}\. Leave it out"):
+        CLASSP(tiny_model().parameters(), lr=0.05, **{key: True})
+
+
+def test_an_unknown_constructor_argument_is_a_type_error():
+    with pytest.raises(TypeError, match=r"unexpected keyword argument 'momentum_buffer'"):
+        CLASSP(tiny_model().parameters(), lr=0.05, momentum_buffer=None)
+
+
+def test_param_groups_of_a_torch_optimizer_take_one_warning_per_key(backend):
+    """SGD's groups hold its constructor flags (foreach, fused, differentiable, ...)."""
+    model, reference = tiny_model(), tiny_model()
+    groups = torch.optim.SGD(model.parameters(), lr=0.05).param_groups
+    sgd_keys = set(groups[0]) - {"params", "lr"}
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        optimizer = CLASSP(groups, lr=0.1, backend=backend)
+    ignored = {str(w.message).split("=")[0].split()[-1] for w in seen}
+    assert ignored == sgd_keys
+    assert {"foreach", "fused", "differentiable"} <= ignored
+    train_steps(model, optimizer, 2)
+    train_steps(reference, CLASSP(reference.parameters(), lr=0.05, backend=backend), 2)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), reference.parameters()))
+    with pytest.raises(ValueError, match=r"param group 0: fused=True is not supported"):
+        CLASSP(torch.optim.SGD(tiny_model().parameters(), lr=0.05, fused=True).param_groups,
+               lr=0.1)
 
 
 def test_bad_param_group_hyperparameter_named():
