@@ -16,7 +16,8 @@ from .group_plan import GroupPlan
 from .reference import classp_legacy_step_, compute_dtype, penalized_grad
 from .telemetry import StepTelemetry
 from .validation import (ADDED_HYPERPARAMETERS, FOREIGN_KEYS, HYPERPARAMETERS, PARAM_DTYPES,
-                         check_group, check_hyperparameters, check_penalty, check_penalty_scale,
+                         check_amp_scalars, check_foreign_options, check_group, check_group_keys,
+                         check_hyperparameters, check_penalty, check_penalty_scale,
                          check_state_dict, check_state_values, check_stepped_group,
                          foreign_keys, group_tensors, is_settled, local_part)
 
@@ -60,6 +61,11 @@ class CLASSP(Optimizer):
             of the device it is on; ``optimizer.backend`` says what ran.
         nonfinite: ``"skip"`` never applies NaN/Inf gradient elements and counts them
             (``nonfinite_skipped``); ``"raise"`` raises before changing anything.
+        **foreign_options: options of other torch optimizers that CLASSP does not have
+            (``foreach``, ``fused``, ``capturable``, ``differentiable``, ``maximize``,
+            ``weight_decay``, ...: the keys of ``classp_fused.validation.FOREIGN_KEYS``), as
+            for param-group keys below: ignored with a warning when 0/False/None, ValueError
+            naming the argument otherwise. Any other name raises TypeError.
 
     Param groups are checked when added and before every step (a group whose keys, params,
     state entries and accumulators are the objects its last step saw, by one C++ pass over
@@ -85,7 +91,9 @@ class CLASSP(Optimizer):
     tensor before the next step (a gradient mean likewise, to the accumulator's dtype); an
     accumulator replaced by one of the wrong dtype, shape or device raises there (its values
     are not read at a step). With ``torch.amp.GradScaler`` gradients are unscaled inside the
-    kernel and a step with ``found_inf`` is a no-op.
+    kernel and a step with ``found_inf`` is a no-op; the ``grad_scale`` and ``found_inf`` it
+    sets must be floating-point tensors of shape ``()`` or ``(1,)`` on the CPU or on the
+    params' device (checked at every step).
 
     Under FSDP2 (``fully_shard``) parameters, gradients and accumulators are DTensors; the
     step runs on their local shards, and the counts (``last_update_fraction``,
@@ -103,7 +111,8 @@ class CLASSP(Optimizer):
 
     def __init__(self, params, lr, threshold: float = 0.0, eps: float = 1e-5, power: float = 1.0,
                  apply_scaling: bool = True, mode: str = "paper", backend: str = "auto",
-                 nonfinite: str = "skip", relative_threshold: float = 0.0):
+                 nonfinite: str = "skip", relative_threshold: float = 0.0, **foreign_options):
+        check_foreign_options(foreign_options)
         check_hyperparameters(lr, threshold, eps, power, apply_scaling, relative_threshold)
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
@@ -129,6 +138,8 @@ class CLASSP(Optimizer):
         for device in {p.device for group in self.param_groups for p in group["params"]}:
             if device.type != "meta":  # meta params are placed later; resolved at the step
                 resolve_backend(backend, device)
+        for key, value in foreign_options.items():  # all set off: check_foreign_options
+            _warn_at_caller(f"CLASSP ignores {key}={value!r}: {FOREIGN_KEYS[key]}")
 
     @property
     def backend(self) -> str:
@@ -193,20 +204,14 @@ class CLASSP(Optimizer):
         self._warn_foreign_keys(param_group, index)
 
     def _warn_foreign_keys(self, group: dict, index: int) -> None:
-        """Warn, once per key, that a foreign key set to an "off" value is ignored. The warning
-        points at the first caller outside classp_fused and torch: the line that built the
-        optimizer or added the group (through torch's ``Optimizer.__init__`` or not)."""
+        """Warn, once per key, that a foreign key set to an "off" value is ignored, at the line
+        that built the optimizer, added the group, loaded the state dict or stepped
+        (``_warn_at_caller``)."""
         for key in foreign_keys(group):
             if key not in self._warned_keys:
                 self._warned_keys.add(key)
-                internal = tuple(os.path.dirname(module.__file__) + os.sep
-                                 for module in (sys.modules[__package__], torch))
-                frame, level = sys._getframe(1), 2  # this method's caller is stacklevel 2
-                while frame is not None and frame.f_code.co_filename.startswith(internal):
-                    frame, level = frame.f_back, level + 1
-                warnings.warn(f"CLASSP ignores the param group key {key}={group[key]!r} "
-                              f"(param group {index}): {FOREIGN_KEYS[key]}",
-                              UserWarning, stacklevel=level)
+                _warn_at_caller(f"CLASSP ignores the param group key {key}={group[key]!r} "
+                                f"(param group {index}): {FOREIGN_KEYS[key]}")
 
     def _set_penalty_source(self, source) -> None:
         """Take the penalty of ``source`` (an attached regularizer, or None for none) inside
@@ -218,7 +223,8 @@ class CLASSP(Optimizer):
         for plan in self._plans.values():
             plan.keep_penalty_terms(None, None)
 
-    def _check_step(self, grad_scale: Optional[Tensor]) -> tuple[list, list[dict]]:
+    def _check_step(self, grad_scale: Optional[Tensor],
+                    found_inf: Optional[Tensor]) -> tuple[list, list[dict]]:
         """Raise if any group cannot be stepped, before any state or param changes.
 
         Returns, per group, ``(plan, grads, terms)``: the plan where it still holds (the
@@ -240,6 +246,9 @@ class CLASSP(Optimizer):
             if grads is not None:
                 check_hyperparameters(*(group[key] for key in HYPERPARAMETERS),
                                       where=f"param group {index}: ", device=plan.device)
+                if grad_scale is not None or found_inf is not None:
+                    check_amp_scalars(grad_scale, found_inf, plan.device,
+                                      f"param group {index}: ")
                 self._check_mode(group, index)
                 if (plan.grad_sq_means is None) == (group["relative_threshold"] > 0):
                     grads = None  # the relative threshold was switched: the step gathers S
@@ -249,12 +258,16 @@ class CLASSP(Optimizer):
                 plans.append((plan, grads, terms))
                 continue
             self._plans.pop(id(group), None)  # the step rebuilds it from what it holds now
+            check_group_keys(group, index)  # a group appended to param_groups directly
             first = next((p for p in group["params"] if p.grad is not None), None)
             dtypes = PARAM_DTYPES
             if first is not None and self.mode == "paper":
                 dtypes = param_dtypes(self._backend_for(local_part(first).device))
             if check_stepped_group(index, group, self.state, dtypes):
                 unsettled.append(group)
+            if first is not None:
+                check_amp_scalars(grad_scale, found_inf, local_part(first).device,
+                                  f"param group {index}: ")
             self._check_mode(group, index)
             checked.append((group, index))
             terms = None
@@ -396,7 +409,7 @@ class CLASSP(Optimizer):
                 [p for p in group["params"] if p.grad is not None]))
                 for group in self.param_groups]
         else:
-            plans, unsettled = self._check_step(grad_scale)
+            plans, unsettled = self._check_step(grad_scale, found_inf)
             for group in unsettled:
                 self._settle_state(group)
 
@@ -475,7 +488,9 @@ class CLASSP(Optimizer):
         tensor. A dict saved before ``relative_threshold`` existed loads with it 0. A bad dict
         (an accumulator with a negative or NaN element, a step that is not a finite count >= 0,
         a gradient mean that is not a finite number >= 0, a tensor ``lr`` on another device
-        than the CPU and the group's params, ...) raises and changes nothing.
+        than the CPU and the group's params, ...) raises and changes nothing. Keys of other
+        optimizers set to "off" in the loaded groups are ignored with a warning, as at
+        construction.
         """
         check_state_dict(state_dict, self.param_groups)
         saved = {key: dict(value) for key, value in state_dict["state"].items()}
@@ -493,6 +508,19 @@ class CLASSP(Optimizer):
             state["step"] = _step_counter(saved[pid]["step"], p.device)
             if "grad_sq_mean" in saved[pid]:
                 state["grad_sq_mean"] = _grad_sq_mean(saved[pid]["grad_sq_mean"], p)
+        for index, group in enumerate(self.param_groups):  # loaded keys of other optimizers
+            self._warn_foreign_keys(group, index)
+
+
+def _warn_at_caller(message: str) -> None:
+    """A UserWarning pointing at the first caller outside classp_fused and torch (the user's
+    line, whether it reached CLASSP through torch's ``Optimizer`` or ``GradScaler`` or not)."""
+    internal = tuple(os.path.dirname(module.__file__) + os.sep
+                     for module in (sys.modules[__package__], torch))
+    frame, level = sys._getframe(1), 2  # this function's caller is stacklevel 2
+    while frame is not None and frame.f_code.co_filename.startswith(internal):
+        frame, level = frame.f_back, level + 1
+    warnings.warn(message, UserWarning, stacklevel=level)
 
 
 def _step_counter(step, device: torch.device) -> Tensor:

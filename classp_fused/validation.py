@@ -31,8 +31,9 @@ _STATE_KEY_SET = frozenset(STATE_KEYS)
 OPTIONAL_STATE_KEYS = ("grad_sq_mean",)
 _STATE_KEY_SETS = (_STATE_KEY_SET, _STATE_KEY_SET | frozenset(OPTIONAL_STATE_KEYS))
 _NO_STATE: dict = {}  # what a param that was never stepped has (read only)
-# Keys other torch optimizers put in param groups for features CLASSP does not have. Set to an
-# "off" value (0, False, None) they are ignored with a warning; any other value is refused.
+# Keys other torch optimizers put in param groups (and take as constructor arguments) for
+# features CLASSP does not have. Set to an "off" value (0, False, None) they are ignored with a
+# warning; any other value is refused.
 FOREIGN_KEYS = {
     "weight_decay": "CLASSP has no weight decay: decay would move every weight at every step, "
                     "against the sparse updates CLASSP promotes (protect old tasks with MAS/EWC)",
@@ -46,6 +47,14 @@ FOREIGN_KEYS = {
     "initial_accumulator_value": "CLASSP's accumulators start at zero; eps plays that role",
     "maximize": "CLASSP minimizes; negate the loss to maximize",
     "decoupled_weight_decay": "CLASSP has no weight decay",
+    "foreach": "CLASSP picks its kernel with backend= (backend='foreach' runs torch's "
+               "multi-tensor ops)",
+    "fused": "CLASSP's kernels are fused already: backend='auto' runs the fastest one for the "
+             "params' device",
+    "capturable": "CLASSP's step can be captured in a CUDA graph as it is (give lr as a tensor "
+                  "on the device to change it between replays)",
+    "differentiable": "CLASSP's step updates the params in place under no_grad; it cannot be "
+                      "differentiated through",
 }
 
 
@@ -75,6 +84,22 @@ def check_scalar_device(t, device: torch.device, name: str, where: str = "") -> 
     if isinstance(t, Tensor) and t.device.type != "cpu" and t.device != device:
         raise RuntimeError(f"{where}{name} is a tensor on {t.device}; it must be on the CPU or "
                            f"on the params' device {device}")
+
+
+def check_amp_scalars(grad_scale, found_inf, device: torch.device, where: str = "") -> None:
+    """Raise unless the ``grad_scale`` and ``found_inf`` that ``torch.amp.GradScaler`` sets on
+    an optimizer for its step are each None or a floating-point tensor of shape ``()`` (as
+    GradScaler's) or ``(1,)``, on the CPU or on ``device``, the stepped params'."""
+    for name, t in (("grad_scale", grad_scale), ("found_inf", found_inf)):
+        if t is None:
+            continue
+        if not isinstance(t, Tensor) or not t.is_floating_point():
+            raise TypeError(f"{where}optimizer.{name} (set by torch.amp.GradScaler) must be "
+                            f"None or a floating-point tensor, got {_describe(t)}")
+        if t.shape not in ((), (1,)):
+            raise ValueError(f"{where}optimizer.{name} (set by torch.amp.GradScaler) must be "
+                             f"of shape () or (1,), got shape {tuple(t.shape)}")
+        check_scalar_device(t, device, f"optimizer.{name}", where)
 
 
 def check_lr(lr, where: str = "", device: torch.device | None = None) -> None:
@@ -354,15 +379,43 @@ def foreign_keys(group: Mapping) -> list[str]:
 def check_foreign_keys(group: Mapping, index: int) -> None:
     """Raise for a foreign key (see ``FOREIGN_KEYS``) whose value turns its feature on."""
     for key in foreign_keys(group):
-        if not _is_off(group[key]):
-            raise ValueError(f"param group {index}: {key}={group[key]!r} is not supported; "
-                             f"{FOREIGN_KEYS[key]}. Set it to 0 or leave it out")
+        _check_off(key, group[key], f"param group {index}: ")
+
+
+def check_foreign_options(options: Mapping) -> None:
+    """Raise for a keyword argument of CLASSP's constructor beyond its own: TypeError for a
+    name that is not in ``FOREIGN_KEYS`` (as for any unknown argument), ValueError for one whose
+    value turns its feature on."""
+    for key, value in options.items():
+        if key not in FOREIGN_KEYS:
+            raise TypeError(f"CLASSP() got an unexpected keyword argument {key!r}")
+        _check_off(key, value, "")
+
+
+def _check_off(key: str, value, where: str) -> None:
+    if not _is_off(value):
+        raise ValueError(f"{where}{key}={value!r} is not supported; {FOREIGN_KEYS[key]}. Leave "
+                         f"it out or set it to 0, False or None")
 
 
 def _is_off(value) -> bool:
     if isinstance(value, (tuple, list)):
         return all(_is_off(v) for v in value)
     return value is None or (not isinstance(value, (str, Tensor)) and value == 0)
+
+
+def check_group_keys(group: Mapping, index: int) -> None:
+    """Raise unless param group ``index`` has ``"params"`` (a list of tensors, not one tensor)
+    and every hyperparameter: ``add_param_group`` fills them in from the defaults, a group
+    appended to ``param_groups`` directly has only what it was given (as in torch)."""
+    missing = [key for key in ("params",) + HYPERPARAMETERS if key not in group]
+    if missing:
+        raise ValueError(f"param group {index} lacks {missing}: a group appended to "
+                         f"param_groups directly gets no defaults; add it with "
+                         f"optimizer.add_param_group(group), which fills them in")
+    if isinstance(group["params"], Tensor):
+        raise TypeError(f"param group {index}: params is a tensor, not a list of tensors; add "
+                        f"the group with optimizer.add_param_group(group), which wraps it")
 
 
 def check_stepped_group(index: int, group: Mapping, state: Mapping,

@@ -1,5 +1,5 @@
-"""Shared test data and models: fresh random tensors (with or without exact zeros), bitwise
-comparison."""
+"""Shared test data and models: fresh random tensors (with or without exact zeros, in several
+memory layouts), bitwise comparison."""
 import torch
 from torch import nn
 
@@ -20,6 +20,18 @@ def random_like(shape, dtype=torch.float32, generator=None, scale=1.0):
     x = torch.randn(shape, dtype=torch.float64, generator=generator) * scale
     x = torch.where(x == 0, torch.full_like(x, 1e-3), x)
     return x.to(dtype)
+
+
+def laid_out(shape, dtype, generator, layout, scale=1.0):
+    """Random values of ``shape`` as a contiguous tensor, a view one element into its storage,
+    a transposed view or every other column of a wider tensor."""
+    if layout == "transposed":
+        return random_like(shape[::-1], dtype, generator, scale).t()
+    if layout == "strided":
+        return random_like((shape[0], 2 * shape[1]), dtype, generator, scale)[:, ::2]
+    if layout == "offset":
+        return random_like(torch.Size(shape).numel() + 1, dtype, generator, scale)[1:].view(shape)
+    return random_like(shape, dtype, generator, scale)
 
 
 def random_with_zeros(shape, dtype=torch.float32, generator=None, scale=1.0):

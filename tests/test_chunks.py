@@ -7,21 +7,9 @@ import torch
 
 from classp_fused import chunks
 from classp_fused.regularizers import penalty as penalty_ops
-from helpers import bits, peak_extra_bytes, random_like
+from helpers import bits, laid_out, peak_extra_bytes
 
 CHUNK = 64
-
-
-def _laid_out(shape, dtype, generator, layout, scale=1.0):
-    """Random values of ``shape`` as a contiguous tensor, a view one element into its storage,
-    a transposed view or every other column of a wider tensor."""
-    if layout == "transposed":
-        return random_like(shape[::-1], dtype, generator, scale).t()
-    if layout == "strided":
-        return random_like((shape[0], 2 * shape[1]), dtype, generator, scale)[:, ::2]
-    if layout == "offset":
-        return random_like(torch.Size(shape).numel() + 1, dtype, generator, scale)[1:].view(shape)
-    return random_like(shape, dtype, generator, scale)
 
 
 @pytest.mark.parametrize("shape, layouts", [
@@ -31,7 +19,7 @@ def _laid_out(shape, dtype, generator, layout, scale=1.0):
     ((2, 3, 200), ("contiguous", "offset"))])
 def test_chunks_cut_tensors_of_one_shape_alike_in_logical_order(shape, layouts):
     g = torch.Generator().manual_seed(0)
-    tensors = [_laid_out(shape, torch.float32, g, layout) for layout in layouts]
+    tensors = [laid_out(shape, torch.float32, g, layout) for layout in layouts]
     cut = chunks.chunks(tensors, CHUNK)
     assert len(cut[0]) == len(cut[1])
     for t, views in zip(tensors, cut):
@@ -60,8 +48,8 @@ def test_batches_pack_aligned_pieces_in_runs_of_at_most_a_chunk():
 # (shape, layout): chunk boundaries inside tensors, just under and over a chunk, odd sizes,
 # a scalar, non-contiguous tensors cut by rows
 PENALIZED = [((CHUNK - 1,), "contiguous"), ((CHUNK + 1,), "offset"),
-             ((5 * CHUNK + 3,), "contiguous"), ((), "contiguous"), ((40, 9), "transposed"), ((6, 50), "strided"),
-             ((3, 5, 13), "contiguous"), ((0, 4), "contiguous")]
+             ((5 * CHUNK + 3,), "contiguous"), ((), "contiguous"), ((40, 9), "transposed"),
+             ((6, 50), "strided"), ((3, 5, 13), "contiguous"), ((0, 4), "contiguous")]
 # add with alpha rounds once in ATen's vector loop and twice in its scalar tail for 16-bit
 # dtypes, so there layouts that change which loop an element meets (rows of a non-contiguous
 # tensor) are left out: chunks of a multiple of 64 elements reproduce a one-thread pass
@@ -76,12 +64,12 @@ def _penalty_case(dtype, seed):
              if dtype not in CONTIGUOUS_ONLY or lay in ("contiguous", "offset")]
     params, importances, anchors, steps = [], [], [], []
     for i, (shape, layout) in enumerate(cases):
-        param = torch.nn.Parameter(_laid_out(shape, dtype, g, layout))
-        param.grad = None if i == 1 else _laid_out(shape, dtype, g, layout, 0.1)
+        param = torch.nn.Parameter(laid_out(shape, dtype, g, layout))
+        param.grad = None if i == 1 else laid_out(shape, dtype, g, layout, 0.1)
         params.append(param)
-        importances.append(_laid_out(shape, dtype, g, "contiguous").abs())
-        anchors.append(_laid_out(shape, dtype, g, layout))
-        steps.append([0.01, _laid_out(shape, torch.float32, g, "contiguous").abs() * 0.01,
+        importances.append(laid_out(shape, dtype, g, "contiguous").abs())
+        anchors.append(laid_out(shape, dtype, g, layout))
+        steps.append([0.01, laid_out(shape, torch.float32, g, "contiguous").abs() * 0.01,
                       torch.tensor(1e30)][i % 3])
     return params, importances, anchors, steps
 

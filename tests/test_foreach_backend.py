@@ -9,7 +9,7 @@ from classp_fused import chunks, classp_step_
 from classp_fused.backends import foreach
 from classp_fused.backends.step_spec import Penalty, step_spec
 from classp_fused.reference import classp_step_ as reference_step_
-from helpers import bits, peak_extra_bytes, random_like
+from helpers import bits, laid_out, peak_extra_bytes, random_like
 
 HYPER = dict(lr=0.05, threshold=0.02, eps=1e-5, power=1.0, apply_scaling=True)
 TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.float16: dict(rtol=1e-3, atol=1e-3),
@@ -73,18 +73,6 @@ def test_a_step_on_fake_tensors_leaves_nothing_fake_for_real_steps_of_that_layou
 CHUNK = 64
 
 
-def _laid_out(shape, dtype, generator, layout, scale=1.0):
-    """Random values of ``shape`` as a contiguous tensor, a view one element into its storage,
-    a transposed view or every other column of a wider tensor."""
-    if layout == "transposed":
-        return random_like(shape[::-1], dtype, generator, scale).t()
-    if layout == "strided":
-        return random_like((shape[0], 2 * shape[1]), dtype, generator, scale)[:, ::2]
-    if layout == "offset":
-        return random_like(torch.Size(shape).numel() + 1, dtype, generator, scale)[1:].view(shape)
-    return random_like(shape, dtype, generator, scale)
-
-
 # chunk boundaries inside tensors, tensors just under and over a chunk, odd sizes, a scalar,
 # non-contiguous tensors cut by rows (each: shape, its layout, the penalty's layout or None)
 CHUNKED = [((CHUNK - 1,), "contiguous", "contiguous"), ((CHUNK,), "contiguous", None),
@@ -100,12 +88,12 @@ def _chunked_case(dtype, seed):
     wide = torch.float64 if dtype == torch.float64 else torch.float32
     params, grads, accs, importances, anchors = [], [], [], [], []
     for shape, layout, penalty_layout in CHUNKED:
-        params.append(_laid_out(shape, dtype, g, layout))
-        grads.append(_laid_out(shape, dtype, g, layout, 0.3))
-        accs.append(_laid_out(shape, wide, g, layout).abs())
+        params.append(laid_out(shape, dtype, g, layout))
+        grads.append(laid_out(shape, dtype, g, layout, 0.3))
+        accs.append(laid_out(shape, wide, g, layout).abs())
         covered = penalty_layout is not None
-        importances.append(_laid_out(shape, dtype, g, penalty_layout).abs() if covered else None)
-        anchors.append(_laid_out(shape, dtype, g, penalty_layout) if covered else None)
+        importances.append(laid_out(shape, dtype, g, penalty_layout).abs() if covered else None)
+        anchors.append(laid_out(shape, dtype, g, penalty_layout) if covered else None)
     for grad in grads[3:5]:
         grad.view(-1)[::29] = float("nan")
         grad.view(-1)[3::31] = float("inf")

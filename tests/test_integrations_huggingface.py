@@ -12,6 +12,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
+import classp_fused  # noqa: E402
 from classp_fused import CLASSP, MAS, EWC  # noqa: E402
 from classp_fused.integrations.huggingface import ContinualCallback  # noqa: E402
 from classp_fused.regularizers import StiffnessWarning  # noqa: E402
@@ -111,6 +112,23 @@ def test_resume_mid_second_task_is_bit_identical(uninterrupted):
     trainer.train(resume_from_checkpoint=str(root / "task1" / "checkpoint-3"))
     assert resumed_callback.run.tasks_done == 2
     _assert_same(_snapshot(resumed_model, trainer, resumed_mas), expected)
+
+
+def test_trainer_optimizer_is_accelerates_wrapper_holding_classp(uninterrupted):
+    """As docs/INTEGRATIONS.md says: CLASSP's own attributes are reached through the wrapper."""
+    from accelerate.optimizer import AcceleratedOptimizer
+
+    from classp_fused.integrations.continual import unwrap_optimizer
+
+    wrapper = uninterrupted[4].optimizer
+    assert type(wrapper) is AcceleratedOptimizer and type(wrapper.optimizer) is CLASSP
+    assert unwrap_optimizer(wrapper) is wrapper.optimizer
+    assert wrapper.param_groups is wrapper.optimizer.param_groups
+    for name in ("backend", "last_update_fraction", "state_bytes"):
+        with pytest.raises(AttributeError):
+            getattr(wrapper, name)
+    assert wrapper.optimizer.backend in classp_fused.available_backends("cpu")
+    assert 0 < wrapper.optimizer.last_update_fraction <= 1
 
 
 def _fresh_run():

@@ -111,6 +111,27 @@ def test_resume_mid_second_task_is_bit_identical(uninterrupted):
             assert torch.equal(actual[key][name], expected[key][name]), (key, name)
 
 
+def test_the_modules_optimizer_passes_classps_attributes_through(tmp_path):
+    """As docs/INTEGRATIONS.md says: self.optimizers() is Lightning's wrapper of the CLASSP
+    that trainer.optimizers[0] is, with CLASSP's own attributes."""
+    seen = []
+
+    class Inspecting(Classifier):
+        def training_step(self, batch, batch_index):
+            optimizer = self.optimizers()
+            seen.append((optimizer is not self.trainer.optimizers[0],
+                         isinstance(optimizer, CLASSP), optimizer.backend,
+                         optimizer.last_update_fraction))
+            return super().training_step(batch, batch_index)
+
+    trainer = _trainer(tmp_path, [], max_epochs=1)
+    trainer.fit(Inspecting(), _loader(0))
+    assert type(trainer.optimizers[0]) is CLASSP and len(seen) == BATCHES
+    assert all(wrapped and is_classp for wrapped, is_classp, _, _ in seen)
+    assert {backend for _, _, backend, _ in seen} == {trainer.optimizers[0].backend}
+    assert all(0 < fraction <= 1 for _, _, _, fraction in seen[1:])  # the previous step's
+
+
 def test_penalty_once_per_step_after_clipping_with_accumulation(tmp_path, monkeypatch):
     from classp_fused import optim
 

@@ -1,13 +1,17 @@
 """The torch.optim contract of classp_fused.CLASSP, on every backend available on the CPU."""
 import copy
 import io
+import re
+import warnings
 
 import pytest
 import torch
 
 import classp_fused
 from classp_fused import CLASSP
+from classp_fused.validation import FOREIGN_KEYS
 from helpers import CPU_BACKENDS, bits, random_like, tiny_model, train_steps
+from test_optim_contract import assert_unchanged, snapshot
 
 
 @pytest.fixture(params=CPU_BACKENDS)
@@ -41,6 +45,56 @@ def test_constructor_rejects_unusable_params():
         CLASSP([torch.zeros(3, dtype=torch.int32)], lr=0.1)
     with pytest.raises(ValueError, match="overlap"):
         CLASSP([torch.zeros(1, 3).expand(4, 3)], lr=0.1)
+
+
+TORCH_FLAGS_OFF = [("foreach", None), ("foreach", False), ("fused", None), ("fused", False),
+                   ("capturable", False), ("differentiable", False), ("maximize", False),
+                   ("weight_decay", 0.0)]
+
+
+@pytest.mark.parametrize("key, value", TORCH_FLAGS_OFF)
+def test_options_of_torch_optimizers_set_off_are_ignored_with_a_warning(key, value):
+    model, reference = tiny_model(), tiny_model()
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        optimizer = CLASSP(model.parameters(), lr=0.05, **{key: value})
+    assert [(str(w.message), w.filename) for w in seen] == [
+        (f"CLASSP ignores {key}={value!r}: {FOREIGN_KEYS[key]}", __file__)]
+    assert key not in optimizer.param_groups[0] and key not in optimizer.defaults
+    train_steps(model, optimizer, 2)
+    train_steps(reference, CLASSP(reference.parameters(), lr=0.05), 2)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), reference.parameters()))
+
+
+@pytest.mark.parametrize("key", ["foreach", "fused", "capturable", "differentiable", "maximize"])
+def test_options_of_torch_optimizers_set_on_are_refused_naming_them(key):
+    with pytest.raises(ValueError, match=rf"^{key}=True is not supported; "
+                                         rf"{re.escape(FOREIGN_KEYS[key])}\. Leave it out"):
+        CLASSP(tiny_model().parameters(), lr=0.05, **{key: True})
+
+
+def test_an_unknown_constructor_argument_is_a_type_error():
+    with pytest.raises(TypeError, match=r"unexpected keyword argument 'momentum_buffer'"):
+        CLASSP(tiny_model().parameters(), lr=0.05, momentum_buffer=None)
+
+
+def test_param_groups_of_a_torch_optimizer_take_one_warning_per_key(backend):
+    """SGD's groups hold its constructor flags (foreach, fused, differentiable, ...)."""
+    model, reference = tiny_model(), tiny_model()
+    groups = torch.optim.SGD(model.parameters(), lr=0.05).param_groups
+    sgd_keys = set(groups[0]) - {"params", "lr"}
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        optimizer = CLASSP(groups, lr=0.1, backend=backend)
+    ignored = {str(w.message).split("=")[0].split()[-1] for w in seen}
+    assert ignored == sgd_keys
+    assert {"foreach", "fused", "differentiable"} <= ignored
+    train_steps(model, optimizer, 2)
+    train_steps(reference, CLASSP(reference.parameters(), lr=0.05, backend=backend), 2)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), reference.parameters()))
+    with pytest.raises(ValueError, match=r"param group 0: fused=True is not supported"):
+        CLASSP(torch.optim.SGD(tiny_model().parameters(), lr=0.05, fused=True).param_groups,
+               lr=0.1)
 
 
 def test_bad_param_group_hyperparameter_named():
@@ -253,6 +307,56 @@ def test_amp_grad_scale_unscales_inside_the_step(backend):
         runs.append([p.detach().clone() for p in model.parameters()])
     for p, q in zip(*runs):
         torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+
+
+BAD_AMP_SCALARS = {
+    "a float": (2.0, TypeError, r"must be None or a floating-point tensor, got float"),
+    "an integer tensor": (torch.tensor(2), TypeError, r"floating-point tensor, got a torch.int64"),
+    "a bool tensor": (torch.tensor(False), TypeError, r"floating-point tensor, got a torch.bool"),
+    "two elements": (torch.ones(2), ValueError, r"must be of shape \(\) or \(1,\), got shape "
+                                                r"\(2,\)"),
+    "shape (1, 1)": (torch.ones(1, 1), ValueError, r"must be of shape \(\) or \(1,\)"),
+    "on the meta device": (torch.ones((), device="meta"), RuntimeError,
+                           r"is a tensor on meta; it must be on the CPU or on the params' "
+                           r"device cpu"),
+}
+
+
+@pytest.mark.parametrize("steps", [0, 2], ids=["first step", "later step"])
+@pytest.mark.parametrize("name", ["grad_scale", "found_inf"])
+@pytest.mark.parametrize("case", BAD_AMP_SCALARS)
+def test_amp_scalars_of_a_wrong_kind_fail_the_step_before_anything_changes(backend, steps,
+                                                                          name, case):
+    """What the optimizer reads from a GradScaler (or from code standing in for one)."""
+    value, error, message = BAD_AMP_SCALARS[case]
+    model = tiny_model()
+    opt = CLASSP([{"params": model[0].parameters()}, {"params": model[2].parameters()}],
+                 lr=0.05, backend=backend)
+    train_steps(model, opt, steps)
+    model(torch.randn(2, 6)).sum().backward()
+    opt.grad_scale, opt.found_inf = torch.tensor(4.0), torch.tensor(0.0)
+    setattr(opt, name, value)
+    before = snapshot(opt)
+    with pytest.raises(error, match=rf"param group 0: optimizer.{name} .*{message}"):
+        opt.step()
+    assert_unchanged(opt, before)
+
+
+@pytest.mark.parametrize("found_inf", [0.0, 1.0])
+def test_amp_scalars_of_shape_1_and_16_bit_step_as_gradscalers(backend, found_inf):
+    runs = []
+    for shape, dtype in (((), torch.float32), ((1,), torch.float16)):
+        model = tiny_model()
+        opt = CLASSP(model.parameters(), lr=0.05, backend=backend)
+        train_steps(model, opt, 1)
+        model(torch.randn(2, 6, generator=torch.Generator().manual_seed(2))).sum().backward()
+        opt.grad_scale = torch.full(shape, 2.0, dtype=dtype)
+        opt.found_inf = torch.full(shape, found_inf, dtype=dtype)
+        opt.step()
+        runs.append([bits(t).clone() for t in [*model.parameters(), *(
+            s[key] for s in opt.state.values() for key in ("accumulator", "step"))]])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+    assert {float(s["step"]) for s in opt.state.values()} == {2.0 - found_inf}
 
 
 def test_grad_scaler_integration(backend):

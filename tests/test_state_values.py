@@ -1,8 +1,8 @@
 """The optimizer's state cannot be put into a bad state by value: accumulators and step counts
 checked where they enter (load_state_dict, unpickling), lr tensors on a device the kernels read,
-keys of other optimizers set after construction, step counters and accumulators replaced by the
-user. Every refusal leaves every tensor and every group bit for bit as it was, on every CPU
-backend."""
+keys of other optimizers set after construction, groups appended to param_groups directly, step
+counters and accumulators replaced by the user. Every refusal leaves every tensor and every
+group bit for bit as it was, on every CPU backend."""
 import copy
 import pickle
 import warnings
@@ -239,6 +239,50 @@ def test_a_key_of_another_optimizer_set_off_later_is_ignored_with_a_warning(back
         optimizer.step()
     assert seen[0].filename == __file__
     assert optimizer.state[model[2].bias]["step"].item() == 3
+
+
+# ------------------------------------------------------------------ groups appended directly
+def _appended(optimizer, **group):
+    """A param group with a grad appended to ``param_groups`` directly (no defaults filled)."""
+    p = torch.nn.Parameter(random_like((5,)))
+    p.grad = random_like((5,))
+    optimizer.param_groups.append({"params": [p], **group})
+    return p
+
+
+@pytest.mark.parametrize("steps", [0, 2], ids=["first step", "later step"])
+def test_a_group_appended_without_hyperparameters_fails_the_step_naming_them(backend, steps):
+    """torch fills no defaults into a group appended to param_groups directly."""
+    model, optimizer = _stepped(backend, steps)
+    _appended(optimizer, lr=0.1, eps=1e-5)
+    _refused(optimizer, optimizer.step, ValueError,
+             r"param group 2 lacks \['threshold', 'power', 'apply_scaling', "
+             r"'relative_threshold'\]: a group appended to param_groups directly gets no "
+             r"defaults; add it with optimizer.add_param_group\(group\)")
+    optimizer.param_groups.pop()
+    optimizer.step()
+
+
+def test_a_group_appended_with_one_tensor_for_params_fails_the_step(backend):
+    model, optimizer = _stepped(backend)
+    p = torch.nn.Parameter(random_like((3, 4)))
+    p.grad = random_like((3, 4))
+    optimizer.param_groups.append({**optimizer.defaults, "params": p})
+    before = [t.clone() for t in (p, model[0].weight, optimizer.state[model[0].weight]["step"])]
+    with pytest.raises(TypeError, match=r"param group 2: params is a tensor, not a list of "
+                                        r"tensors; add the group with "
+                                        r"optimizer.add_param_group\(group\)"):
+        optimizer.step()
+    assert all(torch.equal(t, u) for t, u in zip(
+        before, (p, model[0].weight, optimizer.state[model[0].weight]["step"])))
+    assert p not in optimizer.state
+
+
+def test_a_group_appended_with_every_key_steps(backend):
+    model, optimizer = _stepped(backend)
+    p = _appended(optimizer, **optimizer.defaults)
+    optimizer.step()
+    assert optimizer.state[p]["step"].item() == 1
 
 
 # ------------------------------------------------------------------ replaced step counters
