@@ -48,7 +48,7 @@ def penalized_grad(param: Tensor, grad: Tensor, *, grad_scale: Tensor | None = N
     dtype = compute_dtype(param)
     g = grad.to(dtype)
     if grad_scale is not None:
-        g = g / grad_scale.to(device=g.device, dtype=dtype)
+        g = g / grad_scale.to(device=g.device, dtype=dtype).reshape(())
     if importance is not None:
         g = g + 2.0 * scale * (importance.to(dtype) * (param.to(dtype) - anchor.to(dtype)))
     return g
@@ -176,7 +176,7 @@ def classp_legacy_update_(param: Tensor, grad: Tensor, acc: Tensor, *, lr, thres
     dtype = compute_dtype(param)
     g = grad.to(dtype)
     if grad_scale is not None:
-        g = g / grad_scale.to(device=g.device, dtype=dtype)
+        g = g / grad_scale.to(device=g.device, dtype=dtype).reshape(())
     finite = torch.isfinite(g)
     g = torch.where(finite, g, 0)
     gate = float(bool((g * g).any())) > threshold

@@ -101,3 +101,23 @@ def test_overflow_step_is_skipped_and_the_run_goes_on(backend):
     _train(reference, reference_optimizer, inputs[:1])
     _train(reference, reference_optimizer, inputs[2:], autocast_dtype=torch.float16)
     _assert_same_run(model, optimizer, reference, reference_optimizer, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("backend", CPU_BACKENDS)
+def test_op_takes_one_element_amp_scalars_of_any_shape(backend):
+    """grad_scale and found_inf of shape (1, 1) step as their 0-dim values do, on every
+    tensor of the list (a broadcast against the first param would fail after changing it)."""
+    from classp_fused import classp_step_
+    torch.manual_seed(3)
+    made = [(torch.randn(5), torch.randn(5) * 4), (torch.randn(3, 2), torch.randn(3, 2) * 4)]
+    results = []
+    for shape in ((), (1, 1)):
+        params = [p.clone() for p, _ in made]
+        accs = [torch.zeros_like(p) for p in params]
+        counts = classp_step_(params, [g for _, g in made], accs, lr=0.1, backend=backend,
+                              grad_scale=torch.full(shape, 4.0),
+                              found_inf=torch.zeros(shape))
+        results.append((counts, params, accs))
+    (counts, params, accs), (counts2, params2, accs2) = results
+    assert torch.equal(counts, counts2)
+    assert all(torch.equal(a, b) for a, b in zip(params + accs, params2 + accs2))
