@@ -1,0 +1,85 @@
+"""Compressed-accumulator cases for the kernels' tests: fresh random params, gradients and
+accumulators stored in their formats (``classp_fused.state_formats``), the rounding keys of each
+step, and the comparison of the state a kernel leaves with the reference's: counts identical,
+accumulator codes, scales and bfloat16 bits identical, params to a tolerance."""
+import torch
+
+from classp_fused import state_formats
+from classp_fused.backends.step_spec import CompressedState
+from helpers import bits, random_like
+
+FORMAT_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "8bit": torch.uint8}
+PARAM_TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-6),
+                   torch.float16: dict(rtol=1e-3, atol=1e-3),
+                   torch.bfloat16: dict(rtol=8e-3, atol=8e-3)}
+SEED = 1234  # the rounding seed of the keys
+
+
+def accumulator_values(shape, generator) -> torch.Tensor:
+    """Positive float32 values spread over 40 binades, so that blocks hold values far below
+    their top (8-bit codes of every exponent, and below the 2**-15 range)."""
+    exponents = torch.rand(shape, generator=generator) * 40 - 34
+    return torch.exp2(exponents) * (0.5 + torch.rand(shape, generator=generator))
+
+
+def stored(values: torch.Tensor, fmt: str, generator):
+    """``values`` (float32) stored in format ``fmt``, rounded with random bits: the accumulator
+    of their shape and its block scales (None but for "8bit")."""
+    if fmt == "fp32":
+        return values.clone(), None
+    random = torch.randint(0, 2 ** 32, (values.numel(),), dtype=torch.int64, generator=generator)
+    if fmt == "bf16":
+        return state_formats.round_bf16(values.reshape(-1), random).view(values.shape), None
+    codes, scales = state_formats.encode_blocks(values.reshape(-1), random)
+    return codes.view(values.shape), scales
+
+
+def _dtypes(dtype, n):
+    return list(dtype) if isinstance(dtype, (list, tuple)) else [dtype] * n
+
+
+def make_state(shapes, formats, dtype=torch.float32, seed=0):
+    """Params of ``dtype`` (one, or one per shape) and accumulators in ``formats`` (one per
+    shape) with their scales."""
+    g = torch.Generator().manual_seed(seed)
+    params = [random_like(shape, d, g) for shape, d in zip(shapes, _dtypes(dtype, len(shapes)))]
+    pairs = [stored(accumulator_values(shape, g), fmt, g) for shape, fmt in zip(shapes, formats)]
+    return params, [acc for acc, _ in pairs], [scales for _, scales in pairs]
+
+
+def make_grads(shapes, dtype=torch.float32, seed=0, scale=0.6):
+    """Normal gradients (no exact zeros) of ``dtype`` (one, or one per shape) scaled by
+    ``scale``."""
+    g = torch.Generator().manual_seed(10_000 + seed)
+    return [random_like(shape, d, g, scale=scale)
+            for shape, d in zip(shapes, _dtypes(dtype, len(shapes)))]
+
+
+def step_keys(n: int, step: int) -> torch.Tensor:
+    """The rounding keys of ``n`` tensors at ``step`` (one seed per tensor)."""
+    count = torch.tensor(float(step))
+    return torch.stack([state_formats.tensor_key(SEED + i, count) for i in range(n)])
+
+
+def copies(tensors, device):
+    """Copies of ``tensors`` on ``device`` (None stays None)."""
+    return [None if t is None else t.to(device, copy=True) for t in tensors]
+
+
+def compressed(scales, keys, offsets, device) -> CompressedState:
+    return CompressedState(list(scales), keys.to(device), list(offsets))
+
+
+def assert_same_state(mine, theirs, check_params=True):
+    """``mine`` and ``theirs``: (params, accs, scales) lists. Accumulators and scales bit for
+    bit, params to the tolerance of their dtype."""
+    for p, q in zip(mine[0], theirs[0]):
+        if check_params:
+            torch.testing.assert_close(p.cpu(), q, **PARAM_TOLERANCE[q.dtype])
+    for i, (a, b) in enumerate(zip(mine[1], theirs[1])):
+        assert a.dtype == b.dtype and torch.equal(bits(a.cpu()), bits(b)), (
+            f"accs[{i}] ({b.dtype}): {int((bits(a.cpu()) != bits(b)).sum())} elements differ")
+    for i, (s, t) in enumerate(zip(mine[2], theirs[2])):
+        assert (s is None) == (t is None)
+        if s is not None:
+            assert torch.equal(bits(s.cpu()), bits(t)), f"scales of accs[{i}] differ"
