@@ -32,10 +32,10 @@ namespace {
 
 // Work tables in device memory, one per device, dtype, accumulator format and list of tensor
 // records, built on first use and reused while the same tensors are stepped: a step then copies
-// nothing from the host. The least recently used table is dropped beyond kCachedTables, except tables a CUDA
-// graph captured, kept for good since a replay reads them. A table first needed while a stream
-// is capturing is built inside the graph (its writes are kernels the graph replays) and not
-// cached, as eager steps could read it before any replay.
+// nothing from the host. The least recently used table is dropped beyond kCachedTables, except
+// tables a CUDA graph captured, kept for good since a replay reads them. A table first needed
+// while a stream is capturing is built inside the graph (its writes are kernels the graph
+// replays) and not cached, as eager steps could read it before any replay.
 class WorkTableCache {
  public:
   // The table and a tensor owning its memory (valid at least until the step is enqueued).

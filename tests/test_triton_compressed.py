@@ -14,10 +14,10 @@ import torch
 import classp_fused
 from classp_fused import state_formats
 from classp_fused.backends import triton as triton_backend
-from classp_fused.backends.step_spec import Penalty, step_spec
+from classp_fused.backends.step_spec import step_spec
 from classp_fused.reference import classp_step_ as reference_step_
-from compressed_cases import (assert_same_state, compressed, copies, make_grads, make_state,
-                              step_keys)
+from compressed_cases import (HYPER, STEPS, assert_same_state, compare_steps, compressed,
+                              copies, make_grads, make_state, step_keys)
 from helpers import bits
 
 DEVICE = next((d for d in ("cuda", "cpu") if triton_backend.is_available(torch.device(d))), None)
@@ -28,8 +28,6 @@ pytestmark = [
     pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning"),
 ]
 CHUNK = triton_backend.CHUNK
-HYPER = dict(lr=0.05, threshold=0.01, eps=1e-5, power=2.0, apply_scaling=True)
-STEPS = 3
 
 
 def _traced_body():
@@ -37,46 +35,12 @@ def _traced_body():
     return triton_backend.classp_step_triton.set_kernel_enabled(DEVICE, False)
 
 
-def _run(shapes, formats, hyper=HYPER, steps=STEPS, dtype=torch.float32, offsets=None,
-         grads=None, penalty=None, relative_threshold=0.0, grad_scale=None, traced=False):
-    """``steps`` steps of the kernel and of the reference from the same fresh state, with fresh
-    gradients (``grads(step)``, or random) and rounding keys each step; counts compared at each
-    step, the state at the end. ``penalty``: (form, scale). Returns both states."""
-    n = len(shapes)
-    ref = make_state(shapes, formats, dtype)
-    ours = tuple(copies(ts, DEVICE) for ts in ref)
-    offsets = [0] * n if offsets is None else offsets
-    ref_penalty = our_penalty = None
-    if penalty is not None:
-        g = torch.Generator().manual_seed(77)
-        weights = [torch.rand(shape, generator=g).to(p.dtype) for shape, p in zip(shapes, ref[0])]
-        anchors = [p + 0.1 for p in ref[0]]
-        ref_penalty = Penalty(*penalty, weights, anchors)
-        our_penalty = Penalty(*penalty, copies(weights, DEVICE), copies(anchors, DEVICE))
-    ref_means = our_means = None
-    if relative_threshold:
-        ref_means = [torch.tensor(0.0) for _ in shapes]
-        our_means = copies(ref_means, DEVICE)
-    amp = {} if grad_scale is None else dict(grad_scale=grad_scale)
-    for step in range(steps):
-        step_grads = grads(step) if grads else make_grads(shapes, dtype, seed=step)
-        keys = step_keys(n, step)
-        expected = reference_step_(ref[0], step_grads, ref[1], **hyper, **amp,
-                                   penalty=ref_penalty, relative_threshold=relative_threshold,
-                                   grad_sq_means=ref_means,
-                                   compressed=compressed(ref[2], keys, offsets, "cpu"))
-        spec = step_spec(hyper["lr"], hyper["threshold"], hyper["eps"], hyper["power"],
-                         hyper["apply_scaling"], *copies([grad_scale], DEVICE), None,
-                         our_penalty, relative_threshold, our_means,
-                         compressed(ours[2], keys, offsets, DEVICE))
-        with _traced_body() if traced else contextlib.nullcontext():
-            counts = triton_backend.step(ours[0], copies(step_grads, DEVICE), ours[1], spec)
-        assert torch.equal(counts.cpu(), expected), (step, counts, expected)
-    assert_same_state(ours, ref)
-    if relative_threshold:
-        for mine, theirs in zip(our_means, ref_means):
-            torch.testing.assert_close(mine.cpu(), theirs, rtol=1e-5, atol=0)
-    return ours, ref
+def _run(shapes, formats, traced=False, **options):
+    """``compare_steps`` of the triton backend: on the tensors by address, or (``traced``) the
+    op body torch.compile traces."""
+    context = _traced_body if traced else contextlib.nullcontext
+    return compare_steps(triton_backend.step, DEVICE, shapes, formats, context=context,
+                         **options)
 
 
 @pytest.mark.parametrize("fmt", ["bf16", "8bit"])
