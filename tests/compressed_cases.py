@@ -21,10 +21,14 @@ STEPS = 3
 
 
 def accumulator_values(shape, generator) -> torch.Tensor:
-    """Positive float32 values spread over 40 binades, so that blocks hold values far below
-    their top (8-bit codes of every exponent, and below the 2**-15 range)."""
-    exponents = torch.rand(shape, generator=generator) * 40 - 34
-    return torch.exp2(exponents) * (0.5 + torch.rand(shape, generator=generator))
+    """Positive float32 values: per block of 256 a top between 2**-24 and 2**4 (a step's
+    squared gradients raise the small ones: new scales), the block's values spread over 30
+    binades below it (8-bit codes of every exponent, and below the 2**-15 range)."""
+    numel = torch.Size(shape).numel()
+    tops = torch.randint(-24, 5, (state_formats.num_blocks(numel),), generator=generator)
+    below = torch.rand(numel, generator=generator) * 30
+    exponents = tops.repeat_interleave(state_formats.BLOCK)[:numel] - below
+    return (torch.exp2(exponents) * (0.5 + torch.rand(numel, generator=generator))).view(shape)
 
 
 def stored(values: torch.Tensor, fmt: str, generator):

@@ -19,8 +19,8 @@ pytestmark = pytest.mark.skipif("cuda" not in GPU_BACKENDS, reason="needs a GPU"
 CHUNK = 1 << 16  # the CUDA kernel's chunk (csrc/classp_plan.h)
 
 
-def _run(shapes, formats, **options):
-    return compare_steps(cuda_backend.step, "cuda", shapes, formats, **options)
+def _run(shapes, formats, hyper=HYPER, **options):
+    return compare_steps(cuda_backend.step, "cuda", shapes, formats, hyper, **options)
 
 
 @pytest.mark.parametrize("fmt", ["bf16", "8bit"])

@@ -35,11 +35,11 @@ def _traced_body():
     return triton_backend.classp_step_triton.set_kernel_enabled(DEVICE, False)
 
 
-def _run(shapes, formats, traced=False, **options):
+def _run(shapes, formats, hyper=HYPER, *, traced=False, **options):
     """``compare_steps`` of the triton backend: on the tensors by address, or (``traced``) the
     op body torch.compile traces."""
     context = _traced_body if traced else contextlib.nullcontext
-    return compare_steps(triton_backend.step, DEVICE, shapes, formats, context=context,
+    return compare_steps(triton_backend.step, DEVICE, shapes, formats, hyper, context=context,
                          **options)
 
 
