@@ -1,9 +1,11 @@
-"""Backend ``triton``: the CLASSP step as one Triton kernel launch per parameter dtype.
+"""Backend ``triton``: the CLASSP step as one Triton kernel launch per parameter dtype and
+accumulator format.
 
-The tensors of a dtype group (split by whether a penalty covers them) are cut into
+The tensors of a group (split by whether a penalty covers them) are cut into
 ``CHUNK``-element chunks. An int64 table gives each chunk the element offsets of its param,
-grad and accumulator (and importance and anchor) from the group's first tensors, its length and
-its output row; it is cached per set of tensor addresses, so repeated steps on the same tensors
+grad and accumulator (and importance and anchor) from the group's first tensors, its length,
+its output row, the offset of its first 8-bit scale and the index of its first element within
+its parameter; it is cached per set of tensor addresses, so repeated steps on the same tensors
 neither rebuild nor copy it. Programs are persistent: as many as the GPU holds
 at once, each striding over the chunks and adding its counts when the chunks' row changes.
 Grads, read once, are loaded with the evict-first hint. lr is read by the kernel from its
@@ -13,15 +15,16 @@ host (a new table comes from pinned memory, asynchronously). Params may be float
 bfloat16 or float16; arithmetic is float32, and the param is rounded once on write.
 
 Accumulators are float32, or compressed (``classp_fused.state_formats``): bfloat16, or 8-bit
-codes with a float32 scale per block of 256 elements. The formats take separate launches. A
-compressed accumulator is decoded to float32, updated, and its selected elements' new values
-rounded back stochastically with the random bits of their element indices, drawn from the
-tensor's rounding key (read by the kernel from the keys tensor); the 8-bit kernel works on
-whole blocks (rows of 256 elements): a block with a selected element gets its codes and its
-scale written anew, from its maximum. The products, sums and quotients a compressed
-accumulator is made of are rounded each on its own (no fused multiply-add) on the GPU as in the
-interpreter, so they match the reference bit for bit (but for a generic power's ``|g|**p``,
-computed as ``exp2(p * log2|g|)``).
+codes with a float32 scale per block of 256 elements. A compressed accumulator is decoded to
+float32, updated, and its selected elements' new values rounded back stochastically with the
+random bits of their element indices, drawn from the tensor's rounding key (read by the kernel
+from the keys tensor); the 8-bit kernel works on whole blocks (rows of 256 elements): a block
+with a selected element gets its codes and its scale written anew, from its maximum. On the
+GPU the gradient's quotient by grad_scale, its square, the explicit penalty's product and the
+decoding products are PTX instructions with an explicit rounding (no fused multiply-add
+whatever the compile options, no approximate division), as numpy rounds them in the
+interpreter and the reference does: accumulators match the reference bit for bit, but for a
+generic power's ``|g|**p``, computed as ``exp2(p * log2|g|)``.
 
 Gradient means (the relative threshold, SPEC section 4a): the kernel reads each tensor's
 threshold, ``max(threshold, tau * S)``, from a vector made from the means before the launch, and
@@ -54,6 +57,7 @@ except ImportError:  # the backend is then unavailable
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 CHUNK = 4096  # elements per program; fixed, so the table does not depend on the tuned BLOCK_SIZE
+# (a multiple of every BLOCK_SIZE and of the 8-bit block, so that no block straddles two)
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 ALIGNMENT = 16  # bytes; every tensor the kernel touches starts on this boundary
 PROGRAMS_PER_SM = 8  # resident programs per GPU multiprocessor (at 4 or 8 warps each)
@@ -282,7 +286,7 @@ if triton is not None:
     # param, grad and acc offsets, length, output row, importance and anchor offsets, the offset
     # of the first block's scale, the index of the first element within its parameter
     TABLE_COLUMNS = tl.constexpr(9)
-    # On the GPU, products and quotients a compressed accumulator is made of are PTX
+    # On the GPU, the products and quotients accumulators are made of are PTX
     # instructions with an explicit rounding: never contracted into a fused multiply-add,
     # whatever the compile options; the interpreter (numpy) rounds each operation anyway.
     ROUNDED_ASM = tl.constexpr(not INTERPRET)
