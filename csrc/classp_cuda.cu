@@ -49,8 +49,8 @@ constexpr int kIlp = 2;           // packs per thread in flight
 constexpr int kMaxDevices = 64;
 constexpr int kWarp = 32;
 constexpr int kCodesPerLane = kCodeBlock / kWarp;   // a warp steps a block
-constexpr uint32_t kCodeBias = (127 - 16) << 4;     // fp32 bits >> 19 of code 16 (2**-15)
-constexpr float kSaturation = 0x1.fp126f;           // 31/32 * 2**127: the top code at E = 127
+constexpr uint32_t kCodeBias = (127 - 32) << 3;     // fp32 bits >> 20 of code 8 (2**-31)
+constexpr float kSaturation = 0x1.ep126f;           // 15/16 * 2**127: the top code at E = 127
 
 enum class Power { kOne, kTwo, kGeneric };
 
@@ -124,8 +124,8 @@ __device__ __forceinline__ acc_storage_t<kAcc, T> encode_acc(T value, uint32_t k
 // The value of 8-bit code `c` in a block of scale `scale`: both products exact
 // (state_formats.decode).
 __device__ __forceinline__ float decode_code(uint32_t c, float scale) {
-  const float q = c >= 16 ? __uint_as_float((c + kCodeBias) << 19)
-                          : __fmul_rn(static_cast<float>(c), 0x1p-19f);
+  const float q = c >= 8 ? __uint_as_float((c + kCodeBias) << 20)
+                         : __fmul_rn(static_cast<float>(c), 0x1p-34f);
   return __fmul_rn(q, scale);
 }
 
@@ -133,18 +133,18 @@ __device__ __forceinline__ float decode_code(uint32_t c, float scale) {
 // with `bits` (state_formats.encode_blocks): a positive x never gets code 0.
 __device__ __forceinline__ uint32_t encode_code(float x, float inverse, uint32_t bits) {
   const float q = __fmul_rn(x, inverse);  // x / scale, exact
-  const bool low = q < 0x1p-15f;
-  const uint32_t shifted = __float_as_uint(low ? __fadd_rn(q, 0x1p-15f) : q);
-  const int code = static_cast<int>((shifted + (bits & 0x7FFFFu)) >> 19) -
-                   static_cast<int>(kCodeBias) - (low ? 16 : 0);
+  const bool low = q < 0x1p-31f;
+  const uint32_t shifted = __float_as_uint(low ? __fadd_rn(q, 0x1p-31f) : q);
+  const int code = static_cast<int>((shifted + (bits & 0xFFFFFu)) >> 20) -
+                   static_cast<int>(kCodeBias) - (low ? 8 : 0);
   return x > 0.0f ? static_cast<uint32_t>(max(code, 1)) : 0u;
 }
 
 // The block scale 2**E for a block maximum `top` (0 for 0), E the smallest exponent >= -125
-// with top <= 31/32 * 2**E, and 2**-E (a subnormal for E = 127): state_formats.block_scales.
+// with top <= 15/16 * 2**E, and 2**-E (a subnormal for E = 127): state_formats.block_scales.
 __device__ __forceinline__ void block_scale(float top, float& scale, float& inverse) {
   const uint32_t bits = __float_as_uint(fmaxf(top, 0x1p-126f));
-  const int exponent = static_cast<int>(bits >> 23) - 126 + ((bits & 0x7FFFFFu) > 0x780000u);
+  const int exponent = static_cast<int>(bits >> 23) - 126 + ((bits & 0x7FFFFFu) > 0x700000u);
   scale = top > 0.0f ? __uint_as_float(static_cast<uint32_t>(exponent + 127) << 23) : 0.0f;
   inverse = __uint_as_float(exponent <= 126 ? static_cast<uint32_t>(127 - exponent) << 23
                                             : 1u << 22);

@@ -292,7 +292,7 @@ if triton is not None:
     ROUNDED_ASM = tl.constexpr(not INTERPRET)
     CODE_BLOCK = tl.constexpr(state_formats.BLOCK)
     SATURATION = tl.constexpr(state_formats.SATURATION)
-    CODE_BIAS = tl.constexpr((127 - 16) << 4)  # float32 bits >> 19 of the code 0x10 (1 * 2**-15)
+    CODE_BIAS = tl.constexpr((127 - 32) << 3)  # float32 bits >> 20 of the code 8 (2**-31)
 
     def _configs():
         if INTERPRET:  # the interpreter runs a single config
@@ -349,8 +349,8 @@ if triton is not None:
         """The float32 values of uint8 ``codes`` (rows of a block each) with their rows'
         ``scales``: both products exact."""
         c = codes.to(tl.int32)
-        normal = ((c + CODE_BIAS) << 19).to(tl.float32, bitcast=True)
-        q = tl.where(c >= 16, normal, c.to(tl.float32) * 2.0 ** -19)
+        normal = ((c + CODE_BIAS) << 20).to(tl.float32, bitcast=True)
+        q = tl.where(c >= 8, normal, c.to(tl.float32) * 2.0 ** -34)
         return _mul_rn(q, scales[:, None])
 
     @triton.jit
@@ -359,15 +359,15 @@ if triton is not None:
         block each, zeros past a tensor's end) with uint32 random ``bits``: codes and scales."""
         top = tl.max(x, axis=1)
         top_bits = tl.maximum(top, 2.0 ** -126).to(tl.int32, bitcast=True)
-        exponent = (top_bits >> 23) - 126 + ((top_bits & 0x7FFFFF) > 0x780000).to(tl.int32)
+        exponent = (top_bits >> 23) - 126 + ((top_bits & 0x7FFFFF) > 0x700000).to(tl.int32)
         scales = tl.where(top > 0, ((exponent + 127) << 23).to(tl.float32, bitcast=True), 0.0)
         # 2**-exponent, exact (a subnormal for exponent 127): x times it is x / scale
         inverse = tl.where(exponent <= 126, (127 - exponent) << 23, 1 << 22)
         q = _mul_rn(x, inverse.to(tl.float32, bitcast=True)[:, None])
-        low = q < 2.0 ** -15
-        shifted = tl.where(low, q + 2.0 ** -15, q).to(tl.int32, bitcast=True)
-        code = ((shifted + (bits & 0x7FFFF).to(tl.int32)) >> 19) - CODE_BIAS
-        code = tl.where(low, code - 16, code)
+        low = q < 2.0 ** -31
+        shifted = tl.where(low, q + 2.0 ** -31, q).to(tl.int32, bitcast=True)
+        code = ((shifted + (bits & 0xFFFFF).to(tl.int32)) >> 20) - CODE_BIAS
+        code = tl.where(low, code - 8, code)
         code = tl.where(x > 0, tl.maximum(code, 1), 0)
         return code.to(tl.uint8), scales
 
