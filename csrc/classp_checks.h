@@ -13,6 +13,7 @@
 #include <string>
 #include <vector>
 
+#include "classp_formats.h"
 #include "classp_penalty.h"
 
 namespace classp {
@@ -22,14 +23,24 @@ inline c10::ScalarType compute_dtype(c10::ScalarType param_dtype) {
   return param_dtype == c10::kDouble ? c10::kDouble : c10::kFloat;
 }
 
+// The format of an accumulator of dtype `acc_dtype` (checked) for a param of `param_dtype`.
+inline AccFormat acc_format(c10::ScalarType param_dtype, c10::ScalarType acc_dtype) {
+  if (acc_dtype == compute_dtype(param_dtype)) {
+    return AccFormat::kExact;
+  }
+  return acc_dtype == c10::kBFloat16 ? AccFormat::kBFloat16 : AccFormat::kCode8;
+}
+
 // TORCH_CHECKs what the op needs: the Python wrapper validates too, but the op can be called
 // directly. Every tensor of the lists must live on `device`; a device of type CPU for the CPU
 // kernel, the params' CUDA device for the CUDA kernel. `lr` may live on the CPU or on `device`.
+// With `compressed`, the accumulator of a param that is not float64 may also be a contiguous
+// bfloat16 or uint8 (8-bit codes) tensor (see check_compressed_inputs).
 inline void check_step_inputs(at::TensorList params, at::TensorList grads, at::TensorList accs,
                               const at::Tensor& lr, double threshold, double eps, double power,
                               const std::optional<at::Tensor>& grad_scale,
                               const std::optional<at::Tensor>& found_inf,
-                              const c10::Device& device) {
+                              const c10::Device& device, bool compressed = false) {
   TORCH_CHECK(params.size() == grads.size() && params.size() == accs.size(),
               "classp_step_: params, grads and accs must have the same length, got ",
               params.size(), ", ", grads.size(), ", ", accs.size());
@@ -64,9 +75,15 @@ inline void check_step_inputs(at::TensorList params, at::TensorList grads, at::T
                 dtype);
     TORCH_CHECK(grad.scalar_type() == dtype, "classp_step_: grads[", i, "] has dtype ",
                 grad.scalar_type(), ", expected the param's ", dtype);
-    TORCH_CHECK(acc.scalar_type() == compute_dtype(dtype), "classp_step_: accs[", i,
-                "] has dtype ", acc.scalar_type(), ", expected ", compute_dtype(dtype),
+    const bool compressed_acc = compressed && dtype != c10::kDouble &&
+                                (acc.scalar_type() == c10::kBFloat16 ||
+                                 acc.scalar_type() == c10::kByte);
+    TORCH_CHECK(compressed_acc || acc.scalar_type() == compute_dtype(dtype), "classp_step_: accs[",
+                i, "] has dtype ", acc.scalar_type(), ", expected ", compute_dtype(dtype),
+                compressed && dtype != c10::kDouble ? " (or bfloat16 or uint8, compressed)" : "",
                 " for a ", dtype, " param");
+    TORCH_CHECK(!compressed_acc || acc.is_contiguous(), "classp_step_: accs[", i,
+                "] is a compressed (", acc.scalar_type(), ") accumulator and must be contiguous");
     TORCH_CHECK(param.layout() == c10::kStrided && grad.layout() == c10::kStrided &&
                     acc.layout() == c10::kStrided,
                 "classp_step_: params[", i, "], grads[", i, "] and accs[", i,
@@ -154,6 +171,55 @@ inline void check_grad_sq_means(at::TensorList params, double relative_threshold
                 " tensor");
     TORCH_CHECK(mean.device() == params[i].device(), "classp_step_: grad_sq_means[", i,
                 "] is on ", mean.device(), ", expected the param's device ", params[i].device());
+  }
+}
+
+// TORCH_CHECKs the arguments of compressed accumulators against the (checked) params and accs:
+// `acc_scales` holds, in order, one contiguous float32 tensor per uint8 accumulator with a scale
+// per block of kCodeBlock elements, on `device`; with a bfloat16 or uint8 accumulator,
+// `rounding_keys` is a contiguous int64 tensor of one key per param on `device` and
+// `index_offsets` holds one offset >= 0 per param.
+inline void check_compressed_inputs(at::TensorList params, at::TensorList accs,
+                                    at::TensorList acc_scales,
+                                    const std::optional<at::Tensor>& rounding_keys,
+                                    c10::IntArrayRef index_offsets, const c10::Device& device) {
+  size_t codes = 0;
+  bool compressed = false;
+  for (size_t i = 0; i < accs.size(); ++i) {
+    const AccFormat format = acc_format(params[i].scalar_type(), accs[i].scalar_type());
+    compressed = compressed || format != AccFormat::kExact;
+    if (format != AccFormat::kCode8) {
+      continue;
+    }
+    TORCH_CHECK(codes < acc_scales.size(), "classp_step_: acc_scales must hold the scales of ",
+                "every uint8 accumulator in order; it has none for accs[", i, "]");
+    const at::Tensor& scales = acc_scales[codes++];
+    const int64_t blocks = (accs[i].numel() + kCodeBlock - 1) / kCodeBlock;
+    TORCH_CHECK(scales.defined() && scales.scalar_type() == c10::kFloat &&
+                    scales.dim() == 1 && scales.numel() == blocks && scales.is_contiguous(),
+                "classp_step_: the scales of accs[", i, "] must be a contiguous float32 tensor ",
+                "of ", blocks, " elements (one per block of ", kCodeBlock, ")");
+    TORCH_CHECK(scales.device() == device, "classp_step_: the scales of accs[", i, "] are on ",
+                scales.device(), ", expected ", device);
+  }
+  TORCH_CHECK(codes == acc_scales.size(), "classp_step_: acc_scales holds ", acc_scales.size(),
+              " tensors, expected one per uint8 accumulator (", codes, ")");
+  if (!compressed) {
+    return;
+  }
+  TORCH_CHECK(rounding_keys.has_value() && rounding_keys->scalar_type() == c10::kLong &&
+                  rounding_keys->dim() == 1 &&
+                  rounding_keys->numel() == static_cast<int64_t>(params.size()) &&
+                  rounding_keys->is_contiguous(),
+              "classp_step_: rounding_keys must be a contiguous int64 tensor of one key per ",
+              "param (", params.size(), ") with compressed accumulators");
+  TORCH_CHECK(rounding_keys->device() == device, "classp_step_: rounding_keys is on ",
+              rounding_keys->device(), ", expected ", device);
+  TORCH_CHECK(index_offsets.size() == params.size(), "classp_step_: index_offsets must hold one ",
+              "offset per param (", params.size(), "), got ", index_offsets.size());
+  for (size_t i = 0; i < index_offsets.size(); ++i) {
+    TORCH_CHECK(index_offsets[i] >= 0, "classp_step_: index_offsets[", i, "] must be >= 0, got ",
+                index_offsets[i]);
   }
 }
 

@@ -16,12 +16,24 @@
 // from the means the op stacked before the launch, and the squared finite gradients (after the
 // explicit penalty) and element counts are summed like the counts into scratch the op turns
 // into the new means after the launch.
+//
+// Compressed accumulators (classp_fused/state_formats.py) take launches of their own. bfloat16
+// ones are decoded to fp32 and each selected element's new value is rounded stochastically
+// (its fp32 bits plus 16 random bits, truncated) in the packs as above. 8-bit codes are
+// stepped a block of kCodeBlock elements per warp, 8 per lane: the old values decoded with the
+// block's scale, and a block with a selected element encoded again whole, with a new scale from
+// its maximum (a warp reduction), the lanes storing their 8 codes and lane 0 the scale. The
+// random bits of an element come from its index within its parameter and the tensor's rounding
+// key, read on the device. Every operation the codes depend on is rounded on its own, as the
+// reference computes it: integer steps on the bits, and x / scale as a product with the exact
+// power of two 1 / scale.
 #include <c10/util/BFloat16.h>
 #include <c10/util/Half.h>
 
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
+#include <cstring>
 #include <limits>
 #include <type_traits>
 
@@ -35,6 +47,10 @@ constexpr int kThreads = 256;
 constexpr int kVectorBytes = 16;  // one 128-bit load or store
 constexpr int kIlp = 2;           // packs per thread in flight
 constexpr int kMaxDevices = 64;
+constexpr int kWarp = 32;
+constexpr int kCodesPerLane = kCodeBlock / kWarp;   // a warp steps a block
+constexpr uint32_t kCodeBias = (127 - 32) << 3;     // fp32 bits >> 20 of code 8 (2**-31)
+constexpr float kSaturation = 0x1.ep126f;           // 15/16 * 2**127: the top code at E = 127
 
 enum class Power { kOne, kTwo, kGeneric };
 
@@ -62,6 +78,77 @@ __device__ __forceinline__ float log2_of(float a) { return log2f(a); }
 __device__ __forceinline__ double log2_of(double a) { return log2(a); }
 __device__ __forceinline__ float exp2_of(float a) { return exp2f(a); }
 __device__ __forceinline__ double exp2_of(double a) { return exp2(a); }
+
+// lowbias32 (state_formats.mix32) in wrapping uint32 arithmetic.
+__device__ __forceinline__ uint32_t mix32(uint32_t x) {
+  x ^= x >> 16;
+  x *= 0x7FEB352Du;
+  x ^= x >> 15;
+  x *= 0x846CA68Bu;
+  return x ^ (x >> 16);
+}
+
+// The 32 random bits of element `index` (within its parameter) under `key`:
+// state_formats.element_bits.
+__device__ __forceinline__ uint32_t element_bits(uint32_t key, uint64_t index) {
+  return mix32(static_cast<uint32_t>(index) ^ mix32(key + static_cast<uint32_t>(index >> 32)));
+}
+
+// How an accumulator of format kAcc is stored, for arithmetic in T: as T itself, or as the
+// upper 16 bits of a float (bfloat16).
+template <AccFormat kAcc, typename T>
+using acc_storage_t = std::conditional_t<kAcc == AccFormat::kBFloat16, uint16_t, T>;
+
+template <AccFormat kAcc, typename T>
+__device__ __forceinline__ T decode_acc(acc_storage_t<kAcc, T> stored) {
+  if constexpr (kAcc == AccFormat::kBFloat16) {
+    return __uint_as_float(static_cast<uint32_t>(stored) << 16);
+  } else {
+    return stored;
+  }
+}
+
+// A selected element's new accumulator value as stored: bfloat16 rounded stochastically (the
+// fp32 bits plus the low 16 random bits, truncated; state_formats.round_bf16).
+template <AccFormat kAcc, typename T>
+__device__ __forceinline__ acc_storage_t<kAcc, T> encode_acc(T value, uint32_t key,
+                                                             uint64_t index) {
+  if constexpr (kAcc == AccFormat::kBFloat16) {
+    return static_cast<uint16_t>((__float_as_uint(value) + (element_bits(key, index) & 0xFFFFu))
+                                 >> 16);
+  } else {
+    return value;
+  }
+}
+
+// The value of 8-bit code `c` in a block of scale `scale`: both products exact
+// (state_formats.decode).
+__device__ __forceinline__ float decode_code(uint32_t c, float scale) {
+  const float q = c >= 8 ? __uint_as_float((c + kCodeBias) << 20)
+                         : __fmul_rn(static_cast<float>(c), 0x1p-34f);
+  return __fmul_rn(q, scale);
+}
+
+// The code of `x` (>= 0, at most the block's top) in a block of scale 1 / `inverse`, rounded
+// with `bits` (state_formats.encode_blocks): a positive x never gets code 0.
+__device__ __forceinline__ uint32_t encode_code(float x, float inverse, uint32_t bits) {
+  const float q = __fmul_rn(x, inverse);  // x / scale, exact
+  const bool low = q < 0x1p-31f;
+  const uint32_t shifted = __float_as_uint(low ? __fadd_rn(q, 0x1p-31f) : q);
+  const int code = static_cast<int>((shifted + (bits & 0xFFFFFu)) >> 20) -
+                   static_cast<int>(kCodeBias) - (low ? 8 : 0);
+  return x > 0.0f ? static_cast<uint32_t>(max(code, 1)) : 0u;
+}
+
+// The block scale 2**E for a block maximum `top` (0 for 0), E the smallest exponent >= -125
+// with top <= 15/16 * 2**E, and 2**-E (a subnormal for E = 127): state_formats.block_scales.
+__device__ __forceinline__ void block_scale(float top, float& scale, float& inverse) {
+  const uint32_t bits = __float_as_uint(fmaxf(top, 0x1p-126f));
+  const int exponent = static_cast<int>(bits >> 23) - 126 + ((bits & 0x7FFFFFu) > 0x700000u);
+  scale = top > 0.0f ? __uint_as_float(static_cast<uint32_t>(exponent + 127) << 23) : 0.0f;
+  inverse = __uint_as_float(exponent <= 126 ? static_cast<uint32_t>(127 - exponent) << 23
+                                            : 1u << 22);
+}
 
 // The step's scalars in the arithmetic type, rounded as the reference rounds them; `threshold`
 // is the current tensor's, `factor` the penalty's 2 * scale, `cap` the bound of its proximal
@@ -168,32 +255,35 @@ __device__ __forceinline__ bool is_vector_aligned(const void* ptr) {
   return reinterpret_cast<uintptr_t>(ptr) % kVectorBytes == 0;
 }
 
-// Elements of a param pack: one 128-bit word of params.
-template <typename scalar_t>
-constexpr int kPack = kVectorBytes / sizeof(scalar_t);
+// Elements of a pack: one 128-bit word of params or of accumulators, whichever are narrower.
+template <typename scalar_t, typename storage_t>
+constexpr int kPack = kVectorBytes / (sizeof(scalar_t) < sizeof(storage_t) ? sizeof(scalar_t)
+                                                                            : sizeof(storage_t));
 
 // Updates one pack in registers; writes it back whole if any element was selected. `w` and
-// `m` (importances and anchors) are read with a penalty only.
-template <Power kPower, PenaltyForm kForm, typename scalar_t, typename T>
-__device__ __forceinline__ void update_pack(Vector<scalar_t, kPack<scalar_t>>& p,
-                                            const Vector<scalar_t, kPack<scalar_t>>& g,
-                                            Vector<T, kPack<scalar_t>>& a,
-                                            const Vector<scalar_t, kPack<scalar_t>>& w,
-                                            const Vector<scalar_t, kPack<scalar_t>>& m,
-                                            const Hyper<T>& h,
-                                            Vector<scalar_t, kPack<scalar_t>>* p_out,
-                                            Vector<T, kPack<scalar_t>>* a_out, int& updated,
-                                            int& nonfinite, T& squares) {
+// `m` (importances and anchors) are read with a penalty only; `index` is the index of the
+// pack's first element within its parameter, for the random bits of compressed accumulators.
+template <Power kPower, PenaltyForm kForm, AccFormat kAcc, typename scalar_t, typename T,
+          int kP = kPack<scalar_t, acc_storage_t<kAcc, T>>>
+__device__ __forceinline__ void update_pack(Vector<scalar_t, kP>& p, const Vector<scalar_t, kP>& g,
+                                            Vector<acc_storage_t<kAcc, T>, kP>& a,
+                                            const Vector<scalar_t, kP>& w,
+                                            const Vector<scalar_t, kP>& m, const Hyper<T>& h,
+                                            uint32_t key, uint64_t index,
+                                            Vector<scalar_t, kP>* p_out,
+                                            Vector<acc_storage_t<kAcc, T>, kP>* a_out,
+                                            int& updated, int& nonfinite, T& squares) {
   int selected_count = 0;
 #pragma unroll
-  for (int e = 0; e < kPack<scalar_t>; ++e) {
+  for (int e = 0; e < kP; ++e) {
     bool selected, finite;
     T new_param, new_acc;
-    step_element<kPower, kForm>(static_cast<T>(p.v[e]), static_cast<T>(g.v[e]), a.v[e],
-                                static_cast<T>(w.v[e]), static_cast<T>(m.v[e]), h, selected,
-                                finite, new_param, new_acc, squares);
+    step_element<kPower, kForm>(static_cast<T>(p.v[e]), static_cast<T>(g.v[e]),
+                                decode_acc<kAcc, T>(a.v[e]), static_cast<T>(w.v[e]),
+                                static_cast<T>(m.v[e]), h, selected, finite, new_param, new_acc,
+                                squares);
     p.v[e] = selected ? static_cast<scalar_t>(new_param) : p.v[e];
-    a.v[e] = selected ? new_acc : a.v[e];
+    a.v[e] = selected ? encode_acc<kAcc>(new_acc, key, index + e) : a.v[e];
     selected_count += selected;
     nonfinite += !finite;
   }
@@ -206,16 +296,19 @@ __device__ __forceinline__ void update_pack(Vector<scalar_t, kPack<scalar_t>>& p
 
 // Updates the `n` elements of one chunk: packs of 128-bit words where all its tensors are
 // aligned, kIlp packs in flight per thread, then one element at a time. `weight` and `anchor`
-// (importances and anchors) are read with a penalty only.
-template <Power kPower, PenaltyForm kForm, typename scalar_t, typename T>
-__device__ __forceinline__ void update_chunk(scalar_t* param, const scalar_t* grad, T* acc,
-                                             const scalar_t* weight, const scalar_t* anchor,
-                                             int n, const Hyper<T>& h, int& updated,
-                                             int& nonfinite, T& squares) {
-  constexpr int kP = kPack<scalar_t>;
+// (importances and anchors) are read with a penalty only; compressed accumulators are rounded
+// with the bits of `key` at indices from `first_index` (that of the chunk's first element).
+template <Power kPower, PenaltyForm kForm, AccFormat kAcc, typename scalar_t, typename T>
+__device__ __forceinline__ void update_chunk(scalar_t* param, const scalar_t* grad,
+                                             acc_storage_t<kAcc, T>* acc, const scalar_t* weight,
+                                             const scalar_t* anchor, int n, uint32_t key,
+                                             uint64_t first_index, const Hyper<T>& h,
+                                             int& updated, int& nonfinite, T& squares) {
+  using storage_t = acc_storage_t<kAcc, T>;
+  constexpr int kP = kPack<scalar_t, storage_t>;
   constexpr bool kPenalty = kForm != PenaltyForm::kNone;
   using ParamPack = Vector<scalar_t, kP>;
-  using AccPack = Vector<T, kP>;
+  using AccPack = Vector<storage_t, kP>;
   int scalar_from = 0;
   if (is_vector_aligned(param) && is_vector_aligned(grad) && is_vector_aligned(acc) &&
       (!kPenalty || (is_vector_aligned(weight) && is_vector_aligned(anchor)))) {
@@ -241,8 +334,11 @@ __device__ __forceinline__ void update_chunk(scalar_t* param, const scalar_t* gr
       }
 #pragma unroll
       for (int k = 0; k < kIlp; ++k) {
-        update_pack<kPower, kForm>(p[k], g[k], a[k], w[k], m[k], h, params + i + k * kThreads,
-                                   accs + i + k * kThreads, updated, nonfinite, squares);
+        const int pack = i + k * kThreads;
+        update_pack<kPower, kForm, kAcc>(p[k], g[k], a[k], w[k], m[k], h, key,
+                                         first_index + static_cast<uint64_t>(pack) * kP,
+                                         params + pack, accs + pack, updated, nonfinite,
+                                         squares);
       }
     }
     for (; i < packs; i += kThreads) {
@@ -253,8 +349,9 @@ __device__ __forceinline__ void update_chunk(scalar_t* param, const scalar_t* gr
         w = load_vector_streaming(weights + i);
         m = load_vector_streaming(anchors + i);
       }
-      update_pack<kPower, kForm>(p, load_vector_streaming(grads + i), a, w, m, h, params + i,
-                                 accs + i, updated, nonfinite, squares);
+      update_pack<kPower, kForm, kAcc>(p, load_vector_streaming(grads + i), a, w, m, h, key,
+                                       first_index + static_cast<uint64_t>(i) * kP, params + i,
+                                       accs + i, updated, nonfinite, squares);
     }
     scalar_from = packs * kP;
   }
@@ -263,14 +360,132 @@ __device__ __forceinline__ void update_chunk(scalar_t* param, const scalar_t* gr
     T new_param, new_acc;
     const T w = kPenalty ? static_cast<T>(weight[i]) : T(0);
     const T m = kPenalty ? static_cast<T>(anchor[i]) : T(0);
-    step_element<kPower, kForm>(static_cast<T>(param[i]), static_cast<T>(grad[i]), acc[i], w, m,
-                                h, selected, finite, new_param, new_acc, squares);
+    step_element<kPower, kForm>(static_cast<T>(param[i]), static_cast<T>(grad[i]),
+                                decode_acc<kAcc, T>(acc[i]), w, m, h, selected, finite,
+                                new_param, new_acc, squares);
     if (selected) {
       param[i] = static_cast<scalar_t>(new_param);
-      acc[i] = new_acc;
+      acc[i] = encode_acc<kAcc>(new_acc, key, first_index + i);
     }
     updated += selected;
     nonfinite += !finite;
+  }
+}
+
+// The largest of `value` over the warp, in every lane.
+__device__ __forceinline__ float warp_max(float value) {
+  for (int offset = kWarp / 2; offset > 0; offset /= 2) {
+    value = fmaxf(value, __shfl_xor_sync(0xffffffffu, value, offset));
+  }
+  return value;
+}
+
+// Updates the `n` elements of one chunk of a tensor with 8-bit accumulator codes, `scales` the
+// scales of its blocks: block b by warp b mod (warps per thread block), kCodesPerLane
+// consecutive elements per lane, in 128-bit words of params and grads (and importances and
+// anchors) and one 64-bit word of codes where the chunk's tensors are aligned and the lane's
+// elements all lie in the chunk, one element at a time otherwise. A block with a selected
+// element gets new codes throughout and a new scale (state_formats.encode_blocks of the new
+// values of its selected elements, clamped to kSaturation, and the old values of the others);
+// the other blocks are not written. The random bits are those of `key` at indices from
+// `first_index` (that of the chunk's first element).
+template <Power kPower, PenaltyForm kForm, typename scalar_t>
+__device__ __forceinline__ void update_chunk_codes(scalar_t* param, const scalar_t* grad,
+                                                   uint8_t* codes, float* scales,
+                                                   const scalar_t* weight, const scalar_t* anchor,
+                                                   int n, uint32_t key, uint64_t first_index,
+                                                   const Hyper<float>& h, int& updated,
+                                                   int& nonfinite, float& squares) {
+  constexpr bool kPenalty = kForm != PenaltyForm::kNone;
+  constexpr int kL = kCodesPerLane;
+  using ParamPack = Vector<scalar_t, kL>;
+  using CodePack = uint2;  // kL codes
+  static_assert(sizeof(CodePack) == kL, "a lane's codes are one 64-bit word");
+  const bool aligned = is_vector_aligned(param) && is_vector_aligned(grad) &&
+                       reinterpret_cast<uintptr_t>(codes) % sizeof(CodePack) == 0 &&
+                       (!kPenalty || (is_vector_aligned(weight) && is_vector_aligned(anchor)));
+  const int lane = threadIdx.x % kWarp;
+  const int blocks = (n + kCodeBlock - 1) / kCodeBlock;
+  for (int b = threadIdx.x / kWarp; b < blocks; b += kThreads / kWarp) {  // the same in a warp
+    const int first = b * kCodeBlock + lane * kL;  // the lane's first element
+    const bool whole = aligned && first + kL <= n;
+    ParamPack p{}, g{}, w{}, m{};
+    uint8_t c[kL] = {};
+    if (whole) {
+      p = load_vector(reinterpret_cast<const ParamPack*>(param + first));
+      g = load_vector_streaming(reinterpret_cast<const ParamPack*>(grad + first));
+      if constexpr (kPenalty) {
+        w = load_vector_streaming(reinterpret_cast<const ParamPack*>(weight + first));
+        m = load_vector_streaming(reinterpret_cast<const ParamPack*>(anchor + first));
+      }
+      const CodePack word = __ldcg(reinterpret_cast<const CodePack*>(codes + first));
+      memcpy(c, &word, sizeof(word));
+    } else {
+#pragma unroll
+      for (int e = 0; e < kL; ++e) {
+        if (first + e < n) {  // elements past the end stay 0: never selected, worth 0
+          p.v[e] = param[first + e];
+          g.v[e] = grad[first + e];
+          c[e] = codes[first + e];
+          if constexpr (kPenalty) {
+            w.v[e] = weight[first + e];
+            m.v[e] = anchor[first + e];
+          }
+        }
+      }
+    }
+    const float old_scale = __ldcg(scales + b);
+    float x[kL];  // the values the block is encoded from
+    float top = 0.0f;
+    int selected_count = 0;
+    unsigned selected_mask = 0;
+#pragma unroll
+    for (int e = 0; e < kL; ++e) {
+      bool selected, finite;
+      float new_param, new_acc;
+      const float old = decode_code(c[e], old_scale);
+      step_element<kPower, kForm>(static_cast<float>(p.v[e]), static_cast<float>(g.v[e]), old,
+                                  static_cast<float>(w.v[e]), static_cast<float>(m.v[e]), h,
+                                  selected, finite, new_param, new_acc, squares);
+      x[e] = selected ? fminf(new_acc, kSaturation) : old;
+      top = fmaxf(top, x[e]);
+      p.v[e] = selected ? static_cast<scalar_t>(new_param) : p.v[e];
+      selected_count += selected;
+      selected_mask |= static_cast<unsigned>(selected) << e;
+      nonfinite += !finite;
+    }
+    updated += selected_count;
+    if (__ballot_sync(0xffffffffu, selected_count != 0) == 0) {
+      continue;  // the block keeps its codes and scale
+    }
+    float scale, inverse;
+    block_scale(warp_max(top), scale, inverse);
+#pragma unroll
+    for (int e = 0; e < kL; ++e) {
+      c[e] = static_cast<uint8_t>(
+          encode_code(x[e], inverse, element_bits(key, first_index + first + e)));
+    }
+    if (whole) {
+      CodePack word;
+      memcpy(&word, c, sizeof(word));
+      __stcg(reinterpret_cast<CodePack*>(codes + first), word);
+      if (selected_mask != 0) {
+        store_vector(reinterpret_cast<ParamPack*>(param + first), p);
+      }
+    } else {
+#pragma unroll
+      for (int e = 0; e < kL; ++e) {
+        if (first + e < n) {
+          codes[first + e] = c[e];
+        }
+        if (selected_mask >> e & 1u) {
+          param[first + e] = p.v[e];
+        }
+      }
+    }
+    if (lane == 0) {
+      scales[b] = scale;
+    }
   }
 }
 
@@ -320,7 +535,7 @@ __device__ __forceinline__ void add_counts(int64_t row, int updated, int nonfini
   }
 }
 
-template <typename scalar_t, Power kPower, PenaltyForm kForm>
+template <typename scalar_t, Power kPower, PenaltyForm kForm, AccFormat kAcc>
 __global__ void __launch_bounds__(kThreads)
     classp_step_kernel(const DeviceWorkTable table, const StepArgs args, int64_t* counts) {
   using T = math_t<scalar_t>;
@@ -349,6 +564,7 @@ __global__ void __launch_bounds__(kThreads)
   int nonfinite = 0;
   T squares = 0;
   unsigned long long size = 0;
+  uint32_t key = 0;  // the rounding key of the row's compressed accumulator
   for (int64_t c = blockIdx.x; c < table.num_chunks; c += gridDim.x) {
     const int64_t entry = __ldg(entries + c);
     const int64_t* record = table.data + (entry >> 32) * kRecordColumns;
@@ -363,6 +579,9 @@ __global__ void __launch_bounds__(kThreads)
       nonfinite = 0;
       squares = 0;
       size = 0;
+      if constexpr (kAcc != AccFormat::kExact) {
+        key = static_cast<uint32_t>(__ldg(args.rounding_keys + row));
+      }
       if (relative) {  // max(threshold, tau * S); a NaN product selects nothing
         const T bound = mul_rn(static_cast<T>(args.means.relative_threshold),
                                static_cast<T>(__ldg(args.means.old_means + row)));
@@ -378,10 +597,20 @@ __global__ void __launch_bounds__(kThreads)
       anchor = reinterpret_cast<const scalar_t*>(__ldg(record + 6)) + begin;
     }
     size += n;
-    update_chunk<kPower, kForm>(reinterpret_cast<scalar_t*>(__ldg(record)) + begin,
-                                reinterpret_cast<const scalar_t*>(__ldg(record + 1)) + begin,
-                                reinterpret_cast<T*>(__ldg(record + 2)) + begin, weight, anchor,
-                                n, h, updated, nonfinite, squares);
+    auto* param = reinterpret_cast<scalar_t*>(__ldg(record)) + begin;
+    const auto* grad = reinterpret_cast<const scalar_t*>(__ldg(record + 1)) + begin;
+    const uint64_t first_index = static_cast<uint64_t>(__ldg(record + 8) + begin);
+    if constexpr (kAcc == AccFormat::kCode8) {
+      static_assert(kChunkElements % kCodeBlock == 0, "chunks start on block boundaries");
+      update_chunk_codes<kPower, kForm>(
+          param, grad, reinterpret_cast<uint8_t*>(__ldg(record + 2)) + begin,
+          reinterpret_cast<float*>(__ldg(record + 7)) + begin / kCodeBlock, weight, anchor, n,
+          key, first_index, h, updated, nonfinite, squares);
+    } else {
+      update_chunk<kPower, kForm, kAcc>(
+          param, grad, reinterpret_cast<acc_storage_t<kAcc, T>*>(__ldg(record + 2)) + begin,
+          weight, anchor, n, key, first_index, h, updated, nonfinite, squares);
+    }
   }
   if (row >= 0) {
     add_counts(row, updated, nonfinite, counts, scratch, squares, size, args.means);
@@ -415,7 +644,7 @@ cudaError_t resident_blocks(Kernel kernel, std::atomic<int>* known, int* blocks)
   return cudaSuccess;
 }
 
-template <typename scalar_t, Power kPower, PenaltyForm kForm>
+template <typename scalar_t, AccFormat kAcc, Power kPower, PenaltyForm kForm>
 cudaError_t launch(const DeviceWorkTable& table, const StepArgs& args, int64_t* counts,
                    cudaStream_t stream) {
   if (table.num_chunks == 0) {
@@ -424,7 +653,7 @@ cudaError_t launch(const DeviceWorkTable& table, const StepArgs& args, int64_t* 
   static std::atomic<int> known[kMaxDevices];
   int resident = 0;
   const cudaError_t status =
-      resident_blocks(classp_step_kernel<scalar_t, kPower, kForm>, known, &resident);
+      resident_blocks(classp_step_kernel<scalar_t, kPower, kForm, kAcc>, known, &resident);
   if (status != cudaSuccess) {
     return status;
   }
@@ -432,33 +661,49 @@ cudaError_t launch(const DeviceWorkTable& table, const StepArgs& args, int64_t* 
   // one less: no last partial wave.
   const int64_t waves = (table.num_chunks + resident - 1) / resident;
   const int blocks = static_cast<int>((table.num_chunks + waves - 1) / waves);
-  classp_step_kernel<scalar_t, kPower, kForm>
+  classp_step_kernel<scalar_t, kPower, kForm, kAcc>
       <<<blocks, kThreads, 0, stream>>>(table, args, counts);
   return cudaGetLastError();
 }
 
-template <typename scalar_t, PenaltyForm kForm>
+template <typename scalar_t, AccFormat kAcc, PenaltyForm kForm>
 cudaError_t launch_for_power(const DeviceWorkTable& table, const StepArgs& args,
                              int64_t* counts, cudaStream_t stream) {
   if (args.power == 1.0) {
-    return launch<scalar_t, Power::kOne, kForm>(table, args, counts, stream);
+    return launch<scalar_t, kAcc, Power::kOne, kForm>(table, args, counts, stream);
   }
   if (args.power == 2.0) {
-    return launch<scalar_t, Power::kTwo, kForm>(table, args, counts, stream);
+    return launch<scalar_t, kAcc, Power::kTwo, kForm>(table, args, counts, stream);
   }
-  return launch<scalar_t, Power::kGeneric, kForm>(table, args, counts, stream);
+  return launch<scalar_t, kAcc, Power::kGeneric, kForm>(table, args, counts, stream);
 }
 
-template <typename scalar_t>
+template <typename scalar_t, AccFormat kAcc>
 cudaError_t launch_for_form(PenaltyForm form, const DeviceWorkTable& table,
                             const StepArgs& args, int64_t* counts, cudaStream_t stream) {
   switch (form) {
     case PenaltyForm::kNone:
-      return launch_for_power<scalar_t, PenaltyForm::kNone>(table, args, counts, stream);
+      return launch_for_power<scalar_t, kAcc, PenaltyForm::kNone>(table, args, counts, stream);
     case PenaltyForm::kExplicit:
-      return launch_for_power<scalar_t, PenaltyForm::kExplicit>(table, args, counts, stream);
+      return launch_for_power<scalar_t, kAcc, PenaltyForm::kExplicit>(table, args, counts,
+                                                                      stream);
     case PenaltyForm::kProximal:
-      return launch_for_power<scalar_t, PenaltyForm::kProximal>(table, args, counts, stream);
+      return launch_for_power<scalar_t, kAcc, PenaltyForm::kProximal>(table, args, counts,
+                                                                      stream);
+  }
+  return cudaErrorInvalidValue;
+}
+
+template <typename scalar_t>
+cudaError_t launch_for_format(AccFormat format, PenaltyForm form, const DeviceWorkTable& table,
+                              const StepArgs& args, int64_t* counts, cudaStream_t stream) {
+  switch (format) {
+    case AccFormat::kExact:
+      return launch_for_form<scalar_t, AccFormat::kExact>(form, table, args, counts, stream);
+    case AccFormat::kBFloat16:
+      return launch_for_form<scalar_t, AccFormat::kBFloat16>(form, table, args, counts, stream);
+    case AccFormat::kCode8:
+      return launch_for_form<scalar_t, AccFormat::kCode8>(form, table, args, counts, stream);
   }
   return cudaErrorInvalidValue;
 }
@@ -493,17 +738,20 @@ cudaError_t write_to_device(const std::vector<int64_t>& values, int64_t* dst,
   return cudaSuccess;
 }
 
-cudaError_t launch_classp_step(ParamDtype dtype, PenaltyForm form, const DeviceWorkTable& table,
-                               const StepArgs& args, int64_t* counts, cudaStream_t stream) {
+cudaError_t launch_classp_step(ParamDtype dtype, AccFormat format, PenaltyForm form,
+                               const DeviceWorkTable& table, const StepArgs& args,
+                               int64_t* counts, cudaStream_t stream) {
   switch (dtype) {
     case ParamDtype::kFloat:
-      return launch_for_form<float>(form, table, args, counts, stream);
+      return launch_for_format<float>(format, form, table, args, counts, stream);
     case ParamDtype::kBFloat16:
-      return launch_for_form<c10::BFloat16>(form, table, args, counts, stream);
+      return launch_for_format<c10::BFloat16>(format, form, table, args, counts, stream);
     case ParamDtype::kHalf:
-      return launch_for_form<c10::Half>(form, table, args, counts, stream);
-    case ParamDtype::kDouble:
-      return launch_for_form<double>(form, table, args, counts, stream);
+      return launch_for_format<c10::Half>(format, form, table, args, counts, stream);
+    case ParamDtype::kDouble:  // never compressed
+      return format == AccFormat::kExact
+                 ? launch_for_form<double, AccFormat::kExact>(form, table, args, counts, stream)
+                 : cudaErrorInvalidValue;
   }
   return cudaErrorInvalidValue;
 }

@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <vector>
 
+#include "classp_formats.h"
 #include "classp_penalty.h"
 
 namespace classp {
@@ -40,11 +41,14 @@ struct StepArgs {
   double penalty_factor;  // 2 * the penalty's scale
   bool apply_scaling, has_grad_scale, has_found_inf;
   MeanArgs means;
+  // Compressed accumulators: the rounding key of each counts row, in device memory (nullptr
+  // when nothing is compressed).
+  const int64_t* rounding_keys;
 };
 
 // A work table (classp_plan.h) in device memory: `num_records` tensor records, then
-// `num_chunks` chunk entries. Its tensors are all of one dtype, and all covered by the penalty
-// (records with importance and anchor addresses) or none.
+// `num_chunks` chunk entries. Its tensors are all of one dtype and accumulator format, and all
+// covered by the penalty (records with importance and anchor addresses) or none.
 struct DeviceWorkTable {
   const int64_t* data;
   int64_t num_records;
@@ -56,10 +60,12 @@ struct DeviceWorkTable {
 // memory, so the writes can be captured into a CUDA graph and replayed.
 cudaError_t write_to_device(const std::vector<int64_t>& values, int64_t* dst, cudaStream_t stream);
 
-// Enqueues the step over the tensors of `table` (all of `dtype`, stepped with `form`) on
-// `stream` as one launch; adds the per-tensor [updated, nonfinite] counts into `counts` (int64,
-// 2 per row, zeroed by the caller).
-cudaError_t launch_classp_step(ParamDtype dtype, PenaltyForm form, const DeviceWorkTable& table,
-                               const StepArgs& args, int64_t* counts, cudaStream_t stream);
+// Enqueues the step over the tensors of `table` (all of `dtype` with accumulators in `format`,
+// stepped with `form`) on `stream` as one launch; adds the per-tensor [updated, nonfinite]
+// counts into `counts` (int64, 2 per row, zeroed by the caller). float64 params take kExact
+// accumulators only.
+cudaError_t launch_classp_step(ParamDtype dtype, AccFormat format, PenaltyForm form,
+                               const DeviceWorkTable& table, const StepArgs& args,
+                               int64_t* counts, cudaStream_t stream);
 
 }  // namespace classp

@@ -30,22 +30,25 @@
 namespace classp {
 namespace {
 
-// Work tables in device memory, one per device, dtype and list of tensor records, built on
-// first use and reused while the same tensors are stepped: a step then copies nothing from the
-// host. The least recently used table is dropped beyond kCachedTables, except tables a CUDA
-// graph captured, kept for good since a replay reads them. A table first needed while a stream
-// is capturing is built inside the graph (its writes are kernels the graph replays) and not
-// cached, as eager steps could read it before any replay.
+// Work tables in device memory, one per device, dtype, accumulator format and list of tensor
+// records, built on first use and reused while the same tensors are stepped: a step then copies
+// nothing from the host. The least recently used table is dropped beyond kCachedTables, except
+// tables a CUDA graph captured, kept for good since a replay reads them. A table first needed
+// while a stream is capturing is built inside the graph (its writes are kernels the graph
+// replays) and not cached, as eager steps could read it before any replay.
 class WorkTableCache {
  public:
   // The table and a tensor owning its memory (valid at least until the step is enqueued).
   std::pair<DeviceWorkTable, at::Tensor> get(c10::Device device, ParamDtype dtype,
+                                             AccFormat format,
                                              const std::vector<TensorRecord>& records,
                                              const c10::cuda::CUDAStream& stream) {
-    std::vector<int64_t> key{device.index(), static_cast<int64_t>(dtype)};
-    key.reserve(2 + records.size() * kRecordColumns);
+    std::vector<int64_t> key{device.index(), static_cast<int64_t>(dtype),
+                             static_cast<int64_t>(format)};
+    key.reserve(3 + records.size() * kRecordColumns);
     for (const TensorRecord& r : records) {
-      key.insert(key.end(), {r.param, r.grad, r.acc, r.numel, r.row, r.weight, r.anchor});
+      key.insert(key.end(), {r.param, r.grad, r.acc, r.numel, r.row, r.weight, r.anchor,
+                             r.scales, r.first_index});
     }
     cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
     C10_CUDA_CHECK(cudaStreamIsCapturing(stream.stream(), &capture));
@@ -199,10 +202,11 @@ at::Tensor classp_step_cuda(at::TensorList params, at::TensorList grads, at::Ten
   const c10::Device device = step_device(params, lr, grad_scale, found_inf);
   TORCH_CHECK(device.is_cuda(), "classp_step_: the CUDA kernel got tensors on ", device);
   check_step_inputs(params, grads, accs, lr, threshold, eps, power, grad_scale, found_inf,
-                    device);
+                    device, /*compressed=*/true);
   const PenaltyForm form = check_penalty_inputs(params, importances, anchors, penalty_form,
                                                 penalty_scale);
   check_grad_sq_means(params, relative_threshold, grad_sq_means);
+  check_compressed_inputs(params, accs, acc_scales, rounding_keys, index_offsets, device);
   const c10::cuda::CUDAGuard device_guard(device);
   const int64_t n = static_cast<int64_t>(params.size());
   at::Tensor counts = at::zeros({n, 2}, at::TensorOptions().dtype(at::kLong).device(device));
@@ -234,14 +238,19 @@ at::Tensor classp_step_cuda(at::TensorList params, at::TensorList grads, at::Ten
     args.means.square_sums = square_sums.data_ptr<double>();
     args.means.sizes = reinterpret_cast<unsigned long long*>(sizes.data_ptr<int64_t>());
   }
+  // Compressed accumulators: the keys read on the device, the scales updated in place.
+  args.rounding_keys = rounding_keys.has_value() ? rounding_keys->data_ptr<int64_t>() : nullptr;
 
   // Tensors laid out differently are updated on contiguous copies, written back afterwards.
   std::vector<at::Tensor> work_params(n), work_grads(n), work_accs(n), work_weights(n),
       work_anchors(n);
-  // Records by ParamDtype, first of the tensors the penalty does not cover, then of those it
-  // does: one launch each.
-  std::array<std::array<std::vector<TensorRecord>, 4>, 2> groups;
+  // Records by ParamDtype and AccFormat, first of the tensors the penalty does not cover, then
+  // of those it does: one launch each.
+  std::array<std::array<std::array<std::vector<TensorRecord>, 3>, 4>, 2> groups;
+  size_t codes = 0;  // the uint8 accumulators so far: their scales' index in acc_scales
   for (int64_t i = 0; i < n; ++i) {
+    const AccFormat format = acc_format(params[i].scalar_type(), accs[i].scalar_type());
+    const at::Tensor* scales = format == AccFormat::kCode8 ? &acc_scales[codes++] : nullptr;
     if (params[i].numel() == 0) {
       continue;
     }
@@ -266,21 +275,29 @@ at::Tensor classp_step_cuda(at::TensorList params, at::TensorList grads, at::Ten
       weight_address = reinterpret_cast<int64_t>(work_weights[i].data_ptr());
       anchor_address = reinterpret_cast<int64_t>(work_anchors[i].data_ptr());
     }
-    groups[weight.has_value()][static_cast<int>(param_dtype(params[i].scalar_type()))].push_back(
-        {reinterpret_cast<int64_t>(work_params[i].data_ptr()),
-         reinterpret_cast<int64_t>(work_grads[i].data_ptr()),
-         reinterpret_cast<int64_t>(work_accs[i].data_ptr()), params[i].numel(), i,
-         weight_address, anchor_address});
+    groups[weight.has_value()][static_cast<int>(param_dtype(params[i].scalar_type()))]
+          [static_cast<int>(format)]
+              .push_back({reinterpret_cast<int64_t>(work_params[i].data_ptr()),
+                          reinterpret_cast<int64_t>(work_grads[i].data_ptr()),
+                          reinterpret_cast<int64_t>(work_accs[i].data_ptr()), params[i].numel(),
+                          i, weight_address, anchor_address,
+                          scales ? reinterpret_cast<int64_t>(scales->data_ptr()) : 0,
+                          format == AccFormat::kExact ? 0 : index_offsets[i]});
   }
   const c10::cuda::CUDAStream stream = c10::cuda::getCurrentCUDAStream();
   for (int covered = 0; covered < 2; ++covered) {
     const PenaltyForm launch_form = covered ? form : PenaltyForm::kNone;
     for (size_t dtype = 0; dtype < groups[covered].size(); ++dtype) {
-      const std::vector<TensorRecord>& records = groups[covered][dtype];
-      if (!records.empty()) {
-        const auto [table, owner] =
-            work_tables().get(device, static_cast<ParamDtype>(dtype), records, stream);
-        C10_CUDA_CHECK(launch_classp_step(static_cast<ParamDtype>(dtype), launch_form, table,
+      for (size_t format = 0; format < groups[covered][dtype].size(); ++format) {
+        const std::vector<TensorRecord>& records = groups[covered][dtype][format];
+        if (records.empty()) {
+          continue;
+        }
+        const auto [table, owner] = work_tables().get(device, static_cast<ParamDtype>(dtype),
+                                                      static_cast<AccFormat>(format), records,
+                                                      stream);
+        C10_CUDA_CHECK(launch_classp_step(static_cast<ParamDtype>(dtype),
+                                          static_cast<AccFormat>(format), launch_form, table,
                                           args, counts.data_ptr<int64_t>(), stream.stream()));
       }
     }

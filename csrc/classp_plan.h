@@ -67,12 +67,14 @@ inline Plan plan_work(const std::vector<int64_t>& numels, int64_t num_parts) {
 // The CUDA kernel's work table, one int64 array in device memory: a record of kRecordColumns
 // values per tensor, then one entry per chunk of kChunkElements elements, tensor by tensor:
 // (record slot << 32) | chunk index within the tensor.
-constexpr int64_t kRecordColumns = 7;
+constexpr int64_t kRecordColumns = 9;
 struct TensorRecord {
   int64_t param, grad, acc;  // device addresses
   int64_t numel;             // > 0
   int64_t row;               // row of the tensor in the counts output
   int64_t weight, anchor;    // device addresses of importance and anchor; 0 without a penalty
+  int64_t scales;            // device address of the block scales of 8-bit codes, else 0
+  int64_t first_index;       // index of the first element in its parameter (compressed accs)
 };
 
 inline std::vector<int64_t> work_table(const std::vector<TensorRecord>& records) {
@@ -83,7 +85,8 @@ inline std::vector<int64_t> work_table(const std::vector<TensorRecord>& records)
   }
   table.reserve(records.size() * kRecordColumns + chunks);
   for (const TensorRecord& r : records) {
-    table.insert(table.end(), {r.param, r.grad, r.acc, r.numel, r.row, r.weight, r.anchor});
+    table.insert(table.end(), {r.param, r.grad, r.acc, r.numel, r.row, r.weight, r.anchor,
+                               r.scales, r.first_index});
   }
   for (int64_t slot = 0; slot < static_cast<int64_t>(records.size()); ++slot) {
     for (int64_t chunk = 0; chunk * kChunkElements < records[slot].numel; ++chunk) {

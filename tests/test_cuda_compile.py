@@ -16,9 +16,9 @@ from torch.utils import cpp_extension
 ROOT = Path(__file__).resolve().parents[1]
 KERNEL = "csrc/classp_cuda.cu"
 SOURCES = [KERNEL, "csrc/classp_cuda_op.cpp"]
-# param dtypes float, bfloat16, half, double x power paths 1, 2, generic x penalty none,
-# explicit, proximal
-VARIANTS = 36
+# (param dtypes float, bfloat16, half x accumulator formats exact, bfloat16, 8-bit codes, plus
+# double with exact accumulators) x power paths 1, 2, generic x penalty none, explicit, proximal
+VARIANTS = (3 * 3 + 1) * 3 * 3
 
 
 def find_nvcc():
@@ -138,3 +138,25 @@ def test_kernel_sass_has_128_bit_loads(built):
     for name, body in kernels.items():
         assert re.search(r"LDG\.E(\.\w+)*\.128", body), name
         assert re.search(r"STG\.E(\.\w+)*\.128", body), name
+
+
+def test_kernel_ptx_rounds_each_operation_and_steps_codes_by_warp(built):
+    """No variant contracts a product into a fused multiply-add outside the library's exp2 and
+    log2 (so the accumulators, compressed ones bit for bit, are the reference's), and the 8-bit
+    variants read and write each lane's 8 codes as one 64-bit word, reduce a block over its warp
+    (shuffles, a vote on whether it has a selected element) and keep their arrays in registers."""
+    outputs, logs = built
+    log, returncode = logs[KERNEL]
+    assert returncode == 0 and outputs["ptx"] is not None, log
+    kernels = step_kernels(outputs["ptx"].read_text(), r"\.entry\s+(\w+)")
+    codes = [name for name in kernels if "AccFormatE2E" in name]
+    assert len(codes) == 3 * 3 * 3, sorted(kernels)
+    for name, body in kernels.items():
+        if "PowerE2E" not in name:  # the generic power calls exp2 and log2
+            assert not re.search(r"\bfma\.", body), name
+    for name in codes:
+        body = kernels[name]
+        assert re.search(r"ld\.global\.cg\.v2\.u32", body), name
+        assert re.search(r"st\.global\.cg\.v2\.u32", body), name
+        assert re.search(r"vote\.sync\.ballot", body), name
+        assert re.search(r"shfl\.sync\.bfly", body), name

@@ -328,16 +328,18 @@ def test_opcheck(amp):
 def test_chunk_table_offsets_past_two_to_the_31():
     """The chunk map in int64, built for numels and offsets no test could allocate."""
     big = 2 ** 31 + 5
-    table = triton_backend.chunk_table(((0, 2 ** 33, -(2 ** 32), big, 3, 2 ** 34, 5),
-                                        (big + 11, 2 ** 40, 7, 9, 0, 0, 0)))
+    table = triton_backend.chunk_table(((0, 2 ** 33, -(2 ** 32), big, 3, 2 ** 34, 5, 6,
+                                         2 ** 35),
+                                        (big + 11, 2 ** 40, 7, 9, 0, 0, 0, 0, 0)))
     n_big = -(-big // CHUNK)
     assert table.dtype == torch.int64 and table.shape == (n_big + 1, triton_backend.TABLE_COLUMNS)
     last = n_big - 1
     assert table[last].tolist() == [last * CHUNK, 2 ** 33 + last * CHUNK,
                                     -(2 ** 32) + last * CHUNK, big - last * CHUNK, 3,
-                                    2 ** 34 + last * CHUNK, 5 + last * CHUNK]
+                                    2 ** 34 + last * CHUNK, 5 + last * CHUNK,
+                                    6 + last * CHUNK // 256, 2 ** 35 + last * CHUNK]
     assert table[last - 1, 3] == CHUNK and table[last, 0] >= 2 ** 31
-    assert table[-1].tolist() == [big + 11, 2 ** 40, 7, 9, 0, 0, 0]
+    assert table[-1].tolist() == [big + 11, 2 ** 40, 7, 9, 0, 0, 0, 0, 0]
     assert torch.equal(table[:n_big, 3].sum(), torch.tensor(big))
 
 
@@ -368,11 +370,13 @@ for dtype, power, amp, penalty, relative in variants:
                      power="fp32", factor="fp32", cap="fp32",
                      thresholds_ptr="*fp32" if relative else "constexpr",
                      sums_ptr="*fp32" if relative else "constexpr",
-                     sizes_ptr="*i64" if relative else "constexpr", FAST_POWER="constexpr",
-                     APPLY_SCALING="constexpr", PENALTY="constexpr", GROUP="constexpr",
-                     BLOCK_SIZE="constexpr")
-    constexprs = dict(FAST_POWER=power, APPLY_SCALING=amp, PENALTY=penalty,
-                      GROUP=8 if dtype == "fp32" else 16, BLOCK_SIZE=1024)
+                     sizes_ptr="*i64" if relative else "constexpr", scales_ptr="constexpr",
+                     keys_ptr="constexpr", FAST_POWER="constexpr", APPLY_SCALING="constexpr",
+                     PENALTY="constexpr", ACC_FORMAT="constexpr", GROUP="constexpr",
+                     ACC_ALIGN="constexpr", BLOCK_SIZE="constexpr")
+    constexprs = dict(FAST_POWER=power, APPLY_SCALING=amp, PENALTY=penalty, ACC_FORMAT=0,
+                      GROUP=8 if dtype == "fp32" else 16, ACC_ALIGN=4, BLOCK_SIZE=1024,
+                      scales_ptr=None, keys_ptr=None)
     if not amp:
         constexprs.update(lr_ptr=None, grad_scale_ptr=None, found_inf_ptr=None)
     if not penalty:

@@ -1,17 +1,30 @@
-"""Backend ``triton``: the CLASSP step as one Triton kernel launch per parameter dtype.
+"""Backend ``triton``: the CLASSP step as one Triton kernel launch per parameter dtype and
+accumulator format.
 
-The tensors of a dtype group (split by whether a penalty covers them) are cut into
+The tensors of a group (split by whether a penalty covers them) are cut into
 ``CHUNK``-element chunks. An int64 table gives each chunk the element offsets of its param,
-grad and accumulator (and importance and anchor) from the group's first tensors, its length and
-its output row; it is cached per set of tensor addresses, so repeated steps on the same tensors
+grad and accumulator (and importance and anchor) from the group's first tensors, its length,
+its output row, the offset of its first 8-bit scale and the index of its first element within
+its parameter; it is cached per set of tensor addresses, so repeated steps on the same tensors
 neither rebuild nor copy it. Programs are persistent: as many as the GPU holds
 at once, each striding over the chunks and adding its counts when the chunks' row changes.
 Grads, read once, are loaded with the evict-first hint. lr is read by the kernel from its
 tensor, or passed by value when it lives on the CPU; grad_scale and found_inf are read by the
 kernel. No step synchronizes, and once its table is cached a step copies nothing from the
 host (a new table comes from pinned memory, asynchronously). Params may be float32,
-bfloat16 or float16; accumulators and arithmetic are float32, and the param is rounded once on
-write.
+bfloat16 or float16; arithmetic is float32, and the param is rounded once on write.
+
+Accumulators are float32, or compressed (``classp_fused.state_formats``): bfloat16, or 8-bit
+codes with a float32 scale per block of 256 elements. A compressed accumulator is decoded to
+float32, updated, and its selected elements' new values rounded back stochastically with the
+random bits of their element indices, drawn from the tensor's rounding key (read by the kernel
+from the keys tensor); the 8-bit kernel works on whole blocks (rows of 256 elements): a block
+with a selected element gets its codes and its scale written anew, from its maximum. On the
+GPU the gradient's quotient by grad_scale, its square, the explicit penalty's product and the
+decoding products are PTX instructions with an explicit rounding (no fused multiply-add
+whatever the compile options, no approximate division), as numpy rounds them in the
+interpreter and the reference does: accumulators match the reference bit for bit, but for a
+generic power's ``|g|**p``, computed as ``exp2(p * log2|g|)``.
 
 Gradient means (the relative threshold, SPEC section 4a): the kernel reads each tensor's
 threshold, ``max(threshold, tau * S)``, from a vector made from the means before the launch, and
@@ -33,6 +46,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .. import state_formats
+
 try:
     import triton
     import triton.language as tl
@@ -42,6 +57,7 @@ except ImportError:  # the backend is then unavailable
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 CHUNK = 4096  # elements per program; fixed, so the table does not depend on the tuned BLOCK_SIZE
+# (a multiple of every BLOCK_SIZE and of the 8-bit block, so that no block straddles two)
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 ALIGNMENT = 16  # bytes; every tensor the kernel touches starts on this boundary
 PROGRAMS_PER_SM = 8  # resident programs per GPU multiprocessor (at 4 or 8 warps each)
@@ -49,6 +65,8 @@ INTERPRETED_PROGRAMS = 4  # each program instance costs the interpreter about a 
 CACHED_TABLES = 64
 PENALTY_PATHS = {"none": 0, "explicit": 1, "proximal": 2}  # the kernel's PENALTY
 PROXIMAL_CAP = float(torch.finfo(torch.float32).max / 2)  # bound of the proximal coefficient c
+ACC_FORMATS = {torch.float32: 0, torch.bfloat16: 1, torch.uint8: 2}  # the kernel's ACC_FORMAT
+CODE_FORMAT = ACC_FORMATS[torch.uint8]
 
 
 def is_available(device) -> bool:
@@ -78,19 +96,25 @@ def step(params, grads, accs, spec):
 
 
 def chunk_table(entries, device="cpu") -> Tensor:
-    """The kernel's ``(chunks, 7)`` int64 table (``TABLE_COLUMNS``).
+    """The kernel's ``(chunks, 9)`` int64 table (``TABLE_COLUMNS``).
 
     ``entries`` holds one ``(param offset, grad offset, acc offset, numel, row, importance
-    offset, anchor offset)`` per non-empty tensor, offsets in elements from the group's base
-    tensors (the last two 0 without a penalty). Each chunk gets its element offsets, its length
-    (at most ``CHUNK``) and the row of the counts it adds to.
+    offset, anchor offset, scale offset, first index)`` per non-empty tensor, offsets in
+    elements from the group's base tensors (importance and anchor offsets 0 without a penalty;
+    the scale offset, in blocks from the base scales, 0 but for 8-bit accumulators; the first
+    index, that of the tensor's first element within its parameter, 0 but for compressed
+    ones). Each chunk gets its offsets, its length (at most ``CHUNK``), the row of the counts it
+    adds to, the offset of its first block's scale and its first element's index.
     """
     chunks = []
-    for p_offset, g_offset, a_offset, numel, row, w_offset, m_offset in entries:
+    for (p_offset, g_offset, a_offset, numel, row, w_offset, m_offset, s_offset,
+         first_index) in entries:
         start = torch.arange(0, numel, CHUNK, dtype=torch.int64, device=device)
         chunks.append(torch.stack([start + p_offset, start + g_offset, start + a_offset,
                                    (numel - start).clamp(max=CHUNK), torch.full_like(start, row),
-                                   start + w_offset, start + m_offset], dim=1))
+                                   start + w_offset, start + m_offset,
+                                   start // state_formats.BLOCK + s_offset,
+                                   start + first_index], dim=1))
     return torch.cat(chunks)
 
 
@@ -149,21 +173,50 @@ def _grid(num_chunks: int, device: torch.device) -> int:
     return max(1, -(-num_chunks // max(waves, 1)))
 
 
-def _dtype_groups(params, importances) -> list[list[int]]:
-    """Indices of the non-empty params, grouped by dtype and by whether the penalty covers them
-    (``importances``: empty, or an entry per param): one launch per group."""
+def _dtype_groups(params, accs, importances) -> list[list[int]]:
+    """Indices of the non-empty params, grouped by dtype, accumulator format and whether the
+    penalty covers them (``importances``: empty, or an entry per param): one launch per group."""
     groups = {}
     for i, p in enumerate(params):
         if p.dtype not in KERNEL_DTYPES:
             raise TypeError(f"the triton backend supports float32, bfloat16 and float16 params, "
                             f"got {p.dtype} for params[{i}]")
+        if accs[i].dtype not in ACC_FORMATS:
+            raise TypeError(f"the triton backend takes float32, bfloat16 or uint8 (8-bit codes) "
+                            f"accumulators, got {accs[i].dtype} for accs[{i}]")
         if p.device != params[0].device:
             raise ValueError(f"params[{i}] is on {p.device}, params[0] on {params[0].device}: "
                              f"the triton backend needs them on one device")
         if p.numel():
             covered = bool(importances) and importances[i] is not None
-            groups.setdefault((p.dtype, covered), []).append(i)
+            groups.setdefault((p.dtype, accs[i].dtype, covered), []).append(i)
     return list(groups.values())
+
+
+def _code_scales(accs, acc_scales, rounding_keys, index_offsets) -> list:
+    """Per accumulator its block scales (``acc_scales`` holds those of the uint8 ones, in
+    order), None for the others; checks that the compressed arguments fit ``accs``."""
+    codes = [i for i, a in enumerate(accs) if a.dtype == torch.uint8]
+    if len(acc_scales) != len(codes):
+        raise ValueError(f"acc_scales must hold one scales tensor per uint8 accumulator "
+                         f"({len(codes)}), got {len(acc_scales)}")
+    if any(a.dtype in (torch.bfloat16, torch.uint8) for a in accs):
+        if rounding_keys is None or rounding_keys.dtype != torch.int64 \
+                or rounding_keys.shape != (len(accs),):
+            raise ValueError(f"rounding_keys must be an int64 tensor of shape ({len(accs)},) "
+                             f"with compressed (bfloat16 or uint8) accumulators")
+        if len(index_offsets) != len(accs):
+            raise ValueError(f"index_offsets must hold one offset per param ({len(accs)}), got "
+                             f"{len(index_offsets)}")
+    scales = [None] * len(accs)
+    for i, scale in zip(codes, acc_scales):
+        if scale.dtype != torch.float32 or scale.shape != (
+                state_formats.num_blocks(accs[i].numel()),):
+            raise ValueError(f"the scales of accs[{i}] must be a float32 tensor of "
+                             f"{state_formats.num_blocks(accs[i].numel())} elements, got "
+                             f"{scale.dtype} of shape {tuple(scale.shape)}")
+        scales[i] = scale
+    return scales
 
 
 def _power_path(power: float) -> int:
@@ -211,26 +264,35 @@ def _dense(t: Tensor) -> Tensor:
 
 
 def _entries(members) -> tuple:
-    """The ``chunk_table`` entries of ``(row, param, grad, acc, importance, anchor)`` members
-    (dense, aligned, one dtype, all with a penalty or all without: None): element offsets from
-    the first member's tensors, each address read once."""
-    _, p0, g0, a0, w0, m0 = members[0]
+    """The ``chunk_table`` entries of ``(row, param, grad, acc, importance, anchor, scales,
+    first index)`` members (dense, aligned, one dtype and accumulator format, all with a penalty
+    or all without: None; scales None but for 8-bit accumulators): element offsets from the
+    first member's tensors, each address read once."""
+    _, p0, g0, a0, w0, m0, s0, _ = members[0]
     p_base, g_base, a_base = p0.data_ptr(), g0.data_ptr(), a0.data_ptr()
     p_size, a_size = p0.element_size(), a0.element_size()
-    if w0 is None:
-        return tuple(((p.data_ptr() - p_base) // p_size, (g.data_ptr() - g_base) // p_size,
-                      (a.data_ptr() - a_base) // a_size, p.numel(), row, 0, 0)
-                     for row, p, g, a, _, _ in members)
-    w_base, m_base = w0.data_ptr(), m0.data_ptr()
+
+    def offset(t, base, size=p_size):
+        return 0 if base is None else (t.data_ptr() - base) // size
+
+    w_base, m_base, s_base = (None if t is None else t.data_ptr() for t in (w0, m0, s0))
     return tuple(((p.data_ptr() - p_base) // p_size, (g.data_ptr() - g_base) // p_size,
-                  (a.data_ptr() - a_base) // a_size, p.numel(), row,
-                  (w.data_ptr() - w_base) // p_size, (m.data_ptr() - m_base) // p_size)
-                 for row, p, g, a, w, m in members)
+                  (a.data_ptr() - a_base) // a_size, p.numel(), row, offset(w, w_base),
+                  offset(m, m_base), offset(scale, s_base, 4), first_index)
+                 for row, p, g, a, w, m, scale, first_index in members)
 
 
 if triton is not None:
-    # param offset, grad offset, acc offset, length, output row, importance and anchor offsets
-    TABLE_COLUMNS = tl.constexpr(7)
+    # param, grad and acc offsets, length, output row, importance and anchor offsets, the offset
+    # of the first block's scale, the index of the first element within its parameter
+    TABLE_COLUMNS = tl.constexpr(9)
+    # On the GPU, the products and quotients accumulators are made of are PTX
+    # instructions with an explicit rounding: never contracted into a fused multiply-add,
+    # whatever the compile options; the interpreter (numpy) rounds each operation anyway.
+    ROUNDED_ASM = tl.constexpr(not INTERPRET)
+    CODE_BLOCK = tl.constexpr(state_formats.BLOCK)
+    SATURATION = tl.constexpr(state_formats.SATURATION)
+    CODE_BIAS = tl.constexpr((127 - 32) << 3)  # float32 bits >> 20 of the code 8 (2**-31)
 
     def _configs():
         if INTERPRET:  # the interpreter runs a single config
@@ -252,22 +314,85 @@ if triton is not None:
         return x.to(dtype)
 
     @triton.jit
-    def _update_block(p_ptr, g_ptr, a_ptr, w_ptr, m_ptr, idx, bounds, lr, grad_scale_ptr,
-                      threshold, eps, power, factor, cap, FULL: tl.constexpr,
-                      FAST_POWER: tl.constexpr, APPLY_SCALING: tl.constexpr,
-                      PENALTY: tl.constexpr, SUM_SQUARES: tl.constexpr):
-        """Update the elements ``idx`` in place; return how many were updated and non-finite,
-        and with ``SUM_SQUARES`` the sum of the finite gradients' squares (else 0).
+    def _mul_rn(a, b):
+        """float32 ``a * b``, rounded on its own (no FMA contraction, no flush of subnormals)."""
+        if ROUNDED_ASM:
+            return tl.inline_asm_elementwise("mul.rn.f32 $0, $1, $2;", "=f,f,f", [a, b],
+                                             dtype=tl.float32, is_pure=True, pack=1)
+        return a * b
 
-        Stores are masked per row of ``idx`` (32 bytes of params): a row with an update is
-        written whole, masked-out elements with the values just read, so stores stay vectors.
+    @triton.jit
+    def _div_rn(a, b):
+        """float32 ``a / b``, correctly rounded (the GPU's ``/`` is approximate)."""
+        if ROUNDED_ASM:
+            return tl.inline_asm_elementwise("div.rn.f32 $0, $1, $2;", "=f,f,f", [a, b],
+                                             dtype=tl.float32, is_pure=True, pack=1)
+        return a / b
+
+    @triton.jit
+    def _mix32(x):
+        """lowbias32 of uint32 ``x`` (``state_formats.mix32``)."""
+        x = x ^ (x >> 16)
+        x = x * 0x7FEB352D
+        x = x ^ (x >> 15)
+        x = x * 0x846CA68B
+        return x ^ (x >> 16)
+
+    @triton.jit
+    def _random_bits(key, index):
+        """``state_formats.element_bits``: uint32 random bits of int64 element ``index``."""
+        high = _mix32(key + (index >> 32).to(tl.uint32))
+        return _mix32(index.to(tl.uint32) ^ high)
+
+    @triton.jit
+    def _decode_codes(codes, scales):
+        """The float32 values of uint8 ``codes`` (rows of a block each) with their rows'
+        ``scales``: both products exact."""
+        c = codes.to(tl.int32)
+        normal = ((c + CODE_BIAS) << 20).to(tl.float32, bitcast=True)
+        q = tl.where(c >= 8, normal, c.to(tl.float32) * 2.0 ** -34)
+        return _mul_rn(q, scales[:, None])
+
+    @triton.jit
+    def _encode_codes(x, bits):
+        """``state_formats.encode_blocks`` of ``x`` (float32 >= 0, at most SATURATION; rows of a
+        block each, zeros past a tensor's end) with uint32 random ``bits``: codes and scales."""
+        top = tl.max(x, axis=1)
+        top_bits = tl.maximum(top, 2.0 ** -126).to(tl.int32, bitcast=True)
+        exponent = (top_bits >> 23) - 126 + ((top_bits & 0x7FFFFF) > 0x700000).to(tl.int32)
+        scales = tl.where(top > 0, ((exponent + 127) << 23).to(tl.float32, bitcast=True), 0.0)
+        # 2**-exponent, exact (a subnormal for exponent 127): x times it is x / scale
+        inverse = tl.where(exponent <= 126, (127 - exponent) << 23, 1 << 22)
+        q = _mul_rn(x, inverse.to(tl.float32, bitcast=True)[:, None])
+        low = q < 2.0 ** -31
+        shifted = tl.where(low, q + 2.0 ** -31, q).to(tl.int32, bitcast=True)
+        code = ((shifted + (bits & 0xFFFFF).to(tl.int32)) >> 20) - CODE_BIAS
+        code = tl.where(low, code - 8, code)
+        code = tl.where(x > 0, tl.maximum(code, 1), 0)
+        return code.to(tl.uint8), scales
+
+    @triton.jit
+    def _update_block(p_ptr, g_ptr, a_ptr, w_ptr, m_ptr, s_ptr, key, first_index, idx, bounds,
+                      lr, grad_scale_ptr, threshold, eps, power, factor, cap, FULL: tl.constexpr,
+                      FAST_POWER: tl.constexpr, APPLY_SCALING: tl.constexpr,
+                      PENALTY: tl.constexpr, SUM_SQUARES: tl.constexpr,
+                      ACC_FORMAT: tl.constexpr, BLOCK_SIZE: tl.constexpr, ROW: tl.constexpr):
+        """Update the elements ``idx`` (rows of ``ROW`` elements) in place; return how many
+        were updated and non-finite, and with ``SUM_SQUARES`` the sum of the finite gradients'
+        squares (else 0).
+
+        Stores are masked per row of ``idx``: a row with an update is written whole,
+        masked-out elements with the values just read, so stores stay vectors.
         ``PENALTY`` 1 adds ``factor * w * (p - m)`` to the gradient; 2 pulls each new value
         toward ``m`` by ``c / (1 + c)``, ``c = min(factor * w * eta, cap)``.
+        ``ACC_FORMAT`` 1 (bfloat16) and 2 (8-bit codes; a row is a block, ``s_ptr`` its scales)
+        round the new accumulator values with the bits of ``key`` at element indices
+        ``first_index + idx``.
         """
         if FULL:
             p = tl.load(p_ptr + idx)
             g = tl.load(g_ptr + idx, eviction_policy="evict_first").to(tl.float32)
-            a = tl.load(a_ptr + idx)
+            stored = tl.load(a_ptr + idx)
             if PENALTY != 0:
                 w = tl.load(w_ptr + idx, eviction_policy="evict_first").to(tl.float32)
                 m = tl.load(m_ptr + idx, eviction_policy="evict_first").to(tl.float32)
@@ -275,29 +400,43 @@ if triton is not None:
             p = tl.load(p_ptr + idx, mask=bounds, other=0.0)
             g = tl.load(g_ptr + idx, mask=bounds, other=0.0,
                         eviction_policy="evict_first").to(tl.float32)
-            a = tl.load(a_ptr + idx, mask=bounds, other=0.0)
+            stored = tl.load(a_ptr + idx, mask=bounds, other=0)
             if PENALTY != 0:
                 w = tl.load(w_ptr + idx, mask=bounds, other=0.0,
                             eviction_policy="evict_first").to(tl.float32)
                 m = tl.load(m_ptr + idx, mask=bounds, other=0.0,
                             eviction_policy="evict_first").to(tl.float32)
+        if ACC_FORMAT == 0:
+            a = stored
+        elif ACC_FORMAT == 1:
+            a = (stored.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32,
+                                                                            bitcast=True)
+        else:
+            rows = tl.arange(0, BLOCK_SIZE // ROW)
+            if FULL:
+                old_scales = tl.load(s_ptr + rows)
+            else:  # the rows (blocks) with an element in bounds
+                old_scales = tl.load(s_ptr + rows, mask=tl.max(bounds.to(tl.int32), axis=1) != 0,
+                                     other=0.0)
+            a = _decode_codes(stored, old_scales)
         if grad_scale_ptr is not None:
-            g = g / tl.load(grad_scale_ptr).to(tl.float32)
+            g = _div_rn(g, tl.load(grad_scale_ptr).to(tl.float32))
         if PENALTY == 1:
-            g = g + factor * (w * (p.to(tl.float32) - m))
+            g = g + _mul_rn(w * (p.to(tl.float32) - m), factor)
+        square = _mul_rn(g, g)
         finite = tl.abs(g) < float("inf")
-        mask = finite & (g * g > threshold)
+        mask = finite & (square > threshold)
         nonfinite = ~finite
         if not FULL:
             nonfinite = nonfinite & bounds
         squares = 0.0
         if SUM_SQUARES:  # out of bounds g is 0
-            squares = tl.sum(tl.where(finite, g * g, 0.0))
+            squares = tl.sum(tl.where(finite, square, 0.0))
 
         if FAST_POWER == 1:
             new_a = a + tl.abs(g)
         elif FAST_POWER == 2:
-            new_a = a + g * g
+            new_a = a + square
         else:
             new_a = a + tl.exp2(power * tl.log2(tl.abs(g)))
         eta = lr  # the step size of each element
@@ -322,26 +461,42 @@ if triton is not None:
             new_p = new_p + c / (1.0 + c) * (m - new_p)
         new_p = _round(new_p, p.dtype)
 
-        write = tl.max(mask.to(tl.int32), axis=1)[:, None] != 0
+        touched = tl.max(mask.to(tl.int32), axis=1) != 0
+        write = touched[:, None]
         if not FULL:
             write = write & bounds
         tl.store(p_ptr + idx, tl.where(mask, new_p, p), mask=write)
-        tl.store(a_ptr + idx, tl.where(mask, new_a, a), mask=write)
+        if ACC_FORMAT == 0:
+            tl.store(a_ptr + idx, tl.where(mask, new_a, a), mask=write)
+        else:
+            bits = _random_bits(key, first_index + idx)
+            if ACC_FORMAT == 1:  # the float32 bits plus 16 random bits, truncated
+                rounded = (new_a.to(tl.uint32, bitcast=True) + (bits & 0xFFFF)) >> 16
+                rounded = rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+                tl.store(a_ptr + idx, tl.where(mask, rounded, stored), mask=write)
+            else:  # out of bounds a is 0, so is x
+                codes, scales = _encode_codes(tl.where(mask, tl.minimum(new_a, SATURATION), a),
+                                              bits)
+                tl.store(a_ptr + idx, codes, mask=write)
+                tl.store(s_ptr + tl.arange(0, BLOCK_SIZE // ROW), scales, mask=touched)
         return tl.sum(mask.to(tl.int32)), tl.sum(nonfinite.to(tl.int32)), squares
 
     @triton.jit
     def _classp_kernel(p_ptr, g_ptr, a_ptr, w_ptr, m_ptr, table_ptr, num_chunks, counts_ptr,
                        lr_ptr, lr_value, grad_scale_ptr, found_inf_ptr, threshold, eps, power,
-                       factor, cap, thresholds_ptr, sums_ptr, sizes_ptr,
+                       factor, cap, thresholds_ptr, sums_ptr, sizes_ptr, scales_ptr, keys_ptr,
                        FAST_POWER: tl.constexpr, APPLY_SCALING: tl.constexpr,
-                       PENALTY: tl.constexpr, GROUP: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+                       PENALTY: tl.constexpr, ACC_FORMAT: tl.constexpr, GROUP: tl.constexpr,
+                       ACC_ALIGN: tl.constexpr, BLOCK_SIZE: tl.constexpr):
         """Update the chunks ``program_id``, ``program_id + num_programs``, ... of the table; add
         up their counts per output row. lr is read from ``lr_ptr``, or is ``lr_value`` when
         ``lr_ptr`` is None. ``w_ptr`` and ``m_ptr`` (importances and anchors) are read only
         with a ``PENALTY`` (see ``_update_block``). A row's threshold is read from
         ``thresholds_ptr`` unless it is None (then ``threshold``); unless ``sums_ptr`` is None,
         the finite squared gradients and the elements of each row are added into ``sums_ptr``
-        and ``sizes_ptr``."""
+        and ``sizes_ptr``. Compressed accumulators (``ACC_FORMAT`` 1 or 2) are rounded with the
+        key of their row in ``keys_ptr``; 8-bit ones (2) have their scales in ``scales_ptr``.
+        ``GROUP`` params are 32 bytes, ``ACC_ALIGN`` accumulators 16."""
         if found_inf_ptr is not None:
             if tl.load(found_inf_ptr) != 0:
                 return
@@ -349,14 +504,16 @@ if triton is not None:
             lr = tl.load(lr_ptr).to(tl.float32)
         else:
             lr = lr_value
-        # GROUP elements of params are 32 bytes; offsets are multiples of 16 bytes
-        idx = tl.arange(0, BLOCK_SIZE // GROUP)[:, None] * GROUP + tl.arange(0, GROUP)[None, :]
+        # stores are masked per row: of 32 bytes of params, or of a block of 8-bit codes
+        ROW: tl.constexpr = CODE_BLOCK if ACC_FORMAT == 2 else GROUP
+        idx = tl.arange(0, BLOCK_SIZE // ROW)[:, None] * ROW + tl.arange(0, ROW)[None, :]
         row = tl.full((), -1, tl.int64)  # the output row the counts below belong to
         updated = tl.full((), 0, tl.int32)
         nonfinite = tl.full((), 0, tl.int32)
         squares = tl.full((), 0.0, tl.float32)
         size = tl.full((), 0, tl.int64)
         row_threshold = threshold
+        key = tl.full((), 0, tl.uint32)
         for c in range(tl.program_id(0).to(tl.int64), num_chunks, tl.num_programs(0)):
             chunk = table_ptr + c * TABLE_COLUMNS
             p_offset = tl.load(chunk)
@@ -364,9 +521,15 @@ if triton is not None:
             a_offset = tl.load(chunk + 2)
             length = tl.load(chunk + 3)
             chunk_row = tl.load(chunk + 4)
+            first_index = 0
             if PENALTY != 0:
                 w_offset = tl.load(chunk + 5)
                 m_offset = tl.load(chunk + 6)
+            if ACC_FORMAT == 2:
+                s_offset = tl.load(chunk + 7)
+            if ACC_FORMAT != 0:
+                first_index = tl.load(chunk + 8)
+                key = tl.load(keys_ptr + chunk_row).to(tl.uint32)
             flush = (chunk_row != row) & (row >= 0)
             out = counts_ptr + tl.maximum(row, 0) * 2
             tl.atomic_add(out, updated.to(tl.int64), mask=flush)
@@ -385,31 +548,39 @@ if triton is not None:
             for start in range(0, full_end, BLOCK_SIZE):
                 w_block = w_ptr
                 m_block = m_ptr
+                s_block = scales_ptr
                 if PENALTY != 0:
                     w_block = w_ptr + tl.multiple_of(w_offset + start, GROUP // 2)
                     m_block = m_ptr + tl.multiple_of(m_offset + start, GROUP // 2)
+                if ACC_FORMAT == 2:
+                    s_block = scales_ptr + s_offset + start // CODE_BLOCK
                 u, n, q = _update_block(p_ptr + tl.multiple_of(p_offset + start, GROUP // 2),
                                         g_ptr + tl.multiple_of(g_offset + start, GROUP // 2),
-                                        a_ptr + tl.multiple_of(a_offset + start, 4),
-                                        w_block, m_block, idx, None, lr, grad_scale_ptr,
-                                        row_threshold, eps, power, factor, cap, True, FAST_POWER,
-                                        APPLY_SCALING, PENALTY, sums_ptr is not None)
+                                        a_ptr + tl.multiple_of(a_offset + start, ACC_ALIGN),
+                                        w_block, m_block, s_block, key, first_index + start, idx,
+                                        None, lr, grad_scale_ptr, row_threshold, eps, power,
+                                        factor, cap, True, FAST_POWER, APPLY_SCALING, PENALTY,
+                                        sums_ptr is not None, ACC_FORMAT, BLOCK_SIZE, ROW)
                 updated += u
                 nonfinite += n
                 squares += q
             if full_end < length:
                 w_block = w_ptr
                 m_block = m_ptr
+                s_block = scales_ptr
                 if PENALTY != 0:
                     w_block = w_ptr + tl.multiple_of(w_offset + full_end, GROUP // 2)
                     m_block = m_ptr + tl.multiple_of(m_offset + full_end, GROUP // 2)
+                if ACC_FORMAT == 2:
+                    s_block = scales_ptr + s_offset + full_end // CODE_BLOCK
                 u, n, q = _update_block(p_ptr + tl.multiple_of(p_offset + full_end, GROUP // 2),
                                         g_ptr + tl.multiple_of(g_offset + full_end, GROUP // 2),
-                                        a_ptr + tl.multiple_of(a_offset + full_end, 4),
-                                        w_block, m_block, idx, idx < length - full_end, lr,
-                                        grad_scale_ptr, row_threshold, eps, power, factor, cap,
-                                        False, FAST_POWER, APPLY_SCALING, PENALTY,
-                                        sums_ptr is not None)
+                                        a_ptr + tl.multiple_of(a_offset + full_end, ACC_ALIGN),
+                                        w_block, m_block, s_block, key, first_index + full_end,
+                                        idx, idx < length - full_end, lr, grad_scale_ptr,
+                                        row_threshold, eps, power, factor, cap, False,
+                                        FAST_POWER, APPLY_SCALING, PENALTY, sums_ptr is not None,
+                                        ACC_FORMAT, BLOCK_SIZE, ROW)
                 updated += u
                 nonfinite += n
                 squares += q
@@ -422,28 +593,35 @@ if triton is not None:
 
     # Tuning runs the kernel several times: only ever on buffers it may scribble on (scratch, or
     # the concatenated copies of the traceable op), never through the address table of a step.
-    # Keyed on the power path, scaling and penalty; the autotuner adds the dtypes of the tensor
-    # arguments.
+    # Keyed on the power path, scaling, penalty and accumulator format; the autotuner adds the
+    # dtypes of the tensor arguments.
     _classp_kernel_autotuned = triton.autotune(
-        configs=_configs(), key=["FAST_POWER", "APPLY_SCALING", "PENALTY"],
-        restore_value=["p_ptr", "a_ptr", "counts_ptr", "sums_ptr", "sizes_ptr"])(_classp_kernel)
+        configs=_configs(), key=["FAST_POWER", "APPLY_SCALING", "PENALTY", "ACC_FORMAT"],
+        restore_value=["p_ptr", "a_ptr", "counts_ptr", "sums_ptr", "sizes_ptr",
+                       "scales_ptr"])(_classp_kernel)
 
     def _launch(kernel, p, g, a, w, m, table, counts, lr, grad_scale, found_inf, threshold, eps,
-                power, apply_scaling, penalty, factor, means=(None, None, None), **config):
+                power, apply_scaling, penalty, factor, means=(None, None, None), scales=None,
+                keys=None, **config):
         """One launch over every chunk of ``table``; ``p``, ``g``, ``a`` (and ``w``, ``m`` with
-        a ``penalty`` form other than "none", else None) are the base tensors. ``lr`` is a
-        tensor on ``p``'s device or a float; ``factor`` is the penalty's 2 * scale; ``means``
-        the per-row thresholds, sums and sizes of ``_mean_buffers`` (None: none)."""
+        a ``penalty`` form other than "none", else None; ``scales`` with 8-bit accumulators)
+        are the base tensors. ``lr`` is a tensor on ``p``'s device or a float; ``factor`` is the
+        penalty's 2 * scale; ``means`` the per-row thresholds, sums and sizes of
+        ``_mean_buffers`` (None: none); ``keys`` the rounding keys of compressed accumulators,
+        per row."""
         lr_ptr, lr_value = (lr, 0.0) if isinstance(lr, Tensor) else (None, float(lr))
         num_chunks = table.shape[0]
+        acc_format = ACC_FORMATS[a.dtype]
         kernel[(_grid(num_chunks, p.device),)](
             p, g, a, w, m, table, num_chunks, counts, lr_ptr, lr_value, grad_scale, found_inf,
-            threshold, eps, power, factor, PROXIMAL_CAP, *means, FAST_POWER=_power_path(power),
-            APPLY_SCALING=apply_scaling, PENALTY=PENALTY_PATHS[penalty],
-            GROUP=32 // p.element_size(), **config)
+            threshold, eps, power, factor, PROXIMAL_CAP, *means,
+            scales if acc_format == CODE_FORMAT else None, keys if acc_format else None,
+            FAST_POWER=_power_path(power), APPLY_SCALING=apply_scaling,
+            PENALTY=PENALTY_PATHS[penalty], ACC_FORMAT=acc_format,
+            GROUP=32 // p.element_size(), ACC_ALIGN=ALIGNMENT // a.element_size(), **config)
 
     @functools.lru_cache
-    def _tuned_config(device, dtype, power_path, apply_scaling, penalty):
+    def _tuned_config(device, dtype, acc_dtype, power_path, apply_scaling, penalty):
         """The autotuner's choice for one kernel variant, tuned on scratch buffers."""
         configs = _classp_kernel_autotuned.configs
         if len(configs) == 1:
@@ -452,14 +630,18 @@ if triton is not None:
         p = torch.randn(numel, device=device).to(dtype)
         g = torch.randn(numel, device=device).to(dtype)
         a = torch.rand(numel, device=device)
+        a = torch.randint(0, 256, (numel,), dtype=acc_dtype, device=device) \
+            if acc_dtype == torch.uint8 else a.to(acc_dtype)
+        scales = torch.ones(state_formats.num_blocks(numel), device=device)
+        keys = torch.zeros(1, dtype=torch.int64, device=device)
         w, m = (torch.rand(numel, device=device).to(dtype), p.clone()) if penalty != "none" \
             else (None, None)
         counts = torch.zeros(1, 2, dtype=torch.int64, device=device)
         lr = torch.tensor(1e-3, device=device)
         power = float(power_path) if power_path else 3.0
         _launch(_classp_kernel_autotuned, p, g, a, w, m,
-                chunk_table(((0, 0, 0, numel, 0, 0, 0),), device), counts, lr, None, None, 0.0,
-                1e-5, power, apply_scaling, penalty, 1.0)
+                chunk_table(((0, 0, 0, numel, 0, 0, 0, 0, 0),), device), counts, lr, None, None,
+                0.0, 1e-5, power, apply_scaling, penalty, 1.0, scales=scales, keys=keys)
         return _classp_kernel_autotuned.best_config
 
     def _penalty_of(rows, importances, penalty_form) -> tuple[str, bool]:
@@ -484,17 +666,22 @@ if triton is not None:
         (p - m)^2`` of the params with an entry in ``importances`` (W) and ``anchors`` (m)
         (SPEC section 4a); "none" with empty lists takes none. ``grad_sq_means`` (one float32
         0-dim tensor per param, or empty) are the relative threshold's gradient means: read
-        when ``relative_threshold`` > 0, and refreshed.
+        when ``relative_threshold`` > 0, and refreshed. Compressed accumulators (bfloat16, or
+        uint8 8-bit codes with their block scales in ``acc_scales``, in order) are rounded with
+        ``rounding_keys`` (int64, one per param, read by the kernel) at element indices from
+        ``index_offsets`` (one per param; both empty or None when nothing is compressed).
 
-        This body is what torch.compile traces: it steps concatenated copies of each dtype group
-        and writes them back. Eager calls take ``_classp_step_in_place`` instead.
+        This body is what torch.compile traces: it steps concatenated copies of each group and
+        writes them back. Eager calls take ``_classp_step_in_place`` instead.
         """
         counts = _new_counts(params, lr)
-        lr, grad_scale, found_inf = _on(counts.device, lr, grad_scale, found_inf)
+        scales_of = _code_scales(accs, acc_scales, rounding_keys, index_offsets)
+        lr, grad_scale, found_inf, keys = _on(counts.device, lr, grad_scale, found_inf,
+                                              rounding_keys)
         old, *means = _mean_buffers(grad_sq_means, threshold, relative_threshold, counts.device)
-        for rows in _dtype_groups(params, importances):
+        for rows in _dtype_groups(params, accs, importances):
             penalty, covered = _penalty_of(rows, importances, penalty_form)
-            align = ALIGNMENT // params[rows[0]].element_size()
+            align = ALIGNMENT // min(params[rows[0]].element_size(), accs[rows[0]].element_size())
             numels = [params[i].numel() for i in rows]
             slots = [numel + (-numel) % align for numel in numels]
             lists = (params, grads, accs) + ((importances, anchors) if covered else ())
@@ -503,14 +690,22 @@ if triton is not None:
             p, g, a = flats[:3]
             w, m = flats[3:] if covered else (None, None)
             starts = list(itertools.accumulate(slots[:-1], initial=0))
-            table = chunk_table(tuple((s, s, s, n, i, s, s)
-                                      for s, n, i in zip(starts, numels, rows)), counts.device)
+            blocks = [state_formats.num_blocks(n) for n in numels]
+            block_starts = list(itertools.accumulate(blocks[:-1], initial=0))
+            scales = None
+            if scales_of[rows[0]] is not None:
+                scales = torch.cat([scales_of[i] for i in rows])
+            first_indices = [index_offsets[i] if index_offsets else 0 for i in rows]
+            table = chunk_table(tuple((s, s, s, n, i, s, s, b, f) for s, n, i, b, f in zip(
+                starts, numels, rows, block_starts, first_indices)), counts.device)
             _launch(wrap_triton(_classp_kernel_autotuned), p, g, a, w, m, table, counts,
                     lr, grad_scale, found_inf, threshold, eps, power, apply_scaling, penalty,
-                    2.0 * penalty_scale, means)
-            for i, s, n in zip(rows, starts, numels):
+                    2.0 * penalty_scale, means, scales, keys)
+            for i, s, n, b, k in zip(rows, starts, numels, block_starts, blocks):
                 params[i].copy_(p[s:s + n].view_as(params[i]))
                 accs[i].copy_(a[s:s + n].view_as(accs[i]))
+                if scales is not None:
+                    scales_of[i].copy_(scales[b:b + k])
         _publish_means(grad_sq_means, old, *means[1:])
         return counts
 
@@ -525,32 +720,35 @@ if triton is not None:
                               grad_scale, found_inf, importances, anchors, penalty_form,
                               penalty_scale, relative_threshold, grad_sq_means, acc_scales,
                               rounding_keys, index_offsets):
-        """The eager step: one launch per dtype group on the tensors themselves, by address.
+        """The eager step: one launch per group on the tensors themselves, by address.
 
         Non-contiguous or misaligned tensors are stepped through contiguous copies.
         """
         counts = _new_counts(params, lr)
         device = counts.device
+        scales_of = _code_scales(accs, acc_scales, rounding_keys, index_offsets)
         # an lr on the CPU is passed by value: no copy to the device
         lr = lr.item() if lr.device.type == "cpu" else lr.to(device)
-        grad_scale, found_inf = _on(device, grad_scale, found_inf)
+        grad_scale, found_inf, keys = _on(device, grad_scale, found_inf, rounding_keys)
         old, *means = _mean_buffers(grad_sq_means, threshold, relative_threshold, device)
-        for rows in _dtype_groups(params, importances):
+        for rows in _dtype_groups(params, accs, importances):
             penalty, covered = _penalty_of(rows, importances, penalty_form)
             members = [(i, _dense(params[i]), _dense(grads[i]), _dense(accs[i]),
                         _dense(importances[i]) if covered else None,
-                        _dense(anchors[i]) if covered else None) for i in rows]
-            _, p0, g0, a0, w0, m0 = members[0]
+                        _dense(anchors[i]) if covered else None,
+                        None if scales_of[i] is None else _dense(scales_of[i]),
+                        index_offsets[i] if index_offsets else 0) for i in rows]
+            _, p0, g0, a0, w0, m0, s0, _ = members[0]
             entries = _entries(members)
-            config = _tuned_config(device, p0.dtype, _power_path(power), apply_scaling, penalty)
+            config = _tuned_config(device, p0.dtype, a0.dtype, _power_path(power), apply_scaling,
+                                   penalty)
             _launch(_classp_kernel, p0, g0, a0, w0, m0, _work_table(entries, device), counts,
                     lr, grad_scale, found_inf, threshold, eps, power, apply_scaling, penalty,
-                    2.0 * penalty_scale, means, **config.all_kwargs())
-            for i, p, _, a, _, _ in members:
-                if p is not params[i]:
-                    params[i].copy_(p)
-                if a is not accs[i]:
-                    accs[i].copy_(a)
+                    2.0 * penalty_scale, means, s0, keys, **config.all_kwargs())
+            for i, p, _, a, _, _, scale, _ in members:
+                for copy, original in ((p, params[i]), (a, accs[i]), (scale, scales_of[i])):
+                    if copy is not original:
+                        original.copy_(copy)
         _publish_means(grad_sq_means, old, *means[1:])
         return counts
 
