@@ -22,11 +22,11 @@ STEPS = 3
 
 def accumulator_values(shape, generator) -> torch.Tensor:
     """Positive float32 values: per block of 256 a top between 2**-24 and 2**4 (a step's
-    squared gradients raise the small ones: new scales), the block's values spread over 30
-    binades below it (8-bit codes of every exponent, and below the 2**-15 range)."""
+    squared gradients raise the small ones: new scales), the block's values spread over 36
+    binades below it (8-bit codes of every exponent, and below the 2**-31 range)."""
     numel = torch.Size(shape).numel()
     tops = torch.randint(-24, 5, (state_formats.num_blocks(numel),), generator=generator)
-    below = torch.rand(numel, generator=generator) * 30
+    below = torch.rand(numel, generator=generator) * 36
     exponents = tops.repeat_interleave(state_formats.BLOCK)[:numel] - below
     return (torch.exp2(exponents) * (0.5 + torch.rand(numel, generator=generator))).view(shape)
 

@@ -117,6 +117,9 @@ def test_many_tensors_of_three_dtypes_take_one_launch_per_dtype(monkeypatch):
 
 
 def test_repeated_steps_reuse_the_chunk_table(monkeypatch):
+    """Tables are cached by their entries (relative offsets, sizes): earlier tests may have
+    cached those of this test's tensors, so it starts from an empty cache."""
+    monkeypatch.setattr(triton_backend, "_tables", type(triton_backend._tables)())
     built = []
     chunk_table = triton_backend.chunk_table
     monkeypatch.setattr(triton_backend, "chunk_table", lambda *args: (

@@ -71,7 +71,7 @@ class StepSpec:
     updated element's new A (in float32, from the decoded old one) steps the param, then is
     rounded stochastically into the format; an 8-bit block with an updated element is encoded
     again as a whole (a block whose scale changes may move an unchanged element's code, never
-    its value unless it falls below the block's 2**-15 range).
+    its value unless it falls below 2**-31 of the block scale).
     """
 
     lr: Union[float, Tensor]
