@@ -29,7 +29,8 @@ TAUS=(0.5 1 2)
 SEEDS=0,1,2,3,4
 
 hp() {  # tuned.json method key
-  python3 -c "import json,sys; print(json.load(open(sys.argv[1]))['hparams'][sys.argv[2]][sys.argv[3]])" "$@"
+  python3 -c "import json, sys; a = sys.argv
+print(json.load(open(a[1]))['hparams'][a[2]][a[3]])" "$@"
 }
 
 run() {  # run options...: every run keeps the cells an earlier pass finished
@@ -55,7 +56,7 @@ ablation() {  # variant: one setting of the tuned CLASSP changed
     threshold) other=$([ "$(hp "$c" classp threshold)" = 0.0 ] && echo 1e-4 || echo 0)
       run --config "$c" --methods classp --hparam classp.threshold="$other" \
         --out "$a/threshold-$other" ;;
-    power) other=$(python3 -c "import json,sys; print(3.0-json.load(open(sys.argv[1]))['hparams']['classp']['power'])" "$c")
+    power) other=$(python3 -c "print(3.0 - $(hp "$c" classp power))")
       run --config "$c" --methods classp --hparam classp.power="$other" --out "$a/power-$other" ;;
     scaling) run --config "$c" --methods classp --hparam classp.apply_scaling=false \
       --out "$a/no-scaling" ;;
