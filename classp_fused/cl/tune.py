@@ -31,8 +31,9 @@ from .report import atomic_write, write_json
 _LR_SGD = (0.003, 0.005, 0.01, 0.02, 0.03, 0.05, 0.07, 0.1, 0.15, 0.2, 0.3, 0.5)
 _LR_ADAM = (1e-4, 2e-4, 3e-4, 5e-4, 7e-4, 1e-3, 1.5e-3, 2e-3, 3e-3, 5e-3, 7e-3, 1e-2)
 _LR_REG = (0.01, 0.03, 0.1)
-#: CLASSP's relative threshold in the grid (docs/RESULTS.md, "Unitless sparsity")
-RELATIVE_THRESHOLD = 1.0
+#: CLASSP's relative threshold in the grid: the recommended value (docs/RESULTS.md, "Relative
+#: against absolute threshold on every stream")
+RELATIVE_THRESHOLD = 0.5
 
 
 def _classp_grid() -> list[dict]:
