@@ -6,7 +6,8 @@ hyperparameters, AMP scalars and options such as a fused penalty, see SPEC secti
 returning an int64 tensor of shape ``(len(params), 2)``: per tensor, the number of elements
 updated and the number of non-finite gradient elements skipped; and ``is_available(device)``.
 A backend that steps fewer param dtypes than the four names them in ``KERNEL_DTYPES``, so that a
-caller can refuse them before any kernel runs. Inputs are validated once, for all backends
+caller can refuse them before any kernel runs; one that steps compressed accumulators (bfloat16,
+8-bit codes: ``StepSpec.compressed``) says so with ``COMPRESSED_STATE = True``. Inputs are validated once, for all backends
 (:mod:`classp_fused.validation`); under ``torch.compile`` the validation (Python-side checks,
 which would break the graph) is skipped.
 """
@@ -45,6 +46,11 @@ def available_backends(device: str | torch.device = "cpu") -> list[str]:
 def param_dtypes(name: str) -> tuple:
     """The param dtypes backend ``name`` can step (the triton kernel has no float64)."""
     return getattr(_module(name), "KERNEL_DTYPES", PARAM_DTYPES)
+
+
+def steps_compressed_state(name: str) -> bool:
+    """Whether backend ``name`` steps compressed accumulators (its ``COMPRESSED_STATE``)."""
+    return getattr(_module(name), "COMPRESSED_STATE", False)
 
 
 _AUTO_ORDER = {"cuda": ("cuda", "triton"), "cpu": ("cpp",)}
