@@ -33,9 +33,10 @@ class GroupPlan:
     accumulator) is still dense, dtype- and shape-consistent and on the plan's device (one C++
     pass over the metadata, ``_extension.steppable_as_is``: a ``p.data = other`` swap or a new
     grad is seen there). With compressed accumulators the plan also keeps their 8-bit block
-    scales (the same objects, of the same form) and index offsets, and their dtypes hold. Grads are taken from the params at every step and not held (the
-    memory of grads set to None is freed). Plain tensors only (DTensors are checked at every
-    step), and only where the extension is built.
+    scales (the same objects, of the same form) and index offsets, and their dtypes hold.
+    Grads are taken from the params at every step and not held (the memory of grads set to
+    None is freed). Plain tensors only (DTensors are checked at every step), and only where
+    the extension is built.
 
     It also keeps an attached regularizer's penalty terms (importances and anchors) for its
     params, read again when the regularizer or its state changed (``penalty_state_token``, a

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from . import compressed_state
+from .compressed_state import COMPRESSED_ACC_DTYPES
 from .backends import (BACKENDS, param_dtypes, resolve_backend, run_backend,
                        steps_compressed_state)
 from .backends.step_spec import CompressedState, Penalty, StepSpec, step_spec
@@ -27,7 +28,6 @@ from .validation import (ADDED_HYPERPARAMETERS, FOREIGN_KEYS, HYPERPARAMETERS, P
 
 MODES = ("paper", "legacy")
 NONFINITE_POLICIES = ("skip", "raise")
-_COMPRESSED = compressed_state.COMPRESSED_ACC_DTYPES
 
 
 class CLASSP(Optimizer):
@@ -469,7 +469,7 @@ class CLASSP(Optimizer):
                 if not params:
                     continue
                 base = self._step_buffer(group, counters)
-                if scales is not None and any(a.dtype in _COMPRESSED for a in accs):
+                if scales is not None and any(a.dtype in COMPRESSED_ACC_DTYPES for a in accs):
                     compressed = CompressedState(scales, tensor_key(
                         seed, torch.stack(counters) if base is None else base), offsets)
             else:

@@ -30,13 +30,13 @@ import torch
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from ..chunks import chunk_elements, chunks
+from ..compressed_state import COMPRESSED_ACC_DTYPES
 from ..reference import classp_update_
 from ..state_formats import BLOCK
 
 COMPRESSED_STATE = True
 
 _BITS = {torch.float32: torch.int32, torch.float64: torch.int64}  # per compute dtype
-_COMPRESSED = (torch.bfloat16, torch.uint8)  # accumulator dtypes of the compressed formats
 
 
 def is_available(device) -> bool:
@@ -381,7 +381,7 @@ def step(params, grads, accs, spec):
     rounded = []  # indices of non-empty tensors with compressed accumulators
     for i, p in enumerate(params):
         if p.numel():
-            if compressed is not None and accs[i].dtype in _COMPRESSED:
+            if compressed is not None and accs[i].dtype in COMPRESSED_ACC_DTYPES:
                 rounded.append(i)
                 continue
             penalized = penalty is not None and penalty.importances[i] is not None
