@@ -64,9 +64,8 @@ def index_offset(param: Tensor) -> int:
                                                           param.placements)
     if math.prod(local) == 0:
         return 0
-    split = next((d for d in range(len(shape)) if local[d] != shape[d]), len(shape))
-    if any(shape[d] != 1 for d in range(split)) or any(
-            local[d] != shape[d] for d in range(split + 1, len(shape))):
+    cut = [d for d in range(len(shape)) if local[d] != shape[d]]  # the dims the shard cuts
+    if cut and any(local[d] != 1 for d in range(cut[-1])):  # one index before the last cut
         raise ValueError(f"compressed state of a DTensor param needs local shards that are runs "
                          f"of consecutive elements of the whole param (sharded on its first "
                          f"dim of size > 1, as FSDP2 does), got placements {param.placements} "

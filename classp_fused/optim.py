@@ -104,7 +104,7 @@ class CLASSP(Optimizer):
     or powers of two, a step that is not a finite count >= 0, or a gradient mean that is not a
     finite number >= 0, raises. A step counter replaced by a number or by a tensor of
     another dtype, shape or device (``state[p]["step"] = 0``) is converted to a 0-dim fp32
-    tensor before the next step (a gradient mean likewise, to the accumulator's dtype); an
+    tensor before the next step (a gradient mean likewise, to its fp32 or fp64 dtype); an
     accumulator replaced by one of the wrong dtype, shape or device raises there (its values
     are not read at a step). With ``torch.amp.GradScaler`` gradients are unscaled inside the
     kernel and a step with ``found_inf`` is a no-op.
@@ -114,9 +114,9 @@ class CLASSP(Optimizer):
     ``nonfinite_skipped``) are this rank's, as is S (the mean over the local shard).
     ``state_dtype="bf16"`` works there (local shards of consecutive elements, as FSDP2's
     ``Shard(0)``, draw the random bits of the whole param); ``"8bit"`` is refused for DTensor
-    params (the block scales of a local shard would not go through distributed checkpoints). Under
-    ``torch.compile`` the per-step input validation is skipped; give ``lr`` as a tensor so
-    that a scheduler changing it causes no recompilation.
+    params (the block scales of a local shard would not go through distributed checkpoints).
+    Under ``torch.compile`` the per-step input validation is skipped; give ``lr`` as a tensor
+    so that a scheduler changing it causes no recompilation.
 
     A regularizer attached with ``MAS.attach(optimizer)`` / ``EWC.attach(optimizer)`` has its
     penalty taken inside the step kernel (explicit or proximal form, SPEC section 4a), read
@@ -400,7 +400,8 @@ class CLASSP(Optimizer):
             acc = state["accumulator"]
             if scales is not None:
                 scales.append(state.get("accumulator_scales"))
-                offsets.append(compressed_state.index_offset(p))
+                offsets.append(compressed_state.index_offset(p)
+                               if acc.dtype in COMPRESSED_ACC_DTYPES else 0)
             if type(p) is not nn.Parameter or type(grad) is not Tensor:  # maybe DTensors
                 p, grad, acc = local_part(p), local_part(grad), local_part(acc)
             params.append(p)
@@ -578,9 +579,10 @@ class CLASSP(Optimizer):
             acc, scales = compressed_state.converted(acc, scales, step, p, self.state_dtype,
                                                      self.state_seed)
         else:  # a DTensor (no 8-bit codes): its local shard converted, placed as it was
-            local, _ = compressed_state.converted(local, None, step, p, self.state_dtype,
-                                                  self.state_seed,
-                                                  compressed_state.index_offset(acc))
+            rounded = compressed_state.accumulator_dtype(p, self.state_dtype) == torch.bfloat16
+            local, _ = compressed_state.converted(
+                local, None, step, p, self.state_dtype, self.state_seed,
+                compressed_state.index_offset(acc) if rounded else 0)
             acc = type(acc).from_local(local, acc.device_mesh, acc.placements, run_check=False,
                                        shape=acc.shape, stride=_contiguous_strides(acc.shape))
         loaded = {"step": step, "accumulator": acc}

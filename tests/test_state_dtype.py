@@ -567,7 +567,7 @@ def test_compiled_training_with_compressed_state_matches_eager(backend, state_dt
 def dtensor_ranks(rank, backends):
     """bf16 state of a DTensor param sharded by rows (FSDP2's layout; the second rank's shard
     starts at element 3300) steps, saves and loads as the whole param does in one process;
-    8-bit state and shards that are not runs of the whole are refused."""
+    8-bit state and shards that are not runs of the whole are refused where compressed."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
@@ -602,6 +602,12 @@ def dtensor_ranks(rank, backends):
             run.load_state_dict(optimizer.state_dict())
         assert torch.equal(runs[0].state[sharded]["accumulator"].full_tensor(),
                            runs[1].state[whole]["accumulator"])
+
+        small = nn.Parameter(distribute_tensor(full[:10, :10], mesh, [Shard(1)]))
+        small.grad = distribute_tensor(grads[0][:10, :10], mesh, [Shard(1)])
+        optimizer = CLASSP([small], **HYPER, backend=backend, state_dtype="bf16")
+        optimizer.step()  # small: an exact accumulator, whatever its placement
+        assert optimizer.state[small]["accumulator"].dtype == torch.float32
 
         refused = [(nn.Parameter(distribute_tensor(full, mesh, [Shard(0)])), "8bit",
                     r"state_dtype='8bit' is not supported for DTensor"),
