@@ -158,7 +158,6 @@ def check_grad(param: Tensor, grad, where: str) -> None:
     _check_like_param(param, grad, where)
 
 
-
 def check_accumulator(param: Tensor, acc, where: str, same_device: bool = True,
                       compressed: bool = False) -> None:
     """Raise unless ``acc`` is the param's accumulator: dense, param-shaped, fp32 (fp64 for

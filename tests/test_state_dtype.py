@@ -5,6 +5,7 @@ reference's codes, scales and bfloat16 bits bit for bit; state_dict converts bet
 resumes bit for bit; the rounding tracks the exact accumulator.
 """
 import copy
+import functools
 import pickle
 
 import pytest
@@ -252,13 +253,20 @@ def test_resume_from_a_checkpoint_continues_bit_for_bit(tmp_path, backend, state
             assert torch.equal(resumed_optimizer.state[p][key], value), key
 
 
-def _trained(state_dtype, steps=3, seed=0):
+@functools.lru_cache(maxsize=None)
+def _trained_once(state_dtype, steps, seed):
     g = torch.Generator().manual_seed(6)
     params = _params(g)
     optimizer = CLASSP(params, **HYPER, backend="torch", state_dtype=state_dtype,
                        state_seed=seed)
     _train(optimizer, params, _grads(params, steps, g))
-    return params, optimizer
+    return optimizer
+
+
+def _trained(state_dtype, steps=3, seed=0):
+    """A copy of an optimizer (and its params) trained ``steps`` steps on ``_params``."""
+    optimizer = copy.deepcopy(_trained_once(state_dtype, steps, seed))
+    return optimizer.param_groups[0]["params"], optimizer
 
 
 def _fresh(params, state_dtype, seed=0):
@@ -394,7 +402,7 @@ def test_bad_compressed_state_is_refused_and_changes_nothing(case, target):
     params, saved = _trained("8bit")
     state_dict = copy.deepcopy(saved.state_dict())
     edit(state_dict)
-    copies, optimizer = _trained(target, steps=2)
+    copies, optimizer = _trained(target)
     before = snapshot(optimizer)
     with pytest.raises((TypeError, ValueError), match=message):
         optimizer.load_state_dict(state_dict)
@@ -402,7 +410,7 @@ def test_bad_compressed_state_is_refused_and_changes_nothing(case, target):
 
 
 def test_a_stepped_state_entry_edited_to_another_format_fails_the_step():
-    params, optimizer = _trained("8bit", steps=1)
+    params, optimizer = _trained("8bit")
     grads = _grads(params, 1, torch.Generator().manual_seed(9))[0]
     for p, grad in zip(params, grads):
         p.grad = grad

@@ -346,9 +346,8 @@ def _step_compressed(param, grad, acc, spec, scale, key, offset: int, importance
     for start in range(0, n, piece):
         stop = min(start + piece, n)
         p, views = _piece(param, start, stop)
-        penalty = {} if importance is None else dict(importance=_piece(importance, start,
-                                                                       stop)[0],
-                                                     anchor=_piece(anchor, start, stop)[0])
+        penalty = {} if importance is None else dict(
+            importance=_piece(importance, start, stop)[0], anchor=_piece(anchor, start, stop)[0])
         # one piece updates the mean as the reference does; pieces leave theirs in a copy
         piece_mean = mean if mean is None or piece == n else mean.clone()
         counts.append(classp_update_(
@@ -359,8 +358,8 @@ def _step_compressed(param, grad, acc, spec, scale, key, offset: int, importance
             torch._foreach_copy_(views, [part.view(v.shape) for part, v in
                                          zip(p.split([v.numel() for v in views]), views)])
         if piece_mean is not mean:  # the piece's mean times its elements: its sum
-            total = piece_mean * (stop - start) if total is None else total + piece_mean * (
-                stop - start)
+            part = piece_mean * (stop - start)
+            total = part if total is None else total + part
     if total is not None:
         new = total / n
         mean.copy_(new if no_inf is None else torch.where(no_inf, new, mean))
