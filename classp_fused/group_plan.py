@@ -6,15 +6,19 @@ from itertools import repeat
 from operator import attrgetter, is_, itemgetter
 from typing import Callable, Optional
 
+import torch
 from torch import Tensor, nn
 
 from ._extension import steppable_as_is
+from .state_formats import num_blocks
+from .backends.step_spec import CompressedState
 from .validation import foreign_keys
 
 _get_grads = attrgetter("grad")
 _get_accumulator = itemgetter("accumulator")
 _get_step = itemgetter("step")
 _get_grad_sq_mean = itemgetter("grad_sq_mean")
+_get_dtype = attrgetter("dtype")
 
 
 class GroupPlan:
@@ -28,9 +32,11 @@ class GroupPlan:
     mean, when the plan's step had one) are the same objects, and every (param, grad,
     accumulator) is still dense, dtype- and shape-consistent and on the plan's device (one C++
     pass over the metadata, ``_extension.steppable_as_is``: a ``p.data = other`` swap or a new
-    grad is seen there). Grads are taken from the params at every step and not held (the
-    memory of grads set to None is freed). Plain tensors only (DTensors are checked at every
-    step), and only where the extension is built.
+    grad is seen there). With compressed accumulators the plan also keeps their 8-bit block
+    scales (the same objects, of the same form) and index offsets, and their dtypes hold.
+    Grads are taken from the params at every step and not held (the memory of grads set to
+    None is freed). Plain tensors only (DTensors are checked at every step), and only where
+    the extension is built.
 
     It also keeps an attached regularizer's penalty terms (importances and anchors) for its
     params, read again when the regularizer or its state changed (``penalty_state_token``, a
@@ -39,14 +45,15 @@ class GroupPlan:
 
     __slots__ = ("group", "keys", "foreign", "state", "all_params", "has_grad", "params",
                  "entries", "accs", "counters", "grad_sq_means", "device", "steps", "numels",
-                 "penalty_source", "penalty_token", "terms")
+                 "scales", "offsets", "acc_dtypes", "penalty_source", "penalty_token", "terms")
 
     @classmethod
     def build(cls, group: dict, state, params: list, base: Optional[Tensor],
-              grad_sq_means: Optional[list]):
+              grad_sq_means: Optional[list], compressed: Optional[CompressedState] = None):
         """The plan of a group just stepped through ``params`` (its stepped params) with step
-        counters viewing ``base`` and gradient means ``grad_sq_means`` (None: none); None where
-        the group cannot be planned."""
+        counters viewing ``base``, gradient means ``grad_sq_means`` (None: none) and compressed
+        accumulators' ``compressed`` state (None: none); None where the group cannot be
+        planned."""
         all_params = list(group["params"])
         stepped = [p for p in all_params if p.grad is not None]
         if (base is None or steppable_as_is is None or len(stepped) != len(params)
@@ -66,6 +73,10 @@ class GroupPlan:
         plan.device = params[0].device
         plan.steps = base
         plan.numels = [p.numel() for p in params]
+        plan.scales = plan.offsets = plan.acc_dtypes = None
+        if compressed is not None:
+            plan.scales, plan.offsets = list(compressed.scales), list(compressed.offsets)
+            plan.acc_dtypes = list(map(_get_dtype, plan.accs))
         plan.keep_penalty_terms(None, None)
         return plan
 
@@ -112,6 +123,24 @@ class GroupPlan:
                 return None
         except KeyError:  # an entry emptied
             return None
-        if not steppable_as_is(params, grads, self.accs) or params[0].device != self.device:
+        if self.scales is not None and not self._compressed_as_planned():
+            return None
+        if (not steppable_as_is(params, grads, self.accs, self.scales is not None)
+                or params[0].device != self.device):
             return None
         return grads
+
+    def _compressed_as_planned(self) -> bool:
+        """Whether the accumulators have their planned dtypes and the 8-bit ones their planned
+        scales, still contiguous float32 tensors of their size on the plan's device."""
+        if list(map(_get_dtype, self.accs)) != self.acc_dtypes:
+            return False
+        for entry, scales, numel in zip(self.entries, self.scales, self.numels):
+            if scales is None:
+                if "accumulator_scales" in entry:
+                    return False
+            elif (entry.get("accumulator_scales") is not scales
+                  or scales.dtype is not torch.float32 or scales.device != self.device
+                  or scales.shape != (num_blocks(numel),) or not scales.is_contiguous()):
+                return False
+        return True

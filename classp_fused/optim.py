@@ -1,6 +1,8 @@
-"""CLASSP as a ``torch.optim.Optimizer``: param groups, fp32 state, AMP scaling, the step."""
+"""CLASSP as a ``torch.optim.Optimizer``: param groups, state (fp32 or compressed), AMP scaling,
+the step."""
 from __future__ import annotations
 
+import numbers
 import os
 import sys
 import warnings
@@ -10,10 +12,14 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from .backends import BACKENDS, param_dtypes, resolve_backend, run_backend
-from .backends.step_spec import Penalty, StepSpec, step_spec
+from . import compressed_state
+from .compressed_state import COMPRESSED_ACC_DTYPES
+from .backends import (BACKENDS, param_dtypes, resolve_backend, run_backend,
+                       steps_compressed_state)
+from .backends.step_spec import CompressedState, Penalty, StepSpec, step_spec
 from .group_plan import GroupPlan
 from .reference import classp_legacy_step_, compute_dtype, penalized_grad
+from .state_formats import STATE_DTYPES, tensor_key
 from .telemetry import StepTelemetry
 from .validation import (ADDED_HYPERPARAMETERS, FOREIGN_KEYS, HYPERPARAMETERS, PARAM_DTYPES,
                          check_amp_scalars, check_foreign_options, check_group, check_group_keys,
@@ -61,6 +67,19 @@ class CLASSP(Optimizer):
             of the device it is on; ``optimizer.backend`` says what ran.
         nonfinite: ``"skip"`` never applies NaN/Inf gradient elements and counts them
             (``nonfinite_skipped``); ``"raise"`` raises before changing anything.
+        state_dtype: how accumulators are stored (``classp_fused.state_formats``): ``"fp32"``
+            (default: exact, 4 bytes per element), ``"bf16"`` (2 bytes) or ``"8bit"`` (one
+            uint8 code per element and one fp32 scale per block of 256 elements, about 1.02
+            bytes). Float64 params and tensors of fewer than 4096 elements keep exact
+            accumulators. A step decodes A, updates it and steps the param with the exact new
+            value, then rounds the updated elements back stochastically (unbiased: rounds up
+            with probability equal to the dropped fraction, so small increments are not lost on
+            average; an 8-bit block with an updated element is encoded again whole, with a scale
+            from its largest value). Every backend that steps compressed state gives the same
+            bits, and the random bits are drawn per element from ``(state_seed, step, index)``,
+            so a run resumed from ``state_dict`` continues bit for bit. ``mode="paper"`` only;
+            ``auto`` picks a backend that steps compressed state.
+        state_seed: an int in [0, 2**32) keying the stochastic rounding (default 0).
         **foreign_options: options of other torch optimizers that CLASSP does not have
             (``foreach``, ``fused``, ``capturable``, ``differentiable``, ``maximize``,
             ``weight_decay``, ...: the keys of ``classp_fused.validation.FOREIGN_KEYS``), as
@@ -79,16 +98,19 @@ class CLASSP(Optimizer):
     every step, against sparse updates). A tensor ``lr`` must be on the CPU or on its group's
     params' device.
 
-    State per parameter: ``"accumulator"`` (fp32, fp64 for fp64 params, param-shaped) and
-    ``"step"`` (0-dim fp32); with ``relative_threshold > 0`` also ``"grad_sq_mean"`` (S, 0-dim,
-    the accumulator's dtype), created at the param's first such step and refreshed by every
-    step its group takes with ``relative_threshold > 0`` (one with found_inf excepted).
-    Accumulators stay fp32 for fp16/bf16 params, also after ``load_state_dict``. Values are
-    checked where state enters (``load_state_dict``, unpickling): an accumulator with a
-    negative or NaN element, a step that is not a finite count >= 0, or a gradient mean that is
-    not a finite number >= 0, raises. A step counter replaced by a number or by a tensor of
+    State per parameter: ``"accumulator"`` (param-shaped, contiguous: fp32, fp64 for fp64
+    params; with compressed ``state_dtype`` bf16 or uint8 codes, see above) with, for 8-bit
+    codes, ``"accumulator_scales"`` (fp32, one per block of 256 elements), and ``"step"``
+    (0-dim fp32); with ``relative_threshold > 0`` also ``"grad_sq_mean"`` (S, 0-dim, fp32, fp64
+    for fp64 params), created at the param's first such step and refreshed by every step its
+    group takes with ``relative_threshold > 0`` (one with found_inf excepted). Accumulators
+    stay fp32 for fp16/bf16 params, also after ``load_state_dict``, which converts loaded
+    state to ``state_dtype``. Values are checked where state enters (``load_state_dict``,
+    unpickling): an accumulator with a negative or NaN element, 8-bit scales that are not 0
+    or powers of two, a step that is not a finite count >= 0, or a gradient mean that is not a
+    finite number >= 0, raises. A step counter replaced by a number or by a tensor of
     another dtype, shape or device (``state[p]["step"] = 0``) is converted to a 0-dim fp32
-    tensor before the next step (a gradient mean likewise, to the accumulator's dtype); an
+    tensor before the next step (a gradient mean likewise, to its fp32 or fp64 dtype); an
     accumulator replaced by one of the wrong dtype, shape or device raises there (its values
     are not read at a step). With ``torch.amp.GradScaler`` gradients are unscaled inside the
     kernel and a step with ``found_inf`` is a no-op; the ``grad_scale`` and ``found_inf`` it
@@ -97,9 +119,12 @@ class CLASSP(Optimizer):
 
     Under FSDP2 (``fully_shard``) parameters, gradients and accumulators are DTensors; the
     step runs on their local shards, and the counts (``last_update_fraction``,
-    ``nonfinite_skipped``) are this rank's, as is S (the mean over the local shard). Under
-    ``torch.compile`` the per-step input validation is skipped; give ``lr`` as a tensor so
-    that a scheduler changing it causes no recompilation.
+    ``nonfinite_skipped``) are this rank's, as is S (the mean over the local shard).
+    ``state_dtype="bf16"`` works there (local shards of consecutive elements, as FSDP2's
+    ``Shard(0)``, draw the random bits of the whole param); ``"8bit"`` is refused for DTensor
+    params (the block scales of a local shard would not go through distributed checkpoints).
+    Under ``torch.compile`` the per-step input validation is skipped; give ``lr`` as a tensor
+    so that a scheduler changing it causes no recompilation.
 
     A regularizer attached with ``MAS.attach(optimizer)`` / ``EWC.attach(optimizer)`` has its
     penalty taken inside the step kernel (explicit or proximal form, SPEC section 4a), read
@@ -111,9 +136,15 @@ class CLASSP(Optimizer):
 
     def __init__(self, params, lr, threshold: float = 0.0, eps: float = 1e-5, power: float = 1.0,
                  apply_scaling: bool = True, mode: str = "paper", backend: str = "auto",
-                 nonfinite: str = "skip", relative_threshold: float = 0.0, **foreign_options):
+                 nonfinite: str = "skip", relative_threshold: float = 0.0,
+                 state_dtype: str = "fp32", state_seed: int = 0, **foreign_options):
         check_foreign_options(foreign_options)
         check_hyperparameters(lr, threshold, eps, power, apply_scaling, relative_threshold)
+        if state_dtype not in STATE_DTYPES:
+            raise ValueError(f"state_dtype must be one of {STATE_DTYPES}, got {state_dtype!r}")
+        if (isinstance(state_seed, bool) or not isinstance(state_seed, numbers.Integral)
+                or not 0 <= state_seed < 2 ** 32):
+            raise ValueError(f"state_seed must be an int in [0, 2**32), got {state_seed!r}")
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
         if nonfinite not in NONFINITE_POLICIES:
@@ -125,7 +156,18 @@ class CLASSP(Optimizer):
         if mode == "legacy" and relative_threshold > 0:
             raise ValueError(f"relative_threshold needs mode='paper' (the legacy gate is per "
                              f"tensor), got relative_threshold={relative_threshold!r}")
+        if state_dtype != "fp32":
+            if mode == "legacy":
+                raise ValueError(f"state_dtype={state_dtype!r} needs mode='paper' (the legacy "
+                                 f"rule keeps fp32 accumulators)")
+            if backend != "auto" and not steps_compressed_state(backend):
+                able = [name for name in BACKENDS if steps_compressed_state(name)]
+                raise ValueError(f"state_dtype={state_dtype!r} needs a backend that steps "
+                                 f"compressed accumulators ({', '.join(able)} or 'auto'), got "
+                                 f"backend={backend!r}")
         self.mode = mode
+        self.state_dtype = state_dtype
+        self.state_seed = int(state_seed)
         self.nonfinite = nonfinite
         self._requested_backend = backend
         self._warned_keys: set[str] = set()
@@ -152,14 +194,18 @@ class CLASSP(Optimizer):
         device = self._device()
         if device.type == "meta" and self._requested_backend == "auto":
             return "auto"
-        return resolve_backend(self._requested_backend, device)
+        return self._backend_for(device)
 
     def _backend_for(self, device: torch.device) -> str:
         """The concrete backend for a group on ``device`` (a named one is taken as given while
-        compiling, as the op does)."""
+        compiling, as the op does; with compressed state ``auto`` takes ``foreach`` where the
+        device's fastest kernel steps no compressed accumulators)."""
         if torch.compiler.is_compiling() and self._requested_backend != "auto":
             return self._requested_backend
-        return resolve_backend(self._requested_backend, device)
+        backend = resolve_backend(self._requested_backend, device)
+        if self.state_dtype != "fp32" and not steps_compressed_state(backend):
+            return "foreach"  # only reached with "auto": a named one was checked at __init__
+        return backend
 
     def _device(self) -> torch.device:
         """The device of the first parameter (ZeroRedundancyOptimizer may leave a rank none)."""
@@ -173,11 +219,14 @@ class CLASSP(Optimizer):
 
     def __getstate__(self) -> dict:
         return {**super().__getstate__(), "mode": self.mode, "nonfinite": self.nonfinite,
-                "backend": self._requested_backend}
+                "backend": self._requested_backend, "state_dtype": self.state_dtype,
+                "state_seed": self.state_seed}
 
     def __setstate__(self, state: dict) -> None:
         state = dict(state)
         backend = state.pop("backend", None)
+        # compressed state's options (pickled before they existed: fp32)
+        state_dtype, state_seed = state.pop("state_dtype", "fp32"), state.pop("state_seed", 0)
         super().__setstate__(state)
         for group in self.param_groups:  # saved before these hyperparameters existed
             for key, value in ADDED_HYPERPARAMETERS.items():
@@ -185,6 +234,7 @@ class CLASSP(Optimizer):
         if backend is not None:  # unpickling; load_state_dict passes state and groups only
             check_state_values(self.state, self.param_groups)
             self._requested_backend = backend
+            self.state_dtype, self.state_seed = state_dtype, state_seed
             self._warned_keys = set()
             self._telemetry = StepTelemetry(self._placed_device())
             self._penalty_source = None  # an attachment is not pickled
@@ -263,7 +313,7 @@ class CLASSP(Optimizer):
             dtypes = PARAM_DTYPES
             if first is not None and self.mode == "paper":
                 dtypes = param_dtypes(self._backend_for(local_part(first).device))
-            if check_stepped_group(index, group, self.state, dtypes):
+            if check_stepped_group(index, group, self.state, dtypes, self.state_dtype):
                 unsettled.append(group)
             if first is not None:
                 check_amp_scalars(grad_scale, found_inf, local_part(first).device,
@@ -312,6 +362,8 @@ class CLASSP(Optimizer):
                 continue
             if state["accumulator"].device != p.device:
                 state["accumulator"] = state["accumulator"].to(p.device)
+                if "accumulator_scales" in state:
+                    state["accumulator_scales"] = state["accumulator_scales"].to(p.device)
             if not is_settled(state["step"], state["accumulator"], p.device):
                 state["step"] = _step_counter(state["step"], p.device)
             mean = state.get("grad_sq_mean")
@@ -338,9 +390,12 @@ class CLASSP(Optimizer):
                         f"(shape {tuple(g.shape)}); nothing was updated (nonfinite='raise')")
 
     def _init_group(self, group: dict, params: list, grads: list, accs: list, steps: list,
-                    means: Optional[list]) -> None:
-        """Append the group's stepped tensors (local shards of DTensors) to the lists, and their
-        ``"grad_sq_mean"`` to ``means`` unless it is None (the group's relative_threshold is 0).
+                    means: Optional[list], scales: Optional[list] = None,
+                    offsets: Optional[list] = None) -> None:
+        """Append the group's stepped tensors (local shards of DTensors) to the lists, their
+        ``"grad_sq_mean"`` to ``means`` unless it is None (the group's relative_threshold is 0),
+        and with compressed state (``scales`` and ``offsets`` given) their 8-bit block scales
+        (None for other formats) and their local tensors' index offsets.
 
         State is created here on first use; the lists are filled in place, the form
         torch.compile traces without running the state initialization in the graph. The inputs
@@ -354,9 +409,12 @@ class CLASSP(Optimizer):
             state = all_state[p]
             if not state:
                 state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-                state["accumulator"] = torch.zeros_like(
-                    p, dtype=compute_dtype(p), memory_format=torch.contiguous_format)
+                state.update(compressed_state.new_state(p, self.state_dtype))
             acc = state["accumulator"]
+            if scales is not None:
+                scales.append(state.get("accumulator_scales"))
+                offsets.append(compressed_state.index_offset(p)
+                               if acc.dtype in COMPRESSED_ACC_DTYPES else 0)
             if type(p) is not nn.Parameter or type(grad) is not Tensor:  # maybe DTensors
                 p, grad, acc = local_part(p), local_part(grad), local_part(acc)
             params.append(p)
@@ -365,20 +423,21 @@ class CLASSP(Optimizer):
             steps.append(state["step"])
             if means is not None:
                 if "grad_sq_mean" not in state:  # S of the local shard: a plain tensor
-                    state["grad_sq_mean"] = torch.zeros((), dtype=acc.dtype, device=p.device)
+                    state["grad_sq_mean"] = torch.zeros((), dtype=compute_dtype(p),
+                                                        device=p.device)
                 means.append(state["grad_sq_mean"])
 
-    def _advance_steps(self, group: dict, steps: list, increment) -> Optional[Tensor]:
-        """Add ``increment`` to the step counters of the group's stepped params.
+    def _step_buffer(self, group: dict, steps: list) -> Optional[Tensor]:
+        """The buffer the step counters ``steps`` of the group's stepped params view, made
+        when they view none or another; None while compiling.
 
         A per-tensor add costs over 1 us on the CPU, more than the kernel for small tensors,
-        so a group's counters are kept as views of one buffer and advanced by a single add;
-        the buffer is rebuilt when the set of stepped params changes. (A group's stepped params,
-        and so their counters, share one device: ``_check_step`` saw to it.) Returns the buffer
-        (None while compiling).
+        so a group's counters are kept as views of one buffer, advanced by a single add after
+        the step (and read by one op for the rounding keys before it); the buffer is rebuilt
+        when the set of stepped params changes. (A group's stepped params, and so their
+        counters, share one device: ``_check_step`` saw to it.)
         """
         if torch.compiler.is_compiling():
-            torch._foreach_add_(steps, increment)
             return None
         base = steps[0]._base
         if base is None or base.numel() != len(steps) or any(t._base is not base for t in steps):
@@ -386,7 +445,6 @@ class CLASSP(Optimizer):
             stepped = [p for p in group["params"] if p.grad is not None]
             for p, view in zip(stepped, base.unbind()):
                 self.state[p]["step"] = view
-        base.add_(increment)
         return base
 
     @torch.no_grad()
@@ -414,15 +472,25 @@ class CLASSP(Optimizer):
                 self._settle_state(group)
 
         steps = []
+        seed = self.state_seed
         for group, (plan, grads, terms) in zip(self.param_groups, plans):
+            compressed = None  # the rounding keys are those of the steps before this one
             if plan is None:
                 params, grads, accs, counters = [], [], [], []
                 means = [] if group["relative_threshold"] > 0 else None
-                self._init_group(group, params, grads, accs, counters, means)
+                scales, offsets = (None, None) if self.state_dtype == "fp32" else ([], [])
+                self._init_group(group, params, grads, accs, counters, means, scales, offsets)
                 if not params:
                     continue
+                base = self._step_buffer(group, counters)
+                if scales is not None and any(a.dtype in COMPRESSED_ACC_DTYPES for a in accs):
+                    compressed = CompressedState(scales, tensor_key(
+                        seed, torch.stack(counters) if base is None else base), offsets)
             else:
                 params, accs, means = plan.params, plan.accs, plan.grad_sq_means
+                if plan.scales is not None:
+                    compressed = CompressedState(plan.scales, tensor_key(seed, plan.steps),
+                                                 plan.offsets)
             penalty = None if terms is None else Penalty(source.penalty_form,
                                                          source.penalty_scale, *terms)
             device = params[0].device
@@ -431,15 +499,18 @@ class CLASSP(Optimizer):
                                step_spec(group["lr"], group["threshold"], group["eps"],
                                          group["power"], group["apply_scaling"], grad_scale,
                                          found_inf, penalty, group["relative_threshold"],
-                                         means))
+                                         means, compressed))
             increment = 1.0 if found_inf is None else 1.0 - found_inf.to(device, torch.float32)
             if plan is not None:
                 plan.steps.add_(increment)
                 steps.append((counts, plan.numels, backend))
                 continue
-            base = self._advance_steps(group, counters, increment)
+            if base is None:
+                torch._foreach_add_(counters, increment)
+            else:
+                base.add_(increment)
             plan = None if compiling else GroupPlan.build(group, self.state, params, base,
-                                                          means)
+                                                          means, compressed)
             if plan is not None:
                 if source is not None:
                     plan.keep_penalty_terms(source, terms)
@@ -475,41 +546,76 @@ class CLASSP(Optimizer):
         return self._telemetry.nonfinite_skipped
 
     def state_bytes(self) -> int:
-        """Bytes held in optimizer state tensors (accumulators, step counters, gradient
-        means)."""
+        """Bytes held in optimizer state tensors (accumulators, 8-bit block scales, step
+        counters, gradient means)."""
         return sum(t.numel() * t.element_size() for state in self.state.values()
                    for t in state.values() if isinstance(t, Tensor))
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load state after checking all of it (:func:`classp_fused.validation.check_state_dict`).
 
-        Accumulators and gradient means keep their fp32 (fp64) dtype instead of taking the
-        param's; a ``step`` saved as a Python number or an integer tensor becomes a 0-dim fp32
-        tensor. A dict saved before ``relative_threshold`` existed loads with it 0. A bad dict
-        (an accumulator with a negative or NaN element, a step that is not a finite count >= 0,
-        a gradient mean that is not a finite number >= 0, a tensor ``lr`` on another device
-        than the CPU and the group's params, ...) raises and changes nothing. Keys of other
-        optimizers set to "off" in the loaded groups are ignored with a warning, as at
-        construction.
+        Accumulators take this optimizer's format (``state_dtype``), whatever the param's dtype
+        and the format they were saved in: exact ones become fp32 (fp64 for fp64 params),
+        compressed ones are loaded as they are into the same format, decoded into an exact
+        one, and exact values are rounded into a compressed one with the param's rounding key
+        at its saved step (deterministic; bf16 <-> 8-bit goes through fp32). Gradient means
+        take the accumulator's compute dtype; a ``step`` saved as a Python number or an integer
+        tensor becomes a 0-dim fp32 tensor. A dict saved before ``relative_threshold`` existed
+        loads with it 0. A bad dict (an accumulator with a negative or NaN element, 8-bit codes
+        without their block scales or with a scale that is neither 0 nor a power of two, a
+        step that is not a finite count >= 0, a gradient mean that is not a finite number >= 0,
+        a tensor ``lr`` on another device than the CPU and the group's params, ...) raises and
+        changes nothing. Keys of other optimizers set to "off" in the loaded groups are
+        ignored with a warning, as at construction.
         """
-        check_state_dict(state_dict, self.param_groups)
+        check_state_dict(state_dict, self.param_groups, self.state_dtype)
         saved = {key: dict(value) for key, value in state_dict["state"].items()}
         ids = [pid for group in state_dict["param_groups"] for pid in group["params"]]
-        super().load_state_dict(state_dict)
         params = [p for group in self.param_groups for p in group["params"]]
+        # copies, made before anything changes: the loaded state never aliases the tensors of
+        # the state_dict it came from
+        loaded = {pid: self._loaded_entry(saved[pid], p) for pid, p in zip(ids, params)
+                  if pid in saved}
+        super().load_state_dict(state_dict)
         for pid, p in zip(ids, params):
-            if pid not in saved:
-                continue
-            state = self.state[p]
-            # copies: the loaded state never aliases the tensors of the state_dict it came from
-            state["accumulator"] = saved[pid]["accumulator"].to(
-                device=p.device, dtype=compute_dtype(p), memory_format=torch.contiguous_format,
-                copy=True)
-            state["step"] = _step_counter(saved[pid]["step"], p.device)
-            if "grad_sq_mean" in saved[pid]:
-                state["grad_sq_mean"] = _grad_sq_mean(saved[pid]["grad_sq_mean"], p)
+            if pid in loaded:
+                state = self.state[p]
+                state.pop("accumulator_scales", None)
+                state.update(loaded[pid])
         for index, group in enumerate(self.param_groups):  # loaded keys of other optimizers
             self._warn_foreign_keys(group, index)
+
+    def _loaded_entry(self, entry: dict, p: Tensor) -> dict:
+        """The state of ``p`` from its checked saved ``entry``, as new tensors in this
+        optimizer's format on ``p``'s device."""
+        step = _step_counter(entry["step"], p.device)
+        acc, scales = entry["accumulator"], entry.get("accumulator_scales")
+        local = local_part(acc)
+        if local is acc:
+            acc, scales = compressed_state.converted(acc, scales, step, p, self.state_dtype,
+                                                     self.state_seed)
+        else:  # a DTensor (no 8-bit codes): its local shard converted, placed as it was
+            rounded = compressed_state.accumulator_dtype(p, self.state_dtype) == torch.bfloat16
+            local, _ = compressed_state.converted(
+                local, None, step, p, self.state_dtype, self.state_seed,
+                compressed_state.index_offset(acc) if rounded else 0)
+            acc = type(acc).from_local(local, acc.device_mesh, acc.placements, run_check=False,
+                                       shape=acc.shape, stride=_contiguous_strides(acc.shape))
+        loaded = {"step": step, "accumulator": acc}
+        if scales is not None:
+            loaded["accumulator_scales"] = scales
+        if "grad_sq_mean" in entry:
+            loaded["grad_sq_mean"] = _grad_sq_mean(entry["grad_sq_mean"], p)
+        return loaded
+
+
+def _contiguous_strides(shape: torch.Size) -> tuple:
+    """The strides of a contiguous tensor of ``shape``."""
+    strides, inner = [], 1
+    for size in reversed(shape):
+        strides.append(inner)
+        inner *= size
+    return tuple(reversed(strides))
 
 
 def _warn_at_caller(message: str) -> None:

@@ -19,6 +19,7 @@ from torch._subclasses.fake_tensor import is_fake
 
 from . import state_formats
 from .backends.step_spec import PENALTY_FORMS, CompressedState, Penalty, StepSpec
+from .compressed_state import COMPRESSED_ACC_DTYPES, accumulator_dtype, index_offset
 from .reference import compute_dtype
 
 PARAM_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -27,9 +28,11 @@ HYPERPARAMETERS = ("lr", "threshold", "eps", "power", "apply_scaling", "relative
 ADDED_HYPERPARAMETERS = {"relative_threshold": 0.0}
 STATE_KEYS = ("step", "accumulator")
 _STATE_KEY_SET = frozenset(STATE_KEYS)
-#: State a param has only while a feature uses it (the relative threshold's gradient mean).
-OPTIONAL_STATE_KEYS = ("grad_sq_mean",)
-_STATE_KEY_SETS = (_STATE_KEY_SET, _STATE_KEY_SET | frozenset(OPTIONAL_STATE_KEYS))
+#: State a param has only while a feature uses it (the relative threshold's gradient mean, the
+#: block scales of 8-bit accumulator codes).
+OPTIONAL_STATE_KEYS = ("grad_sq_mean", "accumulator_scales")
+_STATE_KEY_SETS = tuple(_STATE_KEY_SET | frozenset(extra) for extra in
+                        ((), ("grad_sq_mean",), ("accumulator_scales",), OPTIONAL_STATE_KEYS))
 _NO_STATE: dict = {}  # what a param that was never stepped has (read only)
 # Keys other torch optimizers put in param groups (and take as constructor arguments) for
 # features CLASSP does not have. Set to an "off" value (0, False, None) they are ignored with a
@@ -178,9 +181,6 @@ def check_grad(param: Tensor, grad, where: str) -> None:
     if grad.dtype != param.dtype:
         raise TypeError(f"{where} has dtype {grad.dtype}, expected the param's {param.dtype}")
     _check_like_param(param, grad, where)
-
-
-COMPRESSED_ACC_DTYPES = (torch.bfloat16, torch.uint8)
 
 
 def check_accumulator(param: Tensor, acc, where: str, same_device: bool = True,
@@ -419,19 +419,22 @@ def check_group_keys(group: Mapping, index: int) -> None:
 
 
 def check_stepped_group(index: int, group: Mapping, state: Mapping,
-                        dtypes: Sequence[torch.dtype] = PARAM_DTYPES) -> bool:
+                        dtypes: Sequence[torch.dtype] = PARAM_DTYPES,
+                        state_dtype: str = "fp32") -> bool:
     """Raise if the params of a group that have a grad cannot be stepped together.
 
     Checks the group's hyperparameters and keys of other optimizers (they may have been edited
     since it was added; a tensor ``lr`` must be on the CPU or on the params' device), that its
     stepped params share one device and have a dtype its backend steps (``dtypes``), that grads
     are dense, and each existing state entry against its param: exactly ``"step"`` and
-    ``"accumulator"`` (and optionally ``"grad_sq_mean"``), the accumulator's metadata (not its
-    values: reading them is a reduction, done where state enters, ``check_state_entry``) and
-    the step counter. Returns whether the state must be settled before the step
-    (``is_settled``): an accumulator on another device than its param (the param moved; the
-    step moves its state along), or a step counter or gradient mean set to a number or to a
-    tensor of another form (the step converts it). Grads are compared with
+    ``"accumulator"`` (and optionally ``"grad_sq_mean"``, and ``"accumulator_scales"`` with
+    8-bit codes), the accumulator's metadata (its dtype the format of ``state_dtype``,
+    ``compressed_state.accumulator_dtype``; not its values: reading them is a reduction, done
+    where state enters, ``check_state_entry``) and the step counter; and that a DTensor param
+    whose state is compressed can be (``check_compressible``). Returns whether the state must
+    be settled before the step (``is_settled``): an accumulator on another device than its param
+    (the param moved; the step moves its state along), or a step counter or gradient mean set
+    to a number or to a tensor of another form (the step converts it). Grads are compared with
     their param too: torch checks them when a grad is assigned, but a later ``p.data = other``
     swap changes the param alone. (The optimizer runs these checks when a group changed since
     its last step, see ``group_plan.GroupPlan``.)
@@ -440,6 +443,7 @@ def check_stepped_group(index: int, group: Mapping, state: Mapping,
     check_hyperparameters(*(group[key] for key in HYPERPARAMETERS), where=where)
     check_foreign_keys(group, index)
     device, unsettled, strided = None, False, torch.strided
+    exact = state_dtype == "fp32"
     for i, p in enumerate(group["params"]):
         g = p.grad
         if g is None:
@@ -448,21 +452,28 @@ def check_stepped_group(index: int, group: Mapping, state: Mapping,
             device = p.device
         entry = state.get(p, _NO_STATE)
         has_state = bool(entry) or not isinstance(entry, dict)
-        step = acc = mean = None
+        step = acc = mean = scales = None
         if has_state:
-            step, acc, mean = _state_entry(entry, f"the state of param group {index}, param {i}")
+            step, acc, mean, scales = _state_entry(entry,
+                                                   f"the state of param group {index}, param {i}")
         if (g.layout is not strided or p.dtype not in dtypes or p.device != device
                 or g.dtype is not p.dtype or g.shape != p.shape
                 or not p.is_contiguous() and torch._debug_has_internal_overlap(p) == 1
-                or has_state and (getattr(acc, "dtype", None) is not _ACC_DTYPES[p.dtype]
+                or has_state and (getattr(acc, "dtype", None) is not (
+                    _ACC_DTYPES[p.dtype] if exact else accumulator_dtype(p, state_dtype))
                                   or acc.shape != p.shape or acc.layout is not strided
                                   or not acc.is_contiguous()
-                                  and torch._debug_has_internal_overlap(acc) == 1)):
-            _explain_stepped(f"param group {index}, param {i}", p, has_state, acc, device,
-                             dtypes)
+                                  and (acc.dtype in COMPRESSED_ACC_DTYPES
+                                       or torch._debug_has_internal_overlap(acc) == 1)
+                                  or (scales is None) != (acc.dtype is not torch.uint8)
+                                  or scales is not None and not _scales_fit(scales, acc))):
+            _explain_stepped(f"param group {index}, param {i}", p, has_state, acc, scales,
+                             device, dtypes, state_dtype)
+        if not exact and type(p) is not torch.nn.Parameter and type(p) is not Tensor:
+            check_compressible(p, state_dtype, f"param group {index}, param {i}")
         if has_state and not is_settled(step, acc, device, mean):
             check_step_count(step, f"the step of param group {index}, param {i}")
-            for name, t in (("accumulator", acc), ("step", step)):
+            for name, t in (("accumulator", acc), ("step", step), ("accumulator_scales", scales)):
                 check_has_values(t, device, f"the {name} of param group {index}, param {i}")
             if mean is not None:
                 check_grad_sq_mean(mean, device, f"the grad_sq_mean of param group {index}, "
@@ -473,13 +484,39 @@ def check_stepped_group(index: int, group: Mapping, state: Mapping,
     return unsettled
 
 
+def check_compressible(param: Tensor, state_dtype: str, where: str) -> None:
+    """Raise unless ``param``'s accumulator can be compressed as ``state_dtype`` says: a DTensor
+    param's local shard must be a run of consecutive elements of the whole
+    (``compressed_state.index_offset``), and 8-bit codes are for plain tensors only (their
+    per-block scales belong to a local shard, which a distributed checkpoint would not keep)."""
+    dtype = state_formats.compressed_dtype(param, state_dtype)
+    if dtype is None or type(param) in (Tensor, torch.nn.Parameter):
+        return
+    if dtype == torch.uint8 and local_part(param) is not param:
+        raise ValueError(f"{where}: state_dtype='8bit' is not supported for DTensor (FSDP2, "
+                         f"tensor parallel) params: the per-block scales of a local shard do not "
+                         f"go through distributed checkpoints; use state_dtype='bf16'")
+    try:
+        index_offset(param)
+    except ValueError as error:
+        raise ValueError(f"{where}: {error}") from None
+
+
+def _scales_fit(scales, acc: Tensor) -> bool:
+    """Whether ``scales`` are the block scales of 8-bit codes ``acc``: a contiguous float32
+    tensor of one element per block, on the codes' device."""
+    return (type(scales) is Tensor and scales.dtype is torch.float32 and scales.dim() == 1
+            and scales.shape[0] == state_formats.num_blocks(local_part(acc).numel())
+            and scales.is_contiguous() and scales.device == local_part(acc).device)
+
+
 def is_settled(step, acc: Tensor, device: torch.device, mean=None) -> bool:
     """Whether a param's state is in the form a step on ``device`` advances as it is: the
     accumulator on ``device``, ``step`` a 0-dim fp32 tensor there and the gradient mean
-    ``mean``, if any, a 0-dim tensor of the accumulator's dtype there."""
+    ``mean``, if any, a 0-dim tensor of the accumulator's compute dtype there."""
     return (acc.device == device and type(step) is Tensor and step.dtype is torch.float32
             and step.dim() == 0 and step.device == device
-            and (mean is None or type(mean) is Tensor and mean.dtype is acc.dtype
+            and (mean is None or type(mean) is Tensor and mean.dtype is _MEAN_DTYPES[acc.dtype]
                  and mean.dim() == 0 and mean.device == device))
 
 
@@ -493,21 +530,27 @@ def check_has_values(t, device: torch.device, where: str) -> None:
 
 
 def _state_entry(entry, where: str) -> tuple:
-    """``(step, accumulator, grad_sq_mean or None)`` of a non-empty state entry; raise unless it
-    holds exactly ``STATE_KEYS`` and optionally ``OPTIONAL_STATE_KEYS``."""
+    """``(step, accumulator, grad_sq_mean or None, accumulator_scales or None)`` of a non-empty
+    state entry; raise unless it holds exactly ``STATE_KEYS`` and optionally
+    ``OPTIONAL_STATE_KEYS``."""
     if not isinstance(entry, dict) or entry.keys() not in _STATE_KEY_SETS:
         keys = sorted(entry) if isinstance(entry, Mapping) else _describe(entry)
         raise ValueError(f"{where} must be a dict of exactly {list(STATE_KEYS)}, got {keys} "
                          f"(optional: {list(OPTIONAL_STATE_KEYS)})")
-    return entry["step"], entry["accumulator"], entry.get("grad_sq_mean")
+    return (entry["step"], entry["accumulator"], entry.get("grad_sq_mean"),
+            entry.get("accumulator_scales"))
 
 
 _ACC_DTYPES = {torch.float16: torch.float32, torch.bfloat16: torch.float32,
                torch.float32: torch.float32, torch.float64: torch.float64}
+# The dtype of the gradient mean S beside an accumulator of each dtype: its compute dtype.
+_MEAN_DTYPES = {torch.float32: torch.float32, torch.float64: torch.float64,
+                torch.bfloat16: torch.float32, torch.uint8: torch.float32}
 
 
-def _explain_stepped(where: str, p: Tensor, has_state: bool, acc, device: torch.device,
-                     dtypes: Sequence[torch.dtype]) -> None:
+def _explain_stepped(where: str, p: Tensor, has_state: bool, acc, scales,
+                     device: torch.device, dtypes: Sequence[torch.dtype],
+                     state_dtype: str) -> None:
     """Raise the error that names what ``check_stepped_group`` found wrong with ``p``."""
     if p.grad.is_sparse:
         raise TypeError(f"CLASSP does not support sparse gradients ({where})")
@@ -519,17 +562,52 @@ def _explain_stepped(where: str, p: Tensor, has_state: bool, acc, device: torch.
         raise TypeError(f"{where} is {p.dtype}; this group's backend steps "
                         f"{', '.join(str(d) for d in dtypes)}")
     check_grad(p, p.grad, f"the grad of {where}")
-    if has_state:
+    if not has_state:
+        return
+    expected = accumulator_dtype(p, state_dtype)
+    if expected not in COMPRESSED_ACC_DTYPES:
         check_accumulator(p, acc, f"the accumulator of {where}", same_device=False)
+    elif not isinstance(acc, Tensor) or acc.dtype != expected:
+        raise TypeError(f"the accumulator of {where} must be a {expected} tensor under "
+                        f"state_dtype={state_dtype!r}, got {_describe(acc)}")
+    else:
+        check_accumulator(p, acc, f"the accumulator of {where}", same_device=False,
+                          compressed=True)
+    if acc.dtype == torch.uint8:
+        check_scales(scales, acc, f"the accumulator_scales of {where}")
+    elif scales is not None:
+        raise ValueError(f"the state of {where} holds 'accumulator_scales', which only 8-bit "
+                         f"(uint8) accumulator codes have; its accumulator is {acc.dtype}")
 
 
-def check_state_dict(state_dict, groups: Sequence[Mapping]) -> None:
-    """Raise if ``state_dict`` cannot be loaded into an optimizer with param groups ``groups``.
+def check_scales(scales, acc: Tensor, where: str) -> None:
+    """Raise unless ``scales`` are the block scales of the 8-bit codes ``acc`` (``_scales_fit``;
+    their values are checked where state enters, ``check_state_entry``)."""
+    if scales is None:
+        raise ValueError(f"{where} are missing: 8-bit (uint8) accumulator codes need one float32 "
+                         f"scale per block of {state_formats.BLOCK} elements")
+    blocks = state_formats.num_blocks(local_part(acc).numel())
+    if (not isinstance(scales, Tensor) or scales.dtype != torch.float32
+            or scales.shape != (blocks,) or scales.layout != torch.strided):
+        raise TypeError(f"{where} must be a float32 tensor of shape ({blocks},) (one scale per "
+                        f"block of {state_formats.BLOCK} accumulator elements), got "
+                        f"{_describe(scales)}")
+    if not scales.is_contiguous():
+        raise ValueError(f"{where} must be a contiguous tensor")
+    if scales.device != local_part(acc).device:
+        raise RuntimeError(f"{where} is on {scales.device}, expected the accumulator's device "
+                           f"{local_part(acc).device}")
+
+
+def check_state_dict(state_dict, groups: Sequence[Mapping], state_dtype: str = "fp32") -> None:
+    """Raise if ``state_dict`` cannot be loaded into an optimizer with param groups ``groups``
+    and accumulators in the format of ``state_dtype``.
 
     Checks the layout (``"state"`` and ``"param_groups"``), the number of groups and of params
     per group, each group's hyperparameters (those of ``ADDED_HYPERPARAMETERS`` may be
     missing; a tensor ``lr`` on the CPU or on the group's params' device) and foreign keys, and
-    each param's state (``check_state_entry``, values included).
+    each param's state (``check_state_entry``, values included; a DTensor param's state in the
+    format, ``check_compressible``).
     """
     if not isinstance(state_dict, Mapping) or not {"state", "param_groups"} <= set(state_dict):
         raise ValueError("state_dict must be a dict with keys 'state' and 'param_groups', got "
@@ -564,6 +642,8 @@ def check_state_dict(state_dict, groups: Sequence[Mapping]) -> None:
             raise ValueError(f"{where} belongs to no param of state_dict['param_groups']")
         param, location = params_of[key]
         check_state_entry(entry, param, location + where)
+        if state_dtype != "fp32" and type(param) not in (Tensor, torch.nn.Parameter):
+            check_compressible(param, state_dtype, location + where)
 
 
 def check_state_values(state: Mapping, groups: Sequence[Mapping]) -> None:
@@ -579,9 +659,12 @@ def check_state_values(state: Mapping, groups: Sequence[Mapping]) -> None:
 
 def check_state_entry(entry, param: Tensor, where: str) -> None:
     """Raise unless ``entry`` is a CLASSP state entry for ``param``: exactly ``"step"`` (a count,
-    ``check_step_count``) and ``"accumulator"`` (a dense real floating tensor of the param's
-    shape with no negative or NaN element; +inf is kept, ``|g|**power`` may overflow), and
-    optionally ``"grad_sq_mean"`` (a one-element floating tensor, finite and >= 0).
+    ``check_step_count``) and ``"accumulator"`` (a dense tensor of the param's shape: a real
+    floating one, bfloat16 included, with no negative or NaN element, +inf kept as
+    ``|g|**power`` may overflow; or uint8 8-bit codes, any values, of a plain tensor), and
+    optionally ``"grad_sq_mean"`` (a one-element floating tensor, finite and >= 0) and, exactly
+    with uint8 codes, ``"accumulator_scales"`` (``check_scales``, each 0 or a power of two
+    ``2**E``, -125 <= E <= 127; ``classp_fused.state_formats``).
 
     The values of tensors that hold data are read (a reduction per accumulator), so this runs
     where state enters, never at a step.
@@ -594,17 +677,39 @@ def check_state_entry(entry, param: Tensor, where: str) -> None:
     check_has_values(entry["step"], param.device, f"{where}['step']")
     if "grad_sq_mean" in entry:
         check_grad_sq_mean(entry["grad_sq_mean"], param.device, f"{where}['grad_sq_mean']")
-    acc, where = entry["accumulator"], f"{where}['accumulator']"
-    if not isinstance(acc, Tensor) or not acc.is_floating_point():
-        raise TypeError(f"{where} must be a floating-point tensor, got {_describe(acc)}")
+    acc, scales = entry["accumulator"], entry.get("accumulator_scales")
+    where, where_scales = f"{where}['accumulator']", f"{where}['accumulator_scales']"
+    if not isinstance(acc, Tensor) or not (acc.is_floating_point() or acc.dtype == torch.uint8):
+        raise TypeError(f"{where} must be a floating-point tensor (or uint8 8-bit codes), got "
+                        f"{_describe(acc)}")
     if acc.layout != torch.strided:
         raise TypeError(f"{where} must be a dense tensor, got layout {acc.layout}")
     if acc.shape != param.shape:
         raise ValueError(f"{where} has shape {tuple(acc.shape)}, expected the param's "
                          f"{tuple(param.shape)}")
     check_has_values(acc, param.device, where)
+    codes = acc.dtype == torch.uint8
+    if codes:
+        if local_part(acc) is not acc:
+            raise ValueError(f"{where}: 8-bit accumulator codes are not supported for DTensor "
+                             f"(sharded) state")
+        check_scales(scales, acc, where_scales)
+        check_has_values(scales, param.device, where_scales)
+    elif scales is not None:
+        raise ValueError(f"{where_scales}: only 8-bit (uint8) accumulator codes have block "
+                         f"scales; the accumulator is {acc.dtype}")
     values = local_part(acc)
     if values.device.type == "meta" or is_fake(values):
+        return
+    if codes:  # every code is a value; a scale is +0 or 2**E, -125 <= E <= 127
+        scale_bits = scales.view(torch.int32)
+        exponent = scale_bits >> 23
+        bad = (scale_bits != 0) & (((scale_bits & 0x7FFFFF) != 0) | (exponent < 2)
+                                   | (exponent > 254))
+        if bool(bad.any()):
+            raise ValueError(f"{where_scales} has {int(bad.sum())} of its {scales.numel()} "
+                             f"scales neither 0 nor a power of two 2**E with -125 <= E <= 127 "
+                             f"(the 8-bit format's block scales)")
         return
     bad = ~(values >= 0)  # NaN compares False
     if bool(bad.any()):

@@ -224,20 +224,26 @@ inline void check_compressed_inputs(at::TensorList params, at::TensorList accs,
 }
 
 // Whether a (param, grad, acc) triple can be stepped as it is, with nothing to explain: dense,
-// the grad of the param's dtype and the accumulator of its compute dtype, both of the param's
-// shape, all on `device`, no internal overlap. The optimizer's per-step test of tensors it
-// validated before (false sends it back to its full, explaining checks), so it raises nothing.
+// the grad of the param's dtype and the accumulator of its compute dtype (with `compressed`, for
+// a param that is not float64, also a contiguous bfloat16 or uint8 one: classp_fused's
+// compressed formats), both of the param's shape, all on `device`, no internal overlap. The
+// optimizer's per-step test of tensors it validated before (false sends it back to its full,
+// explaining checks), so it raises nothing.
 inline bool steppable_as_is(const at::Tensor& param, const at::Tensor& grad, const at::Tensor& acc,
-                            const c10::Device& device) {
+                            const c10::Device& device, bool compressed = false) {
   if (!param.defined() || !grad.defined() || !acc.defined()) {
     return false;
   }
   const auto dtype = param.scalar_type();
+  const auto acc_dtype = acc.scalar_type();
+  const bool acc_dtype_ok =
+      acc_dtype == compute_dtype(dtype) ||
+      (compressed && dtype != c10::kDouble &&
+       (acc_dtype == c10::kBFloat16 || acc_dtype == c10::kByte) && acc.is_contiguous());
   return param.layout() == c10::kStrided && grad.layout() == c10::kStrided &&
-         acc.layout() == c10::kStrided && grad.scalar_type() == dtype &&
-         acc.scalar_type() == compute_dtype(dtype) && grad.sizes() == param.sizes() &&
-         acc.sizes() == param.sizes() && param.device() == device &&
-         grad.device() == device && acc.device() == device &&
+         acc.layout() == c10::kStrided && grad.scalar_type() == dtype && acc_dtype_ok &&
+         grad.sizes() == param.sizes() && acc.sizes() == param.sizes() &&
+         param.device() == device && grad.device() == device && acc.device() == device &&
          at::has_internal_overlap(param) != at::MemOverlap::Yes &&
          at::has_internal_overlap(acc) != at::MemOverlap::Yes;
 }

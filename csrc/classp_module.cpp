@@ -9,14 +9,18 @@
 
 namespace {
 
-// steppable_as_is(params, grads, accs) -> bool: three lists of equal length whose triples all
-// pass classp::steppable_as_is on params[0]'s device. Reads metadata only (any device).
+// steppable_as_is(params, grads, accs[, compressed]) -> bool: three lists of equal length whose
+// triples all pass classp::steppable_as_is on params[0]'s device (`compressed`, default False,
+// also lets compressed accumulators through). Reads metadata only (any device).
 PyObject* steppable_as_is(PyObject* /*module*/, PyObject* const* args, Py_ssize_t nargs) {
   HANDLE_TH_ERRORS
-  if (nargs != 3 || !PyList_Check(args[0]) || !PyList_Check(args[1]) || !PyList_Check(args[2])) {
-    PyErr_SetString(PyExc_TypeError, "steppable_as_is takes three lists of tensors");
+  if (nargs < 3 || nargs > 4 || !PyList_Check(args[0]) || !PyList_Check(args[1]) ||
+      !PyList_Check(args[2]) || (nargs == 4 && !PyBool_Check(args[3]))) {
+    PyErr_SetString(PyExc_TypeError,
+                    "steppable_as_is takes three lists of tensors and optionally a bool");
     return nullptr;
   }
+  const bool compressed = nargs == 4 && args[3] == Py_True;
   const Py_ssize_t n = PyList_GET_SIZE(args[0]);
   if (PyList_GET_SIZE(args[1]) != n || PyList_GET_SIZE(args[2]) != n) {
     Py_RETURN_FALSE;
@@ -33,7 +37,8 @@ PyObject* steppable_as_is(PyObject* /*module*/, PyObject* const* args, Py_ssize_
     if (!device) {
       device = p.device();
     }
-    if (!classp::steppable_as_is(p, THPVariable_Unpack(grad), THPVariable_Unpack(acc), *device)) {
+    if (!classp::steppable_as_is(p, THPVariable_Unpack(grad), THPVariable_Unpack(acc), *device,
+                                 compressed)) {
       Py_RETURN_FALSE;
     }
   }

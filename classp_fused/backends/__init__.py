@@ -6,9 +6,10 @@ hyperparameters, AMP scalars and options such as a fused penalty, see SPEC secti
 returning an int64 tensor of shape ``(len(params), 2)``: per tensor, the number of elements
 updated and the number of non-finite gradient elements skipped; and ``is_available(device)``.
 A backend that steps fewer param dtypes than the four names them in ``KERNEL_DTYPES``, so that a
-caller can refuse them before any kernel runs. Inputs are validated once, for all backends
-(:mod:`classp_fused.validation`); under ``torch.compile`` the validation (Python-side checks,
-which would break the graph) is skipped.
+caller can refuse them before any kernel runs; one that steps compressed accumulators (bfloat16,
+8-bit codes: ``StepSpec.compressed``) says so with ``COMPRESSED_STATE = True``. Inputs are
+validated once, for all backends (:mod:`classp_fused.validation`); under ``torch.compile`` the
+validation (Python-side checks, which would break the graph) is skipped.
 """
 from __future__ import annotations
 
@@ -19,7 +20,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from ..validation import PARAM_DTYPES, check_step_inputs
+from ..validation import COMPRESSED_ACC_DTYPES, PARAM_DTYPES, check_step_inputs
 from .step_spec import CompressedState, Penalty, StepSpec, step_spec
 
 BACKENDS = ("torch", "foreach", "cpp", "cuda", "triton")
@@ -45,6 +46,11 @@ def available_backends(device: str | torch.device = "cpu") -> list[str]:
 def param_dtypes(name: str) -> tuple:
     """The param dtypes backend ``name`` can step (the triton kernel has no float64)."""
     return getattr(_module(name), "KERNEL_DTYPES", PARAM_DTYPES)
+
+
+def steps_compressed_state(name: str) -> bool:
+    """Whether backend ``name`` steps compressed accumulators (its ``COMPRESSED_STATE``)."""
+    return getattr(_module(name), "COMPRESSED_STATE", False)
 
 
 _AUTO_ORDER = {"cuda": ("cuda", "triton"), "cpu": ("cpp",)}
@@ -94,7 +100,8 @@ def classp_step_(params: Sequence[Tensor], grads: Sequence[Tensor], accs: Sequen
     replaces with this step's mean of g*g over finite elements (see ``StepSpec``).
     ``compressed`` (a :class:`~classp_fused.backends.step_spec.CompressedState`) is needed
     where ``accs`` holds compressed accumulators (bfloat16, or uint8 8-bit codes;
-    ``classp_fused.state_formats``).
+    ``classp_fused.state_formats``); a named backend that does not step them
+    (``steps_compressed_state``) refuses them, ``auto`` takes one that does.
     """
     params, grads, accs = list(params), list(grads), list(accs)
     compiling = torch.compiler.is_compiling()
@@ -105,8 +112,16 @@ def classp_step_(params: Sequence[Tensor], grads: Sequence[Tensor], accs: Sequen
                                                         compressed))
     spec = step_spec(lr, threshold, eps, power, apply_scaling, grad_scale, found_inf, penalty,
                      relative_threshold, grad_sq_means, compressed)
+    requested = backend
     if not compiling or backend == "auto":  # while compiling, a named backend is taken as given
         backend = resolve_backend(backend, params[0].device if params else "cpu")
+    if (compressed is not None and not steps_compressed_state(backend)
+            and any(a.dtype in COMPRESSED_ACC_DTYPES for a in accs)):
+        if requested != "auto":
+            able = [name for name in BACKENDS if steps_compressed_state(name)]
+            raise TypeError(f"backend {backend!r} does not step compressed accumulators "
+                            f"(bfloat16, uint8 codes); these do: {able}")
+        backend = "foreach"
     return run_backend(backend, params, grads, accs, spec)
 
 

@@ -14,6 +14,11 @@ segment of a packed buffer.
 The selection is an integer mask of the compute dtype's width (all ones where selected),
 applied with bitwise ops: an unselected element's accumulator and param get ``- (+0)``, which
 leaves every value bit-identical, so no ``where`` runs over the data.
+
+A compressed accumulator (bfloat16, 8-bit codes; ``StepSpec.compressed``) is stepped by the
+reference's update on pieces of its tensor: runs of whole 8-bit blocks of at most a chunk, each
+with its blocks' scales and its elements' index offset, so the codes, scales and bfloat16 bits
+are the reference's, bit for bit, and the temporaries stay bounded by a chunk.
 """
 from __future__ import annotations
 
@@ -25,6 +30,11 @@ import torch
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from ..chunks import chunk_elements, chunks
+from ..compressed_state import COMPRESSED_ACC_DTYPES
+from ..reference import classp_update_
+from ..state_formats import BLOCK
+
+COMPRESSED_STATE = True
 
 _BITS = {torch.float32: torch.int32, torch.float64: torch.int64}  # per compute dtype
 
@@ -289,6 +299,73 @@ def _step_group(params, grads, accs, spec, no_inf, importances=None, anchors=Non
     return counts
 
 
+def _flat_range(t, start: int, stop: int) -> list:
+    """Views of ``t`` (non-empty) that hold, in row-major order, its elements ``start`` to
+    ``stop`` (exclusive) of its logical row-major order, whatever its strides."""
+    if start >= stop:
+        return []
+    if t.dim() <= 1:
+        return [t.reshape(-1)[start:stop]]
+    inner = t[0].numel()
+    first, last = start // inner, (stop - 1) // inner
+    if first == last:
+        return _flat_range(t[first], start - first * inner, stop - first * inner)
+    views, rows = [], first
+    if start % inner:
+        views += _flat_range(t[first], start % inner, inner)
+        rows += 1
+    end = stop // inner
+    if end > rows:
+        views.append(t[rows:end])
+    return views + _flat_range(t[end], 0, stop % inner) if stop % inner else views
+
+
+def _piece(t, start: int, stop: int):
+    """``t``'s elements ``start`` to ``stop`` as one flat tensor: a view of a contiguous ``t``,
+    else a copy, and the views it was gathered from (None for a view)."""
+    if t.is_contiguous():
+        return t.view(-1)[start:stop], None
+    views = _flat_range(t, start, stop)
+    return torch.cat([v.reshape(-1) for v in views]), views
+
+
+def _step_compressed(param, grad, acc, spec, scale, key, offset: int, importance=None,
+                     anchor=None, mean=None, no_inf=None):
+    """Step one non-empty tensor whose accumulator is compressed (its 8-bit block ``scale``,
+    rounding ``key`` and element index ``offset``, ``importance`` and ``anchor`` when the penalty
+    covers it, its gradient ``mean`` when given) by the reference's update on runs of whole
+    blocks of at most a chunk; returns its ``[updated, nonfinite]`` counts."""
+    n, size = param.numel(), chunk_elements(param.device)
+    piece = n if n <= size else max(BLOCK, int(size) // BLOCK * BLOCK)
+    hyper = dict(lr=spec.lr, threshold=spec.threshold, eps=spec.eps, power=spec.power,
+                 apply_scaling=spec.apply_scaling, grad_scale=spec.grad_scale,
+                 found_inf=spec.found_inf, relative_threshold=spec.relative_threshold)
+    if importance is not None:
+        hyper.update(penalty_form=spec.penalty.form, penalty_scale=spec.penalty.scale)
+    flat_acc, counts, total = acc.view(-1), [], None
+    for start in range(0, n, piece):
+        stop = min(start + piece, n)
+        p, views = _piece(param, start, stop)
+        penalty = {} if importance is None else dict(
+            importance=_piece(importance, start, stop)[0], anchor=_piece(anchor, start, stop)[0])
+        # one piece updates the mean as the reference does; pieces leave theirs in a copy
+        piece_mean = mean if mean is None or piece == n else mean.clone()
+        counts.append(classp_update_(
+            p, _piece(grad, start, stop)[0], flat_acc[start:stop], **hyper, **penalty,
+            grad_sq_mean=piece_mean, rounding_key=key, index_offset=offset + start,
+            acc_scale=None if scale is None else scale[start // BLOCK:-(-stop // BLOCK)]))
+        if views is not None:
+            torch._foreach_copy_(views, [part.view(v.shape) for part, v in
+                                         zip(p.split([v.numel() for v in views]), views)])
+        if piece_mean is not mean:  # the piece's mean times its elements: its sum
+            part = piece_mean * (stop - start)
+            total = part if total is None else total + part
+    if total is not None:
+        new = total / n
+        mean.copy_(new if no_inf is None else torch.where(no_inf, new, mean))
+    return torch.stack(counts).sum(0)
+
+
 def _take(tensors, indices) -> list:
     return [tensors[i] for i in indices]
 
@@ -297,11 +374,15 @@ def step(params, grads, accs, spec):
     """The step over tensors on one device (validated by the caller), grouped by dtype and by
     whether ``spec.penalty`` covers them."""
     device = params[0].device if params else torch.device("cpu")
-    penalty, means = spec.penalty, spec.grad_sq_means
+    penalty, means, compressed = spec.penalty, spec.grad_sq_means, spec.compressed
     no_inf = None if spec.found_inf is None else (spec.found_inf.to(device) == 0).reshape(())
     groups: dict = {}  # (dtype, penalized) -> indices of non-empty tensors, in traceable Python
+    rounded = []  # indices of non-empty tensors with compressed accumulators
     for i, p in enumerate(params):
         if p.numel():
+            if compressed is not None and accs[i].dtype in COMPRESSED_ACC_DTYPES:
+                rounded.append(i)
+                continue
             penalized = penalty is not None and penalty.importances[i] is not None
             groups.setdefault((p.dtype, penalized), []).append(i)
     if len(groups) == 1 and len(params) == sum(map(len, groups.values())):  # one group, no empty
@@ -320,4 +401,10 @@ def step(params, grads, accs, spec):
     for indices, counts in results:
         for i, row in zip(indices, counts.unbind()):
             rows[i] = row
+    keys = None if compressed is None else compressed.keys.unbind()
+    for i in rounded:
+        terms = () if penalty is None else (penalty.importances[i], penalty.anchors[i])
+        rows[i] = _step_compressed(params[i], grads[i], accs[i], spec, compressed.scales[i],
+                                   keys[i], compressed.offsets[i], *terms,
+                                   mean=None if means is None else means[i], no_inf=no_inf)
     return torch.stack(rows) if rows else torch.zeros(0, 2, dtype=torch.int64, device=device)

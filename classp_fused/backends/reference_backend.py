@@ -1,6 +1,8 @@
 """Backend ``torch``: the reference, one tensor at a time (any device, float64 too)."""
 from ..reference import classp_step_
 
+COMPRESSED_STATE = True
+
 
 def is_available(device) -> bool:
     return True

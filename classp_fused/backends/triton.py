@@ -59,6 +59,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 CHUNK = 4096  # elements per program; fixed, so the table does not depend on the tuned BLOCK_SIZE
 # (a multiple of every BLOCK_SIZE and of the 8-bit block, so that no block straddles two)
 KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+COMPRESSED_STATE = True  # bfloat16 and 8-bit accumulators (classp_fused.state_formats)
 ALIGNMENT = 16  # bytes; every tensor the kernel touches starts on this boundary
 PROGRAMS_PER_SM = 8  # resident programs per GPU multiprocessor (at 4 or 8 warps each)
 INTERPRETED_PROGRAMS = 4  # each program instance costs the interpreter about a millisecond
