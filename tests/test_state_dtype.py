@@ -14,7 +14,7 @@ from torch import nn
 
 import distributed_helpers
 from classp_fused import CLASSP, classp_step_, optim, state_formats
-from classp_fused.backends import foreach, steps_compressed_state
+from classp_fused.backends import foreach, param_dtypes, steps_compressed_state
 from classp_fused.backends.step_spec import CompressedState, Penalty, step_spec
 from classp_fused.checkpoint import load_checkpoint, save_checkpoint
 from classp_fused.reference import classp_step_ as reference_step_
@@ -37,14 +37,15 @@ def backend(request):
     return request.param
 
 
-def _params(generator):
-    """A large param (several foreach chunks, a short last block), a transposed one (not
+def _params(generator, backend="torch"):
+    """The params ``backend`` steps, of: a large param (several foreach chunks, a short last block), a transposed one (not
     contiguous, several chunks), a bf16 one, and two that stay exact: small, float64."""
-    return [nn.Parameter(random_like((300, 250), generator=generator)),
+    params = [nn.Parameter(random_like((300, 250), generator=generator)),
             nn.Parameter(random_like((180, 200), generator=generator).t()),
             nn.Parameter(random_like((80, 64), torch.bfloat16, generator)),
             nn.Parameter(random_like((100,), generator=generator)),
             nn.Parameter(random_like((5000,), torch.float64, generator))]
+    return [p for p in params if p.dtype in param_dtypes(backend)]
 
 
 def _grads(params, steps, generator):
@@ -84,7 +85,7 @@ def _train(optimizer, params, grads_per_step):
                          ids=["power1", "power2-relative"])
 def test_steps_match_the_reference_bit_for_bit(backend, state_dtype, options):
     g = torch.Generator().manual_seed(0)
-    params = _params(g)
+    params = _params(g, backend)
     grads = _grads(params, 4, g)
     expected = _reference_run(params, grads, state_dtype, seed=7, **HYPER, **options)
     optimizer = CLASSP(params, **HYPER, **options, backend=backend, state_dtype=state_dtype,
@@ -95,7 +96,10 @@ def test_steps_match_the_reference_bit_for_bit(backend, state_dtype, options):
         state = optimizer.state[p]
         assert state["accumulator"].dtype == ref_acc.dtype and state["step"].item() == 4
         if ref_acc.dtype in (torch.bfloat16, torch.uint8):
-            assert torch.equal(bits(p), bits(ref_p))
+            if backend in ("torch", "foreach"):  # the reference's own ops
+                assert torch.equal(bits(p), bits(ref_p))
+            else:
+                torch.testing.assert_close(p, ref_p, rtol=1e-5, atol=1e-6)
             assert torch.equal(state["accumulator"], ref_acc)
         else:  # exact accumulators: the backend's own arithmetic
             torch.testing.assert_close(p, ref_p, rtol=1e-5, atol=1e-6)
@@ -212,7 +216,7 @@ def test_state_bytes_per_element(state_dtype, per_element):
 @pytest.mark.parametrize("state_dtype", COMPRESSED)
 def test_found_inf_step_changes_nothing(backend, state_dtype):
     g = torch.Generator().manual_seed(4)
-    params = _params(g)
+    params = _params(g, backend)
     optimizer = CLASSP(params, **HYPER, backend=backend, state_dtype=state_dtype)
     _train(optimizer, params, _grads(params, 2, g))
     for p, grad in zip(params, _grads(params, 1, g)[0]):
@@ -229,7 +233,7 @@ def test_found_inf_step_changes_nothing(backend, state_dtype):
 @pytest.mark.parametrize("state_dtype", COMPRESSED)
 def test_resume_from_a_checkpoint_continues_bit_for_bit(tmp_path, backend, state_dtype):
     g = torch.Generator().manual_seed(5)
-    params = _params(g)
+    params = _params(g, backend)
     initial = [p.detach().clone() for p in params]
     grads = _grads(params, 6, g)
     straight = CLASSP(params, **HYPER, backend=backend, state_dtype=state_dtype, state_seed=11)
@@ -300,7 +304,7 @@ def test_fp32_state_loads_into_8bit_and_back_within_the_quantization_error(tmp_p
         if a["accumulator"].dtype == torch.uint8:
             scale = a["accumulator_scales"].repeat_interleave(BLOCK)[:p.numel()].view(p.shape)
             error = (_decoded(a) - exact).abs()
-            assert (error <= exact * 2 ** -4 + scale * 2 ** -19).all()
+            assert (error <= exact * 2 ** -3 + scale * 2 ** -34).all()
             assert ((_decoded(a) > 0) == (exact > 0)).all()
         else:
             assert torch.equal(a["accumulator"], exact)
@@ -343,7 +347,7 @@ def test_compressed_state_loads_into_each_format(tmp_path, source, target):
         dtype = state_formats.compressed_dtype(q, target)
         assert loaded["accumulator"].dtype == (dtype or saved["accumulator"].dtype)
         assert ("accumulator_scales" in loaded) == (dtype == torch.uint8)
-        torch.testing.assert_close(_decoded(loaded), _decoded(saved), rtol=2 ** -4, atol=1e-5)
+        torch.testing.assert_close(_decoded(loaded), _decoded(saved), rtol=2 ** -3, atol=1e-5)
     train = _grads(copies, 1, torch.Generator().manual_seed(8))
     _train(other, copies, train)  # the loaded state steps
 
@@ -505,9 +509,10 @@ def test_the_op_refuses_compressed_state_where_the_backend_does_not_step_it(name
 
 
 # Per element the stochastic rounding error is a random walk, unbiased: after T roundings its
-# relative spread is about sqrt(T/3) / (2.4 * 2**mantissa bits), 4% for bf16 and 40% for 8-bit
-# codes after 2000 (seen: 0.83 to 1.21 and 0.55 to 1.82 of the exact value on 20k elements).
-STALL_FACTOR = {"bf16": 1.5, "8bit": 2.5}
+# relative spread is about sqrt(T/3) / (2.4 * 2**mantissa bits), 4% for bf16 and 80% for 8-bit
+# codes (3 mantissa bits) after 2000 (seen: 0.83 to 1.21 and 0.44 to 3.0 of the exact value on
+# 20k elements); a stall (rounding to nearest) leaves elements at a fraction of theirs.
+STALL_FACTOR = {"bf16": 1.5, "8bit": 4.0}
 
 
 def test_compressed_accumulators_track_the_exact_one():
@@ -568,7 +573,7 @@ def test_compiled_training_with_compressed_state_matches_eager(backend, state_dt
         assert mine.keys() == theirs.keys() and mine["step"].item() == 3
         assert mine["accumulator"].dtype == theirs["accumulator"].dtype
         # compiled gradients differ in rounding: a rounding may take the next code
-        torch.testing.assert_close(_decoded(mine), _decoded(theirs), rtol=2 ** -4, atol=1e-9)
+        torch.testing.assert_close(_decoded(mine), _decoded(theirs), rtol=2 ** -3, atol=1e-9)
 
 
 # ---------------------------------------------------------------- DTensors (2 gloo ranks)
