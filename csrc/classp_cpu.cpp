@@ -10,7 +10,11 @@
 // updated element is pulled toward its anchor before it is written. A relative threshold tau > 0
 // raises a tensor's threshold to tau * S, S its gradient mean of the previous step; given means
 // are refreshed from per-chunk sums of the squared finite gradients, added up per tensor after
-// the parallel region.
+// the parallel region. Compressed accumulators (bf16 or 8-bit codes with per-block scales;
+// classp_fused/state_formats.py, classp_state_formats.h) are stepped in groups decoded to a
+// float32 buffer; a group with a selected element is rounded back with its counter-based random
+// bits (bf16: the cache line; 8-bit: the whole block, with a new scale), others are not written.
+// Threads split 8-bit tensors only at block boundaries.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/cpu/vec/functional.h>

@@ -1,7 +1,8 @@
 // The compressed accumulator formats of classp_fused/state_formats.py in scalar C++, for the
-// kernels: the counter-based random bits, bfloat16 stochastic rounding, and the 8-bit block codes
-// (a uint8 code per element, a power-of-two float32 scale per kScaleBlock elements). Every
-// function computes what its Python namesake does, bit for bit. Plain C++, no ATen.
+// kernels: the counter-based random bits, bfloat16 stochastic rounding, and the constants and
+// block scale of the 8-bit codes (a uint8 code per element, a power-of-two float32 scale per
+// kScaleBlock elements). Every function computes what its Python namesake does, bit for bit.
+// Plain C++, no ATen.
 #pragma once
 
 #include <bit>
