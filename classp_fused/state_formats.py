@@ -17,7 +17,7 @@ for bit. An accumulator A is stored as
 
 Encoding a block (``encode_blocks``) takes its values ``x`` (float32, >= 0, at most
 ``SATURATION``): ``E`` is the smallest exponent with ``max(x) <= 15/16 * 2**E`` (the top code;
-``E >= -125``; a block of zeros gets ``s = 0``); each ``q = x / s`` (exact: a power of two) is
+``E >= -115``, so that every code's value is a float32; a block of zeros gets ``s = 0``); each ``q = x / s`` (exact: a power of two) is
 rounded stochastically to the codes around it by adding 20 random bits to its float32 bits
 below the code's 3 mantissa bits (below ``2**-31`` to ``q + 2**-31``'s, then 8 less) and
 truncating; a positive ``x`` never gets code 0 (it is raised to code 1, ``2**-34 * s``), so an
@@ -106,12 +106,12 @@ def decode(codes: Tensor, scales: Tensor) -> Tensor:
 
 def block_scales(x: Tensor) -> Tensor:
     """Per block of flat float32 ``x`` (>= 0, at most SATURATION): ``2**E`` with ``E`` the
-    smallest exponent >= -125 such that the block's max <= 15/16 * 2**E; 0 for a zero block."""
+    smallest exponent >= -115 such that the block's max <= 15/16 * 2**E; 0 for a zero block."""
     n = x.numel()
     padded = torch.zeros(num_blocks(n) * BLOCK, dtype=torch.float32, device=x.device)
     padded[:n] = x
     top = padded.view(-1, BLOCK).amax(dim=1)
-    bits = top.clamp_min(2.0 ** -126).view(torch.int32)
+    bits = top.clamp_min(2.0 ** -116).view(torch.int32)
     exponent = (bits >> 23) - 127 + 1 + ((bits & 0x7FFFFF) > 0x700000).to(torch.int32)
     scales = ((exponent + 127) << 23).view(torch.float32)
     return torch.where(top > 0, scales, 0.0)

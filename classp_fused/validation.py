@@ -664,7 +664,7 @@ def check_state_entry(entry, param: Tensor, where: str) -> None:
     ``|g|**power`` may overflow; or uint8 8-bit codes, any values, of a plain tensor), and
     optionally ``"grad_sq_mean"`` (a one-element floating tensor, finite and >= 0) and, exactly
     with uint8 codes, ``"accumulator_scales"`` (``check_scales``, each 0 or a power of two
-    ``2**E``, -125 <= E <= 127; ``classp_fused.state_formats``).
+    ``2**E``, -115 <= E <= 127; ``classp_fused.state_formats``).
 
     The values of tensors that hold data are read (a reduction per accumulator), so this runs
     where state enters, never at a step.
@@ -701,14 +701,14 @@ def check_state_entry(entry, param: Tensor, where: str) -> None:
     values = local_part(acc)
     if values.device.type == "meta" or is_fake(values):
         return
-    if codes:  # every code is a value; a scale is +0 or 2**E, -125 <= E <= 127
+    if codes:  # every code is a value; a scale is +0 or 2**E, -115 <= E <= 127
         scale_bits = scales.view(torch.int32)
         exponent = scale_bits >> 23
-        bad = (scale_bits != 0) & (((scale_bits & 0x7FFFFF) != 0) | (exponent < 2)
+        bad = (scale_bits != 0) & (((scale_bits & 0x7FFFFF) != 0) | (exponent < 12)
                                    | (exponent > 254))
         if bool(bad.any()):
             raise ValueError(f"{where_scales} has {int(bad.sum())} of its {scales.numel()} "
-                             f"scales neither 0 nor a power of two 2**E with -125 <= E <= 127 "
+                             f"scales neither 0 nor a power of two 2**E with -115 <= E <= 127 "
                              f"(the 8-bit format's block scales)")
         return
     bad = ~(values >= 0)  # NaN compares False

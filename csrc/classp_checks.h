@@ -15,6 +15,7 @@
 
 #include "classp_formats.h"
 #include "classp_penalty.h"
+#include "classp_state_formats.h"
 
 namespace classp {
 
@@ -31,11 +32,17 @@ inline AccFormat acc_format(c10::ScalarType param_dtype, c10::ScalarType acc_dty
   return acc_dtype == c10::kBFloat16 ? AccFormat::kBFloat16 : AccFormat::kCode8;
 }
 
+// Whether `acc` is a compressed accumulator of a `param_dtype` param
+// (classp_fused/state_formats.py): bfloat16, or uint8 8-bit codes, of a param that is not float64.
+inline bool is_compressed_acc(c10::ScalarType param_dtype, const at::Tensor& acc) {
+  return param_dtype != c10::kDouble &&
+         (acc.scalar_type() == c10::kBFloat16 || acc.scalar_type() == c10::kByte);
+}
+
 // TORCH_CHECKs what the op needs: the Python wrapper validates too, but the op can be called
 // directly. Every tensor of the lists must live on `device`; a device of type CPU for the CPU
 // kernel, the params' CUDA device for the CUDA kernel. `lr` may live on the CPU or on `device`.
-// With `compressed`, the accumulator of a param that is not float64 may also be a contiguous
-// bfloat16 or uint8 (8-bit codes) tensor (see check_compressed_inputs).
+// With `compressed` an accumulator may also be compressed (see check_compressed_inputs).
 inline void check_step_inputs(at::TensorList params, at::TensorList grads, at::TensorList accs,
                               const at::Tensor& lr, double threshold, double eps, double power,
                               const std::optional<at::Tensor>& grad_scale,
@@ -75,15 +82,12 @@ inline void check_step_inputs(at::TensorList params, at::TensorList grads, at::T
                 dtype);
     TORCH_CHECK(grad.scalar_type() == dtype, "classp_step_: grads[", i, "] has dtype ",
                 grad.scalar_type(), ", expected the param's ", dtype);
-    const bool compressed_acc = compressed && dtype != c10::kDouble &&
-                                (acc.scalar_type() == c10::kBFloat16 ||
-                                 acc.scalar_type() == c10::kByte);
-    TORCH_CHECK(compressed_acc || acc.scalar_type() == compute_dtype(dtype), "classp_step_: accs[",
-                i, "] has dtype ", acc.scalar_type(), ", expected ", compute_dtype(dtype),
-                compressed && dtype != c10::kDouble ? " (or bfloat16 or uint8, compressed)" : "",
+    TORCH_CHECK(acc.scalar_type() == compute_dtype(dtype) ||
+                    (compressed && is_compressed_acc(dtype, acc)),
+                "classp_step_: accs[", i, "] has dtype ", acc.scalar_type(), ", expected ",
+                compute_dtype(dtype),
+                compressed && dtype != c10::kDouble ? " (or compressed: bfloat16 or uint8)" : "",
                 " for a ", dtype, " param");
-    TORCH_CHECK(!compressed_acc || acc.is_contiguous(), "classp_step_: accs[", i,
-                "] is a compressed (", acc.scalar_type(), ") accumulator and must be contiguous");
     TORCH_CHECK(param.layout() == c10::kStrided && grad.layout() == c10::kStrided &&
                     acc.layout() == c10::kStrided,
                 "classp_step_: params[", i, "], grads[", i, "] and accs[", i,
@@ -174,52 +178,68 @@ inline void check_grad_sq_means(at::TensorList params, double relative_threshold
   }
 }
 
-// TORCH_CHECKs the arguments of compressed accumulators against the (checked) params and accs:
-// `acc_scales` holds, in order, one contiguous float32 tensor per uint8 accumulator with a scale
-// per block of kCodeBlock elements, on `device`; with a bfloat16 or uint8 accumulator,
-// `rounding_keys` is a contiguous int64 tensor of one key per param on `device` and
-// `index_offsets` holds one offset >= 0 per param.
+// TORCH_CHECKs the compressed accumulators' arguments against the (checked) params and accs:
+// `acc_scales` holds, in order, one contiguous float32 tensor of one scale per kScaleBlock
+// elements for each uint8 accumulator; `rounding_keys`, required when an accumulator is
+// compressed, is an int64 tensor of one key per param, with `index_offsets` one index >= 0 per
+// param (both absent otherwise); compressed accumulators are contiguous; all on `device`.
 inline void check_compressed_inputs(at::TensorList params, at::TensorList accs,
                                     at::TensorList acc_scales,
                                     const std::optional<at::Tensor>& rounding_keys,
                                     c10::IntArrayRef index_offsets, const c10::Device& device) {
-  size_t codes = 0;
-  bool compressed = false;
-  for (size_t i = 0; i < accs.size(); ++i) {
-    const AccFormat format = acc_format(params[i].scalar_type(), accs[i].scalar_type());
-    compressed = compressed || format != AccFormat::kExact;
-    if (format != AccFormat::kCode8) {
+  const int64_t n = static_cast<int64_t>(params.size());
+  int64_t first_compressed = -1;
+  size_t num_codes = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    if (!is_compressed_acc(params[i].scalar_type(), accs[i])) {
       continue;
     }
-    TORCH_CHECK(codes < acc_scales.size(), "classp_step_: acc_scales must hold the scales of ",
-                "every uint8 accumulator in order; it has none for accs[", i, "]");
-    const at::Tensor& scales = acc_scales[codes++];
-    const int64_t blocks = (accs[i].numel() + kCodeBlock - 1) / kCodeBlock;
-    TORCH_CHECK(scales.defined() && scales.scalar_type() == c10::kFloat &&
-                    scales.dim() == 1 && scales.numel() == blocks && scales.is_contiguous(),
-                "classp_step_: the scales of accs[", i, "] must be a contiguous float32 tensor ",
-                "of ", blocks, " elements (one per block of ", kCodeBlock, ")");
-    TORCH_CHECK(scales.device() == device, "classp_step_: the scales of accs[", i, "] are on ",
-                scales.device(), ", expected ", device);
+    TORCH_CHECK(accs[i].is_contiguous(), "classp_step_: accs[", i, "] (a compressed ",
+                accs[i].scalar_type(), " accumulator) must be contiguous");
+    first_compressed = first_compressed < 0 ? i : first_compressed;
+    if (accs[i].scalar_type() != c10::kByte) {
+      continue;
+    }
+    TORCH_CHECK(num_codes < acc_scales.size(), "classp_step_: acc_scales has ",
+                acc_scales.size(), " tensors, but accs[", i, "] is uint8 accumulator number ",
+                num_codes + 1, " (one scales tensor per uint8 (8-bit) accumulator, in order)");
+    const at::Tensor& scales = acc_scales[num_codes];
+    const int64_t blocks = num_blocks(params[i].numel());
+    TORCH_CHECK(scales.defined() && scales.scalar_type() == c10::kFloat && scales.dim() == 1 &&
+                    scales.numel() == blocks && scales.is_contiguous(),
+                "classp_step_: acc_scales[", num_codes, "] (of accs[", i,
+                "]) must be a contiguous float32 tensor of shape (", blocks, ",) (one scale per ",
+                kScaleBlock, " elements), got ",
+                scales.defined() ? scales.toString() + " of shape " + c10::str(scales.sizes())
+                                 : std::string("an undefined tensor"));
+    TORCH_CHECK(scales.device() == device, "classp_step_: acc_scales[", num_codes, "] is on ",
+                scales.device(), ", expected the param's device ", device);
+    ++num_codes;
   }
-  TORCH_CHECK(codes == acc_scales.size(), "classp_step_: acc_scales holds ", acc_scales.size(),
-              " tensors, expected one per uint8 accumulator (", codes, ")");
-  if (!compressed) {
+  TORCH_CHECK(num_codes == acc_scales.size(), "classp_step_: acc_scales has ", acc_scales.size(),
+              " tensors, expected one per uint8 (8-bit) accumulator (", num_codes, ")");
+  if (!rounding_keys.has_value()) {
+    TORCH_CHECK(first_compressed < 0, "classp_step_: rounding_keys is required when an "
+                "accumulator is compressed (accs[", first_compressed, "] is ",
+                accs[first_compressed].scalar_type(), ")");
+    TORCH_CHECK(index_offsets.empty(), "classp_step_: index_offsets must be empty without "
+                "rounding_keys, got ", index_offsets.size(), " entries");
     return;
   }
-  TORCH_CHECK(rounding_keys.has_value() && rounding_keys->scalar_type() == c10::kLong &&
-                  rounding_keys->dim() == 1 &&
-                  rounding_keys->numel() == static_cast<int64_t>(params.size()) &&
-                  rounding_keys->is_contiguous(),
-              "classp_step_: rounding_keys must be a contiguous int64 tensor of one key per ",
-              "param (", params.size(), ") with compressed accumulators");
-  TORCH_CHECK(rounding_keys->device() == device, "classp_step_: rounding_keys is on ",
-              rounding_keys->device(), ", expected ", device);
-  TORCH_CHECK(index_offsets.size() == params.size(), "classp_step_: index_offsets must hold one ",
-              "offset per param (", params.size(), "), got ", index_offsets.size());
-  for (size_t i = 0; i < index_offsets.size(); ++i) {
-    TORCH_CHECK(index_offsets[i] >= 0, "classp_step_: index_offsets[", i, "] must be >= 0, got ",
-                index_offsets[i]);
+  const at::Tensor& keys = *rounding_keys;
+  TORCH_CHECK(keys.defined() && keys.scalar_type() == c10::kLong && keys.dim() == 1 &&
+                  keys.numel() == n,
+              "classp_step_: rounding_keys must be an int64 tensor of shape (", n,
+              ",) (one key per param), got ",
+              keys.defined() ? keys.toString() + " of shape " + c10::str(keys.sizes())
+                             : std::string("an undefined tensor"));
+  TORCH_CHECK(keys.device() == device, "classp_step_: rounding_keys is on ", keys.device(),
+              ", expected the params' device ", device);
+  TORCH_CHECK(static_cast<int64_t>(index_offsets.size()) == n, "classp_step_: index_offsets "
+              "must have one entry per param (", n, "), got ", index_offsets.size());
+  for (int64_t i = 0; i < n; ++i) {
+    TORCH_CHECK(index_offsets[i] >= 0, "classp_step_: index_offsets[", i,
+                "] must be >= 0, got ", index_offsets[i]);
   }
 }
 

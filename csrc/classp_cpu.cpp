@@ -10,7 +10,11 @@
 // updated element is pulled toward its anchor before it is written. A relative threshold tau > 0
 // raises a tensor's threshold to tau * S, S its gradient mean of the previous step; given means
 // are refreshed from per-chunk sums of the squared finite gradients, added up per tensor after
-// the parallel region.
+// the parallel region. Compressed accumulators (bf16 or 8-bit codes with per-block scales;
+// classp_fused/state_formats.py, classp_state_formats.h) are stepped in groups decoded to a
+// float32 buffer; a group with a selected element is rounded back with its counter-based random
+// bits (bf16: the cache line; 8-bit: the whole block, with a new scale), others are not written.
+// Threads split 8-bit tensors only at block boundaries.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/cpu/vec/functional.h>
@@ -21,6 +25,7 @@
 
 #include <algorithm>
 #include <array>
+#include <bit>
 #include <cmath>
 #include <limits>
 #include <tuple>
@@ -29,6 +34,7 @@
 #include "classp_checks.h"
 #include "classp_penalty.h"
 #include "classp_plan.h"
+#include "classp_state_formats.h"
 
 namespace classp {
 namespace {
@@ -288,6 +294,25 @@ int64_t count_nonfinite(const scalar_t* grad, int64_t n, const Hyper<math_t<scal
   return count;
 }
 
+// Completes the tally of elements [0, n) with gradients `grad`: the non-finite gradients
+// counted again where `probe` saw one, and the squared gradients' lanes summed.
+template <typename scalar_t>
+void finish_tally(const Vectorized<math_t<scalar_t>>& probe,
+                  const Vectorized<math_t<scalar_t>>& squares, const scalar_t* grad, int64_t n,
+                  const Hyper<math_t<scalar_t>>& h, Tally& tally) {
+  using T = math_t<scalar_t>;
+  if (probe.zero_mask() != (1 << Vectorized<T>::size()) - 1) {
+    tally.nonfinite = count_nonfinite(grad, n, h);
+  }
+  if (h.sum_squares) {
+    T lanes[Vectorized<T>::size()];
+    squares.store(lanes);
+    for (const T lane : lanes) {
+      tally.square_sum += lane;
+    }
+  }
+}
+
 // Updates elements [0, n) of one tensor: whole blocks in place, the tail on zero-padded copies
 // (a zero gradient, importance and anchor are never selected since threshold >= 0), copied
 // back only if selected. `h` is a copy so that stores through `param` and `acc` cannot alias it.
@@ -332,22 +357,204 @@ Tally step_range(const RangePointers<scalar_t>& ptr, int64_t n, const Hyper<math
       std::copy_n(acc_tail, rest, ptr.acc + i);
     }
   }
-  if (probe.zero_mask() != (1 << Vectorized<T>::size()) - 1) {
-    tally.nonfinite = count_nonfinite(ptr.grad, n, h);
-  }
-  if (h.sum_squares) {
-    T lanes[Vectorized<T>::size()];
-    squares.store(lanes);
-    for (const T lane : lanes) {
-      tally.square_sum += lane;
+  finish_tally(probe, squares, ptr.grad, n, h, tally);
+  return tally;
+}
+
+// Compressed accumulators (classp_state_formats.h). A range is stepped in groups of the format's
+// size: a group's accumulators are decoded to float32 into a buffer, step_block steps from it
+// and leaves there where(selected, new A, old A), and a group with a selected element is
+// rounded back whole. Random bits are drawn only for such groups. A format is a struct with the
+// element type of its storage, the group size, and the decoding and rounding of a group (at
+// `data`, element `i` of its chunk).
+enum class AccFormat { kExact, kBf16, k8Bit };
+
+// bfloat16 accumulators, in groups of one cache line. Rounding a whole group keeps the bits of
+// its unselected elements: their buffer values are their bfloat16 values widened, whose low 16
+// bits are zero, so adding random bits and truncating gives them back.
+struct Bf16Acc {
+  using Storage = uint16_t;  // bfloat16 bits
+  static constexpr int64_t kGroup = 64 / sizeof(Storage);
+  uint32_t key;          // rounding key
+  uint64_t first_index;  // index of the chunk's first element within its parameter
+
+  C10_ALWAYS_INLINE void decode(const Storage* data, int64_t /*i*/, float* out) const {
+    for (int64_t k = 0; k < kGroup; ++k) {
+      out[k] = std::bit_cast<float>(static_cast<uint32_t>(data[k]) << 16);
     }
   }
+
+  C10_ALWAYS_INLINE void encode(Storage* data, int64_t i, const float* values) const {
+    uint32_t bits[kGroup];
+    element_bits(key, first_index + i, kGroup, bits);
+    for (int64_t k = 0; k < kGroup; ++k) {
+      data[k] = round_bf16(values[k], bits[k]);
+    }
+  }
+};
+
+// 8-bit codes with a scale per kScaleBlock elements; a group is a block (chunks start at
+// blocks), encoded again with a new scale from its largest value, new values capped at
+// kSaturation (old ones decode to at most that).
+struct Block8Acc {
+  using Storage = uint8_t;
+  static constexpr int64_t kGroup = kScaleBlock;
+  uint32_t key;          // rounding key
+  uint64_t first_index;  // index of the chunk's first element within its parameter
+  float* scales;         // the scales of the chunk's blocks
+
+  using Vec = Vectorized<float>;
+  using IVec = Vectorized<int32_t>;
+  static_assert(Vectorized<uint8_t>::size() == 4 * IVec::size() && IVec::size() == Vec::size());
+
+  // q(c) * scale: q(c) = 2**(e - 32) * (1 + m/8) (float32 bits (c + kCodeBias) << 20) for
+  // c = 8*e + m >= 8, c * 2**-34 below.
+  C10_ALWAYS_INLINE void decode(const Storage* data, int64_t i, float* out) const {
+    const Vec scale(scales[i / kGroup]);
+    for (int64_t k = 0; k < kGroup; k += Vec::size()) {
+      const IVec code = at::vec::convert<int32_t>(Vectorized<uint8_t>::loadu_one_fourth(data + k));
+      const Vec normal = at::vec::cast<float>((code + IVec(kCodeBias)) << IVec(20));
+      const Vec small = at::vec::convert_to_fp_of_same_size<float>(code) * Vec(0x1p-34f);
+      const Vec q = Vec::blendv(small, normal, at::vec::cast<float>(code >= IVec(8)));
+      (q * scale).store(out + k);
+    }
+  }
+
+  // The scale from the values' maximum (values >= 0, capped at kSaturation); each q = x / scale
+  // plus 20 random bits below the code's 3 mantissa bits (below 2**-31, q + 2**-31 and 8 codes
+  // less), truncated; code 1 at least for x > 0.
+  C10_ALWAYS_INLINE void encode(Storage* data, int64_t i, const float* values) const {
+    IVec top_bits(0);  // non-negative floats order as their bits, NaN above +inf
+    for (int64_t k = 0; k < kGroup; k += Vec::size()) {
+      top_bits = at::vec::maximum(top_bits, IVec::loadu(values + k));
+    }
+    int32_t lanes[IVec::size()];
+    top_bits.store(lanes);
+    const float top = std::bit_cast<float>(*std::max_element(lanes, lanes + IVec::size()));
+    const float scale = block_scale(std::isnan(top) || top < kSaturation ? top : kSaturation);
+    uint32_t bits[kGroup];
+    element_bits(key, first_index + i, kGroup, bits);
+    int32_t codes[kGroup];
+    if (scale > 0.0f && scale < 0x1p127f) {  // then every x <= 15/16 * scale
+      encode_codes<false>(values, 1.0f / scale, bits, codes);  // x * (1/scale) == x / scale
+    } else if (scale > 0.0f) {
+      encode_codes<true>(values, scale, bits, codes);
+    } else {  // all zero, or a NaN: q = 0
+      for (int64_t k = 0; k < kGroup; ++k) {
+        codes[k] = values[k] > 0.0f ? 1 : 0;
+      }
+    }
+    for (int64_t k = 0; k < kGroup; ++k) {
+      data[k] = static_cast<uint8_t>(codes[k]);
+    }
+    scales[i / kGroup] = scale;
+  }
+
+  // The codes of values x (finite, >= 0) in a block of scale 1 / factor, or of scale `factor`
+  // with kCapped (the largest scale: x capped at kSaturation and divided, as 1 / factor would
+  // not be a normal number).
+  template <bool kCapped>
+  C10_ALWAYS_INLINE static void encode_codes(const float* values, float factor,
+                                             const uint32_t* bits, int32_t* codes) {
+    for (int64_t k = 0; k < kGroup; k += Vec::size()) {
+      Vec x = Vec::loadu(values + k);
+      if constexpr (kCapped) {
+        x = Vec::blendv(x, Vec(kSaturation), x > Vec(kSaturation));
+      }
+      const Vec q = kCapped ? x / Vec(factor) : x * Vec(factor);
+      const Vec low = q < Vec(0x1p-31f);
+      const IVec shifted = at::vec::cast<int32_t>(q + (low & Vec(0x1p-31f)));
+      // subtracting the bias before the shift: (kCodeBias + 8 * low) << 20
+      const IVec bias = IVec::blendv(IVec(kCodeBias << 20), IVec((kCodeBias + 8) << 20),
+                                     at::vec::cast<int32_t>(low));
+      const IVec code = (shifted + (IVec::loadu(bits + k) & IVec(0xFFFFF)) - bias) >> IVec(20);
+      // at least 1 where x > 0 (its bits > 0); x = 0 has code 0
+      at::vec::maximum(code, at::vec::minimum(at::vec::cast<int32_t>(x), IVec(1))).store(codes + k);
+    }
+  }
+};
+
+// Steps the group at `data` (element `i` of its chunk), with param, grad, importance and anchor
+// at `ptr` (kGroup elements each); returns how many were selected.
+template <Power kPower, PenaltyForm kForm, typename Acc, typename scalar_t>
+C10_ALWAYS_INLINE int step_group(const RangePointers<scalar_t>& ptr, const Acc& acc,
+                                 typename Acc::Storage* data, int64_t i, const Hyper<float>& h,
+                                 Vectorized<float>& probe, Vectorized<float>& squares,
+                                 int64_t& nonfinite) {
+  static_assert(Acc::kGroup % kBlock<scalar_t> == 0);
+  alignas(64) float values[Acc::kGroup];
+  acc.decode(data, i, values);
+  const RangePointers<scalar_t> group{ptr.param, ptr.grad, values, ptr.weight, ptr.anchor};
+  int updated = 0;
+  for (int64_t b = 0; b < Acc::kGroup; b += kBlock<scalar_t>) {
+    updated += step_block<kPower, kForm>(group, b, h, probe, squares, nonfinite);
+  }
+  if (updated > 0) {
+    acc.encode(data, i, values);
+  }
+  return updated;
+}
+
+// Elements [0, n) of one tensor with a compressed accumulator at `data` (ptr.acc unused): whole
+// groups in place, the tail on zero-padded copies (zero values; a zero gradient is never
+// selected since threshold >= 0).
+template <Power kPower, PenaltyForm kForm, typename Acc, typename scalar_t>
+Tally step_compressed_range(const RangePointers<scalar_t>& ptr, const Acc& acc,
+                            typename Acc::Storage* data, int64_t n, const Hyper<float> h) {
+  constexpr int64_t kGroup = Acc::kGroup;
+  constexpr bool kPenalty = kForm != PenaltyForm::kNone;
+  Tally tally;
+  Vectorized<float> probe(0.0f);
+  Vectorized<float> squares(0.0f);
+  int64_t i = 0;
+  for (; i + kGroup <= n; i += kGroup) {
+    if (i + kGroup <= n - kPrefetchElements) {
+      const int64_t ahead = i + kPrefetchElements;
+      prefetch_lines<1>(ptr.param + ahead, kGroup);
+      prefetch_lines<0>(ptr.grad + ahead, kGroup);
+      prefetch_lines<1>(data + ahead, kGroup);
+      if constexpr (kPenalty) {
+        prefetch_lines<0>(ptr.weight + ahead, kGroup);
+        prefetch_lines<0>(ptr.anchor + ahead, kGroup);
+      }
+    }
+    const RangePointers<scalar_t> group{ptr.param + i, ptr.grad + i, nullptr,
+                                        kPenalty ? ptr.weight + i : nullptr,
+                                        kPenalty ? ptr.anchor + i : nullptr};
+    tally.updated += step_group<kPower, kForm>(group, acc, data + i, i, h, probe, squares,
+                                               tally.nonfinite);
+  }
+  const int64_t rest = n - i;
+  if (rest > 0) {
+    scalar_t param_tail[kGroup] = {};
+    scalar_t grad_tail[kGroup] = {};
+    scalar_t weight_tail[kGroup] = {};
+    scalar_t anchor_tail[kGroup] = {};
+    typename Acc::Storage data_tail[kGroup] = {};
+    std::copy_n(ptr.param + i, rest, param_tail);
+    std::copy_n(ptr.grad + i, rest, grad_tail);
+    std::copy_n(data + i, rest, data_tail);
+    if constexpr (kPenalty) {
+      std::copy_n(ptr.weight + i, rest, weight_tail);
+      std::copy_n(ptr.anchor + i, rest, anchor_tail);
+    }
+    const RangePointers<scalar_t> tail{param_tail, grad_tail, nullptr, weight_tail, anchor_tail};
+    const int updated = step_group<kPower, kForm>(tail, acc, data_tail, i, h, probe, squares,
+                                                  tally.nonfinite);
+    if (updated > 0) {
+      tally.updated += updated;
+      std::copy_n(param_tail, rest, ptr.param + i);
+      std::copy_n(data_tail, rest, data + i);
+    }
+  }
+  finish_tally(probe, squares, ptr.grad, n, h, tally);
   return tally;
 }
 
 // One tensor's memory, laid out alike (contiguous, or dense with equal strides): param, grad,
 // accumulator, and importance and anchor where the penalty covers it (else nullptr); and its
-// threshold, a value of its arithmetic type.
+// threshold, a value of its arithmetic type. A compressed accumulator's format, 8-bit scales,
+// rounding key and the index of its first element within its parameter.
 struct TensorPointers {
   void* param;
   const void* grad;
@@ -356,6 +563,10 @@ struct TensorPointers {
   const void* anchor;
   c10::ScalarType dtype;
   double threshold;
+  AccFormat format = AccFormat::kExact;
+  float* scales = nullptr;
+  uint32_t key = 0;
+  uint64_t index_offset = 0;
 };
 
 // The threshold of a tensor with gradient mean `mean` (of its arithmetic type T, or nullptr):
@@ -370,6 +581,23 @@ double tensor_threshold(double threshold, double tau, const at::Tensor* mean) {
   return std::isnan(relative) ? relative : std::max(static_cast<T>(threshold), relative);
 }
 
+// A chunk of a tensor with a compressed accumulator (a chunk of an 8-bit one starts at a block).
+template <Power kPower, PenaltyForm kForm, typename scalar_t>
+Tally step_compressed_chunk(const TensorPointers& t, const RangePointers<scalar_t>& ptr,
+                            const Chunk& chunk, const Hyper<float>& h) {
+  const int64_t begin = chunk.begin;
+  const int64_t n = chunk.end - begin;
+  const uint64_t first_index = t.index_offset + static_cast<uint64_t>(begin);
+  if (t.format == AccFormat::kBf16) {
+    return step_compressed_range<kPower, kForm>(ptr, Bf16Acc{t.key, first_index},
+                                                static_cast<uint16_t*>(t.acc) + begin, n, h);
+  }
+  TORCH_INTERNAL_ASSERT(begin % kScaleBlock == 0);
+  const Block8Acc acc{t.key, first_index, t.scales + begin / kScaleBlock};
+  return step_compressed_range<kPower, kForm>(ptr, acc, static_cast<uint8_t*>(t.acc) + begin, n,
+                                              h);
+}
+
 template <Power kPower, PenaltyForm kForm, typename scalar_t>
 Tally step_chunk_as(const TensorPointers& t, const Chunk& chunk,
                     Hyper<math_t<scalar_t>> h) {
@@ -377,11 +605,17 @@ Tally step_chunk_as(const TensorPointers& t, const Chunk& chunk,
   const int64_t begin = chunk.begin;
   const auto* weight = static_cast<const scalar_t*>(t.weight);
   const auto* anchor = static_cast<const scalar_t*>(t.anchor);
+  const bool exact = t.format == AccFormat::kExact;
   const RangePointers<scalar_t> ptr{static_cast<scalar_t*>(t.param) + begin,
                                     static_cast<const scalar_t*>(t.grad) + begin,
-                                    static_cast<math_t<scalar_t>*>(t.acc) + begin,
+                                    exact ? static_cast<math_t<scalar_t>*>(t.acc) + begin : nullptr,
                                     weight == nullptr ? nullptr : weight + begin,
                                     anchor == nullptr ? nullptr : anchor + begin};
+  if constexpr (!std::is_same_v<scalar_t, double>) {  // float64 params keep exact accumulators
+    if (!exact) {
+      return step_compressed_chunk<kPower, kForm>(t, ptr, chunk, h);
+    }
+  }
   return step_range<kPower, kForm>(ptr, chunk.end - begin, h);
 }
 
@@ -452,11 +686,13 @@ at::Tensor classp_step_cpu(at::TensorList params, at::TensorList grads, at::Tens
                            at::TensorList acc_scales,
                            const std::optional<at::Tensor>& rounding_keys,
                            c10::IntArrayRef index_offsets) {
-  check_step_inputs(params, grads, accs, lr, threshold, eps, power, grad_scale, found_inf,
-                    c10::Device(c10::kCPU));
+  const c10::Device cpu(c10::kCPU);
+  check_step_inputs(params, grads, accs, lr, threshold, eps, power, grad_scale, found_inf, cpu,
+                    /*compressed=*/true);
   const PenaltyForm form = check_penalty_inputs(params, importances, anchors, penalty_form,
                                                 penalty_scale);
   check_grad_sq_means(params, relative_threshold, grad_sq_means);
+  check_compressed_inputs(params, accs, acc_scales, rounding_keys, index_offsets, cpu);
   const bool sum_squares = !grad_sq_means.empty();
   const int64_t n = static_cast<int64_t>(params.size());
   at::Tensor counts = at::zeros({n, 2}, at::TensorOptions().dtype(at::kLong));
@@ -476,7 +712,9 @@ at::Tensor classp_step_cpu(at::TensorList params, at::TensorList grads, at::Tens
       work_anchors(n);
   std::vector<TensorPointers> tensors(n);
   std::vector<int64_t> numels(n);
+  std::vector<int64_t> alignments(n, 1);  // chunks of 8-bit accumulators start at blocks
   int64_t total = 0;
+  size_t num_scales = 0;
   for (int64_t i = 0; i < n; ++i) {
     std::optional<at::Tensor> weight, anchor;
     if (form != PenaltyForm::kNone) {
@@ -503,11 +741,22 @@ at::Tensor classp_step_cpu(at::TensorList params, at::TensorList grads, at::Tens
                   params[i].scalar_type(),
                   wide ? tensor_threshold<double>(threshold, relative_threshold, mean)
                        : tensor_threshold<float>(threshold, relative_threshold, mean)};
+    const auto acc_dtype = accs[i].scalar_type();
+    if (acc_dtype == c10::kBFloat16 || acc_dtype == c10::kByte) {
+      TensorPointers& t = tensors[i];
+      t.format = acc_dtype == c10::kBFloat16 ? AccFormat::kBf16 : AccFormat::k8Bit;
+      if (t.format == AccFormat::k8Bit) {
+        t.scales = acc_scales[num_scales++].data_ptr<float>();
+        alignments[i] = kScaleBlock;
+      }
+      t.key = static_cast<uint32_t>(rounding_keys->accessor<int64_t, 1>()[i]);
+      t.index_offset = static_cast<uint64_t>(index_offsets[i]);
+    }
   }
 
   const int64_t num_parts =
       std::clamp<int64_t>(total / kMinElementsPerThread, 1, at::get_num_threads());
-  const Plan plan = plan_work(numels, num_parts);
+  const Plan plan = plan_work(numels, num_parts, alignments);
   std::vector<Tally> tallies(plan.chunks.size());
   if (power == 1.0) {
     run_plan_for_form<Power::kOne>(form, tensors, plan, hf, hd, tallies);
@@ -547,14 +796,22 @@ at::Tensor classp_step_cpu(at::TensorList params, at::TensorList grads, at::Tens
   return counts;
 }
 
-// The work split of a step over tensors of `numels` elements among `num_parts` threads: the
-// (chunks, 3) int64 table of [tensor, begin, end] rows and the first chunk of each part (ending
-// with the number of chunks); and the CUDA kernel's work table over the non-empty tensors, with
-// addresses 0 and each tensor's index as its row.
+// The work split of a step over tensors of `numels` elements among `num_parts` threads (cut
+// only at multiples of `alignments`, one per tensor, or empty): the (chunks, 3) int64 table of
+// [tensor, begin, end] rows and the first chunk of each part (ending with the number of
+// chunks); and the CUDA kernel's work table over the non-empty tensors, with addresses 0 and
+// each tensor's index as its row.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> chunk_plan(c10::IntArrayRef numels,
-                                                          int64_t num_parts) {
+                                                          int64_t num_parts,
+                                                          c10::IntArrayRef alignments) {
   TORCH_CHECK(num_parts > 0, "_chunk_plan: num_parts must be positive");
-  const Plan plan = plan_work(numels.vec(), num_parts);
+  TORCH_CHECK(alignments.empty() || alignments.size() == numels.size(),
+              "_chunk_plan: alignments must be empty or have one entry per tensor");
+  for (const int64_t align : alignments) {
+    TORCH_CHECK(align > 0 && kChunkElements % align == 0,
+                "_chunk_plan: an alignment must divide ", kChunkElements, ", got ", align);
+  }
+  const Plan plan = plan_work(numels.vec(), num_parts, alignments.vec());
   at::Tensor table = at::empty({static_cast<int64_t>(plan.chunks.size()), 3}, at::kLong);
   auto rows = table.accessor<int64_t, 2>();
   for (size_t i = 0; i < plan.chunks.size(); ++i) {
@@ -586,7 +843,8 @@ TORCH_LIBRARY(classp_fused, m) {
       "Tensor? found_inf, Tensor?[] importances, Tensor?[] anchors, str penalty_form, "
       "float penalty_scale, float relative_threshold, Tensor(c!)[] grad_sq_means, "
       "Tensor(d!)[] acc_scales, Tensor? rounding_keys, int[] index_offsets) -> Tensor");
-  m.def("_chunk_plan(int[] numels, int num_parts) -> (Tensor, Tensor, Tensor)",
+  m.def("_chunk_plan(int[] numels, int num_parts, int[] alignments=[]) -> (Tensor, Tensor, "
+        "Tensor)",
         &classp::chunk_plan);
 }
 

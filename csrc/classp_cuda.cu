@@ -140,10 +140,10 @@ __device__ __forceinline__ uint32_t encode_code(float x, float inverse, uint32_t
   return x > 0.0f ? static_cast<uint32_t>(max(code, 1)) : 0u;
 }
 
-// The block scale 2**E for a block maximum `top` (0 for 0), E the smallest exponent >= -125
+// The block scale 2**E for a block maximum `top` (0 for 0), E the smallest exponent >= -115
 // with top <= 15/16 * 2**E, and 2**-E (a subnormal for E = 127): state_formats.block_scales.
 __device__ __forceinline__ void block_scale(float top, float& scale, float& inverse) {
-  const uint32_t bits = __float_as_uint(fmaxf(top, 0x1p-126f));
+  const uint32_t bits = __float_as_uint(fmaxf(top, 0x1p-116f));
   const int exponent = static_cast<int>(bits >> 23) - 126 + ((bits & 0x7FFFFFu) > 0x700000u);
   scale = top > 0.0f ? __uint_as_float(static_cast<uint32_t>(exponent + 127) << 23) : 0.0f;
   inverse = __uint_as_float(exponent <= 126 ? static_cast<uint32_t>(127 - exponent) << 23

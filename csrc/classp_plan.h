@@ -27,8 +27,11 @@ struct Plan {
 
 // Splits every tensor, in order, into chunks at multiples of kChunkElements, and also where the
 // concatenation of all tensors divides into `num_parts` parts of equal element counts (up to
-// one element), so that threads get equal work. Empty tensors get no chunks.
-inline Plan plan_work(const std::vector<int64_t>& numels, int64_t num_parts) {
+// one element), so that threads get equal work; with `alignments` (one per tensor, dividing
+// kChunkElements) a tensor is cut there only at multiples of its alignment, the next multiple
+// (a part then starts late). Empty tensors get no chunks.
+inline Plan plan_work(const std::vector<int64_t>& numels, int64_t num_parts,
+                      const std::vector<int64_t>& alignments = {}) {
   int64_t total = 0;
   for (int64_t numel : numels) {
     total += numel;
@@ -43,7 +46,7 @@ inline Plan plan_work(const std::vector<int64_t>& numels, int64_t num_parts) {
   int64_t done = 0;
   const auto start_parts_at_done = [&]() {
     while (static_cast<int64_t>(plan.part_starts.size()) < num_parts &&
-           part_begin(static_cast<int64_t>(plan.part_starts.size())) == done) {
+           part_begin(static_cast<int64_t>(plan.part_starts.size())) <= done) {
       plan.part_starts.push_back(static_cast<int64_t>(plan.chunks.size()));
     }
   };
@@ -51,8 +54,10 @@ inline Plan plan_work(const std::vector<int64_t>& numels, int64_t num_parts) {
     for (int64_t begin = 0; begin < numels[t];) {
       int64_t end = std::min(numels[t], (begin / kChunkElements + 1) * kChunkElements);
       if (static_cast<int64_t>(plan.part_starts.size()) < num_parts) {
-        end = std::min(end, begin + part_begin(static_cast<int64_t>(plan.part_starts.size())) -
-                                done);
+        const int64_t align = alignments.empty() ? 1 : alignments[t];
+        const int64_t cut =
+            begin + part_begin(static_cast<int64_t>(plan.part_starts.size())) - done;
+        end = std::min(end, (cut + align - 1) / align * align);
       }
       plan.chunks.push_back({t, begin, end});
       done += end - begin;

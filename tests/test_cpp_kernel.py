@@ -259,7 +259,7 @@ def test_argument_checks():
     with pytest.raises(RuntimeError, match=r"grads\[1\] has dtype"):
         OP(p, [g[0], g[1].double()], a, torch.tensor(0.1), 0.0, 1e-5, 1.0, True, None, None)
     with pytest.raises(RuntimeError, match=r"accs\[0\] has dtype"):
-        OP([p[0].bfloat16()], [g[0].bfloat16()], [a[0].bfloat16()], torch.tensor(0.1), 0.0,
+        OP([p[0].bfloat16()], [g[0].bfloat16()], [a[0].half()], torch.tensor(0.1), 0.0,
            1e-5, 1.0, True, None, None)
     with pytest.raises(RuntimeError, match=r"params\[0\] must be float16"):
         OP([p[0].int()], [g[0].int()], [a[0]], torch.tensor(0.1), 0.0, 1e-5, 1.0, True, None,

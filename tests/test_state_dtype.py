@@ -370,7 +370,7 @@ def _scale_edit(index, value):
 BAD_LOADS = {
     "scale 3": (_scale_edit(0, 3.0), r"\['accumulator_scales'\] has 1 of its 293 scales "
                                      r"neither 0 nor a power of two"),
-    "scale 2**-126": (_scale_edit(0, 2.0 ** -126), r"neither 0 nor a power of two"),
+    "scale 2**-116": (_scale_edit(0, 2.0 ** -116), r"neither 0 nor a power of two"),
     "scale inf": (_scale_edit(0, float("inf")), r"neither 0 nor a power of two"),
     "scale NaN": (_scale_edit(0, float("nan")), r"neither 0 nor a power of two"),
     "scale -1": (_scale_edit(0, -1.0), r"neither 0 nor a power of two"),

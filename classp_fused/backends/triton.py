@@ -359,7 +359,7 @@ if triton is not None:
         """``state_formats.encode_blocks`` of ``x`` (float32 >= 0, at most SATURATION; rows of a
         block each, zeros past a tensor's end) with uint32 random ``bits``: codes and scales."""
         top = tl.max(x, axis=1)
-        top_bits = tl.maximum(top, 2.0 ** -126).to(tl.int32, bitcast=True)
+        top_bits = tl.maximum(top, 2.0 ** -116).to(tl.int32, bitcast=True)
         exponent = (top_bits >> 23) - 126 + ((top_bits & 0x7FFFFF) > 0x700000).to(tl.int32)
         scales = tl.where(top > 0, ((exponent + 127) << 23).to(tl.float32, bitcast=True), 0.0)
         # 2**-exponent, exact (a subnormal for exponent 127): x times it is x / scale
