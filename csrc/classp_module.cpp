@@ -1,6 +1,7 @@
 // The Python module classp_fused._C. Importing it registers the step op (classp_cpu.cpp, and
-// classp_cuda_op.cpp where built); its one function, steppable_as_is, is the optimizer's
-// per-step test of the tensors of a param group it validated at an earlier step.
+// classp_cuda_op.cpp where built) and the penalty's CPU ops (classp_penalty_ops.cpp); its one
+// function, steppable_as_is, is the optimizer's per-step test of the tensors of a param group it
+// validated at an earlier step.
 #include <torch/csrc/autograd/python_variable.h>
 
 #include <optional>
