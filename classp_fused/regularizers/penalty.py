@@ -17,8 +17,8 @@ CPU_KERNELS = _extension.has_kernel("CPU", "classp_fused::add_penalty_grad_")
 
 def _cpu_kernels_take(tensors: list[Tensor]) -> bool:
     """Whether the C++ ops take a pass over ``tensors`` (local tensors): where they are built and
-    every tensor is on the CPU; the chunked multi-tensor ops take it otherwise."""
-    return CPU_KERNELS and all(t.device.type == "cpu" for t in tensors)
+    there are tensors, all on the CPU; the chunked multi-tensor ops take it otherwise."""
+    return CPU_KERNELS and bool(tensors) and all(t.device.type == "cpu" for t in tensors)
 
 
 def penalty_sum(params: list[Tensor], importances: list[Tensor], anchors: list[Tensor],
