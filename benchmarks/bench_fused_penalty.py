@@ -24,9 +24,11 @@ benchmarks.
 
 ``test_unfused_pass_ratios`` (CPU) times the penalty's passes for other optimizers the same
 way against ``torch._foreach_add_(grads, params)`` on tensors of their own (12 B/element):
-``mas.add_penalty_grad_()`` (20 B/element) and ``mas.proximal_step_(lr=...)`` (16 B/element),
-each by the C++ op and by the chunked multi-tensor ops it replaces on the CPU; ``extra_info``
-also holds the peak extra memory of each call (allocated bytes) against the params' bytes.
+``mas.add_penalty_grad_()`` (20 B/element) and ``mas.proximal_step_(lr=...)`` (16 B/element)
+as the C++ ops take them; the ops alone (``op ...``: ``regularizers.penalty``'s functions on
+the state's tensors, without the regularizer's per-call checks); and the calls on the chunked
+multi-tensor ops the C++ ops replace on the CPU (``... chunked``). ``extra_info`` also holds
+the peak extra memory of each call (allocated bytes) against the params' bytes.
 """
 import statistics
 import time
@@ -44,8 +46,8 @@ NUMEL = 10 ** 7
 LAYOUTS = {"1x1e7": [NUMEL], "200x5e4": [NUMEL // 200] * 200}
 CANDIDATES = ("plain", "attached explicit", "attached proximal", "manual explicit",
               "manual proximal")
-PASSES = ("foreach_add_", "add_penalty_grad_", "proximal_step_",
-          "add_penalty_grad_ chunked", "proximal_step_ chunked")
+PASSES = ("foreach_add_", "add_penalty_grad_", "proximal_step_", "op add_penalty_grad_",
+          "op proximal_step_", "add_penalty_grad_ chunked", "proximal_step_ chunked")
 ROUNDS = 40
 LR = 1e-3
 
@@ -204,8 +206,13 @@ def passes(sizes) -> tuple[dict, int]:
 
     def proximal():
         mas.proximal_step_(lr=LR)
+    params, importances, anchors, _ = mas._terms()
     calls = {"foreach_add_": lambda: torch._foreach_add_(grads, values),
              "add_penalty_grad_": mas.add_penalty_grad_, "proximal_step_": proximal,
+             "op add_penalty_grad_": lambda: penalty_ops.add_penalty_grad_(
+                 params, importances, anchors, 2 * mas.lam),
+             "op proximal_step_": lambda: penalty_ops.proximal_step_(
+                 params, importances, anchors, [LR] * len(params), 2 * mas.lam),
              "add_penalty_grad_ chunked": chunked(mas.add_penalty_grad_),
              "proximal_step_ chunked": chunked(proximal)}
     return calls, sum(p.numel() * p.element_size() for p in model.parameters())
