@@ -13,12 +13,12 @@ import torch
 try:
     from . import _C  # registers torch.ops.classp_fused.classp_step_
     LOAD_ERROR = None
-    # (params, grads, accs) -> whether every triple is dense, dtype- and shape-consistent, on one
-    # device (csrc/classp_checks.h): the optimizer's per-step test of a group it validated before
-    steppable_as_is = _C.steppable_as_is
+    # the grads of a param group's planned params if the group still holds what it held when
+    # it was validated, else None (csrc/classp_module.cpp): the optimizer's per-step test
+    plan_grads = _C.plan_grads
 except ImportError as error:  # the package still works without it, on the foreach backend
     LOAD_ERROR = error
-    steppable_as_is = None
+    plan_grads = None
 
 OP_NAME = "classp_fused::classp_step_"
 
