@@ -29,7 +29,7 @@ if capability not in CAPABILITY_FLAGS or (capability != "DEFAULT" and not is_x86
 # -ffp-contract=off: no FMA contraction, so results round as the reference's separate ops do.
 cxx_flags = ["-O3", "-fopenmp", "-fno-math-errno", "-ffp-contract=off",
              *CAPABILITY_FLAGS[capability]]
-cpu_sources = ["csrc/classp_cpu.cpp", "csrc/classp_module.cpp"]
+cpu_sources = ["csrc/classp_cpu.cpp", "csrc/classp_penalty_ops.cpp", "csrc/classp_module.cpp"]
 cuda_sources = ["csrc/classp_cuda.cu", "csrc/classp_cuda_op.cpp"]
 headers = sorted(glob.glob("csrc/*.h"))  # a changed header rebuilds the extension
 with_cuda = (torch.version.cuda is not None and CUDA_HOME is not None

@@ -55,11 +55,16 @@ def contenders(name: str, tensors: int) -> tuple:
     grads, values = [p.grad for p in others], [p.detach() for p in others]
     importances, anchors = penalty_terms(params)
 
-    def call():
-        if name == "add_penalty_grad_":
-            penalty_ops.add_penalty_grad_(params, importances, anchors, FACTOR)
-        else:
-            penalty_ops.proximal_step_(params, importances, anchors, [LR] * len(params), FACTOR)
+    def call():  # on the chunk views also on the CPU, where the C++ ops take them otherwise
+        saved, penalty_ops.CPU_KERNELS = penalty_ops.CPU_KERNELS, False
+        try:
+            if name == "add_penalty_grad_":
+                penalty_ops.add_penalty_grad_(params, importances, anchors, FACTOR)
+            else:
+                penalty_ops.proximal_step_(params, importances, anchors, [LR] * len(params),
+                                           FACTOR)
+        finally:
+            penalty_ops.CPU_KERNELS = saved
 
     def foreach_add():
         torch._foreach_add_(grads, values)

@@ -21,6 +21,14 @@ stepping thread's CPU time), and records in its ``extra_info`` (and prints, with
 median over rounds of each one's per-round ratio to ``plain`` and the ratio of the min times
 (on a loaded machine, the runs least disturbed): compare those, not timings taken in different
 benchmarks.
+
+``test_unfused_pass_ratios`` (CPU) times the penalty's passes for other optimizers the same
+way against ``torch._foreach_add_(grads, params)`` on tensors of their own (12 B/element):
+``mas.add_penalty_grad_()`` (20 B/element) and ``mas.proximal_step_(lr=...)`` (16 B/element)
+as the C++ ops take them; the ops alone (``op ...``: ``regularizers.penalty``'s functions on
+the state's tensors, without the regularizer's per-call checks); and the calls on the chunked
+multi-tensor ops the C++ ops replace on the CPU (``... chunked``). ``extra_info`` also holds
+the peak extra memory of each call (allocated bytes) against the params' bytes.
 """
 import statistics
 import time
@@ -30,12 +38,18 @@ import torch
 from torch import nn
 
 from classp_fused import CLASSP, MAS
+from classp_fused.regularizers import penalty as penalty_ops
+
+from memory import peak_extra_bytes
 
 NUMEL = 10 ** 7
 LAYOUTS = {"1x1e7": [NUMEL], "200x5e4": [NUMEL // 200] * 200}
 CANDIDATES = ("plain", "attached explicit", "attached proximal", "manual explicit",
               "manual proximal")
+PASSES = ("foreach_add_", "add_penalty_grad_", "proximal_step_", "op add_penalty_grad_",
+          "op proximal_step_", "add_penalty_grad_ chunked", "proximal_step_ chunked")
 ROUNDS = 40
+LR = 1e-3
 
 
 class Params(nn.Module):
@@ -113,24 +127,21 @@ def test_step(benchmark, layout, candidate):
     benchmark(candidates[candidate])
 
 
-@pytest.mark.parametrize("threads", [2, 1])
-def test_interleaved_ratios(benchmark, layout, device, threads):
-    """Each round times every candidate once, in turn; the ratios to ``plain`` are per round.
+def time_interleaved(benchmark, candidates: dict, peer: str, threads: int) -> None:
+    """Time every candidate once per round, in turn, on ``threads`` threads; record per
+    candidate its median and min time, the median (min, max) over rounds of its ratio to
+    ``peer`` and the ratio of the min times.
 
-    With 2 threads the clock is wall time. With 1 thread (CPU only) it is the stepping thread's
-    CPU time, which a loaded machine does not inflate by descheduling it (memory stalls still
-    count), so its min times make the steadiest ratios on a shared machine."""
-    if threads == 1 and device.type != "cpu":
-        pytest.skip("the single-thread run is a CPU measurement")
-    name, candidates = layout
+    With 2 threads the clock is wall time. With 1 thread it is the calling thread's CPU time,
+    which a loaded machine does not inflate by descheduling it (memory stalls still count), so
+    its min times make the steadiest ratios on a shared machine."""
     clock = time.thread_time if threads == 1 else time.perf_counter
-    benchmark.group = f"regularized-step-{name}-interleaved-{threads}-threads"
-    times = {candidate: [] for candidate in CANDIDATES}
+    times = {candidate: [] for candidate in candidates}
 
     def one_round():
-        for candidate in CANDIDATES:
+        for candidate, fn in candidates.items():
             start = clock()
-            candidates[candidate]()
+            fn()
             times[candidate].append(clock() - start)
 
     saved_threads = torch.get_num_threads()
@@ -142,17 +153,81 @@ def test_interleaved_ratios(benchmark, layout, device, threads):
         benchmark.pedantic(one_round, rounds=ROUNDS, iterations=1)
     finally:
         torch.set_num_threads(saved_threads)
-    print(f"\n{name}, {threads} thread(s), {'CPU' if threads == 1 else 'wall'} time: median and "
-          f"min time; median / min / max over rounds of the ratio to plain; ratio of the min "
-          f"times (the least disturbed runs)")
+    print(f"\n{benchmark.group}, {'CPU' if threads == 1 else 'wall'} time: median and min time; "
+          f"median / min / max over rounds of the ratio to {peer}; ratio of the min times (the "
+          f"least disturbed runs)")
     for candidate, samples in times.items():
-        ratios = [t / p for t, p in zip(samples, times["plain"])]
+        ratios = [t / p for t, p in zip(samples, times[peer])]
         median_ratio = statistics.median(ratios)
-        min_ratio = min(samples) / min(times["plain"])
+        min_ratio = min(samples) / min(times[peer])
         benchmark.extra_info[f"{candidate} median ms"] = statistics.median(samples) * 1e3
         benchmark.extra_info[f"{candidate} min ms"] = min(samples) * 1e3
-        benchmark.extra_info[f"{candidate} / plain"] = median_ratio
-        benchmark.extra_info[f"{candidate} / plain, min times"] = min_ratio
-        print(f"  {candidate:18s} {statistics.median(samples) * 1e3:8.2f} ms "
+        benchmark.extra_info[f"{candidate} / {peer}"] = median_ratio
+        benchmark.extra_info[f"{candidate} / {peer}, min times"] = min_ratio
+        print(f"  {candidate:26s} {statistics.median(samples) * 1e3:8.2f} ms "
               f"{min(samples) * 1e3:8.2f} ms   {median_ratio:5.2f}x "
               f"(min {min(ratios):.2f}, max {max(ratios):.2f})   {min_ratio:5.2f}x")
+
+
+@pytest.mark.parametrize("threads", [2, 1])
+def test_interleaved_ratios(benchmark, layout, device, threads):
+    """Each round times every candidate once, in turn; the ratios to ``plain`` are per round
+    (``time_interleaved``)."""
+    if threads == 1 and device.type != "cpu":
+        pytest.skip("the single-thread run is a CPU measurement")
+    name, candidates = layout
+    benchmark.group = f"regularized-step-{name}-interleaved-{threads}-threads"
+    time_interleaved(benchmark, candidates, "plain", threads)
+
+
+def chunked(fn):
+    """``fn`` with the penalty's passes on the chunked multi-tensor ops instead of the C++ ops."""
+    def run():
+        saved = penalty_ops.CPU_KERNELS
+        penalty_ops.CPU_KERNELS = False
+        try:
+            fn()
+        finally:
+            penalty_ops.CPU_KERNELS = saved
+    return run
+
+
+def passes(sizes) -> tuple[dict, int]:
+    """One callable per pass of ``PASSES`` on the CPU, and the params' bytes. The penalty's
+    passes share one model, its grads and a MAS state; the peer adds tensors of its own."""
+    model, peer = Params(sizes, torch.device("cpu")), Params(sizes, torch.device("cpu"))
+    g = torch.Generator().manual_seed(2)
+    for p in [*model.parameters(), *peer.parameters()]:
+        p.grad = 0.1 * torch.randn(p.shape, generator=g)
+    mas = MAS(model, lam=1.0)
+    mas.load_state_dict(penalty_state(model))
+    grads = [p.grad for p in peer.parameters()]
+    values = [p.detach() for p in peer.parameters()]
+
+    def proximal():
+        mas.proximal_step_(lr=LR)
+    params, importances, anchors, _ = mas._terms()
+    calls = {"foreach_add_": lambda: torch._foreach_add_(grads, values),
+             "add_penalty_grad_": mas.add_penalty_grad_, "proximal_step_": proximal,
+             "op add_penalty_grad_": lambda: penalty_ops.add_penalty_grad_(
+                 params, importances, anchors, 2 * mas.lam),
+             "op proximal_step_": lambda: penalty_ops.proximal_step_(
+                 params, importances, anchors, [LR] * len(params), 2 * mas.lam),
+             "add_penalty_grad_ chunked": chunked(mas.add_penalty_grad_),
+             "proximal_step_ chunked": chunked(proximal)}
+    return calls, sum(p.numel() * p.element_size() for p in model.parameters())
+
+
+@pytest.mark.parametrize("threads", [2, 1])
+@pytest.mark.parametrize("name", list(LAYOUTS))
+def test_unfused_pass_ratios(benchmark, device, name, threads):
+    """The penalty's passes against ``torch._foreach_add_(grads, params)``, interleaved
+    (``time_interleaved``); the peak extra memory of one call of each in ``extra_info``."""
+    if device.type != "cpu":
+        pytest.skip("the C++ ops of the penalty's passes are CPU kernels")
+    calls, param_bytes = passes(LAYOUTS[name])
+    benchmark.group = f"unfused-passes-{name}-interleaved-{threads}-threads"
+    for candidate in PASSES[1:]:
+        benchmark.extra_info[f"{candidate} peak extra / params bytes"] = (
+            peak_extra_bytes(calls[candidate]) / param_bytes)
+    time_interleaved(benchmark, calls, "foreach_add_", threads)

@@ -1,8 +1,10 @@
-"""Loads the compiled extension ``classp_fused._C``: the C++ (CPU) and CUDA kernels of the step op
-and a metadata test of stepped tensors.
+"""Loads the compiled extension ``classp_fused._C``: the C++ (CPU) and CUDA kernels of the step op,
+the CPU kernels of the penalty's unfused passes, and a metadata test of stepped tensors.
 
-The op ``classp_fused::classp_step_`` is declared in csrc/classp_cpu.cpp; its fake (meta)
-implementation lives here so FakeTensor, torch.compile and opcheck can trace it.
+The op ``classp_fused::classp_step_`` is declared in csrc/classp_cpu.cpp, the ops
+``classp_fused::add_penalty_grad_`` and ``classp_fused::proximal_step_`` in
+csrc/classp_penalty_ops.cpp; their fake (meta) implementations live here so FakeTensor,
+torch.compile and opcheck can trace them.
 """
 import functools
 
@@ -11,12 +13,12 @@ import torch
 try:
     from . import _C  # registers torch.ops.classp_fused.classp_step_
     LOAD_ERROR = None
-    # (params, grads, accs) -> whether every triple is dense, dtype- and shape-consistent, on one
-    # device (csrc/classp_checks.h): the optimizer's per-step test of a group it validated before
-    steppable_as_is = _C.steppable_as_is
+    # the grads of a param group's planned params if the group still holds what it held when
+    # it was validated, else None (csrc/classp_module.cpp): the optimizer's per-step test
+    plan_grads = _C.plan_grads
 except ImportError as error:  # the package still works without it, on the foreach backend
     LOAD_ERROR = error
-    steppable_as_is = None
+    plan_grads = None
 
 OP_NAME = "classp_fused::classp_step_"
 
@@ -32,10 +34,19 @@ if LOAD_ERROR is None:
             (t.device for t in scalars if t.device.type != "cpu"), torch.device("cpu"))
         return torch.empty(len(params), 2, dtype=torch.int64, device=device)
 
+    @torch.library.register_fake("classp_fused::add_penalty_grad_")
+    def _add_penalty_grad_fake(params, importances, anchors, grads, factor, grad_scale):
+        return None  # writes its grads in place, returns nothing
 
-def has_kernel(dispatch_key: str) -> bool:
-    """Whether the extension registered a step kernel for ``dispatch_key`` ("CPU", "CUDA")."""
-    return LOAD_ERROR is None and torch._C._dispatch_has_kernel_for_dispatch_key(OP_NAME,
+    @torch.library.register_fake("classp_fused::proximal_step_")
+    def _proximal_step_fake(params, importances, anchors, step_tensors, step_values, factor):
+        return None  # writes its params in place, returns nothing
+
+
+def has_kernel(dispatch_key: str, op_name: str = OP_NAME) -> bool:
+    """Whether the extension registered a kernel of ``op_name`` (the step op by default) for
+    ``dispatch_key`` ("CPU", "CUDA")."""
+    return LOAD_ERROR is None and torch._C._dispatch_has_kernel_for_dispatch_key(op_name,
                                                                                  dispatch_key)
 
 

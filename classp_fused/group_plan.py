@@ -2,22 +2,19 @@
 from __future__ import annotations
 
 from copy import deepcopy
-from itertools import repeat
 from operator import attrgetter, is_, itemgetter
 from typing import Callable, Optional
 
 import torch
 from torch import Tensor, nn
 
-from ._extension import steppable_as_is
-from .state_formats import num_blocks
+from ._extension import plan_grads
 from .backends.step_spec import CompressedState
+from .state_formats import num_blocks
 from .validation import foreign_keys
 
-_get_grads = attrgetter("grad")
 _get_accumulator = itemgetter("accumulator")
 _get_step = itemgetter("step")
-_get_grad_sq_mean = itemgetter("grad_sq_mean")
 _get_dtype = attrgetter("dtype")
 
 
@@ -27,36 +24,40 @@ class GroupPlan:
 
     It holds while the group has the same keys, with the same values for keys of other
     optimizers (``validation.FOREIGN_KEYS``: one set later is checked again), lists the same
-    param objects, the same params have a grad, the optimizer's state dict, each param's state
-    entry and the accumulator and step counter in it (and the relative threshold's gradient
-    mean, when the plan's step had one) are the same objects, and every (param, grad,
-    accumulator) is still dense, dtype- and shape-consistent and on the plan's device (one C++
-    pass over the metadata, ``_extension.steppable_as_is``: a ``p.data = other`` swap or a new
-    grad is seen there). With compressed accumulators the plan also keeps their 8-bit block
-    scales (the same objects, of the same form) and index offsets, and their dtypes hold.
-    Grads are taken from the params at every step and not held (the memory of grads set to
-    None is freed). Plain tensors only (DTensors are checked at every step), and only where
-    the extension is built.
+    param objects, the same params have a grad, the optimizer's state dict is the same object
+    holding the same keys and entries in the same order (compared by identity as the dict
+    iterates them, without hashing a param: an entry set, added or removed for any param makes
+    a new plan), the accumulator and step counter in each param's entry (and the relative
+    threshold's gradient mean, when the plan's step had one) are the same objects, and every
+    (param, grad, accumulator) is still dense, dtype- and shape-consistent and on the plan's
+    device: one C++ pass over identities and metadata (``_extension.plan_grads``: a ``p.data =
+    other`` swap or a new grad is seen there). With compressed accumulators the plan also keeps
+    their 8-bit block scales (the same objects, of the same form) and index offsets, and their
+    dtypes hold. Grads are taken from the params at every step and not held (the memory of grads
+    set to None is freed). Plain tensors only (DTensors are
+    checked at every step), and only where the extension is built.
 
     It also keeps an attached regularizer's penalty terms (importances and anchors) for its
     params, read again when the regularizer or its state changed (``penalty_state_token``, a
     new object whenever consolidate or load_state_dict replaced the state).
     """
 
-    __slots__ = ("group", "keys", "foreign", "state", "all_params", "has_grad", "params",
-                 "entries", "accs", "counters", "grad_sq_means", "device", "steps", "numels",
-                 "scales", "offsets", "acc_dtypes", "penalty_source", "penalty_token", "terms")
+    __slots__ = ("group", "keys", "foreign", "state", "state_keys", "state_entries",
+                 "all_params", "params", "entries", "accs", "counters", "grad_sq_means",
+                 "device", "backend", "steps", "numels", "scales", "offsets", "acc_dtypes",
+                 "penalty_source", "penalty_token", "terms")
 
     @classmethod
     def build(cls, group: dict, state, params: list, base: Optional[Tensor],
-              grad_sq_means: Optional[list], compressed: Optional[CompressedState] = None):
-        """The plan of a group just stepped through ``params`` (its stepped params) with step
-        counters viewing ``base``, gradient means ``grad_sq_means`` (None: none) and compressed
-        accumulators' ``compressed`` state (None: none); None where the group cannot be
-        planned."""
+              grad_sq_means: Optional[list], backend: str,
+              compressed: Optional[CompressedState] = None):
+        """The plan of a group just stepped by ``backend`` through ``params`` (its stepped
+        params) with step counters viewing ``base``, gradient means ``grad_sq_means`` (None:
+        none) and compressed accumulators' ``compressed`` state (None: none); None where the
+        group cannot be planned."""
         all_params = list(group["params"])
         stepped = [p for p in all_params if p.grad is not None]
-        if (base is None or steppable_as_is is None or len(stepped) != len(params)
+        if (base is None or plan_grads is None or len(stepped) != len(params)
                 or not all(map(is_, stepped, params))  # DTensors step on their local shards
                 or any(type(p) is not nn.Parameter and type(p) is not Tensor for p in params)):
             return None
@@ -64,13 +65,13 @@ class GroupPlan:
         plan.group, plan.state, plan.all_params = group, state, all_params
         plan.keys = frozenset(group)
         plan.foreign = [(key, deepcopy(group[key])) for key in foreign_keys(group)]
-        plan.has_grad = [p.grad is not None for p in all_params]
         plan.params = params
         plan.entries = [state[p] for p in params]
+        plan.state_keys, plan.state_entries = list(state), list(state.values())
         plan.accs = list(map(_get_accumulator, plan.entries))
         plan.counters = list(map(_get_step, plan.entries))
         plan.grad_sq_means = grad_sq_means
-        plan.device = params[0].device
+        plan.device, plan.backend = params[0].device, backend
         plan.steps = base
         plan.numels = [p.numel() for p in params]
         plan.scales = plan.offsets = plan.acc_dtypes = None
@@ -98,35 +99,17 @@ class GroupPlan:
     def current_grads(self, group: dict, state) -> Optional[list]:
         """The grads of the plan's params if the group's tensors are still those of the plan
         and steppable as they are, else None."""
-        all_params = group["params"]
-        if (group is not self.group or state is not self.state or group.keys() != self.keys
-                or len(all_params) != len(self.all_params)
-                or not all(map(is_, all_params, self.all_params))):
+        if group is not self.group or state is not self.state or group.keys() != self.keys:
             return None
         for key, value in self.foreign:
             if group[key] != value:
                 return None
-        grads = list(map(_get_grads, all_params))
-        if any(map(is_, grads, repeat(None))):
-            if [g is not None for g in grads] != self.has_grad:
-                return None
-            grads = [g for g in grads if g is not None]
-        elif not all(self.has_grad):
-            return None
-        params, entries = self.params, self.entries
-        try:
-            if (not all(map(is_, map(state.get, params), entries))
-                    or not all(map(is_, map(_get_accumulator, entries), self.accs))
-                    or not all(map(is_, map(_get_step, entries), self.counters))
-                    or self.grad_sq_means is not None
-                    and not all(map(is_, map(_get_grad_sq_mean, entries), self.grad_sq_means))):
-                return None
-        except KeyError:  # an entry emptied
+        grads = plan_grads(group["params"], self.all_params, self.params, self.accs,
+                           self.entries, self.counters, self.grad_sq_means, state,
+                           self.state_keys, self.state_entries, self.scales is not None)
+        if grads is None or self.params[0].device != self.device:
             return None
         if self.scales is not None and not self._compressed_as_planned():
-            return None
-        if (not steppable_as_is(params, grads, self.accs, self.scales is not None)
-                or params[0].device != self.device):
             return None
         return grads
 

@@ -1,7 +1,8 @@
 """Chunk views (``classp_fused.chunks``) and the penalty passes that run on them: tensors of one
 shape cut alike in logical order whatever their strides, runs of at most a chunk; the gradient
 and proximal passes in chunks equal to one pass over whole tensors bit for bit, with
-temporaries that do not grow with the params."""
+temporaries that do not grow with the params. The passes take the chunked path here also on
+the CPU, where the extension's ops take them otherwise (test_penalty_kernels.py)."""
 import pytest
 import torch
 
@@ -78,6 +79,7 @@ def _penalty_case(dtype, seed):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
 def test_penalty_passes_in_chunks_equal_whole_tensor_passes_bit_for_bit(monkeypatch, dtype,
                                                                        grad_scale):
+    monkeypatch.setattr(penalty_ops, "CPU_KERNELS", False)
     results = []
     for chunk in (CHUNK, 10 ** 9):
         monkeypatch.setitem(chunks.CHUNK_ELEMENTS, "cpu", chunk)
@@ -94,6 +96,7 @@ def test_penalty_passes_in_chunks_equal_whole_tensor_passes_bit_for_bit(monkeypa
 def test_penalty_passes_allocate_a_bounded_scratch_whatever_the_params_size(monkeypatch):
     """Peak extra memory (allocated bytes): under a tenth of the params' bytes and the same for
     a large tensor of 16 or 64 chunks beside 200 small ones."""
+    monkeypatch.setattr(penalty_ops, "CPU_KERNELS", False)
     monkeypatch.setitem(chunks.CHUNK_ELEMENTS, "cpu", 1024)
     peaks = []
     for large in (16 * 1024, 64 * 1024):

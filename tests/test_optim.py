@@ -206,6 +206,27 @@ def test_nonfinite_gradient_elements_are_skipped_and_counted(backend, bad):
     assert opt.nonfinite_skipped == 4
 
 
+def test_nonfinite_count_stays_exact_over_many_steps_and_reads(backend):
+    """The counts of CPU steps join the total in batches: every read is exact, before and after
+    a batch, and the counts waiting are bounded."""
+    batch = classp_fused.telemetry.PENDING_COUNTS
+    params = [torch.nn.Parameter(random_like((7,))), torch.nn.Parameter(random_like((3, 4)))]
+    opt = CLASSP([{"params": params[:1]}, {"params": params[1:], "lr": 0.2}], lr=0.1,
+                 backend=backend)
+    expected = 0
+    for step in range(1, batch + 40):
+        for i, p in enumerate(params):
+            grad = random_like(tuple(p.shape))
+            grad.view(-1)[:(step + i) % 4] = float("nan")
+            p.grad = grad
+            expected += (step + i) % 4
+        opt.step()
+        if step in (1, batch // 2 + 5, batch + 30):  # two groups: a batch fills in between
+            assert opt.nonfinite_skipped == expected
+        assert len(opt._telemetry._entries["pending"]) < batch
+    assert opt.nonfinite_skipped == expected
+
+
 def test_nonfinite_raise_changes_nothing(backend):
     model = tiny_model()
     opt = CLASSP(model.parameters(), lr=0.1, backend=backend, nonfinite="raise")

@@ -11,6 +11,8 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
+from torch.optim.optimizer import (register_optimizer_step_post_hook,
+                                   register_optimizer_step_pre_hook)
 
 from classp_fused import CLASSP, _extension, optim, validation
 from classp_fused.reference import classp_step_ as reference_step_
@@ -291,6 +293,30 @@ def test_step_and_state_dict_hooks_run(backend):
     optimizer.load_state_dict(optimizer.state_dict())
     assert calls == ["step-pre", "step-post", "sd-post", "load-pre", "load-post"]
     assert optimizer.param_groups[0]["lr"] == 0.25
+
+
+def test_global_step_hooks_and_the_profiler_see_the_step(backend):
+    """The step skips torch's wrapper only where it has nothing to do: global step hooks run (a
+    pre-hook's new arguments reach the step) and a profiler records the step by name."""
+    model, optimizer = _stepped_model(backend)
+    calls = []
+
+    def pre(o, args, kwargs):
+        calls.append("pre")
+        return args, {"closure": lambda: calls.append("closure") or 1.5}
+
+    handles = [register_optimizer_step_pre_hook(pre),
+               register_optimizer_step_post_hook(lambda o, args, kwargs: calls.append("post"))]
+    try:
+        loss = optimizer.step()
+    finally:
+        for handle in handles:
+            handle.remove()
+    optimizer.step()
+    assert calls == ["pre", "closure", "post"] and loss == 1.5
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+        optimizer.step()
+    assert "Optimizer.step#CLASSP.step" in {event.name for event in profiler.events()}
 
 
 def test_closure_runs_with_grad_enabled_and_its_loss_is_returned(backend):

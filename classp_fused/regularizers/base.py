@@ -216,12 +216,12 @@ class Regularizer(ImportancePasses, TaskState, Attachment, abc.ABC):
         missing .grad is created. Under a ``torch.amp.GradScaler`` give ``scaler`` and the
         ``optimizer`` it steps: the gradient is then added at the gradients' current scale,
         times the scale before ``scaler.unscale_(optimizer)`` and as is after it, so either
-        order takes the unscaled step. One pass of multi-tensor ops over chunk views (no
-        temporary the size of the params), elementwise on local tensors, so it works where
-        adding the penalty to the loss does not (FSDP2). A parameter whose shape, dtype or
-        device changed since its state was consolidated or loaded is refused (ValueError
-        naming it) before any .grad is created or changed; so do ``penalty``,
-        ``proximal_step_`` and ``stability_bounds``.
+        order takes the unscaled step. One pass with no temporary the size of the params (a
+        C++ op on the CPU, multi-tensor ops over chunk views elsewhere), elementwise on local
+        tensors, so it works where adding the penalty to the loss does not (FSDP2). A
+        parameter whose shape, dtype or device changed since its state was consolidated or
+        loaded is refused (ValueError naming it) before any .grad is created or changed; so do
+        ``penalty``, ``proximal_step_`` and ``stability_bounds``.
         """
         grad_scale = current_grad_scale(scaler, optimizer)
         params, imps, anchors, _ = self._terms()
@@ -239,10 +239,11 @@ class Regularizer(ImportancePasses, TaskState, Attachment, abc.ABC):
         for CLASSP only where its last step updated the element (mask from the current
         .grad: finite and g^2 > threshold), elsewhere the element stays put. ``lr=`` instead
         of an optimizer takes eta = lr everywhere. It is a contraction toward m for any lam,
-        never increases the penalty, and equals the explicit step to first order in c. One
-        pass over chunk views of local tensors (FSDP2 shards). CLASSP's mask is judged from .grad
-        as it stands: under a GradScaler that passes its scale to the step, .grad is still
-        scaled, so unscale first (``scaler.unscale_(optimizer)``) or the mask is too wide.
+        never increases the penalty, and equals the explicit step to first order in c. The
+        pull is one pass over local tensors (FSDP2 shards), as ``add_penalty_grad_`` (for
+        CLASSP after its step sizes, tensors the size of the params). CLASSP's mask is judged
+        from .grad as it stands: under a GradScaler that passes its scale to the step, .grad is
+        still scaled, so unscale first (``scaler.unscale_(optimizer)``) or the mask is too wide.
         """
         lr = stability.check_step_source(optimizer, lr)
         params, imps, anchors, _ = self._terms()

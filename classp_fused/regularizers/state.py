@@ -82,7 +82,10 @@ class TaskState:
         """The local tensor of ``state[name]`` laid out like ``p`` (``match_shard``); a
         ValueError naming the parameter when its shape, dtype or device changed since."""
         t = state[name]
-        if t.shape == p.shape and t.dtype == p.dtype:
+        if not isinstance(p, DTensor) and not isinstance(t, DTensor):  # plain: the per-step case
+            if t.shape == p.shape and t.dtype == p.dtype and t.device == p.device:
+                return t
+        elif t.shape == p.shape and t.dtype == p.dtype:
             t = local(match_shard(state, name, p))
             if t.device == local(p).device and t.shape == local(p).shape:
                 return t
