@@ -29,7 +29,7 @@ from ..regularizers import StiffnessWarning
 
 SGD_LR = 0.05
 CLASSP_DEFAULTS = {"lr": 0.05, "threshold": 1e-4, "eps": 1e-5, "power": 1.0,
-                   "apply_scaling": True, "relative_threshold": 0.0}
+                   "apply_scaling": True, "relative_threshold": 0.0, "state_dtype": "fp32"}
 #: Per-sample empirical Fisher (the definition); the batch form underestimates it.
 EWC_DEFAULTS = {"lam": 30.0, "fisher": "empirical", "per_sample": True, "penalty": "explicit"}
 #: The original code's batch form of the importance, summed over tasks.
@@ -105,7 +105,8 @@ class MethodSpec:
 def _classp(model: nn.Module, hp: dict, **mode) -> CLASSP:
     return CLASSP(model.parameters(), lr=hp["lr"], threshold=hp["threshold"], eps=hp["eps"],
                   power=hp["power"], apply_scaling=hp["apply_scaling"],
-                  relative_threshold=hp.get("relative_threshold", 0.0), **mode)
+                  relative_threshold=hp.get("relative_threshold", 0.0),
+                  state_dtype=hp.get("state_dtype", "fp32"), **mode)
 
 
 def _sgd(model: nn.Module, hp: dict) -> Optimizer:
@@ -177,7 +178,7 @@ def _one_of(*choices: Any) -> Check:
 #: The check of every hyperparameter any method has.
 HPARAM_CHECKS: dict[str, Check] = {
     "lr": _number(0.0), "threshold": _number(0.0), "eps": _number(0.0),
-    "relative_threshold": _number(0.0),
+    "relative_threshold": _number(0.0), "state_dtype": _one_of("fp32", "bf16", "8bit"),
     "power": _number(0.0, above=True), "apply_scaling": _one_of(True, False),
     "lam": _number(0.0), "gamma": _number(0.0, above=True, high=1.0),
     "fisher": _one_of("empirical", "exact"), "per_sample": _one_of(True, False),
