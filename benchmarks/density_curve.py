@@ -1,7 +1,7 @@
 """The CPU step's cost against its update density, interleaved, for RESULTS.md; optionally beside
 a baseline build of the kernel (the extension before a change).
 
-    .venv/bin/python -m benchmarks.density_curve [--baseline OTHER/_C.so] [--rounds 30]
+    .venv/bin/python -m benchmarks.density_curve [--baseline OTHER/_C.so] [--rounds 100]
 
 Each build of the extension (this checkout's ``classp_fused/_C*.so``, and the ``--baseline``
 library) runs in a worker process of its own, which loads it with ``torch.ops.load_library``,
@@ -10,7 +10,9 @@ data) and times one call at a time when asked: a step through the op, as the cpp
 it, or the read-only floor. Each round asks every case of every build once, in turn (the builds
 alternate which goes first), so a change in the machine's load reaches all of them; the ratios
 are taken from the min over rounds (the least disturbed runs) and, per round, against the same
-round's dense step. Workers take turns: one runs while the other waits.
+round's dense step. Workers take turns: one runs while the other waits. The curve is taken
+twice (``--threads``): with 2 threads in wall time, and with 1 thread in the stepping thread's
+CPU time, which other jobs on a shared machine do not inflate by descheduling it.
 
 Saves benchmarks/density_cpu.json (every round's time, the machine's load) and rewrites
 benchmarks/RESULTS.md (benchmarks/report.py; the section is benchmarks/density_report.py).
@@ -35,13 +37,11 @@ ROOT = HERE.parent
 JSON_PATH = HERE / "density_cpu.json"
 
 
-def worker(library: str, threads: int) -> None:
-    """Serve timings over stdin/stdout: builds the cases, answers ``ready``, then for each name
-    read runs that call once and answers its time in seconds (CPU time of the calling thread
-    with one thread, else wall time)."""
+def worker(library: str) -> None:
+    """Serve timings over stdin/stdout: builds the cases, answers ``ready``, then for each line
+    ``THREADS NAME`` runs that call once on THREADS threads and answers its time in seconds
+    (CPU time of the calling thread with one thread, else wall time)."""
     torch.ops.load_library(library)
-    torch.set_num_threads(threads)
-    clock = time.thread_time if threads == 1 else time.perf_counter
     calls = {}
     for seed, case in enumerate(cases()):
         tensors = state(case, seed)
@@ -54,7 +54,11 @@ def worker(library: str, threads: int) -> None:
             calls[FLOOR] = lambda t=tensors: read_floor(*t)
     print("ready", flush=True)
     for line in sys.stdin:
-        call = calls[line.strip()]
+        threads, name = line.rstrip("\n").split(" ", 1)
+        if torch.get_num_threads() != int(threads):
+            torch.set_num_threads(int(threads))
+        clock = time.thread_time if threads == "1" else time.perf_counter
+        call = calls[name]
         start = clock()
         call()
         print(clock() - start, flush=True)
@@ -63,20 +67,19 @@ def worker(library: str, threads: int) -> None:
 class Worker:
     """A worker process serving one build's timings."""
 
-    def __init__(self, label: str, library: Path, threads: int):
+    def __init__(self, label: str, library: Path):
         self.label, self.library = label, library
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "benchmarks.density_curve", "--worker", str(library),
-             "--threads", str(threads)], cwd=ROOT, stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE, text=True)
+            [sys.executable, "-m", "benchmarks.density_curve", "--worker", str(library)],
+            cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
     def wait_ready(self) -> None:
         line = self.process.stdout.readline()
         if line.strip() != "ready":
             raise RuntimeError(f"the worker of {self.label} ({self.library}) failed to start")
 
-    def time(self, name: str) -> float:
-        self.process.stdin.write(name + "\n")
+    def time(self, threads: int, name: str) -> float:
+        self.process.stdin.write(f"{threads} {name}\n")
         self.process.stdin.flush()
         return float(self.process.stdout.readline())
 
@@ -114,38 +117,43 @@ def git_revision() -> str:
     return git("rev-parse", "--short", "HEAD").strip() + ("+changes" if dirty else "")
 
 
-def run(builds: dict, threads: int, rounds: int) -> dict:
-    """Time every case of every build (label -> library) ``rounds`` times, interleaved."""
+def run(builds: dict, thread_counts: list, rounds: int) -> dict:
+    """Time every case of every build (label -> library) ``rounds`` times, interleaved, once
+    per thread count."""
     names = [str(case) for case in cases()] + [FLOOR]
     loads = [os.getloadavg()[0]]
     start = {"uptime": uptime(), "time": time.time()}
-    workers = [Worker(label, library, threads) for label, library in builds.items()]
-    samples = {w.label: {name: [] for name in names} for w in workers}
+    workers = [Worker(label, library) for label, library in builds.items()]
+    runs = []
     try:
         for w in workers:
             w.wait_ready()
-        for name in names:  # warm-up, not counted
-            for w in workers:
-                w.time(name)
-        for r in range(rounds):
-            order = workers if r % 2 == 0 else workers[::-1]
-            for name in names:
-                for w in order:
-                    samples[w.label][name].append(w.time(name))
-            loads.append(os.getloadavg()[0])
+        for threads in thread_counts:
+            samples = {w.label: {name: [] for name in names} for w in workers}
+            for name in names:  # warm-up, not counted
+                for w in workers:
+                    w.time(threads, name)
+            for r in range(rounds):
+                order = workers if r % 2 == 0 else workers[::-1]
+                for name in names:
+                    for w in order:
+                        samples[w.label][name].append(w.time(threads, name))
+                loads.append(os.getloadavg()[0])
+            runs.append({"threads": threads,
+                         "clock": "thread CPU time" if threads == 1 else "wall time",
+                         "rounds": rounds,
+                         "builds": [{"label": w.label, "library": str(w.library),
+                                     "samples": samples[w.label]} for w in workers]})
     finally:
         for w in workers:
             w.close()
     return {"datetime": datetime.datetime.now(datetime.timezone.utc).isoformat(),
             "machine": {"cpu": cpu_name(), "cores": os.cpu_count(), "torch": torch.__version__},
-            "threads": threads, "rounds": rounds,
-            "clock": "thread CPU time" if threads == 1 else "wall time",
             "wall_s": time.time() - start["time"],
             "load": {"start": start["uptime"], "end": uptime(), "one_minute": loads},
             "cases": [{"name": str(c), "density": c.density, "mask": c.mask,
                        "selected": c.selected} for c in cases()],
-            "builds": [{"label": label, "library": str(library), "samples": samples[label]}
-                       for label, library in builds.items()]}
+            "runs": runs}
 
 
 def main(argv=None) -> int:
@@ -154,13 +162,13 @@ def main(argv=None) -> int:
     parser.add_argument("--baseline", type=Path, help="another build of the extension (.so)")
     parser.add_argument("--baseline-label", default=None,
                         help="its name in the table (default: the file's name)")
-    parser.add_argument("--rounds", type=int, default=30)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=100, help="rounds per thread count")
+    parser.add_argument("--threads", type=int, nargs="+", default=[2, 1])
     parser.add_argument("--json", type=Path, default=JSON_PATH)
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        worker(args.worker, args.threads)
+        worker(args.worker)
         return 0
     builds = {}
     if args.baseline is not None:

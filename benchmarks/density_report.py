@@ -36,9 +36,9 @@ def median_ratio(samples: dict, name: str, reference: str) -> float:
     return statistics.median(t / r for t, r in zip(samples[name], samples[reference]))
 
 
-def key_figures(data: dict) -> list[str]:
+def key_figures(run: dict) -> list[str]:
     """The 1% steps against the empty and the dense one, and the dense step across builds."""
-    builds = data["builds"]
+    builds = run["builds"]
     lines = []
     for build in builds:
         s = build["samples"]
@@ -56,9 +56,9 @@ def key_figures(data: dict) -> list[str]:
     return lines
 
 
-def table(data: dict) -> list[str]:
+def table(run: dict, cases: list) -> list[str]:
     """A row per case: per build its min time and its ratios to the dense and empty steps."""
-    builds = data["builds"]
+    builds = run["builds"]
     head = "| case | selected |"
     rule = "|---|---|"
     for build in builds:
@@ -68,7 +68,7 @@ def table(data: dict) -> list[str]:
         head += " after / before (min) |"
         rule += "---|"
     rows = [head, rule]
-    selected = {case["name"]: f"{case['selected']:,}" for case in data["cases"]}
+    selected = {case["name"]: f"{case['selected']:,}" for case in cases}
     for name in builds[0]["samples"]:
         row = f"| {name} | {selected.get(name, '-')} |"
         for build in builds:
@@ -98,16 +98,21 @@ def section(path: Path) -> list[str]:
         "nothing written); benchmarks/density_cases.py builds them, "
         "benchmarks/bench_density.py times the same cases under pytest-benchmark. Each build "
         "of the extension runs in a process of its own, on the same data; every round times "
-        "every case of every build once, in turn. Other jobs share the machine's cores, so "
+        "every case of every build once, in turn. Other jobs share the machine's 2 cores, so "
         "the ratios are taken from the min over rounds (the least disturbed runs): **x dense** "
         "and **x none** are a case's min time over the min time of the same build's dense "
         "step and empty-selection step, with the median over rounds of the per-round ratio to "
-        "the dense step in parentheses.", "",
-        f"Machine: {machine['cpu']}, {machine['cores']} cores; torch {machine['torch']}; "
-        f"{data['threads']} threads, {data['clock']}, {data['rounds']} rounds; run "
+        "the dense step in parentheses. The curve is taken with 2 threads in wall time, which "
+        "another job's thread on either core delays, and with 1 thread in the stepping "
+        "thread's CPU time, which descheduling does not inflate (memory contention still "
+        "counts).", "",
+        f"Machine: {machine['cpu']}, {machine['cores']} cores; torch {machine['torch']}; run "
         f"{data['datetime'][:16].replace('T', ' ')} UTC, {data['wall_s'] / 60:.1f} min. "
         f"Load: `{load['start']}` at the start, `{load['end']}` at the end; 1-minute load "
         f"average {min(load['one_minute']):.2f} to {max(load['one_minute']):.2f} over the "
-        "rounds.", "",
-        *key_figures(data), "", *table(data), "", GPU_KERNELS]
-    return lines
+        "rounds.", ""]
+    for run in data["runs"]:
+        threads = f"{run['threads']} thread{'s' if run['threads'] > 1 else ''}"
+        lines += [f"**{threads}, {run['clock']}, {run['rounds']} rounds.**", "",
+                  *key_figures(run), "", *table(run, data["cases"]), ""]
+    return lines + [GPU_KERNELS]

@@ -3,20 +3,21 @@
 //
 // CPU kernel: one at::parallel_for region over all (tensor, chunk) pairs, split between threads
 // by element count; at::vec arithmetic in fp32 (fp64 for fp64 params), the parameter rounded
-// once on write. The write traffic follows the update density, with no branch on the selection:
-// a block (one native vector of params) with no selected element sends its stores to a scratch
-// block of the thread's, picked by a bitwise pointer select, so its cache lines stay clean; a
-// block with one is written whole, its unselected elements with their old bits (a bitwise
-// blend). A branch on "any selected" is mispredicted on many blocks at the densities CLASSP
-// runs at (a step selecting 10% at random took 2x the dense step's time), and AVX2 masked
-// stores (vmaskmovps), which would skip unselected elements one by one, made the step 2.5x
-// slower at every density on the AMD Zen 3 it was measured on. A penalty (SPEC section
-// 4a) reads the importance and anchor of the tensors it covers in the same pass: explicit, its
-// gradient joins the unscaled gradient before the threshold; proximal, the new value of each
-// updated element is pulled toward its anchor before it is written. A relative threshold tau > 0
-// raises a tensor's threshold to tau * S, S its gradient mean of the previous step; given means
-// are refreshed from per-chunk sums of the squared finite gradients, added up per tensor after
-// the parallel region.
+// once on write. The write traffic follows the update density, without a branch on whether a
+// block (one native vector of params) has a selected element: one with none sends its stores
+// to a scratch block of the thread's, picked by a conditional move, so its cache lines stay
+// clean; one with some is written whole, its unselected elements with their old bits (a
+// bitwise blend); one with all, without the blend (a branch, predictable: a step selects nearly
+// all elements, at threshold 0, or few). A branch on "any selected" is mispredicted on many
+// blocks at the densities CLASSP runs at (a step selecting 10% at random took 2.3x the dense
+// step's time), and AVX2 masked stores (vmaskmovps), which would skip unselected elements one
+// by one, made the step 2.5x slower at every density on the AMD Zen 3 it was measured on. A
+// penalty (SPEC section 4a) reads the importance and anchor of the tensors it covers in the
+// same pass: explicit, its gradient joins the unscaled gradient before the threshold; proximal,
+// the new value of each updated element is pulled toward its anchor before it is written. A
+// relative threshold tau > 0 raises a tensor's threshold to tau * S, S its gradient mean of the
+// previous step; given means are refreshed from per-chunk sums of the squared finite gradients,
+// added up per tensor after the parallel region.
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/cpu/vec/functional.h>
@@ -181,42 +182,62 @@ C10_ALWAYS_INLINE Block<scalar_t> load_block(const scalar_t* ptr) {
   }
 }
 
-// Stores a block of new parameter values at `ptr`; where `selected` is clear the old bits at
-// `old` stay (also NaN payloads, which a round trip through fp32 would not keep for bf16/fp16).
+// Stores a block of new parameter values at `ptr`; with `blend`, where `selected` is clear the
+// old bits at `old` stay (also NaN payloads, which a round trip through fp32 would not keep for
+// bf16/fp16).
 template <typename scalar_t>
 C10_ALWAYS_INLINE void store_param_block(scalar_t* ptr, const scalar_t* old,
                                          const Block<scalar_t>& old_value,
                                          const Block<scalar_t>& value,
-                                         const Block<scalar_t>& selected) {
+                                         const Block<scalar_t>& selected, bool blend) {
   if constexpr (at::vec::is_reduced_floating_point_v<scalar_t>) {
-    const auto mask = at::vec::VecMask<float, 2>(
-                          at::vec::VectorizedN<float, 2>(selected[0], selected[1]))
-                          .template cast<scalar_t, 1>();
-    Vectorized<scalar_t>::blendv(Vectorized<scalar_t>::loadu(old),
-                                 at::vec::convert_from_float<scalar_t>(value[0], value[1]),
-                                 Vectorized<scalar_t>(mask))
-        .store(ptr);
+    auto packed = at::vec::convert_from_float<scalar_t>(value[0], value[1]);
+    if (blend) {
+      const auto mask = at::vec::VecMask<float, 2>(
+                            at::vec::VectorizedN<float, 2>(selected[0], selected[1]))
+                            .template cast<scalar_t, 1>();
+      packed = Vectorized<scalar_t>::blendv(Vectorized<scalar_t>::loadu(old), packed,
+                                            Vectorized<scalar_t>(mask));
+    }
+    packed.store(ptr);
   } else {
-    Vectorized<scalar_t>::blendv(old_value[0], value[0], selected[0]).store(ptr);
+    (blend ? Vectorized<scalar_t>::blendv(old_value[0], value[0], selected[0]) : value[0])
+        .store(ptr);
   }
 }
 
-// Where a block's stores go: the block's own memory `ptr` if `any_selected`, else `sink`, a
-// scratch block of the thread's that is never read; chosen without a branch, which at the
-// densities CLASSP runs at would be mispredicted on a large share of the blocks.
-template <typename T>
-C10_ALWAYS_INLINE T* store_target(T* ptr, T* sink, bool any_selected) {
-  const uintptr_t keep = -static_cast<uintptr_t>(any_selected);  // all bits or none
-  return reinterpret_cast<T*>((reinterpret_cast<uintptr_t>(ptr) & keep) |
-                              (reinterpret_cast<uintptr_t>(sink) & ~keep));
-}
-
-// The blocks that the stores of unselected blocks go to (see store_target).
+// The blocks that the stores of unselected blocks go to (see aim_stores).
 template <typename scalar_t>
 struct Sink {
   alignas(64) scalar_t param[kBlock<scalar_t>];
   alignas(64) math_t<scalar_t> acc[kBlock<scalar_t>];
 };
+
+// Points a block's stores, `param` and `acc`, at `sink` if none of its elements is selected
+// (`unselected`, a lane mask, equals `all_lanes`); without a branch, which at the densities
+// CLASSP runs at would be mispredicted on many blocks.
+template <typename scalar_t>
+C10_ALWAYS_INLINE void aim_stores(scalar_t*& param, math_t<scalar_t>*& acc,
+                                  Sink<scalar_t>& sink, int unselected, int all_lanes) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  // Conditional moves: compilers make a branch of `none ? sink : ptr`.
+  asm("cmp %[all], %[unselected]\n\t"
+      "cmove %[sink_param], %[param]\n\t"
+      "cmove %[sink_acc], %[acc]"
+      : [param] "+r"(param), [acc] "+r"(acc)
+      : [unselected] "r"(unselected), [all] "ri"(all_lanes), [sink_param] "rm"(sink.param),
+        [sink_acc] "rm"(sink.acc)
+      : "cc");
+#else
+  const uintptr_t keep = -static_cast<uintptr_t>(unselected != all_lanes);  // all bits or none
+  const auto aim = [keep](auto* ptr, auto* scratch) {
+    return reinterpret_cast<decltype(ptr)>((reinterpret_cast<uintptr_t>(ptr) & keep) |
+                                           (reinterpret_cast<uintptr_t>(scratch) & ~keep));
+  };
+  param = aim(param, sink.param);
+  acc = aim(acc, sink.acc);
+#endif
+}
 
 // One range's memory: param, grad, accumulator, and with a penalty importance and anchor.
 template <typename scalar_t>
@@ -249,22 +270,33 @@ C10_ALWAYS_INLINE int step_block(const RangePointers<scalar_t>& ptr, int64_t i,
   }
   Block<scalar_t> a, new_p, new_a, selected;
   int unselected = 0;  // count of unselected lanes
-  bool any_selected = false;
+  int unselected_everywhere = kAllLanes;  // the lanes unselected in every vector
+  bool all_selected = true;
   int block_nonfinite = 0;
   for (int v = 0; v < kVectors<scalar_t>; ++v) {
     a[v] = Vec::loadu(acc + v * kVec);
     update_vector<kPower, kForm>(p[v], g[v], a[v], w[v], m[v], h, new_p[v], new_a[v],
                                  selected[v], probe, squares, block_nonfinite);
     const int unselected_lanes = selected[v].zero_mask();
-    any_selected |= unselected_lanes != kAllLanes;
+    unselected_everywhere &= unselected_lanes;
+    all_selected &= unselected_lanes == 0;
     unselected += __builtin_popcount(unselected_lanes);
   }
   nonfinite += block_nonfinite;
-  math_t<scalar_t>* const acc_target = store_target(acc, sink.acc, any_selected);
+  if (all_selected) {
+    for (int v = 0; v < kVectors<scalar_t>; ++v) {
+      new_a[v].store(acc + v * kVec);
+    }
+    store_param_block(param, param, p, new_p, selected, false);
+    return kBlock<scalar_t>;
+  }
+  scalar_t* param_target = param;
+  math_t<scalar_t>* acc_target = acc;
+  aim_stores(param_target, acc_target, sink, unselected_everywhere, kAllLanes);
   for (int v = 0; v < kVectors<scalar_t>; ++v) {
     Vec::blendv(a[v], new_a[v], selected[v]).store(acc_target + v * kVec);
   }
-  store_param_block(store_target(param, sink.param, any_selected), param, p, new_p, selected);
+  store_param_block(param_target, param, p, new_p, selected, true);
   return kBlock<scalar_t> - unselected;
 }
 
@@ -319,17 +351,20 @@ Tally step_range(const RangePointers<scalar_t>& ptr, int64_t n, const Hyper<math
   Vectorized<T> probe(T(0));
   Vectorized<T> squares(T(0));
   Sink<scalar_t> sink;
+  int64_t updated = 0;
+  int64_t nonfinite = 0;
   int64_t i = 0;
   for (; i + kLine <= n - kPrefetchElements; i += kLine) {
     prefetch_range<kForm>(ptr, i, kLine);
     for (int64_t b = 0; b < kLine; b += kSize) {
-      tally.updated +=
-          step_block<kPower, kForm>(ptr, i + b, sink, h, probe, squares, tally.nonfinite);
+      updated += step_block<kPower, kForm>(ptr, i + b, sink, h, probe, squares, nonfinite);
     }
   }
   for (; i + kSize <= n; i += kSize) {
-    tally.updated += step_block<kPower, kForm>(ptr, i, sink, h, probe, squares, tally.nonfinite);
+    updated += step_block<kPower, kForm>(ptr, i, sink, h, probe, squares, nonfinite);
   }
+  tally.updated = updated;
+  tally.nonfinite = nonfinite;
   const int64_t rest = n - i;
   if (rest > 0) {
     scalar_t param_tail[kSize] = {};

@@ -130,9 +130,10 @@ def test_density_section_from_synthetic_json(tmp_path):
     def samples(dense, none, one_percent):
         return {"dense": [dense, 2 * dense], "none selected": [none, none],
                 "random 1.0%": [one_percent, 3 * one_percent], "read-only floor": [none, none]}
+    builds = [{"label": "before (old)", "samples": samples(4e-3, 2e-3, 4e-3)},
+              {"label": "after (new)", "samples": samples(3e-3, 2e-3, 2e-3)}]
     data = {"datetime": "2026-12-05T12:00:00+00:00",
-            "machine": {"cpu": "Test CPU", "cores": 2, "torch": "2.13.0"},
-            "threads": 2, "rounds": 2, "clock": "wall time", "wall_s": 90.0,
+            "machine": {"cpu": "Test CPU", "cores": 2, "torch": "2.13.0"}, "wall_s": 90.0,
             "load": {"start": "12:00 load average: 1.00, 2.00, 3.00",
                      "end": "12:01 load average: 1.50, 2.00, 3.00", "one_minute": [1.0, 1.5]},
             "cases": [{"name": "dense", "density": 1.0, "mask": "random", "selected": 10**7},
@@ -140,8 +141,9 @@ def test_density_section_from_synthetic_json(tmp_path):
                        "selected": 0},
                       {"name": "random 1.0%", "density": 0.01, "mask": "random",
                        "selected": 10**5}],
-            "builds": [{"label": "before (old)", "samples": samples(4e-3, 2e-3, 4e-3)},
-                       {"label": "after (new)", "samples": samples(3e-3, 2e-3, 2e-3)}]}
+            "runs": [{"threads": 2, "clock": "wall time", "rounds": 2, "builds": builds},
+                     {"threads": 1, "clock": "thread CPU time", "rounds": 2,
+                      "builds": builds[1:]}]}
     path = tmp_path / "density_cpu.json"
     path.write_text(json.dumps(data))
     step = tmp_path / "step_cpu.json"
@@ -163,6 +165,9 @@ def test_density_section_from_synthetic_json(tmp_path):
     assert "| read-only floor | - |" in text
     assert "- after (new), random 1%: **1.00x** the empty selection's step, **0.67x**" in text
     assert "dense step, after (new) over before (old): **0.75x**" in text
+    assert "**2 threads, wall time, 2 rounds.**" in text
+    assert "**1 thread, thread CPU time, 2 rounds.**" in text
+    assert "| random 1.0% | 100,000 | 2 ms | 0.67 (0.83) | 1.00 |\n" in text  # one build
     assert text.index("update density") < text.index("## How to read the tables")
 
 
