@@ -1,6 +1,6 @@
 """The "Step cost against update density" section of RESULTS.md, from the JSON of
-benchmarks/density_curve.py (``benchmarks/density_cpu.json``); with no JSON only what the GPU
-kernels do, which no run here has measured."""
+benchmarks/density_curve.py (``benchmarks/density_cpu.json``), with what the CPU kernel does
+(and what was tried) and what the GPU kernels write, which no run here has measured."""
 from __future__ import annotations
 
 import json
@@ -11,6 +11,24 @@ from .gpu_report import fmt_time
 
 COMMAND = ".venv/bin/python -m benchmarks.density_curve --baseline OTHER/_C.so"
 DENSE, NONE = "dense", "none selected"
+
+CPU_KERNEL = """\
+The CPU kernel (`csrc/classp_cpu.cpp`) writes nothing for a block (one vector of params: 8 fp32
+with AVX2) with no element selected: its stores go to a scratch block of the thread's, picked by
+conditional moves, with no branch on the selection; a block with some selected is stored whole,
+its unselected elements with their old bits, and one with all of them without the blend. The
+kernel before (7f2205b) branched on whether a block had a selected element, a branch the CPU
+mispredicts most between about 5% and 50% random density: at 10% random the step took 2.1x (2
+threads) to 2.6x (1 thread) the dense step's time. Tried here and dropped (AMD EPYC, Zen 3,
+AVX2; 1 thread, CPU time, 2026-12-05): AVX2 masked stores (`vmaskmovps`, `_mm256_maskstore_ps`)
+for params and accumulators made the step 2.5x slower at every density (14 ms against 5.3-5.7
+ms); loading param and accumulator only for blocks with a selected element (their addresses
+chosen from the gradient, the prefetches left to the hardware) made a 1% random step 3x slower
+(15 ms). At 1% and below the step costs what reading param, gradient and accumulator costs
+(12 of a dense step's 20 bytes per element): in the runs of 2026-12-05 the empty selection's
+step took 0.88-0.90x the dense one's time with 2 threads and about the same time with 1, so no
+write-side change brings a 1% step under about 0.9x the dense one on this machine.
+"""
 
 GPU_KERNELS = """\
 GPU kernels (read, not measured: there is no GPU here, and their density curve is still to be
@@ -86,7 +104,8 @@ def section(path: Path) -> list[str]:
     the GPU kernels' write granularity."""
     lines = ["### Step cost against update density (CPU)", ""]
     if not path.exists():
-        return lines + ["Not measured yet (`benchmarks/density_curve.py`).", "", GPU_KERNELS]
+        return lines + ["Not measured yet (`benchmarks/density_curve.py`).", "", CPU_KERNEL,
+                        GPU_KERNELS]
     data = json.loads(path.read_text())
     load = data["load"]
     machine = data["machine"]
@@ -110,7 +129,7 @@ def section(path: Path) -> list[str]:
         f"{data['datetime'][:16].replace('T', ' ')} UTC, {data['wall_s'] / 60:.1f} min. "
         f"Load: `{load['start']}` at the start, `{load['end']}` at the end; 1-minute load "
         f"average {min(load['one_minute']):.2f} to {max(load['one_minute']):.2f} over the "
-        "rounds.", ""]
+        "rounds.", "", CPU_KERNEL]
     for run in data["runs"]:
         threads = f"{run['threads']} thread{'s' if run['threads'] > 1 else ''}"
         lines += [f"**{threads}, {run['clock']}, {run['rounds']} rounds.**", "",
