@@ -137,7 +137,7 @@ def run(builds: dict, thread_counts: list, rounds: int) -> dict:
                 order = workers if r % 2 == 0 else workers[::-1]
                 for name in names:
                     for w in order:
-                        samples[w.label][name].append(w.time(threads, name))
+                        samples[w.label][name].append(round(w.time(threads, name), 8))
                 loads.append(os.getloadavg()[0])
             runs.append({"threads": threads,
                          "clock": "thread CPU time" if threads == 1 else "wall time",
@@ -177,7 +177,7 @@ def main(argv=None) -> int:
         builds[f"before ({args.baseline_label or args.baseline.name})"] = args.baseline.resolve()
     builds[f"after ({git_revision()})" if builds else git_revision()] = current_library()
     result = run(builds, args.threads, args.rounds)
-    args.json.write_text(json.dumps(result, indent=1))
+    args.json.write_text(json.dumps(result, separators=(",", ":")) + "\n")
     from . import report  # matplotlib, only for the report
     report.write(sorted(HERE.glob("step_*.json")), density_json=args.json)
     print(f"wrote {args.json} and {HERE / 'RESULTS.md'} in {result['wall_s'] / 60:.1f} min")
