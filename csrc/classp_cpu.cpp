@@ -9,7 +9,7 @@
 // clean; one with some is written whole, its unselected elements with their old bits (a
 // bitwise blend); one with all, without the blend (a branch, predictable: a step selects nearly
 // all elements, at threshold 0, or few). A branch on "any selected" is mispredicted on many
-// blocks at the densities CLASSP runs at (a step selecting 10% at random took 2.3x the dense
+// blocks at the densities CLASSP runs at (a step selecting 10% at random took 2.1-2.6x the dense
 // step's time), and AVX2 masked stores (vmaskmovps), which would skip unselected elements one
 // by one, made the step 2.5x slower at every density on the AMD Zen 3 it was measured on. A
 // penalty (SPEC section 4a) reads the importance and anchor of the tensors it covers in the
