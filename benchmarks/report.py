@@ -4,7 +4,8 @@ Usage: ``python -m benchmarks.report [step_cpu.json ...]`` (default: every
 ``benchmarks/step_*.json``). Writes ``benchmarks/RESULTS.md`` and one
 ``benchmarks/step_bandwidth_<device>.png`` per device; the GPU section comes from the GPU
 suite's ``benchmarks/gpu_step_cuda.json`` (benchmarks/gpu_report.py), the bounded-temporaries
-section from ``benchmarks/bounded_memory_cpu.json`` (benchmarks/bounded_report.py).
+section from ``benchmarks/bounded_memory_cpu.json`` (benchmarks/bounded_report.py), the density
+section from ``benchmarks/density_cpu.json`` (benchmarks/density_report.py).
 """
 from __future__ import annotations
 
@@ -17,7 +18,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from . import bounded_report, gpu_report  # noqa: E402
+from . import bounded_report, density_report, gpu_report  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 COMMAND = ".venv/bin/python -m benchmarks"
@@ -282,10 +283,11 @@ def results(run: dict, plot_name: str) -> list[str]:
 
 def write(paths, out_md: Path = HERE / "RESULTS.md", plot_dir: Path = HERE,
           gpu_json: Path = HERE / "gpu_step_cuda.json",
-          bounded_json: Path = HERE / "bounded_memory_cpu.json") -> None:
+          bounded_json: Path = HERE / "bounded_memory_cpu.json",
+          density_json: Path = HERE / "density_cpu.json") -> None:
     """Write the markdown report and one plot per device from the CPU suite's JSON files at
-    ``paths``, with the GPU suite's section from ``gpu_json`` and the bounded-temporaries
-    section from ``bounded_json``."""
+    ``paths``, with the GPU suite's section from ``gpu_json``, the bounded-temporaries section
+    from ``bounded_json`` and the density section from ``density_json``."""
     runs = sorted((load(Path(p)) for p in paths), key=lambda run: run["device"]["type"] != "cpu")
     lines = ["# CLASSP step benchmarks", "",
              f"Produced by `{COMMAND}` (pytest-benchmark suite `benchmarks/bench_step.py`, "
@@ -295,6 +297,7 @@ def write(paths, out_md: Path = HERE / "RESULTS.md", plot_dir: Path = HERE,
         lines += summary(run)
     lines += gpu_report.section(gpu_json)
     lines += bounded_report.section(bounded_json)
+    lines += density_report.section(density_json)
     lines += ["## How to read the tables", "", LEGEND, "Bytes per element of the traffic model:",
               "", *bytes_model([r for run in runs for r in run["rows"]]), ""]
     for run in runs:

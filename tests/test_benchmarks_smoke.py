@@ -60,7 +60,8 @@ def test_report_from_synthetic_json(tmp_path):
     path = tmp_path / "step_cpu.json"
     path.write_text(json.dumps(data))
     out = tmp_path / "RESULTS.md"
-    report.write([path], out, tmp_path, bounded_json=tmp_path / "absent.json")
+    report.write([path], out, tmp_path, bounded_json=tmp_path / "absent.json",
+                 density_json=tmp_path / "absent.json")
 
     text = out.read_text()
     assert "## CPU" in text and "## GPU" in text
@@ -98,7 +99,8 @@ def test_bounded_memory_section_from_synthetic_json(tmp_path):
         "classp_bandwidth": {}, "classp_wall_s": 60.0,
         "benchmarks": [benchmark("adagrad/fused", 10**7, 1, 4e-3, 4e-3)]}))
     out = tmp_path / "RESULTS.md"
-    report.write([step], out, tmp_path, bounded_json=bounded)
+    report.write([step], out, tmp_path, bounded_json=bounded,
+                 density_json=tmp_path / "absent.json")
     text = out.read_text()
     assert "### Bounded temporaries (CPU, pure-PyTorch paths)" in text
     assert "load average 3.2 to 5.5" in text
@@ -106,6 +108,67 @@ def test_bounded_memory_section_from_synthetic_json(tmp_path):
             '| **3.00x** (1.50-6.00) | 1.20 MB (3.0%) |') in text
     assert "| `proximal_step_` | `torch._foreach_add_` | 200 tensors | 1 |" in text
     assert text.index("Bounded temporaries") < text.index("## How to read the tables")
+
+
+def test_density_gradients_select_exactly_the_share_asked():
+    cases = load("density_cases")
+    generator = torch.Generator().manual_seed(0)
+    for case in (cases.DensityCase(0.01, "random"), cases.DensityCase(0.001, "clustered")):
+        grad = cases.gradient(case, generator)
+        selected = grad * grad > cases.THRESHOLD
+        assert int(selected.sum()) == case.selected
+        assert grad.abs().max() < 2.5 and grad[~selected].abs().max() < 0.9
+        if case.mask == "clustered":  # whole rows, none partly
+            assert set(selected.view(-1, cases.ROW).sum(1).unique().tolist()) == {0, cases.ROW}
+
+
+def test_density_section_from_synthetic_json(tmp_path):
+    report, density_report = load("report"), load("density_report")
+    absent = "\n".join(density_report.section(tmp_path / "absent.json"))
+    assert "Not measured yet" in absent and "classp_cuda.cu" in absent
+
+    def samples(dense, none, one_percent):
+        return {"dense": [dense, 2 * dense], "none selected": [none, none],
+                "random 1.0%": [one_percent, 3 * one_percent], "read-only floor": [none, none]}
+    builds = [{"label": "before (old)", "samples": samples(4e-3, 2e-3, 4e-3)},
+              {"label": "after (new)", "samples": samples(3e-3, 2e-3, 2e-3)}]
+    data = {"datetime": "2026-12-05T12:00:00+00:00",
+            "machine": {"cpu": "Test CPU", "cores": 2, "torch": "2.13.0"}, "wall_s": 90.0,
+            "load": {"start": "12:00 load average: 1.00, 2.00, 3.00",
+                     "end": "12:01 load average: 1.50, 2.00, 3.00", "one_minute": [1.0, 1.5]},
+            "cases": [{"name": "dense", "density": 1.0, "mask": "random", "selected": 10**7},
+                      {"name": "none selected", "density": 0.0, "mask": "random",
+                       "selected": 0},
+                      {"name": "random 1.0%", "density": 0.01, "mask": "random",
+                       "selected": 10**5}],
+            "runs": [{"threads": 2, "clock": "wall time", "rounds": 2, "builds": builds},
+                     {"threads": 1, "clock": "thread CPU time", "rounds": 2,
+                      "builds": builds[1:]}]}
+    path = tmp_path / "density_cpu.json"
+    path.write_text(json.dumps(data))
+    step = tmp_path / "step_cpu.json"
+    step.write_text(json.dumps({
+        "machine_info": {"bench_device": {"type": "cpu", "name": "Test CPU", "torch": "2.13.0",
+                                          "threads": 2}},
+        "datetime": data["datetime"], "classp_bandwidth": {}, "classp_wall_s": 60.0,
+        "benchmarks": [benchmark("adagrad/fused", 10**7, 1, 4e-3, 4e-3)]}))
+    out = tmp_path / "RESULTS.md"
+    report.write([step], out, tmp_path, bounded_json=tmp_path / "absent.json",
+                 density_json=path)
+    text = out.read_text()
+    assert "### Step cost against update density (CPU)" in text
+    assert "`12:00 load average: 1.00, 2.00, 3.00` at the start" in text
+    assert "1-minute load average 1.00 to 1.50" in text
+    # per-round ratios to dense: before 4/4, 12/8; after 2/3, 6/6
+    assert ("| random 1.0% | 100,000 | 4 ms | 1.00 (1.25) | 2.00 | 2 ms | 0.67 (0.83) | 1.00 "
+            "| 0.50 |") in text
+    assert "| read-only floor | - |" in text
+    assert "- after (new), random 1%: **1.00x** the empty selection's step, **0.67x**" in text
+    assert "dense step, after (new) over before (old): **0.75x**" in text
+    assert "**2 threads, wall time, 2 rounds.**" in text
+    assert "**1 thread, thread CPU time, 2 rounds.**" in text
+    assert "| random 1.0% | 100,000 | 2 ms | 0.67 (0.83) | 1.00 |\n" in text  # one build
+    assert text.index("update density") < text.index("## How to read the tables")
 
 
 def test_bandwidth_probe_writes_every_kernel():

@@ -1,6 +1,13 @@
 """The C++ CPU kernel of classp_fused::classp_step_, called as the op: exactness against the
-reference, masked-out elements left untouched bit for bit, counts, layouts, argument checks, and
-the int64 work split (chunks, threads, the CUDA work table) of tensors of 2^31 elements and more."""
+reference, masked-out elements left untouched bit for bit (and memory holding none selected not
+written), counts, layouts, argument checks, and the int64 work split (chunks, threads, the CUDA
+work table) of tensors of 2^31 elements and more."""
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import pytest
 import torch
 from torch._C import DispatchKey, DispatchKeySet
@@ -141,6 +148,64 @@ def test_unselected_elements_keep_their_bits(dtype, power, n):
     assert torch.equal(bits(acc)[~selected], acc_before[~selected])
     if selected.any():
         assert (bits(acc)[selected] != acc_before[selected]).any()
+
+
+# For each dtype named in argv[2:], steps a param and an accumulator whose memory is read-only
+# but for its first page, with gradients that select elements of the first pages only, or with
+# argv[1] "1" also the last element; prints "stepped" and exits 0 if every count is right. A
+# write to a read-only page kills it with SIGSEGV.
+READ_ONLY_STEP = textwrap.dedent("""
+    import ctypes, mmap, sys
+    import torch
+    import classp_fused  # registers the op
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    g = torch.Generator().manual_seed(0)
+    keep = []  # the mappings, alive until the end
+    for name in sys.argv[2:]:
+        dtype = getattr(torch, name)
+        acc_dtype = torch.float64 if dtype == torch.float64 else torch.float32
+        n = 64 * mmap.PAGESIZE // acc_dtype.itemsize  # 64 pages of accumulator
+        first_page = mmap.PAGESIZE // acc_dtype.itemsize  # of accumulator; of param, at least
+        grad = torch.full((n,), 0.01, dtype=dtype)
+        grad[1::7] = float("nan")
+        grad[2::7] = float("inf")
+        picks = torch.randperm(first_page, generator=g)[:first_page // 10]
+        grad[picks] = (torch.rand(len(picks), generator=g) + 3.0).to(dtype)
+        if sys.argv[1] == "1":
+            grad[-1] = 3.0
+        tensors = []
+        for kind in (dtype, acc_dtype):
+            memory = mmap.mmap(-1, n * kind.itemsize)
+            tensor = torch.frombuffer(memory, dtype=kind)
+            tensor.copy_(torch.rand(n, generator=g, dtype=torch.float64).to(kind))
+            address = tensor.data_ptr() + mmap.PAGESIZE
+            if libc.mprotect(address, len(memory) - mmap.PAGESIZE, mmap.PROT_READ) != 0:
+                raise OSError(ctypes.get_errno(), "mprotect failed")
+            keep.append(memory)
+            tensors.append(tensor)
+        counts = torch.ops.classp_fused.classp_step_(
+            [tensors[0]], [grad], [tensors[1]], torch.tensor(0.1, dtype=torch.float64), 0.25,
+            1e-5, 1.0, True, None, None, [], [], "none", 0.0, 0.0, [], [], None, [])
+        expected = [len(picks), int((~grad.isfinite()).sum())]
+        assert counts.tolist() == [expected], (name, counts.tolist(), expected)
+    print("stepped")
+""")
+
+
+def test_memory_of_unselected_blocks_is_not_written():
+    """Read-only pages holding no selected element survive a step, for every dtype; the
+    control, a selected element in one, shows that a write there is caught."""
+    def step(select_in_read_only_page, dtypes):
+        return subprocess.run(
+            [sys.executable, "-c", READ_ONLY_STEP, str(int(select_in_read_only_page)),
+             *[str(dtype).split(".")[1] for dtype in dtypes]],
+            capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
+
+    result = step(False, DTYPES)
+    assert result.returncode == 0 and result.stdout.strip() == "stepped", result.stderr
+    assert step(True, [torch.float32]).returncode == -signal.SIGSEGV
 
 
 def test_counts_nonfinite_per_tensor():
