@@ -85,9 +85,11 @@ def state(case: DensityCase, seed: int) -> tuple[torch.Tensor, torch.Tensor, tor
 def op_step(param: torch.Tensor, grad: torch.Tensor, acc: torch.Tensor) -> torch.Tensor:
     """One step through ``torch.ops.classp_fused.classp_step_``, as the cpp backend calls it
     (power 1, no penalty); returns the (1, 2) counts of updated and non-finite elements."""
-    return torch.ops.classp_fused.classp_step_(
-        [param], [grad], [acc], LR_TENSOR, THRESHOLD, EPS, 1.0, True, None, None, [], [], "none",
-        0.0, 0.0, [])
+    op = torch.ops.classp_fused.classp_step_
+    # a build from before compressed state (a baseline) takes no acc_scales, keys, offsets
+    compressed = [[], None, []] if len(op.default._schema.arguments) > 16 else []
+    return op([param], [grad], [acc], LR_TENSOR, THRESHOLD, EPS, 1.0, True, None, None, [], [],
+              "none", 0.0, 0.0, [], *compressed)
 
 
 def read_floor(param: torch.Tensor, grad: torch.Tensor, acc: torch.Tensor) -> None:
