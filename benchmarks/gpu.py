@@ -36,7 +36,7 @@ from typing import Callable, Optional
 
 import torch
 
-from classp_fused import CLASSP, available_backends
+from classp_fused import CLASSP, MAS, available_backends
 
 from . import bandwidth
 from .step_cases import (DTYPES, EPS, LR, MANY, MASKING_THRESHOLD, Case, bytes_per_element,
@@ -46,10 +46,12 @@ HERE = Path(__file__).resolve().parent
 BASELINE = "adagrad/compiled"  # kernel-time reference: Inductor's Adagrad, 20 B per fp32 element
 COMPILED = ("adagrad/compiled", "classp/naive+compile")  # each compiles in the group's set-up
 PEERS = ("adam/fused", "adagrad/foreach", "adagrad/compiled")
+OPTIONS = ("", "mas-explicit", "mas-proximal", "relative", "state-bf16", "state-8bit")
 
 
-def classp(impls, size, tensors, dtype="fp32", power=1.0, threshold=0.0) -> list[Case]:
-    return [Case(impl, size, tensors, dtype, power, threshold) for impl in impls]
+def classp(impls, size, tensors, dtype="fp32", power=1.0, threshold=0.0,
+           option="") -> list[Case]:
+    return [Case(impl, size, tensors, dtype, power, threshold, option) for impl in impls]
 
 
 def peers(impls, size, tensors, dtype="fp32") -> list[Case]:
@@ -59,8 +61,10 @@ def peers(impls, size, tensors, dtype="fp32") -> list[Case]:
 def group(kind: str, n: int, backends: list[str]) -> list[Case]:
     """The cases of one group: ``kind`` "one" (``n`` elements in one tensor, every peer),
     "many" (``n`` in ``MANY`` tensors, every peer), "largest" (one tensor, the fused kernels,
-    fused Adam and the compiled Adagrad), "bf16" (one bf16 tensor) or "powers" (one tensor:
-    power 2, power 0.5 and the masking threshold, against the compiled Adagrad)."""
+    fused Adam and the compiled Adagrad), "bf16" (one bf16 tensor), "powers" (one tensor:
+    power 2, power 0.5 and the masking threshold, against the compiled Adagrad) or "options"
+    (one tensor: the plain step, an attached MAS penalty explicit and proximal, the relative
+    threshold, bf16 and 8-bit state, against the compiled Adagrad)."""
     fused = [f"classp/{name}" for name in backends]
     if kind == "one":
         return classp(fused + ["classp/naive+compile"], n, 1) + peers(PEERS, n, 1)
@@ -73,6 +77,9 @@ def group(kind: str, n: int, backends: list[str]) -> list[Case]:
     if kind == "powers":
         return (classp(fused, n, 1, power=2.0) + classp(fused, n, 1, power=0.5)
                 + classp(fused, n, 1, threshold=MASKING_THRESHOLD) + peers((BASELINE,), n, 1))
+    if kind == "options":
+        return [case for option in OPTIONS for case in classp(fused, n, 1, option=option)] + \
+            peers((BASELINE,), n, 1)
     raise ValueError(f"unknown group kind {kind!r}")
 
 
@@ -83,16 +90,17 @@ def plan(backends: list[str], groups: list[tuple[str, int]]) -> list[list[Case]]
 
 # Most important first: groups not started within the suite's time budget are skipped. Sized
 # for the H200 (benchmarks/gpu_check.sh): about three minutes, compiles included.
-GPU_GROUPS = [("one", 10**8), ("largest", 10**9), ("many", 10**8), ("powers", 10**8),
-              ("bf16", 10**8), ("many", 10**7), ("one", 10**6)]
+GPU_GROUPS = [("one", 10**8), ("largest", 10**9), ("many", 10**8), ("options", 10**8),
+              ("powers", 10**8), ("bf16", 10**8), ("many", 10**7), ("one", 10**6)]
 
 
 def memory_bytes(case: Case) -> int:
     """Device memory the case holds: params, grads, state and the temporaries of unfused steps."""
     param = DTYPES[case.dtype].itemsize
-    state = (bytes_per_element(case) - 3 * param) // 2
+    penalty = 2 * param if case.option.startswith("mas-") else 0  # importance and anchor
+    state = (bytes_per_element(case) - penalty - 3 * param) // 2
     temporaries = {"adagrad/foreach": 2 * param}.get(case.impl, 0)
-    return case.size * (2 * param + state + temporaries)
+    return case.size * (2 * param + state + penalty + temporaries)
 
 
 def make_step(case: Case, params, device: torch.device) -> Callable[[], object]:
@@ -104,8 +112,13 @@ def make_step(case: Case, params, device: torch.device) -> Callable[[], object]:
         compiled = torch.compile(naive_classp_step, dynamic=False)
         return lambda: compiled(params, grads, accs, case.threshold, case.power)
     if family == "classp":
-        return CLASSP(params, lr=LR, threshold=case.threshold, eps=EPS, power=case.power,
-                      backend=variant).step
+        optimizer = CLASSP(params, lr=LR, threshold=case.threshold, eps=EPS, power=case.power,
+                           backend=variant, relative_threshold=0.5 * (case.option == "relative"),
+                           state_dtype={"state-bf16": "bf16", "state-8bit": "8bit"}.get(
+                               case.option, "fp32"))
+        if case.option.startswith("mas-"):
+            attach_penalty(optimizer, params, case.option.split("-")[1])
+        return optimizer.step
     if case.impl == "adam/fused":
         return torch.optim.Adam(params, lr=LR, fused=True,
                                 capturable=device.type == "cuda").step
@@ -113,6 +126,25 @@ def make_step(case: Case, params, device: torch.device) -> Callable[[], object]:
     if variant == "compiled":
         return torch.compile(optimizer.step)
     return optimizer.step
+
+
+def attach_penalty(optimizer: CLASSP, params, form: str) -> MAS:
+    """Attach to ``optimizer`` a MAS penalty in ``form`` over ``params``, with a made state (an
+    importance in [0, 1) and an anchor near each param), so that every step takes it."""
+    model = torch.nn.ParameterList(params)
+    generator = torch.Generator(params[0].device).manual_seed(1)
+    named = list(model.named_parameters())
+    mas = MAS(model, lam=1.0, penalty=form)
+    mas.load_state_dict({
+        "method": "MAS", "tasks_seen": 1,
+        "importance": {n: torch.rand(p.shape, generator=generator, device=p.device, dtype=p.dtype)
+                       for n, p in named},
+        "anchor": {n: p.detach() + 0.01 * torch.randn(p.shape, generator=generator,
+                                                      device=p.device, dtype=p.dtype)
+                   for n, p in named},
+        "residual": {}})
+    mas.attach(optimizer)
+    return mas
 
 
 def synchronize(device: torch.device) -> None:

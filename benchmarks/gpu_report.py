@@ -56,6 +56,13 @@ def fmt_size(n: int) -> str:
     return f"{mantissa}e{int(exponent)}"
 
 
+def _option(row: dict) -> str:
+    """The case's option (an attached penalty, the relative threshold, compressed state), as
+    a suffix of its implementation's name; none for rows of runs before options existed."""
+    option = row.get("option", "")
+    return f" ({option})" if option else ""
+
+
 def _peer(rows, row, impl):
     for other in rows:
         if (other["impl"], other["size"], other["tensors"], other["dtype"]) == (
@@ -87,7 +94,7 @@ def table(run: dict) -> list[str]:
                                                f"{gbs / update:.0%}"]
         lines.append(
             f"| {fmt_size(r['size'])} | {r['tensors']} | {r['dtype']} | {power} | {threshold} | "
-            f"`{r['impl']}` | {fmt_time(kernel)} | {' | '.join(rates)} | "
+            f"`{r['impl']}`{_option(r)} | {fmt_time(kernel)} | {' | '.join(rates)} | "
             f"{fmt_time(r['eager_s'])} | {graph} | {fmt_time(r['host_s'])} | "
             f"{_ratio(kernel, base and base['kernel_s'])} | "
             f"{_ratio(r['host_s'], host_base and host_base['host_s'])} |")

@@ -17,7 +17,10 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 @dataclass(frozen=True)
 class Case:
-    """One implementation on ``size`` elements in ``tensors`` tensors; CLASSP's hyperparameters."""
+    """One implementation on ``size`` elements in ``tensors`` tensors; CLASSP's hyperparameters
+    and ``option``: ``""`` (the plain step), ``"relative"`` (relative threshold 0.5),
+    ``"state-bf16"`` / ``"state-8bit"`` (compressed accumulators) or ``"mas-explicit"`` /
+    ``"mas-proximal"`` (a MAS penalty attached, taken inside the step)."""
 
     impl: str
     size: int
@@ -25,6 +28,7 @@ class Case:
     dtype: str = "fp32"
     power: Optional[float] = None
     threshold: Optional[float] = None
+    option: str = ""
 
     @property
     def layout(self) -> tuple:
@@ -32,14 +36,18 @@ class Case:
 
     def __str__(self) -> str:
         hyper = "" if self.power is None else f"-p{self.power:g}-thr{self.threshold:g}"
-        return f"{self.impl}-{self.size:.0e}-{self.tensors}t-{self.dtype}{hyper}"
+        option = f"-{self.option}" if self.option else ""
+        return f"{self.impl}-{self.size:.0e}-{self.tensors}t-{self.dtype}{hyper}{option}"
 
 
 def bytes_per_element(case: Case) -> int:
-    """Minimum traffic of one dense step: read param, grad and state, write param and state."""
+    """Minimum traffic of one dense step: read param, grad and state, write param and state (and
+    read an attached penalty's importance and anchor)."""
     param = DTYPES[case.dtype].itemsize
     state = {"classp": 4, "adagrad": param, "adam": 2 * param}[case.impl.split("/")[0]]
-    return 3 * param + 2 * state
+    state = {"state-bf16": 2, "state-8bit": 1}.get(case.option, state)
+    penalty = 2 * param if case.option.startswith("mas-") else 0
+    return 3 * param + 2 * state + penalty
 
 
 def tensor_sizes(total: int, count: int) -> list[int]:
