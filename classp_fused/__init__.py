@@ -1,4 +1,5 @@
-"""classp_fused: CLASSP as a fused torch.optim optimizer, MAS/EWC baselines, a continual-learning harness."""
+"""classp_fused: CLASSP as a fused torch.optim optimizer, MAS/EWC baselines, a continual-learning
+harness."""
 from .backends import available_backends, classp_step_
 from .checkpoint import load_checkpoint, save_checkpoint
 from .optim import CLASSP

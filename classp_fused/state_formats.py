@@ -17,8 +17,9 @@ for bit. An accumulator A is stored as
 
 Encoding a block (``encode_blocks``) takes its values ``x`` (float32, >= 0, at most
 ``SATURATION``): ``E`` is the smallest exponent with ``max(x) <= 15/16 * 2**E`` (the top code;
-``E >= -115``, so that every code's value is a float32; a block of zeros gets ``s = 0``); each ``q = x / s`` (exact: a power of two) is
-rounded stochastically to the codes around it by adding 20 random bits to its float32 bits
+``E >= -115``, so that every code's value is a float32; a block of zeros gets ``s = 0``); each
+``q = x / s`` (exact: a power of two) is rounded stochastically to the codes around it by
+adding 20 random bits to its float32 bits
 below the code's 3 mantissa bits (below ``2**-31`` to ``q + 2**-31``'s, then 8 less) and
 truncating; a positive ``x`` never gets code 0 (it is raised to code 1, ``2**-34 * s``), so an
 element once updated never reads back as zero. A value already on the grid keeps its value
