@@ -11,7 +11,7 @@ import torch
 
 from classp_fused import _extension
 from classp_fused.regularizers import penalty as penalty_ops
-from helpers import peak_extra_bytes, random_like
+from helpers import laid_out, peak_extra_bytes
 
 pytestmark = pytest.mark.skipif(not penalty_ops.CPU_KERNELS,
                                 reason=f"C++ extension not built: {_extension.LOAD_ERROR}")
@@ -31,18 +31,6 @@ LAYOUTS = [((1,), "contiguous", "contiguous"), ((7,), "contiguous", "contiguous"
            ((), "contiguous", "contiguous"), ((24, 9), "transposed", "transposed"),
            ((6, 10), "strided", "contiguous"), ((5, 7), "contiguous", "transposed"),
            ((301,), "offset", "contiguous")]
-
-
-def laid_out(shape, dtype, generator, layout, scale=1.0):
-    """Random values (no zeros) of ``shape``: contiguous, one element into their storage,
-    transposed, or every other column of a wider tensor."""
-    if layout == "transposed":
-        return random_like(shape[::-1], dtype, generator, scale).t()
-    if layout == "strided":
-        return random_like((shape[0], 2 * shape[1]), dtype, generator, scale)[:, ::2]
-    if layout == "offset":
-        return random_like(torch.Size(shape).numel() + 1, dtype, generator, scale)[1:].view(shape)
-    return random_like(shape, dtype, generator, scale)
 
 
 def make_case(dtype, seed, nonfinite=True):
