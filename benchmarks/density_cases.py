@@ -86,10 +86,12 @@ def op_step(param: torch.Tensor, grad: torch.Tensor, acc: torch.Tensor) -> torch
     """One step through ``torch.ops.classp_fused.classp_step_``, as the cpp backend calls it
     (power 1, no penalty); returns the (1, 2) counts of updated and non-finite elements."""
     op = torch.ops.classp_fused.classp_step_
-    # a build from before compressed state (a baseline) takes no acc_scales, keys, offsets
-    compressed = [[], None, []] if len(op.default._schema.arguments) > 16 else []
+    # builds of earlier versions (baselines) lack some of the trailing arguments
+    names = {argument.name for argument in op.default._schema.arguments}
+    optional = dict(importance_scales=[], acc_scales=[], rounding_keys=None, index_offsets=[])
     return op([param], [grad], [acc], LR_TENSOR, THRESHOLD, EPS, 1.0, True, None, None, [], [],
-              "none", 0.0, 0.0, [], *compressed)
+              "none", 0.0, relative_threshold=0.0, grad_sq_means=[],
+              **{name: value for name, value in optional.items() if name in names})
 
 
 def read_floor(param: torch.Tensor, grad: torch.Tensor, acc: torch.Tensor) -> None:

@@ -70,8 +70,8 @@ def bare_op(sizes: list[int], device: torch.device, penalty: bool):
 
     def call():
         torch.ops.classp_fused.classp_step_(params, grads, accs, lr, 0.0, 1e-5, 1.0, True, None,
-                                           None, importances, anchors, form, scale, 0.0, [], [],
-                                           None, [])
+                                           None, importances, anchors, form, scale, [], 0.0, [],
+                                           [], None, [])
     return call
 
 

@@ -26,7 +26,7 @@ if LOAD_ERROR is None:
     @torch.library.register_fake(OP_NAME)
     def _classp_step_fake(params, grads, accs, lr, threshold, eps, power, apply_scaling,
                           grad_scale, found_inf, importances, anchors, penalty_form,
-                          penalty_scale, relative_threshold, grad_sq_means, acc_scales,
+                          penalty_scale, importance_scales, relative_threshold, grad_sq_means, acc_scales,
                           rounding_keys, index_offsets):
         # As the kernels choose: the params' device, else a non-CPU scalar argument's.
         scalars = [t for t in (grad_scale, found_inf, lr) if t is not None]
@@ -35,11 +35,13 @@ if LOAD_ERROR is None:
         return torch.empty(len(params), 2, dtype=torch.int64, device=device)
 
     @torch.library.register_fake("classp_fused::add_penalty_grad_")
-    def _add_penalty_grad_fake(params, importances, anchors, grads, factor, grad_scale):
+    def _add_penalty_grad_fake(params, importances, importance_scales, anchors, grads, factor,
+                               grad_scale):
         return None  # writes its grads in place, returns nothing
 
     @torch.library.register_fake("classp_fused::proximal_step_")
-    def _proximal_step_fake(params, importances, anchors, step_tensors, step_values, factor):
+    def _proximal_step_fake(params, importances, importance_scales, anchors, step_tensors,
+                            step_values, factor):
         return None  # writes its params in place, returns nothing
 
 

@@ -13,7 +13,8 @@ sparsity) the mask also needs ``g*g > tau * S``, and the step replaces S with th
 step is gated by ``threshold`` alone).
 
 With a penalty ``scale * sum W * (param - m)**2`` (importance W, anchor m; SPEC section 4a):
-explicit, ``g += 2*scale*W*(param - m)`` before the mask; proximal, where mask, after the update
+explicit, ``g += 2*scale*W*(param - m)`` before the mask (W decoded from its importance
+format, ``state_formats.importance_values``); proximal, where mask, after the update
 ``param += w*(m - param)``, ``w = c/(1 + c)``, ``c = min(2*scale*W*eta, max/2)``, eta the step
 size ``lr/(eps + A)**(1/power)`` with the updated A (``lr`` without scaling).
 
@@ -58,13 +59,15 @@ def classp_update_(param: Tensor, grad: Tensor, acc: Tensor, *, lr, threshold: f
                    power: float, apply_scaling: bool, grad_scale: Tensor | None = None,
                    found_inf: Tensor | None = None, penalty_form: Optional[str] = None,
                    penalty_scale: float = 0.0, importance: Tensor | None = None,
-                   anchor: Tensor | None = None, relative_threshold: float = 0.0,
+                   anchor: Tensor | None = None, importance_scale: Tensor | None = None,
+                   relative_threshold: float = 0.0,
                    grad_sq_mean: Tensor | None = None, acc_scale: Tensor | None = None,
                    rounding_key: Tensor | None = None, index_offset: int = 0) -> Tensor:
     """One CLASSP step on one tensor, in place. Returns ``[updated, nonfinite]`` element counts.
 
     ``penalty_form`` ("explicit" or "proximal") with ``importance`` and ``anchor`` (tensors of
-    the param's shape) takes the penalty ``penalty_scale * sum W * (param - m)**2`` in the step.
+    the param's shape; a uint8 importance with its block scales ``importance_scale``) takes the
+    penalty ``penalty_scale * sum W * (param - m)**2`` in the step.
     ``grad_sq_mean`` (a 0-dim tensor of the compute dtype, needed when ``relative_threshold``
     > 0) is the mean S the relative threshold reads; it is replaced by this step's mean,
     except on an empty tensor or a step skipped by ``found_inf``.
@@ -80,6 +83,8 @@ def classp_update_(param: Tensor, grad: Tensor, acc: Tensor, *, lr, threshold: f
         acc = acc.to(dtype)
     explicit = penalty_form == "explicit" and importance is not None
     proximal = penalty_form == "proximal" and importance is not None
+    if importance is not None:
+        importance = state_formats.importance_values(importance, importance_scale, dtype)
     g = penalized_grad(param, grad, grad_scale=grad_scale,
                        importance=importance if explicit else None, anchor=anchor,
                        scale=penalty_scale)
@@ -207,16 +212,19 @@ def classp_step_(params, grads, accs, *, lr, threshold, eps, power, apply_scalin
     means = none if grad_sq_means is None else grad_sq_means
     importances, anchors = (none, none) if penalty is None else (penalty.importances,
                                                                   penalty.anchors)
+    importance_scales = none if penalty is None or penalty.importance_scales is None else \
+        penalty.importance_scales
     if penalty is not None:
         hyper.update(penalty_form=penalty.form, penalty_scale=penalty.scale)
     scales, keys, offsets = none, none, [0] * len(params)
     if compressed is not None:
         scales, keys, offsets = compressed.scales, compressed.keys.unbind(), compressed.offsets
-    counts = [classp_update_(p, g, a, **hyper, importance=w, anchor=m, grad_sq_mean=s,
-                             acc_scale=scale, rounding_key=key, index_offset=offset)
-              for p, g, a, w, m, s, scale, key, offset in zip(params, grads, accs, importances,
-                                                              anchors, means, scales, keys,
-                                                              offsets)]
+    counts = [classp_update_(p, g, a, **hyper, importance=w, anchor=m, importance_scale=w_scale,
+                             grad_sq_mean=s, acc_scale=scale, rounding_key=key,
+                             index_offset=offset)
+              for p, g, a, w, m, w_scale, s, scale, key, offset in zip(
+                  params, grads, accs, importances, anchors, importance_scales, means, scales,
+                  keys, offsets)]
     return _stacked(counts)
 
 

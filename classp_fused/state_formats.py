@@ -130,3 +130,41 @@ def encode_blocks(x: Tensor, bits: Tensor) -> tuple[Tensor, Tensor]:
     code = ((shifted + (bits & _LOW20)) >> 20) - _CODE_BIAS - torch.where(low, 8, 0)
     code = torch.where(x > 0, code.clamp_min(1), 0)
     return code.to(torch.uint8), scales
+
+
+# Importance formats of the regularizers (fixed within a task, so rounded to nearest).
+IMPORTANCE_FORMATS = ("param", "bf16", "8bit")
+_HALF20 = 1 << 19  # round to nearest (ties up) in encode_blocks
+
+
+def importance_dtype(param: Tensor, importance_format: str) -> torch.dtype:
+    """The dtype an importance of ``param`` is stored in: the param's own under ``"param"``,
+    for float64 params and for tensors under ``MIN_COMPRESSED_NUMEL`` elements; else
+    bfloat16 (``"bf16"``, float32 params; float16 and bfloat16 params keep theirs) or uint8
+    codes of the 8-bit format (``"8bit"``)."""
+    if (importance_format == "param" or param.dtype == torch.float64
+            or param.numel() < MIN_COMPRESSED_NUMEL):
+        return param.dtype
+    if importance_format == "bf16":
+        return torch.bfloat16 if param.dtype == torch.float32 else param.dtype
+    return torch.uint8
+
+
+def encode_importance(values: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor | None]:
+    """Finite ``values`` (>= 0) stored as ``dtype`` (``importance_dtype``), rounded to
+    nearest: ``(stored, None)``, or for uint8 ``(codes of values' shape, block scales)``, the
+    values capped at ``SATURATION``."""
+    if dtype != torch.uint8:
+        return values.to(dtype), None
+    flat = values.reshape(-1).to(torch.float32).clamp_max(SATURATION)
+    bits = torch.full_like(flat, _HALF20, dtype=torch.int64)
+    codes, scales = encode_blocks(flat, bits)
+    return codes.view(values.shape), scales
+
+
+def importance_values(stored: Tensor, scales: Tensor | None, dtype: torch.dtype) -> Tensor:
+    """The values of an importance ``stored`` in its format (uint8 codes with their block
+    ``scales``), as ``dtype`` (the compute dtype)."""
+    if stored.dtype == torch.uint8:
+        return decode(stored.reshape(-1), scales).view(stored.shape).to(dtype)
+    return stored.to(dtype)

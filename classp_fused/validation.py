@@ -328,9 +328,45 @@ def check_penalty(params: Sequence[Tensor], penalty, where: str = "penalty") -> 
                 raise TypeError(f"{entry} must be a tensor or None, got {type(t).__name__}")
             if t.layout != torch.strided:
                 raise TypeError(f"{entry} must be a dense (strided) tensor")
-            if t.dtype != p.dtype:
-                raise TypeError(f"{entry} has dtype {t.dtype}, expected the param's {p.dtype}")
             _check_like_param(p, t, entry)
+    _check_importance_formats(params, penalty, where)
+
+
+def _check_importance_formats(params: Sequence[Tensor], penalty, where: str) -> None:
+    """Raise unless each importance is in an importance format of its param (its dtype;
+    bfloat16 for float32 and float16 params; contiguous uint8 codes with their block scales in
+    ``penalty.importance_scales``), each anchor in the param's dtype, and scales only where an
+    importance is uint8."""
+    scales = penalty.importance_scales
+    if scales is not None and (not isinstance(scales, Sequence) or len(scales) != len(params)):
+        length = len(scales) if isinstance(scales, Sequence) else type(scales).__name__
+        raise ValueError(f"{where}.importance_scales must be None or a list with one entry per "
+                         f"param ({len(params)}), got {length}")
+    for i, (p, imp, anchor) in enumerate(zip(params, penalty.importances, penalty.anchors)):
+        scale = None if scales is None else scales[i]
+        if anchor is not None and anchor.dtype != p.dtype:
+            raise TypeError(f"{where}.anchors[{i}] has dtype {anchor.dtype}, expected the "
+                            f"param's {p.dtype}")
+        allowed = [p.dtype] + ([torch.bfloat16] if p.dtype in (torch.float32, torch.float16)
+                               else []) + ([torch.uint8] if p.dtype != torch.float64 else [])
+        if imp is not None and imp.dtype not in allowed:
+            raise TypeError(f"{where}.importances[{i}] has dtype {imp.dtype}, expected one of "
+                            f"{allowed} (an importance format of the param's {p.dtype})")
+        if imp is not None and imp.dtype == torch.uint8:
+            if not imp.is_contiguous():
+                raise ValueError(f"{where}.importances[{i}] (uint8 codes) must be contiguous")
+            blocks = state_formats.num_blocks(imp.numel())
+            if (not isinstance(scale, Tensor) or scale.dtype != torch.float32
+                    or scale.shape != (blocks,) or not scale.is_contiguous()):
+                raise TypeError(f"{where}.importance_scales[{i}] must be the contiguous "
+                                 f"float32 block scales of shape ({blocks},) of the uint8 "
+                                 f"importances[{i}], got {_describe(scale)}")
+            if scale.device != p.device:
+                raise RuntimeError(f"{where}.importance_scales[{i}] is on {scale.device}, "
+                                 f"expected the param's device {p.device}")
+        elif scale is not None:
+            raise ValueError(f"{where}.importance_scales[{i}] must be None: importances[{i}] "
+                             f"is not uint8")
 
 
 def check_penalty_scale(scale, where: str = "") -> None:

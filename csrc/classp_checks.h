@@ -109,16 +109,66 @@ inline void check_step_inputs(at::TensorList params, at::TensorList grads, at::T
   }
 }
 
+// Whether `importance_dtype` is an importance format of a `param_dtype` param
+// (classp_fused/state_formats.py): the param's dtype, bfloat16 for float32 and float16 params,
+// uint8 (8-bit codes) for params that are not float64.
+inline bool is_importance_format(c10::ScalarType param_dtype, c10::ScalarType importance_dtype) {
+  return importance_dtype == param_dtype ||
+         (importance_dtype == c10::kBFloat16 &&
+          (param_dtype == c10::kFloat || param_dtype == c10::kHalf)) ||
+         (importance_dtype == c10::kByte && param_dtype != c10::kDouble);
+}
+
+// TORCH_CHECKs the block scales of the uint8 importances: `importance_scales` holds, in order,
+// one contiguous float32 tensor of one scale per kScaleBlock elements for each, on its device.
+inline void check_importance_scales(const char* op, at::TensorList params,
+                                    const std::vector<const at::Tensor*>& importances,
+                                    at::TensorList importance_scales) {
+  size_t num_codes = 0;
+  for (size_t i = 0; i < importances.size(); ++i) {
+    const at::Tensor* weight = importances[i];
+    if (weight == nullptr || weight->scalar_type() != c10::kByte) {
+      continue;
+    }
+    TORCH_CHECK(weight->is_contiguous(), op, ": importances[", i,
+                "] (uint8 8-bit codes) must be contiguous");
+    TORCH_CHECK(num_codes < importance_scales.size(), op, ": importance_scales has ",
+                importance_scales.size(), " tensors, but importances[", i,
+                "] is uint8 importance number ", num_codes + 1,
+                " (one scales tensor per uint8 (8-bit) importance, in order)");
+    const at::Tensor& scales = importance_scales[num_codes];
+    const int64_t blocks = num_blocks(params[i].numel());
+    TORCH_CHECK(scales.defined() && scales.scalar_type() == c10::kFloat && scales.dim() == 1 &&
+                    scales.numel() == blocks && scales.is_contiguous(),
+                op, ": importance_scales[", num_codes, "] (of importances[", i,
+                "]) must be a contiguous float32 tensor of shape (", blocks,
+                ",) (one scale per ", kScaleBlock, " elements), got ",
+                scales.defined() ? scales.toString() + " of shape " + c10::str(scales.sizes())
+                                 : std::string("an undefined tensor"));
+    TORCH_CHECK(scales.device() == params[i].device(), op, ": importance_scales[", num_codes,
+                "] is on ", scales.device(), ", expected the param's device ",
+                params[i].device());
+    ++num_codes;
+  }
+  TORCH_CHECK(num_codes == importance_scales.size(), op, ": importance_scales has ",
+              importance_scales.size(), " tensors, expected one per uint8 (8-bit) importance (",
+              num_codes, ")");
+}
+
 // TORCH_CHECKs the penalty arguments against the (checked) params and returns the form:
 // "none" with empty lists, or "explicit"/"proximal" with a finite scale >= 0 and per param an
-// importance and an anchor of its dtype, shape and device, or neither.
+// importance (in an importance format of the param, with its block scales in
+// `importance_scales` where uint8) and an anchor of its dtype, both of its shape and device, or
+// neither.
 inline PenaltyForm check_penalty_inputs(at::TensorList params,
                                         const c10::List<std::optional<at::Tensor>>& importances,
+                                        at::TensorList importance_scales,
                                         const c10::List<std::optional<at::Tensor>>& anchors,
                                         c10::string_view form_name, double scale) {
   if (form_name == "none") {
-    TORCH_CHECK(importances.empty() && anchors.empty(),
-                "classp_step_: penalty_form 'none' takes empty importances and anchors");
+    TORCH_CHECK(importances.empty() && anchors.empty() && importance_scales.empty(),
+                "classp_step_: penalty_form 'none' takes empty importances, importance_scales "
+                "and anchors");
     return PenaltyForm::kNone;
   }
   TORCH_CHECK(form_name == "explicit" || form_name == "proximal",
@@ -142,15 +192,25 @@ inline PenaltyForm check_penalty_inputs(at::TensorList params,
       const char* name = t == &*weight ? "importances" : "anchors";
       TORCH_CHECK(t->defined() && t->layout() == c10::kStrided, "classp_step_: ", name, "[", i,
                   "] must be a dense (strided) tensor");
-      TORCH_CHECK(t->scalar_type() == param.scalar_type(), "classp_step_: ", name, "[", i,
-                  "] has dtype ", t->scalar_type(), ", expected the param's ",
-                  param.scalar_type());
+      TORCH_CHECK(t == &*weight ? is_importance_format(param.scalar_type(), t->scalar_type())
+                                : t->scalar_type() == param.scalar_type(),
+                  "classp_step_: ", name, "[", i, "] has dtype ", t->scalar_type(),
+                  t == &*weight ? ", expected an importance format of the param's "
+                                : ", expected the param's ",
+                  param.scalar_type(),
+                  t == &*weight ? " (its dtype, bfloat16, or uint8 8-bit codes)" : "");
       TORCH_CHECK(t->sizes() == param.sizes(), "classp_step_: ", name, "[", i, "] has shape ",
                   t->sizes(), ", expected the param's ", param.sizes());
       TORCH_CHECK(t->device() == param.device(), "classp_step_: ", name, "[", i, "] is on ",
                   t->device(), ", expected the param's device ", param.device());
     }
   }
+  std::vector<std::optional<at::Tensor>> held(importances.begin(), importances.end());
+  std::vector<const at::Tensor*> weights;
+  for (const auto& weight : held) {
+    weights.push_back(weight.has_value() ? &*weight : nullptr);
+  }
+  check_importance_scales("classp_step_", params, weights, importance_scales);
   return form_name == "explicit" ? PenaltyForm::kExplicit : PenaltyForm::kProximal;
 }
 

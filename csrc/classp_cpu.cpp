@@ -740,6 +740,7 @@ at::Tensor classp_step_cpu(at::TensorList params, at::TensorList grads, at::Tens
                            const c10::List<std::optional<at::Tensor>>& importances,
                            const c10::List<std::optional<at::Tensor>>& anchors,
                            c10::string_view penalty_form, double penalty_scale,
+                           at::TensorList importance_scales,
                            double relative_threshold, at::TensorList grad_sq_means,
                            at::TensorList acc_scales,
                            const std::optional<at::Tensor>& rounding_keys,
@@ -747,8 +748,14 @@ at::Tensor classp_step_cpu(at::TensorList params, at::TensorList grads, at::Tens
   const c10::Device cpu(c10::kCPU);
   check_step_inputs(params, grads, accs, lr, threshold, eps, power, grad_scale, found_inf, cpu,
                     /*compressed=*/true);
-  const PenaltyForm form = check_penalty_inputs(params, importances, anchors, penalty_form,
-                                                penalty_scale);
+  const PenaltyForm form = check_penalty_inputs(params, importances, importance_scales, anchors,
+                                                penalty_form, penalty_scale);
+  for (size_t i = 0; i < importances.size(); ++i) {
+    const std::optional<at::Tensor> weight = importances.get(i);
+    TORCH_CHECK(!weight.has_value() || weight->scalar_type() == params[i].scalar_type(),
+                "classp_step_: this kernel reads importances in the param's dtype; importances[",
+                i, "] is ", weight->scalar_type());
+  }
   check_grad_sq_means(params, relative_threshold, grad_sq_means);
   check_compressed_inputs(params, accs, acc_scales, rounding_keys, index_offsets, cpu);
   const bool sum_squares = !grad_sq_means.empty();
@@ -899,7 +906,8 @@ TORCH_LIBRARY(classp_fused, m) {
       "classp_step_(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] accs, Tensor lr, "
       "float threshold, float eps, float power, bool apply_scaling, Tensor? grad_scale, "
       "Tensor? found_inf, Tensor?[] importances, Tensor?[] anchors, str penalty_form, "
-      "float penalty_scale, float relative_threshold, Tensor(c!)[] grad_sq_means, "
+      "float penalty_scale, Tensor[] importance_scales, float relative_threshold, "
+      "Tensor(c!)[] grad_sq_means, "
       "Tensor(d!)[] acc_scales, Tensor? rounding_keys, int[] index_offsets) -> Tensor");
   m.def("_chunk_plan(int[] numels, int num_parts, int[] alignments=[]) -> (Tensor, Tensor, "
         "Tensor)",

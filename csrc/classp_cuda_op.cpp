@@ -195,6 +195,7 @@ at::Tensor classp_step_cuda(at::TensorList params, at::TensorList grads, at::Ten
                             const c10::List<std::optional<at::Tensor>>& importances,
                             const c10::List<std::optional<at::Tensor>>& anchors,
                             c10::string_view penalty_form, double penalty_scale,
+                            at::TensorList importance_scales,
                             double relative_threshold, at::TensorList grad_sq_means,
                             at::TensorList acc_scales,
                             const std::optional<at::Tensor>& rounding_keys,
@@ -203,8 +204,14 @@ at::Tensor classp_step_cuda(at::TensorList params, at::TensorList grads, at::Ten
   TORCH_CHECK(device.is_cuda(), "classp_step_: the CUDA kernel got tensors on ", device);
   check_step_inputs(params, grads, accs, lr, threshold, eps, power, grad_scale, found_inf,
                     device, /*compressed=*/true);
-  const PenaltyForm form = check_penalty_inputs(params, importances, anchors, penalty_form,
-                                                penalty_scale);
+  const PenaltyForm form = check_penalty_inputs(params, importances, importance_scales, anchors,
+                                                penalty_form, penalty_scale);
+  for (size_t i = 0; i < importances.size(); ++i) {
+    const std::optional<at::Tensor> weight = importances.get(i);
+    TORCH_CHECK(!weight.has_value() || weight->scalar_type() == params[i].scalar_type(),
+                "classp_step_: this kernel reads importances in the param's dtype; importances[",
+                i, "] is ", weight->scalar_type());
+  }
   check_grad_sq_means(params, relative_threshold, grad_sq_means);
   check_compressed_inputs(params, accs, acc_scales, rounding_keys, index_offsets, device);
   const c10::cuda::CUDAGuard device_guard(device);

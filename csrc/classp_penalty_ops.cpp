@@ -284,10 +284,13 @@ void check_no_internal_overlap(const char* op, const char* name, size_t i, const
 }
 
 void add_penalty_grad_cpu(at::TensorList params, at::TensorList importances,
-                          at::TensorList anchors, at::TensorList grads, double factor,
+                          at::TensorList importance_scales, at::TensorList anchors,
+                          at::TensorList grads, double factor,
                           const std::optional<at::Tensor>& grad_scale) {
   constexpr const char* op = "add_penalty_grad_";
   check_lengths(op, params, importances, anchors, grads.size(), "grads");
+  TORCH_CHECK(importance_scales.empty(), op, ": importances are read in the param's dtype, so "
+              "importance_scales must be empty");
   TORCH_CHECK(!grad_scale.has_value() || grad_scale->numel() == 1, op,
               ": grad_scale must hold one element, got ", grad_scale->numel());
   for (size_t i = 0; i < params.size(); ++i) {
@@ -310,11 +313,14 @@ void add_penalty_grad_cpu(at::TensorList params, at::TensorList importances,
   run<Pass::kGrad>(operands, pointers, factor, scale);
 }
 
-void proximal_step_cpu(at::TensorList params, at::TensorList importances, at::TensorList anchors,
+void proximal_step_cpu(at::TensorList params, at::TensorList importances,
+                       at::TensorList importance_scales, at::TensorList anchors,
                        const c10::List<std::optional<at::Tensor>>& step_tensors,
                        c10::ArrayRef<double> step_values, double factor) {
   constexpr const char* op = "proximal_step_";
   check_lengths(op, params, importances, anchors, step_values.size(), "step_values");
+  TORCH_CHECK(importance_scales.empty(), op, ": importances are read in the param's dtype, so "
+              "importance_scales must be empty");
   TORCH_CHECK(step_tensors.empty() || step_tensors.size() == params.size(), op,
               ": step_tensors must be empty or have one entry per param (", params.size(),
               "), got ", step_tensors.size());
@@ -364,10 +370,12 @@ void proximal_step_cpu(at::TensorList params, at::TensorList importances, at::Te
 
 TORCH_LIBRARY_FRAGMENT(classp_fused, m) {
   m.def(
-      "add_penalty_grad_(Tensor[] params, Tensor[] importances, Tensor[] anchors, "
+      "add_penalty_grad_(Tensor[] params, Tensor[] importances, Tensor[] importance_scales, "
+      "Tensor[] anchors, "
       "Tensor(a!)[] grads, float factor, Tensor? grad_scale) -> ()");
   m.def(
-      "proximal_step_(Tensor(a!)[] params, Tensor[] importances, Tensor[] anchors, "
+      "proximal_step_(Tensor(a!)[] params, Tensor[] importances, Tensor[] importance_scales, "
+      "Tensor[] anchors, "
       "Tensor?[] step_tensors, float[] step_values, float factor) -> ()");
 }
 

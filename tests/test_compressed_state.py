@@ -371,7 +371,7 @@ OP = torch.ops.classp_fused.classp_step_ if _extension.LOAD_ERROR is None else N
 def op_call(params, grads, accs, acc_scales, keys, offsets):
     """The op itself (no Python validation): no penalty, no gradient means."""
     return OP(params, grads, accs, torch.tensor(0.1, dtype=torch.float64), 0.0, 1e-5, 1.0, True,
-              None, None, [], [], "none", 0.0, 0.0, [], acc_scales, keys, offsets)
+              None, None, [], [], "none", 0.0, [], 0.0, [], acc_scales, keys, offsets)
 
 
 def bad_arguments():
@@ -430,5 +430,5 @@ def test_opcheck_with_compressed_accumulators():
     params, accs, scales = case.state()
     torch.library.opcheck(OP.default, (params, case.grads(), accs,
                                        torch.tensor(0.1, dtype=torch.float64), 0.455, 1e-5, 1.0,
-                                       True, None, None, [], [], "none", 0.0, 0.0, [],
+                                       True, None, None, [], [], "none", 0.0, [], 0.0, [],
                                        [scales[0]], torch.tensor([1, 2, 3]), [0, 0, 9]))

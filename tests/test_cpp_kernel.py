@@ -20,8 +20,9 @@ pytestmark = pytest.mark.skipif(not _extension.has_kernel("CPU"),
 
 OP_PACKET = (torch.ops.classp_fused.classp_step_.default if _extension.LOAD_ERROR is None
              else None)
-# importances, anchors, penalty_form, penalty_scale, relative_threshold, grad_sq_means
-NO_PENALTY = ([], [], "none", 0.0, 0.0, [], [], None, [])
+# importances, anchors, penalty_form, penalty_scale, importance_scales, relative_threshold,
+# grad_sq_means, acc_scales, rounding_keys, index_offsets
+NO_PENALTY = ([], [], "none", 0.0, [], 0.0, [], [], None, [])
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 CHUNK = 1 << 16
 RECORD_COLUMNS = 9
@@ -187,7 +188,7 @@ READ_ONLY_STEP = textwrap.dedent("""
             tensors.append(tensor)
         counts = torch.ops.classp_fused.classp_step_(
             [tensors[0]], [grad], [tensors[1]], torch.tensor(0.1, dtype=torch.float64), 0.25,
-            1e-5, 1.0, True, None, None, [], [], "none", 0.0, 0.0, [], [], None, [])
+            1e-5, 1.0, True, None, None, [], [], "none", 0.0, [], 0.0, [], [], None, [])
         expected = [len(picks), int((~grad.isfinite()).sum())]
         assert counts.tolist() == [expected], (name, counts.tolist(), expected)
     print("stepped")

@@ -148,19 +148,19 @@ def test_bad_compressed_arguments_are_refused_by_name():
     shapes = [(300,), (600,)]
     params, accs, scales = (copies(ts, "cuda") for ts in make_state(shapes, ["8bit", "bf16"]))
     args = [params, copies(make_grads(shapes), "cuda"), accs, torch.tensor(0.05), 0.01, 1e-5, 2.0,
-            True, None, None, [], [], "none", 0.0, 0.0, [], [scales[0]],
+            True, None, None, [], [], "none", 0.0, [], 0.0, [], [scales[0]],
             step_keys(2, 0).cuda(), [0, 0]]
     op = torch.ops.classp_fused.classp_step_
     with pytest.raises(RuntimeError, match="acc_scales"):
-        op(*args[:16], [], *args[17:])
+        op(*args[:17], [], *args[18:])
     with pytest.raises(RuntimeError, match="rounding_keys"):
-        op(*args[:17], None, args[18])
+        op(*args[:18], None, args[19])
     with pytest.raises(RuntimeError, match="rounding_keys is on"):
-        op(*args[:17], args[17].cpu(), args[18])
+        op(*args[:18], args[18].cpu(), args[19])
     with pytest.raises(RuntimeError, match="index_offsets"):
-        op(*args[:18], [0])
+        op(*args[:19], [0])
     with pytest.raises(RuntimeError, match=r"scales of accs\[0\]"):
-        op(*args[:16], [torch.ones(1, device="cuda")], *args[17:])
+        op(*args[:17], [torch.ones(1, device="cuda")], *args[18:])
 
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)

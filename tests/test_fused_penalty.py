@@ -558,7 +558,7 @@ def test_opcheck_of_the_cpp_op_with_a_penalty(form):
     lr = torch.tensor(0.05, dtype=torch.float64)
     torch.library.opcheck(torch.ops.classp_fused.classp_step_.default,
                           (params, grads, accs, lr, 0.01, 1e-5, 2.0, True, None, None,
-                           importances, anchors, form, SCALE, 0.0, [], [], None, []))
+                           importances, anchors, form, SCALE, [], 0.0, [], [], None, []))
 
 
 @pytest.mark.parametrize("backend", [b for b in ("cpp", "foreach") if b in CPU_BACKENDS])

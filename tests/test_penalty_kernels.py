@@ -202,7 +202,8 @@ def _op_arguments(n=3):
     (lambda a: a.update(grad_scale=torch.ones(2)), "grad_scale must hold one element")])
 def test_add_penalty_grad_op_refuses_bad_input_and_changes_nothing(change, match):
     params, importances, anchors = _op_arguments()
-    args = dict(params=params, importances=importances, anchors=anchors,
+    args = dict(params=params, importances=importances, importance_scales=[],
+                anchors=anchors,
                 grads=[torch.randn(4) for _ in params], factor=2.0, grad_scale=None)
     change(args)
     before = [g.clone() for g in args["grads"]]
@@ -222,7 +223,8 @@ def test_add_penalty_grad_op_refuses_bad_input_and_changes_nothing(change, match
      r"params\[2\] must not have internal overlap")])
 def test_proximal_step_op_refuses_bad_input_and_changes_nothing(change, match):
     params, importances, anchors = _op_arguments()
-    args = dict(params=params, importances=importances, anchors=anchors,
+    args = dict(params=params, importances=importances, importance_scales=[],
+                anchors=anchors,
                 step_tensors=[None] * 3, step_values=[0.1] * 3, factor=2.0)
     change(args)
     before = [p.clone() for p in args["params"]]
@@ -235,7 +237,8 @@ def test_opcheck():
     params, importances, anchors = _op_arguments()
     grads = [torch.randn(4) for _ in params]
     torch.library.opcheck(torch.ops.classp_fused.add_penalty_grad_.default,
-                          (params, importances, anchors, grads, 2.0, torch.tensor(0.5)))
+                          (params, importances, [], anchors, grads, 2.0, torch.tensor(0.5)))
     torch.library.opcheck(torch.ops.classp_fused.proximal_step_.default,
-                          (params, importances, anchors, [None, torch.rand(4), torch.tensor(0.2)],
+                          (params, importances, [], anchors,
+                           [None, torch.rand(4), torch.tensor(0.2)],
                            [0.1, 0.0, 0.0], 2.0))

@@ -434,7 +434,7 @@ def test_op_schema_and_fake_impl():
     means = [torch.full((), 0.3) for _ in means]
     torch.library.opcheck(torch.ops.classp_fused.classp_step_.default,
                           (params, grads, accs, torch.tensor(0.05), 0.0, 1e-5, 1.0, True, None,
-                           None, [], [], "none", 0.0, 1.0, means, [], None, []))
+                           None, [], [], "none", 0.0, [], 1.0, means, [], None, []))
 
 
 @pytest.mark.skipif("triton" not in CPU_BACKENDS, reason="triton is not installed")
@@ -446,7 +446,7 @@ def test_triton_traced_form_refreshes_the_means():
     op = triton_backend.classp_step_triton
     for step in range(2):
         grads = make_grads(torch.float32, step)
-        args = (torch.tensor(0.05), 0.05, 1e-5, 1.0, True, None, None, [], [], "none", 0.0, 1.0)
+        args = (torch.tensor(0.05), 0.05, 1e-5, 1.0, True, None, None, [], [], "none", 0.0, [], 1.0)
         counts = op(eager[0], grads, eager[1], *args, eager[2], [], None, [])
         with op.set_kernel_enabled("cpu", False):
             assert torch.equal(op(traced[0], grads, traced[1], *args, traced[2], [], None, []),

@@ -290,7 +290,7 @@ def _op_arguments(shapes, formats):
     params, accs, scales = (copies(ts, DEVICE) for ts in make_state(shapes, formats))
     return (params, copies(make_grads(shapes), DEVICE), accs,
             torch.tensor(0.05, device=DEVICE), 0.01, 1e-5, 2.0, True, None, None, [], [],
-            "none", 0.0, 0.0, [], [s for s in scales if s is not None],
+            "none", 0.0, [], 0.0, [], [s for s in scales if s is not None],
             step_keys(len(shapes), 0).to(DEVICE), [0] * len(shapes))
 
 

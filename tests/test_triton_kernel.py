@@ -26,8 +26,9 @@ CHUNK = triton_backend.CHUNK
 TOLERANCE = {torch.float32: dict(rtol=1e-5, atol=1e-6), torch.float16: dict(rtol=1e-3, atol=1e-3),
              torch.bfloat16: dict(rtol=8e-3, atol=8e-3)}
 HYPER = dict(lr=0.05, threshold=0.01, eps=1e-5, power=1.0, apply_scaling=True)
-# importances, anchors, penalty_form, penalty_scale, relative_threshold, grad_sq_means
-NO_PENALTY = ([], [], "none", 0.0, 0.0, [], [], None, [])
+# importances, anchors, penalty_form, penalty_scale, importance_scales, relative_threshold,
+# grad_sq_means, acc_scales, rounding_keys, index_offsets
+NO_PENALTY = ([], [], "none", 0.0, [], 0.0, [], [], None, [])
 
 
 def _case(shapes, dtype=torch.float32, seed=0, grad_scale=1.0):

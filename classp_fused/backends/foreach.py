@@ -330,11 +330,12 @@ def _piece(t, start: int, stop: int):
 
 
 def _step_compressed(param, grad, acc, spec, scale, key, offset: int, importance=None,
-                     anchor=None, mean=None, no_inf=None):
-    """Step one non-empty tensor whose accumulator is compressed (its 8-bit block ``scale``,
-    rounding ``key`` and element index ``offset``, ``importance`` and ``anchor`` when the penalty
-    covers it, its gradient ``mean`` when given) by the reference's update on runs of whole
-    blocks of at most a chunk; returns its ``[updated, nonfinite]`` counts."""
+                     anchor=None, importance_scale=None, mean=None, no_inf=None):
+    """Step one non-empty tensor whose accumulator or importance is compressed (its 8-bit block
+    ``scale``, rounding ``key`` and element index ``offset``; ``importance``, ``anchor`` and the
+    8-bit importance's ``importance_scale`` when the penalty covers it; its gradient ``mean``
+    when given) by the reference's update on runs of whole blocks of at most a chunk; returns
+    its ``[updated, nonfinite]`` counts."""
     n, size = param.numel(), chunk_elements(param.device)
     piece = n if n <= size else max(BLOCK, int(size) // BLOCK * BLOCK)
     hyper = dict(lr=spec.lr, threshold=spec.threshold, eps=spec.eps, power=spec.power,
@@ -342,21 +343,24 @@ def _step_compressed(param, grad, acc, spec, scale, key, offset: int, importance
                  found_inf=spec.found_inf, relative_threshold=spec.relative_threshold)
     if importance is not None:
         hyper.update(penalty_form=spec.penalty.form, penalty_scale=spec.penalty.scale)
-    flat_acc, counts, total = acc.view(-1), [], None
+    counts, total = [], None
     for start in range(0, n, piece):
         stop = min(start + piece, n)
         p, views = _piece(param, start, stop)
+        a, acc_views = _piece(acc, start, stop)  # compressed accumulators are contiguous
         penalty = {} if importance is None else dict(
-            importance=_piece(importance, start, stop)[0], anchor=_piece(anchor, start, stop)[0])
+            importance=_piece(importance, start, stop)[0], anchor=_piece(anchor, start, stop)[0],
+            importance_scale=_blocks(importance_scale, start, stop))
         # one piece updates the mean as the reference does; pieces leave theirs in a copy
         piece_mean = mean if mean is None or piece == n else mean.clone()
         counts.append(classp_update_(
-            p, _piece(grad, start, stop)[0], flat_acc[start:stop], **hyper, **penalty,
+            p, _piece(grad, start, stop)[0], a, **hyper, **penalty,
             grad_sq_mean=piece_mean, rounding_key=key, index_offset=offset + start,
-            acc_scale=None if scale is None else scale[start // BLOCK:-(-stop // BLOCK)]))
-        if views is not None:
-            torch._foreach_copy_(views, [part.view(v.shape) for part, v in
-                                         zip(p.split([v.numel() for v in views]), views)])
+            acc_scale=_blocks(scale, start, stop)))
+        for flat, parts in ((p, views), (a, acc_views)):
+            if parts is not None:
+                torch._foreach_copy_(parts, [part.view(v.shape) for part, v in
+                                             zip(flat.split([v.numel() for v in parts]), parts)])
         if piece_mean is not mean:  # the piece's mean times its elements: its sum
             part = piece_mean * (stop - start)
             total = part if total is None else total + part
@@ -366,34 +370,42 @@ def _step_compressed(param, grad, acc, spec, scale, key, offset: int, importance
     return torch.stack(counts).sum(0)
 
 
+def _blocks(scales, start: int, stop: int):
+    """The block scales of elements ``start:stop`` (whole blocks), or None without scales."""
+    return None if scales is None else scales[start // BLOCK:-(-stop // BLOCK)]
+
+
 def _take(tensors, indices) -> list:
     return [tensors[i] for i in indices]
 
 
 def step(params, grads, accs, spec):
     """The step over tensors on one device (validated by the caller), grouped by dtype and by
-    whether ``spec.penalty`` covers them."""
+    the dtype of the importance of ``spec.penalty`` that covers them (None where none does);
+    tensors with a compressed accumulator or an 8-bit importance step one by one."""
     device = params[0].device if params else torch.device("cpu")
     penalty, means, compressed = spec.penalty, spec.grad_sq_means, spec.compressed
     no_inf = None if spec.found_inf is None else (spec.found_inf.to(device) == 0).reshape(())
-    groups: dict = {}  # (dtype, penalized) -> indices of non-empty tensors, in traceable Python
-    rounded = []  # indices of non-empty tensors with compressed accumulators
+    groups: dict = {}  # (dtype, importance dtype) -> indices of non-empty tensors
+    rounded = []  # indices of non-empty tensors with compressed accumulators or importances
     for i, p in enumerate(params):
         if p.numel():
-            if compressed is not None and accs[i].dtype in COMPRESSED_ACC_DTYPES:
+            importance = None if penalty is None else penalty.importances[i]
+            if ((compressed is not None and accs[i].dtype in COMPRESSED_ACC_DTYPES)
+                    or (importance is not None and importance.dtype == torch.uint8)):
                 rounded.append(i)
                 continue
-            penalized = penalty is not None and penalty.importances[i] is not None
-            groups.setdefault((p.dtype, penalized), []).append(i)
+            groups.setdefault((p.dtype, None if importance is None else importance.dtype),
+                              []).append(i)
     if len(groups) == 1 and len(params) == sum(map(len, groups.values())):  # one group, no empty
-        if penalty is None or not next(iter(groups))[1]:
+        if penalty is None or next(iter(groups))[1] is None:
             return _step_group(params, grads, accs, spec, no_inf, means=means)
         return _step_group(params, grads, accs, spec, no_inf, list(penalty.importances),
                            list(penalty.anchors), means)
     results = []
-    for (_, penalized), indices in groups.items():
+    for (_, importance_dtype), indices in groups.items():
         terms = (_take(penalty.importances, indices), _take(penalty.anchors, indices)) \
-            if penalized else (None, None)
+            if importance_dtype is not None else (None, None)
         results.append((indices, _step_group(_take(params, indices), _take(grads, indices),
                                              _take(accs, indices), spec, no_inf, *terms,
                                              None if means is None else _take(means, indices))))
@@ -402,9 +414,15 @@ def step(params, grads, accs, spec):
         for i, row in zip(indices, counts.unbind()):
             rows[i] = row
     keys = None if compressed is None else compressed.keys.unbind()
+    importance_scales = [None] * len(params) if penalty is None or \
+        penalty.importance_scales is None else penalty.importance_scales
     for i in rounded:
-        terms = () if penalty is None else (penalty.importances[i], penalty.anchors[i])
-        rows[i] = _step_compressed(params[i], grads[i], accs[i], spec, compressed.scales[i],
-                                   keys[i], compressed.offsets[i], *terms,
+        terms = () if penalty is None else (penalty.importances[i], penalty.anchors[i],
+                                            importance_scales[i])
+        acc_compressed = compressed is not None and accs[i].dtype in COMPRESSED_ACC_DTYPES
+        rows[i] = _step_compressed(params[i], grads[i], accs[i], spec,
+                                   compressed.scales[i] if acc_compressed else None,
+                                   keys[i] if acc_compressed else None,
+                                   compressed.offsets[i] if acc_compressed else 0, *terms,
                                    mean=None if means is None else means[i], no_inf=no_inf)
     return torch.stack(rows) if rows else torch.zeros(0, 2, dtype=torch.int64, device=device)

@@ -25,14 +25,20 @@ class Penalty:
     update changed to ``theta + w*(m - theta)``, ``w = c/(1 + c)``, ``c = 2*scale*eta*W`` (``c``
     capped to half the largest fp32 value, so ``w`` stays in [0, 1]), eta the element's step
     size ``lr/(eps + A)^(1/p)`` with the updated A (``lr`` without scaling). ``importances`` W and
-    ``anchors`` m hold per stepped tensor one tensor of its shape, dtype and device, or None
-    (that tensor steps without the penalty).
+    ``anchors`` m hold per stepped tensor one tensor of its shape and device, or None (that
+    tensor steps without the penalty). An anchor has the param's dtype; an importance is stored
+    in an importance format (``state_formats.importance_dtype``): the param's dtype, bfloat16
+    (float32 and float16 params), or uint8 codes of the 8-bit format (contiguous), whose
+    float32 block scales ``importance_scales`` holds at the same position (None elsewhere; the
+    whole list may be None when no importance is uint8). Every backend reads W as its value in
+    float32 (float64 for float64 params), decoded per element.
     """
 
     form: str
     scale: float
     importances: Sequence[Optional[Tensor]]
     anchors: Sequence[Optional[Tensor]]
+    importance_scales: Optional[Sequence[Optional[Tensor]]] = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,15 +94,18 @@ class StepSpec:
 
     def op_arguments(self, lr: Tensor) -> tuple:
         """The arguments of the kernels' op after ``(params, grads, accs)``, ``lr`` given as a
-        0-dim tensor: no penalty as empty lists and the form ``"none"``, no gradient means as an
-        empty list; of ``compressed``, the scales of the 8-bit accumulators only (in order),
+        0-dim tensor: no penalty as empty lists and the form ``"none"``; of the penalty's
+        ``importance_scales``, those of the uint8 importances only (in order); no gradient means
+        as an empty list; of ``compressed``, the scales of the 8-bit accumulators only (in order),
         the keys (None without) and the offsets (empty without)."""
         penalty, compressed = self.penalty, self.compressed
         if penalty is None:
             importances, anchors, form, scale = [], [], "none", 0.0
+            importance_scales = []
         else:
             importances, anchors = list(penalty.importances), list(penalty.anchors)
             form, scale = penalty.form, penalty.scale
+            importance_scales = [t for t in penalty.importance_scales or () if t is not None]
         means = [] if self.grad_sq_means is None else list(self.grad_sq_means)
         if compressed is None:
             scales, keys, offsets = [], None, []
@@ -104,7 +113,8 @@ class StepSpec:
             scales = [t for t in compressed.scales if t is not None]
             keys, offsets = compressed.keys, list(compressed.offsets)
         return (lr, self.threshold, self.eps, self.power, self.apply_scaling, self.grad_scale,
-                self.found_inf, importances, anchors, form, scale, self.relative_threshold,
+                self.found_inf, importances, anchors, form, scale, importance_scales,
+                self.relative_threshold,
                 means, scales, keys, offsets)
 
 

@@ -645,6 +645,12 @@ if triton is not None:
                 0.0, 1e-5, power, apply_scaling, penalty, 1.0, scales=scales, keys=keys)
         return _classp_kernel_autotuned.best_config
 
+    def _refuse_compressed_importances(params, importances) -> None:
+        for i, (p, w) in enumerate(zip(params, importances)):
+            if w is not None and w.dtype != p.dtype:
+                raise TypeError(f"classp_step_triton: this kernel reads importances in the "
+                                f"param's dtype; importances[{i}] is {w.dtype}")
+
     def _penalty_of(rows, importances, penalty_form) -> tuple[str, bool]:
         """The form a launch over ``rows`` (one group of ``_dtype_groups``) takes, "none"
         unless the penalty covers them, and whether it does."""
@@ -658,7 +664,8 @@ if triton is not None:
                            apply_scaling: bool, grad_scale: Optional[Tensor],
                            found_inf: Optional[Tensor], importances: list[Optional[Tensor]],
                            anchors: list[Optional[Tensor]], penalty_form: str,
-                           penalty_scale: float, relative_threshold: float,
+                           penalty_scale: float, importance_scales: list[Tensor],
+                           relative_threshold: float,
                            grad_sq_means: list[Tensor], acc_scales: list[Tensor],
                            rounding_keys: Optional[Tensor], index_offsets: list[int]) -> Tensor:
         """One CLASSP step in place; returns ``(n, 2)`` int64 counts [updated, non-finite].
@@ -675,6 +682,7 @@ if triton is not None:
         This body is what torch.compile traces: it steps concatenated copies of each group and
         writes them back. Eager calls take ``_classp_step_in_place`` instead.
         """
+        _refuse_compressed_importances(params, importances)
         counts = _new_counts(params, lr)
         scales_of = _code_scales(accs, acc_scales, rounding_keys, index_offsets)
         lr, grad_scale, found_inf, keys = _on(counts.device, lr, grad_scale, found_inf,
@@ -713,18 +721,19 @@ if triton is not None:
     @classp_step_triton.register_fake
     def _classp_step_fake(params, grads, accs, lr, threshold, eps, power, apply_scaling,
                           grad_scale, found_inf, importances, anchors, penalty_form,
-                          penalty_scale, relative_threshold, grad_sq_means, acc_scales,
-                          rounding_keys, index_offsets):
+                          penalty_scale, importance_scales, relative_threshold, grad_sq_means,
+                          acc_scales, rounding_keys, index_offsets):
         return _new_counts(params, lr)
 
     def _classp_step_in_place(params, grads, accs, lr, threshold, eps, power, apply_scaling,
                               grad_scale, found_inf, importances, anchors, penalty_form,
-                              penalty_scale, relative_threshold, grad_sq_means, acc_scales,
-                              rounding_keys, index_offsets):
+                              penalty_scale, importance_scales, relative_threshold, grad_sq_means,
+                              acc_scales, rounding_keys, index_offsets):
         """The eager step: one launch per group on the tensors themselves, by address.
 
         Non-contiguous or misaligned tensors are stepped through contiguous copies.
         """
+        _refuse_compressed_importances(params, importances)
         counts = _new_counts(params, lr)
         device = counts.device
         scales_of = _code_scales(accs, acc_scales, rounding_keys, index_offsets)

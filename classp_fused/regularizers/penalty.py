@@ -54,7 +54,7 @@ def add_penalty_grad_(params: list[Tensor], importances: list[Tensor], anchors: 
     grads = [local(p.grad) for p in params]
     if _cpu_kernels_take(thetas):
         torch.ops.classp_fused.add_penalty_grad_(
-            thetas, importances, anchors, grads, factor,
+            thetas, importances, [], anchors, grads, factor,
             grad_scale if isinstance(grad_scale, Tensor) else None)
         return
     size = chunk_elements(thetas[0].device) if thetas else 0
@@ -79,7 +79,7 @@ def proximal_step_(params: list[Tensor], importances: list[Tensor], anchors: lis
     thetas = [local(p) for p in params]
     if _cpu_kernels_take(thetas):
         torch.ops.classp_fused.proximal_step_(
-            thetas, importances, anchors,
+            thetas, importances, [], anchors,
             [s if isinstance(s, Tensor) else None for s in step_sizes],
             [0.0 if isinstance(s, Tensor) else float(s) for s in step_sizes], factor)
         return
