@@ -21,7 +21,7 @@ from .backends import (BACKENDS, param_dtypes, resolve_backend, run_backend,
 from .backends.step_spec import CompressedState, Penalty, StepSpec, step_spec
 from .group_plan import GroupPlan
 from .reference import classp_legacy_step_, compute_dtype, penalized_grad
-from .state_formats import STATE_DTYPES, tensor_key
+from .state_formats import STATE_DTYPES, importance_values, tensor_key
 from .telemetry import StepTelemetry
 from .validation import (ADDED_HYPERPARAMETERS, FOREIGN_KEYS, HYPERPARAMETERS, PARAM_DTYPES,
                          check_amp_scalars, check_foreign_options, check_group, check_group_keys,
@@ -283,9 +283,9 @@ class CLASSP(Optimizer):
 
         Returns, per group, ``(plan, grads, terms)``: the plan where it still holds (the
         group's tensors are those it was validated with, see :class:`GroupPlan`; ``grads`` its
-        current ones) or None for both, and the attached penalty's ``(importances, anchors)``
-        for the group's stepped params (None: no penalty); and the groups whose state must be
-        settled first (``_settle_state``).
+        current ones) or None for both, and the attached penalty's ``(importances, anchors,
+        importance_scales)`` for the group's stepped params (None: no penalty); and the groups
+        whose state must be settled first (``_settle_state``).
         """
         plans, unsettled, checked = [], [], []
         source = self._penalty_source
@@ -344,15 +344,16 @@ class CLASSP(Optimizer):
 
     @staticmethod
     def _penalty_terms(source, params: list, local_params: list, index: int) -> Optional[tuple]:
-        """``source``'s checked ``(importances, anchors)`` for a group's stepped ``params``
-        (``local_params`` their local shards), or None when it holds state for none of them."""
-        importances, anchors = source.penalty_terms(params)
+        """``source``'s checked ``(importances, anchors, importance_scales)`` for a group's
+        stepped ``params`` (``local_params`` their local shards), or None when it holds state
+        for none of them."""
+        importances, anchors, scales = source.penalty_terms(params)
         if all(w is None for w in importances):
             return None
         check_penalty(local_params, Penalty(source.penalty_form, source.penalty_scale,
-                                            importances, anchors),
+                                            importances, anchors, scales),
                       where=f"the penalty of {type(source).__name__} on param group {index}")
-        return importances, anchors
+        return importances, anchors, scales
 
     def _settle_state(self, group: dict) -> None:
         """Bring the state of the group's stepped params to the form the step advances
@@ -383,8 +384,11 @@ class CLASSP(Optimizer):
         explicit = source is not None and source.penalty_form == "explicit"
         for index, (group, group_terms) in enumerate(zip(self.param_groups, terms)):
             stepped = [(i, p) for i, p in enumerate(group["params"]) if p.grad is not None]
-            pairs = zip(*group_terms) if explicit and group_terms else [(None, None)] * len(stepped)
-            for (i, p), (importance, anchor) in zip(stepped, pairs):
+            entries = (zip(*group_terms) if explicit and group_terms
+                       else [(None, None, None)] * len(stepped))
+            for (i, p), (importance, anchor, scales) in zip(stepped, entries):
+                if importance is not None and importance.dtype == torch.uint8:
+                    importance = importance_values(importance, scales, torch.float32)
                 g = penalized_grad(local_part(p), local_part(p.grad), grad_scale=grad_scale,
                                    importance=importance, anchor=anchor,
                                    scale=source.penalty_scale if explicit else 0.0)

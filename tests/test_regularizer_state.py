@@ -123,8 +123,8 @@ BAD_STATES = {
                    ValueError, r"state anchor '0.bias' must be finite, got 1 inf"),
     "list importance": (lambda s: edited(s, "importance", "0.weight",
                                          s["importance"]["0.weight"].tolist()),
-                        TypeError, r"state importance '0.weight' must be a floating-point tensor, "
-                                   r"got list"),
+                        TypeError, r"state importance '0.weight' must be a floating-point tensor "
+                                   r"\(or uint8 8-bit codes\), got list"),
     "integer anchor": (lambda s: edited(s, "anchor", "2.weight",
                                         s["anchor"]["2.weight"].long()),
                        TypeError, r"state anchor '2.weight' must be a floating-point tensor"),

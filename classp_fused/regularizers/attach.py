@@ -9,7 +9,7 @@ optimizer that unscales inside its step ``grad_scale``), a post-hook takes the p
 ``penalty_form`` at every step.
 
 ``Attachment`` is mixed into ``Regularizer``; it uses ``self.model``, ``_scale``,
-``_importance``, ``_anchor``, ``_terms``, ``_regularized_params``, ``add_penalty_grad_`` and
+``_importance``, ``_importance_scales``, ``_anchor``, ``_terms``, ``_refuse_sharded_codes``, ``_regularized_params``, ``add_penalty_grad_`` and
 ``proximal_step_``.
 """
 from __future__ import annotations
@@ -60,20 +60,27 @@ class Attachment:
         """The optimizer this regularizer is attached to, or None."""
         return None if self._attached is None else self._attached[0]
 
-    def penalty_terms(self, params: list) -> tuple[list, list]:
-        """Per param of ``params`` (model parameters), its importance and anchor (local
-        shards under FSDP2), or None for both where it has no state or no ``requires_grad``."""
+    def penalty_terms(self, params: list) -> tuple[list, list, list]:
+        """Per param of ``params`` (model parameters), its importance as stored (the param's
+        dtype, bfloat16 or uint8 8-bit codes), anchor (local shards under FSDP2) and the
+        8-bit importance's block scales (None unless uint8), or None for all three where it
+        has no state or no ``requires_grad``: a ``Penalty``'s importances, anchors and
+        importance_scales."""
         names = {id(p): name for name, p in self.model.named_parameters()}
-        importances, anchors = [], []
+        importances, anchors, scales = [], [], []
         for p in params:
             name = names.get(id(p))
             if name is None or name not in self._importance or not p.requires_grad:
                 importances.append(None)
                 anchors.append(None)
+                scales.append(None)
             else:
+                if self._importance[name].dtype == torch.uint8:
+                    self._refuse_sharded_codes(name, p)
                 importances.append(local(match_shard(self._importance, name, p)))
                 anchors.append(local(match_shard(self._anchor, name, p)))
-        return importances, anchors
+                scales.append(self._importance_scales.get(name))
+        return importances, anchors, scales
 
     def attach(self, optimizer: torch.optim.Optimizer) -> None:
         """Apply the penalty, in the form ``penalty_form`` names, at every ``optimizer.step()``
@@ -159,10 +166,11 @@ class Attachment:
         """``add_penalty_grad_`` at the scale a GradScaler left on the gradients of an
         optimizer that unscales inside its step (``optimizer.grad_scale``, None after
         ``unscale_``)."""
-        params, importances, anchors, _ = self._terms()
+        params, importances, scales, anchors, _ = self._terms()
         if params:
             penalty_ops.add_penalty_grad_(params, importances, anchors, 2 * self._scale,
-                                          getattr(optimizer, "grad_scale", None))
+                                          getattr(optimizer, "grad_scale", None),
+                                          importance_scales=scales)
 
     def _proximal_hook(self, optimizer, args: tuple, kwargs: dict) -> None:
         """Take the proximal step after the optimizer's, unless a GradScaler's ``found_inf``

@@ -15,6 +15,10 @@ Two ways to apply the penalty while training a new task:
   stable for every lambda (past the same bound it pulls each element most of the way back to
   its anchor at every step: the element stops learning; the warning then says so).
 
+``state_dtype="param"|"bf16"|"8bit"`` sets how the importance is stored (``state``): in the
+parameter's dtype, as bfloat16 (float32 parameters) or as 8-bit codes with a float32 scale per
+256 elements (``classp_fused.state_formats``); the anchor stays in the parameter's dtype.
+
 ``normalize="mean"|"max"`` divides each task's importance by its mean (max) over all
 regularized elements before it enters the state, so that lam means the same across models
 and data (a departure from the papers, whose lam multiplies the raw importance).
@@ -42,6 +46,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
+from ..state_formats import importance_values
 from . import penalty as penalty_ops
 from . import stability
 from .amp import current_grad_scale
@@ -50,7 +55,7 @@ from .batches import Forward, Labels, check_forward_and_labels, default_forward
 from .checks import check_choice, check_number
 from .importance import ImportancePasses, PassTrace
 from .shards import DTensor, local, max_over_mesh, sum_over_mesh, wrap_like
-from .state import TaskState
+from .state import TaskState, check_state_dtype
 
 
 NORMALIZATIONS = ("none", "mean", "max")
@@ -77,6 +82,9 @@ class Regularizer(ImportancePasses, TaskState, Attachment, abc.ABC):
     importance. An all-zero importance stays zero. Saved in ``state_dict``; a state is only
     loaded into a regularizer with the same setting.
 
+    ``state_dtype``: how each importance is stored (``state``): ``"param"`` (the parameter's
+    dtype), ``"bf16"`` or ``"8bit"``; saved in ``state_dict`` in that form.
+
     Every public state change is all or nothing: arguments, data and the resulting values
     are checked first, and a refusal (an error naming what and what was expected) leaves the
     regularizer, the model's parameters and their .grad exactly as they were.
@@ -86,7 +94,7 @@ class Regularizer(ImportancePasses, TaskState, Attachment, abc.ABC):
 
     def __init__(self, model: nn.Module, lam: float, per_sample: bool, process_group=None,
                  keep_task_importances: bool = False, penalty: str = "explicit",
-                 normalize: str = "none"):
+                 normalize: str = "none", state_dtype: str = "param"):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if next(model.parameters(), None) is None:
@@ -95,6 +103,9 @@ class Regularizer(ImportancePasses, TaskState, Attachment, abc.ABC):
         self.lam = check_number("lam", lam, 0.0, math.inf)
         check_choice("normalize", normalize, NORMALIZATIONS)
         self.normalize = normalize
+        self.state_dtype = check_state_dtype(state_dtype)
+        for name, p in model.named_parameters():
+            self._refuse_sharded_codes(name, p)
         self.per_sample = bool(per_sample)
         self.process_group = process_group
         self._reset_state(bool(keep_task_importances))
@@ -145,6 +156,8 @@ class Regularizer(ImportancePasses, TaskState, Attachment, abc.ABC):
         if optimizer is not None:
             for p in params.values():
                 stability.group_of(optimizer, p)
+        for name, p in params.items():
+            self._refuse_sharded_codes(name, p)
         device = local(next(iter(params.values()))).device
         shards = [isinstance(p, DTensor) for p in params.values()]
         if any(shards) and not all(shards):
@@ -172,8 +185,7 @@ class Regularizer(ImportancePasses, TaskState, Attachment, abc.ABC):
                              "loader that yields none); the importance is left as it was")
         means = {name: s / count for name, s in sums.items()}
         self._normalize_(means, params)
-        new = {name: wrap_like(t.to(params[name].dtype), params[name])
-               for name, t in means.items()}
+        new = {name: wrap_like(t, params[name]) for name, t in means.items()}
         anchor = {name: p.detach().clone() for name, p in params.items()}
         self._enter_task(new, anchor)
         if optimizer is not None or lr is not None:
@@ -207,7 +219,9 @@ class Regularizer(ImportancePasses, TaskState, Attachment, abc.ABC):
     def penalty(self) -> Tensor:
         """The scalar penalty, differentiable w.r.t. the model parameters (0 before consolidate)."""
         total = torch.zeros((), device=next(self.model.parameters()).device)
-        return self._scale * penalty_ops.penalty_sum(*self._terms(), total)
+        params, imps, scales, anchors, residuals = self._terms()
+        return self._scale * penalty_ops.penalty_sum(params, imps, anchors, residuals, total,
+                                                     importance_scales=scales)
 
     def add_penalty_grad_(self, scaler=None, optimizer=None) -> None:
         """Add the penalty's gradient ``2*scale*Omega*(theta - m)`` to each param's .grad.
@@ -224,9 +238,10 @@ class Regularizer(ImportancePasses, TaskState, Attachment, abc.ABC):
         ``penalty``, ``proximal_step_`` and ``stability_bounds``.
         """
         grad_scale = current_grad_scale(scaler, optimizer)
-        params, imps, anchors, _ = self._terms()
+        params, imps, scales, anchors, _ = self._terms()
         if params:
-            penalty_ops.add_penalty_grad_(params, imps, anchors, 2 * self._scale, grad_scale)
+            penalty_ops.add_penalty_grad_(params, imps, anchors, 2 * self._scale, grad_scale,
+                                          importance_scales=scales)
 
     def proximal_step_(self, optimizer=None, *, lr: float | None = None) -> None:
         """Apply the penalty in proximal form: call after ``optimizer.step()``, before
@@ -246,9 +261,10 @@ class Regularizer(ImportancePasses, TaskState, Attachment, abc.ABC):
         still scaled, so unscale first (``scaler.unscale_(optimizer)``) or the mask is too wide.
         """
         lr = stability.check_step_source(optimizer, lr)
-        params, imps, anchors, _ = self._terms()
+        params, imps, scales, anchors, _ = self._terms()
         steps = [stability.step_size(optimizer, lr, p, updated_only=True) for p in params]
-        penalty_ops.proximal_step_(params, imps, anchors, steps, 2 * self._scale)
+        penalty_ops.proximal_step_(params, imps, anchors, steps, 2 * self._scale,
+                                   importance_scales=scales)
 
     def stability_bounds(self, optimizer=None, *, lr=None) -> dict[str, stability.StabilityBound]:
         """A dict by parameter name (as ``model.named_parameters()`` names it), one entry per
@@ -262,16 +278,17 @@ class Regularizer(ImportancePasses, TaskState, Attachment, abc.ABC):
         rank must call it).
         """
         lrs = stability.check_bound_source(optimizer, lr)
-        params, imps, _, _ = self._terms()
+        params, imps, imp_scales, _, _ = self._terms()
         names = {id(p): n for n, p in self.model.named_parameters()}
         values, scales = [], []
-        for p, imp in zip(params, imps):
+        for p, imp, imp_scale in zip(params, imps, imp_scales):
             if optimizer is None:
                 scale = lrs
             else:
                 index = stability.group_index(optimizer, p)
                 scale = float(optimizer.param_groups[index]["lr"]) if lrs is None else lrs[index]
             eta = stability.step_size(optimizer, scale, p, updated_only=False)
+            imp = importance_values(imp, imp_scale, torch.promote_types(p.dtype, torch.float32))
             values.append(stability.stiffness(imp, eta, 2 * self._scale))
             scales.append(scale)
         values = self._all_reduce_max(values, params)

@@ -38,6 +38,11 @@ class EWC(Regularizer):
       ``"proximal"``.
     - ``normalize``: ``"none"`` (the papers' raw Fisher), ``"mean"`` or ``"max"``: each task's
       F_t divided by its mean (max) over all regularized elements (``Regularizer``).
+    - ``state_dtype``: how F (``importance``, the sum over tasks in separate mode) is stored:
+      ``"param"`` (the parameter's dtype), ``"bf16"`` (float32 parameters) or ``"8bit"``
+      (codes plus a scale per 256 elements), rounded to nearest once per task
+      (``TaskState``); anchors and residuals keep their dtypes, ``task_importances`` the
+      parameter's.
     """
 
     _statistic = staticmethod(torch.square)
@@ -45,9 +50,9 @@ class EWC(Regularizer):
     def __init__(self, model: nn.Module, lam: float, mode: str = "separate", gamma: float = 1.0,
                  fisher: str = "empirical", per_sample: bool = False, process_group=None,
                  keep_task_importances: bool = False, penalty: str = "explicit",
-                 normalize: str = "none"):
+                 normalize: str = "none", state_dtype: str = "param"):
         super().__init__(model, lam, per_sample, process_group, keep_task_importances, penalty,
-                         normalize)
+                         normalize, state_dtype)
         check_choice("mode", mode, ("separate", "online"))
         check_choice("fisher", fisher, ("empirical", "exact"))
         self.mode = mode

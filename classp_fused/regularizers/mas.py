@@ -37,6 +37,9 @@ class MAS(Regularizer):
       ``"proximal"``.
     - ``normalize``: ``"none"`` (the paper's raw Omega), ``"mean"`` or ``"max"``: each task's
       Omega divided by its mean (max) over all regularized elements (``Regularizer``).
+    - ``state_dtype``: how Omega is stored: ``"param"`` (the parameter's dtype), ``"bf16"``
+      (float32 parameters) or ``"8bit"`` (codes plus a scale per 256 elements), rounded to
+      nearest once per task (``TaskState``); theta* stays in the parameter's dtype.
 
     Labels in the data are ignored.
     """
@@ -45,9 +48,10 @@ class MAS(Regularizer):
 
     def __init__(self, model: nn.Module, lam: float = 1.0, accumulate: str = "sum",
                  alpha: float = 0.5, per_sample: bool = False, local: bool = False,
-                 process_group=None, penalty: str = "explicit", normalize: str = "none"):
+                 process_group=None, penalty: str = "explicit", normalize: str = "none",
+                 state_dtype: str = "param"):
         super().__init__(model, lam, per_sample, process_group, penalty=penalty,
-                         normalize=normalize)
+                         normalize=normalize, state_dtype=state_dtype)
         check_choice("accumulate", accumulate, ("sum", "ema"))
         self.accumulate = accumulate
         self.alpha = check_number("alpha", alpha, 0.0, 1.0)
