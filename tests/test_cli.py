@@ -379,7 +379,8 @@ BAD_VALUES = {"lr": ["NaN", "-Infinity", "-0.1", '"fast"', "true", "1e999"],
               "eps": ["Infinity", "-1e-9"], "power": ["0", "NaN"],
               "apply_scaling": ["1", '"yes"'], "lam": ["NaN", "-1"], "gamma": ["0", "1.5"],
               "fisher": ['"exactly"'], "per_sample": ["0"], "accumulate": ['"mean"'],
-              "penalty": ['"implicit"'], "state_dtype": ['"fp16"', "8"]}
+              "penalty": ['"implicit"'], "state_dtype": ['"fp16"', "8"],
+              "importance_dtype": ['"fp32"', "null"]}
 
 
 def test_every_hyperparameter_of_every_method_is_checked_before_the_run(tmp_path, capsys):

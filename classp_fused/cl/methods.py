@@ -31,9 +31,12 @@ SGD_LR = 0.05
 CLASSP_DEFAULTS = {"lr": 0.05, "threshold": 1e-4, "eps": 1e-5, "power": 1.0,
                    "apply_scaling": True, "relative_threshold": 0.0, "state_dtype": "fp32"}
 #: Per-sample empirical Fisher (the definition); the batch form underestimates it.
-EWC_DEFAULTS = {"lam": 30.0, "fisher": "empirical", "per_sample": True, "penalty": "explicit"}
+#: ``importance_dtype`` is the regularizer's ``state_dtype`` (how it stores the importance).
+EWC_DEFAULTS = {"lam": 30.0, "fisher": "empirical", "per_sample": True, "penalty": "explicit",
+                "importance_dtype": "param"}
 #: The original code's batch form of the importance, summed over tasks.
-MAS_DEFAULTS = {"lam": 0.3, "accumulate": "sum", "per_sample": False, "penalty": "explicit"}
+MAS_DEFAULTS = {"lam": 0.3, "accumulate": "sum", "per_sample": False, "penalty": "explicit",
+                "importance_dtype": "param"}
 PENALTIES = ("explicit", "proximal")
 #: The published reference code's defaults; its per-tensor gate makes threshold 0.5 a no-op.
 CLASSP_PUBLISHED = {"lr": 0.2, "threshold": 0.5, "eps": 1e-5, "power": 1.0, "apply_scaling": True}
@@ -114,11 +117,13 @@ def _sgd(model: nn.Module, hp: dict) -> Optimizer:
 
 
 def _ewc(model: nn.Module, hp: dict, **mode) -> EWC:
-    return EWC(model, lam=hp["lam"], fisher=hp["fisher"], per_sample=hp["per_sample"], **mode)
+    return EWC(model, lam=hp["lam"], fisher=hp["fisher"], per_sample=hp["per_sample"],
+               state_dtype=hp.get("importance_dtype", "param"), **mode)
 
 
 def _mas(model: nn.Module, hp: dict) -> MAS:
-    return MAS(model, lam=hp["lam"], accumulate=hp["accumulate"], per_sample=hp["per_sample"])
+    return MAS(model, lam=hp["lam"], accumulate=hp["accumulate"], per_sample=hp["per_sample"],
+               state_dtype=hp.get("importance_dtype", "param"))
 
 
 METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (
@@ -182,7 +187,8 @@ HPARAM_CHECKS: dict[str, Check] = {
     "power": _number(0.0, above=True), "apply_scaling": _one_of(True, False),
     "lam": _number(0.0), "gamma": _number(0.0, above=True, high=1.0),
     "fisher": _one_of("empirical", "exact"), "per_sample": _one_of(True, False),
-    "accumulate": _one_of("sum", "ema"), "penalty": _one_of(*PENALTIES)}
+    "accumulate": _one_of("sum", "ema"), "penalty": _one_of(*PENALTIES),
+    "importance_dtype": _one_of("param", "bf16", "8bit")}
 
 
 def _check_value(key: str, value: Any, where: str = "") -> None:

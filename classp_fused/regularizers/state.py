@@ -403,11 +403,6 @@ class TaskState:
         if not isinstance(scales, Mapping):
             raise TypeError("state importance_scales must be a dict of float32 tensors by "
                             f"parameter name, got {type(scales).__name__}")
-        stray = [n for n in scales if not isinstance(tensors.get(n), Tensor)
-                 or tensors[n].dtype != torch.uint8]
-        if stray:
-            raise ValueError(f"state importance_scales {stray[0]!r} belongs to no uint8 "
-                             f"importance entry: block scales go with 8-bit codes only")
         stored, kept_scales, bad = {}, {}, None
         for name, t in tensors.items():
             label = f"state importance {name!r}"
@@ -442,6 +437,10 @@ class TaskState:
                 detail = bad_values(local(out), True)
             if bad is None and detail is not None:
                 bad = (label, True, detail)
+        stray = [n for n in scales if n not in tensors or tensors[n].dtype != torch.uint8]
+        if stray:
+            raise ValueError(f"state importance_scales {stray[0]!r} belongs to no uint8 "
+                             f"importance entry: block scales go with 8-bit codes only")
         return stored, kept_scales, bad
 
     def _load_residuals(self, residuals, importance: dict) -> dict[str, Tensor]:
