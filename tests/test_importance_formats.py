@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from classp_fused import CLASSP, chunks, state_formats
+from classp_fused import CLASSP, chunks
 from classp_fused.cl.methods import build_method, resolve_hparams
 from classp_fused.regularizers import EWC, MAS
 from classp_fused.regularizers import penalty as penalty_ops
@@ -245,23 +245,51 @@ def test_bf16_params_take_the_8bit_penalty_gradient_of_the_decoded_state(monkeyp
 
 def test_the_chunked_passes_decode_in_chunk_sized_pieces(monkeypatch):
     """Peak extra memory of the chunked passes with 8-bit importances: the same for a tensor
-    of 16 or 64 chunks (no temporary the tensor's size), a few chunks' float32 temporaries."""
+    of 16 or 64 chunks (no temporary the tensor's size), a few chunks' float32 temporaries;
+    a chunk size that is not a multiple of 256 is cut to whole blocks (1000 to 768), so a
+    chunk decodes no more than its own."""
     monkeypatch.setattr(penalty_ops, "CPU_KERNELS", False)
-    monkeypatch.setitem(chunks.CHUNK_ELEMENTS, "cpu", 1024)
-    peaks = []
-    for n in (16 * 1024, 64 * 1024):
+    peaks = {}
+    for chunk, n in ((1024, 16 * 1024), (1024, 64 * 1024), (1000, 16 * 1024), (768, 16 * 1024)):
+        monkeypatch.setitem(chunks.CHUNK_ELEMENTS, "cpu", chunk)
         g = torch.Generator().manual_seed(4)
         params = [nn.Parameter(torch.randn(n, generator=g))]
         params[0].grad = torch.randn(n, generator=g)
         codes, scales = encode_importance(torch.rand(n, generator=g), torch.uint8)
         anchors = [torch.randn(n, generator=g)]
-        peak = max(peak_extra_bytes(lambda: penalty_ops.add_penalty_grad_(
-                       params, [codes], anchors, 2.0, importance_scales=[scales])),
-                   peak_extra_bytes(lambda: penalty_ops.proximal_step_(
-                       params, [codes], anchors, [1e-3], 2.0, importance_scales=[scales])))
-        assert peak <= 16 * 4 * 1024
-        peaks.append(peak)
-    assert peaks[1] == peaks[0]
+        peaks[chunk, n] = max(peak_extra_bytes(lambda: penalty_ops.add_penalty_grad_(
+                                  params, [codes], anchors, 2.0, importance_scales=[scales])),
+                              peak_extra_bytes(lambda: penalty_ops.proximal_step_(
+                                  params, [codes], anchors, [1e-3], 2.0,
+                                  importance_scales=[scales])))
+    assert 0 < peaks[1024, 16 * 1024] == peaks[1024, 64 * 1024] <= 16 * 4 * 1024
+    assert peaks[1000, 16 * 1024] == peaks[768, 16 * 1024]
+
+
+@pytest.mark.skipif(not penalty_ops.CPU_KERNELS, reason="C++ extension not built")
+def test_compressed_importances_take_the_cpu_op_where_it_reads_them(monkeypatch):
+    """On the CPU a pass with a bf16 or 8-bit importance goes to the C++ op when the op reads
+    them, else to the chunked ops; float importances go to the op."""
+    chunked = []
+    real_batches = penalty_ops.batches
+    monkeypatch.setattr(penalty_ops, "batches",
+                        lambda *args: chunked.append(1) or real_batches(*args))
+    g = torch.Generator().manual_seed(5)
+    values = torch.rand(4096, generator=g)
+    for dtype, op_reads in ((torch.float32, True), (torch.bfloat16, None), (torch.uint8, None)):
+        stored, scales = encode_importance(values, dtype)
+        params = [nn.Parameter(torch.randn(4096, generator=g))]
+        chunked.clear()
+        penalty_ops.add_penalty_grad_(params, [stored], [torch.zeros(4096)], 2.0,
+                                      importance_scales=[scales])
+        penalty_ops.proximal_step_(params, [stored], [torch.zeros(4096)], [0.1], 2.0,
+                                   importance_scales=[scales])
+        if op_reads is None:
+            op_reads = [penalty_ops._op_reads_compressed(op)
+                        for op in ("add_penalty_grad_", "proximal_step_")]
+        else:
+            op_reads = [op_reads] * 2
+        assert chunked == [1 for reads in op_reads if not reads], dtype
 
 
 @pytest.mark.parametrize("backend", ["torch", "foreach"])

@@ -9,8 +9,8 @@ optimizer that unscales inside its step ``grad_scale``), a post-hook takes the p
 ``penalty_form`` at every step.
 
 ``Attachment`` is mixed into ``Regularizer``; it uses ``self.model``, ``_scale``,
-``_importance``, ``_importance_scales``, ``_anchor``, ``_terms``, ``_refuse_sharded_codes``, ``_regularized_params``, ``add_penalty_grad_`` and
-``proximal_step_``.
+``_importance``, ``_importance_scales``, ``_anchor``, ``_terms``, ``_refuse_sharded_codes``,
+``_regularized_params``, ``add_penalty_grad_`` and ``proximal_step_``.
 """
 from __future__ import annotations
 
