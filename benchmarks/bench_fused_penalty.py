@@ -206,7 +206,7 @@ def passes(sizes) -> tuple[dict, int]:
 
     def proximal():
         mas.proximal_step_(lr=LR)
-    params, importances, anchors, _ = mas._terms()
+    params, importances, _, anchors, _ = mas._terms()
     calls = {"foreach_add_": lambda: torch._foreach_add_(grads, values),
              "add_penalty_grad_": mas.add_penalty_grad_, "proximal_step_": proximal,
              "op add_penalty_grad_": lambda: penalty_ops.add_penalty_grad_(

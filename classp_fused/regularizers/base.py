@@ -343,7 +343,8 @@ class Regularizer(ImportancePasses, TaskState, Attachment, abc.ABC):
     def _merge(self, old_imp: Tensor, old_anchor: Tensor, new_imp: Tensor, new_anchor: Tensor
                ) -> tuple[Tensor, Tensor, Tensor | None]:
         """(importance, anchor, residual increment or None) after a finished task, from
-        local tensors. Default: the new anchor, importance by ``_merge_importance``."""
+        local tensors of one dtype (``_merge_dtype``). Default: the new anchor, importance by
+        ``_merge_importance``."""
         return self._merge_importance(old_imp, new_imp), new_anchor, None
 
     def _merge_importance(self, old: Tensor, new: Tensor) -> Tensor:
