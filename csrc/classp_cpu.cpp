@@ -496,6 +496,7 @@ struct Block8Acc {
   using Vec = Vectorized<float>;
   using IVec = Vectorized<int32_t>;
 
+  // q(c) * scale (decode_codes).
   C10_ALWAYS_INLINE void decode(const Storage* data, int64_t i, float* out) const {
     const Vec scale(scales[i / kGroup]);
     for (int64_t k = 0; k < kGroup; k += Vec::size()) {
@@ -567,9 +568,8 @@ C10_ALWAYS_INLINE int step_group(const RangePointers<scalar_t, weight_t>& ptr, c
   static_assert(Acc::kGroup % kBlock<scalar_t> == 0);
   alignas(64) float values[Acc::kGroup];
   acc.decode(data, i, values);
-  const RangePointers<scalar_t, weight_t> group{ptr.param,  ptr.grad,   values,
-                                                ptr.weight, ptr.anchor, ptr.weight_scales,
-                                                ptr.weight_index};
+  const RangePointers<scalar_t, weight_t> group{ptr.param, ptr.grad, values, ptr.weight,
+                                                ptr.anchor, ptr.weight_scales, ptr.weight_index};
   Sink<scalar_t> sink;
   int updated = 0;
   for (int64_t b = 0; b < Acc::kGroup; b += kBlock<scalar_t>) {
@@ -604,13 +604,9 @@ Tally step_compressed_range(const RangePointers<scalar_t, weight_t>& ptr, const 
         prefetch_lines<0>(ptr.anchor + ahead, kGroup);
       }
     }
-    const RangePointers<scalar_t, weight_t> group{ptr.param + i,
-                                                  ptr.grad + i,
-                                                  nullptr,
-                                                  kPenalty ? ptr.weight + i : nullptr,
-                                                  kPenalty ? ptr.anchor + i : nullptr,
-                                                  ptr.weight_scales,
-                                                  ptr.weight_index + i};
+    const RangePointers<scalar_t, weight_t> group{
+        ptr.param + i, ptr.grad + i, nullptr, kPenalty ? ptr.weight + i : nullptr,
+        kPenalty ? ptr.anchor + i : nullptr, ptr.weight_scales, ptr.weight_index + i};
     tally.updated += step_group<kPower, kForm>(group, acc, data + i, i, h, probe, squares,
                                                tally.nonfinite);
   }
