@@ -29,6 +29,11 @@ as the C++ ops take them; the ops alone (``op ...``: ``regularizers.penalty``'s 
 the state's tensors, without the regularizer's per-call checks); and the calls on the chunked
 multi-tensor ops the C++ ops replace on the CPU (``... chunked``). ``extra_info`` also holds
 the peak extra memory of each call (allocated bytes) against the params' bytes.
+
+``test_importance_format_ratios`` (CPU) times the fused step with the penalty (``cpp``, one
+tensor of 1e7 float32 elements, each form) with its importance stored in each importance
+format (``state_formats.encode_importance``: float32, bfloat16, 8-bit codes with block
+scales; 28, 26 and about 25 B/element) the same way, against the float32 importance.
 """
 import statistics
 import time
@@ -37,7 +42,8 @@ import pytest
 import torch
 from torch import nn
 
-from classp_fused import CLASSP, MAS
+from classp_fused import CLASSP, MAS, classp_step_, state_formats
+from classp_fused.backends.step_spec import Penalty
 from classp_fused.regularizers import penalty as penalty_ops
 
 from memory import peak_extra_bytes
@@ -231,3 +237,38 @@ def test_unfused_pass_ratios(benchmark, device, name, threads):
         benchmark.extra_info[f"{candidate} peak extra / params bytes"] = (
             peak_extra_bytes(calls[candidate]) / param_bytes)
     time_interleaved(benchmark, calls, "foreach_add_", threads)
+
+
+IMPORTANCE_FORMATS = {"W float32": torch.float32, "W bfloat16": torch.bfloat16,
+                      "W 8-bit": torch.uint8}
+
+
+def importance_format_steps(form: str) -> dict:
+    """One callable per importance format: the fused step (``cpp``) of one float32 tensor of
+    NUMEL elements with the penalty ``form``, its importance (MAS-like values) stored in that
+    format; all step the same param, gradient, accumulator and anchor."""
+    g = torch.Generator().manual_seed(3)
+    param = torch.randn(NUMEL, generator=g)
+    grad = 0.1 * torch.randn(NUMEL, generator=g)
+    acc = torch.rand(NUMEL, generator=g)
+    anchor = param + 0.01 * torch.randn(NUMEL, generator=g)
+    values = torch.rand(NUMEL, generator=g)
+    calls = {}
+    for name, dtype in IMPORTANCE_FORMATS.items():
+        stored, scales = state_formats.encode_importance(values, dtype)
+        penalty = Penalty(form, 0.5, [stored], [anchor], [scales])
+        calls[name] = (lambda penalty: lambda: classp_step_(
+            [param], [grad], [acc], lr=LR, threshold=0.0, power=1.0, penalty=penalty,
+            backend="cpp"))(penalty)
+    return calls
+
+
+@pytest.mark.parametrize("threads", [2, 1])
+@pytest.mark.parametrize("form", ["explicit", "proximal"])
+def test_importance_format_ratios(benchmark, device, form, threads):
+    """The fused step with the importance in each format against float32, interleaved
+    (``time_interleaved``)."""
+    if device.type != "cpu":
+        pytest.skip("the cpp step is the CPU kernel")
+    benchmark.group = f"importance-formats-{form}-interleaved-{threads}-threads"
+    time_interleaved(benchmark, importance_format_steps(form), "W float32", threads)

@@ -14,7 +14,10 @@
 // by one, made the step 2.5x slower at every density on the AMD Zen 3 it was measured on. A
 // penalty (SPEC section 4a) reads the importance and anchor of the tensors it covers in the
 // same pass: explicit, its gradient joins the unscaled gradient before the threshold; proximal,
-// the new value of each updated element is pulled toward its anchor before it is written. A
+// the new value of each updated element is pulled toward its anchor before it is written. The
+// importance is read in its stored format, a template parameter of the loop (the param's
+// dtype, bfloat16, or 8-bit codes with block scales), as its exact float32 value
+// (state_formats.importance_values); threads split tensors with 8-bit importances at blocks. A
 // relative threshold tau > 0 raises a tensor's threshold to tau * S, S its gradient mean of the
 // previous step; given means are refreshed from per-chunk sums of the squared finite gradients,
 // added up per tensor after the parallel region. Compressed accumulators (bf16 or 8-bit codes
@@ -43,6 +46,7 @@
 #include "classp_penalty.h"
 #include "classp_plan.h"
 #include "classp_state_formats.h"
+#include "classp_vec_formats.h"
 
 namespace classp {
 namespace {
@@ -245,20 +249,47 @@ C10_ALWAYS_INLINE void aim_stores(scalar_t*& param, math_t<scalar_t>*& acc,
 #endif
 }
 
-// One range's memory: param, grad, accumulator, and with a penalty importance and anchor.
-template <typename scalar_t>
+// One range's memory: param, grad, accumulator, and with a penalty importance and anchor. The
+// importance is stored as weight_t: the param's dtype, bfloat16, or uint8 8-bit codes, whose
+// scale is weight_scales[(weight_index + j) / kScaleBlock] at element j of the range (the
+// tensor's block scales, and the index within it of the range's first element).
+template <typename scalar_t, typename weight_t = scalar_t>
 struct RangePointers {
   scalar_t* param;
   const scalar_t* grad;
   math_t<scalar_t>* acc;
-  const scalar_t* weight;
+  const weight_t* weight;
   const scalar_t* anchor;
+  const float* weight_scales = nullptr;
+  int64_t weight_index = 0;
 };
+
+// The importances of the kBlock<scalar_t> elements from element `i`, in the arithmetic type:
+// exact, as state_formats.importance_values gives them (a block lies within one 8-bit block).
+template <typename scalar_t, typename weight_t>
+C10_ALWAYS_INLINE Block<scalar_t> load_weight_block(const RangePointers<scalar_t, weight_t>& ptr,
+                                                    int64_t i) {
+  if constexpr (std::is_same_v<weight_t, scalar_t>) {
+    return load_block(ptr.weight + i);
+  } else {
+    static_assert(std::is_same_v<math_t<scalar_t>, float>);
+    constexpr int64_t kVec = Vectorized<float>::size();
+    float scale = 0.0f;
+    if constexpr (std::is_same_v<weight_t, uint8_t>) {
+      scale = ptr.weight_scales[(ptr.weight_index + i) / kScaleBlock];
+    }
+    Block<scalar_t> w;
+    for (int v = 0; v < kVectors<scalar_t>; ++v) {
+      w[v] = load_importance(ptr.weight + i + v * kVec, scale);
+    }
+    return w;
+  }
+}
 
 // Updates the kBlock<scalar_t> elements from element `i`; returns how many were selected. A
 // block with none selected is not written: its stores go to `sink`.
-template <Power kPower, PenaltyForm kForm, typename scalar_t>
-C10_ALWAYS_INLINE int step_block(const RangePointers<scalar_t>& ptr, int64_t i,
+template <Power kPower, PenaltyForm kForm, typename scalar_t, typename weight_t>
+C10_ALWAYS_INLINE int step_block(const RangePointers<scalar_t, weight_t>& ptr, int64_t i,
                                  Sink<scalar_t>& sink, const Hyper<math_t<scalar_t>>& h,
                                  Vectorized<math_t<scalar_t>>& probe,
                                  Vectorized<math_t<scalar_t>>& squares, int64_t& nonfinite) {
@@ -271,7 +302,7 @@ C10_ALWAYS_INLINE int step_block(const RangePointers<scalar_t>& ptr, int64_t i,
   const Block<scalar_t> g = load_block(ptr.grad + i);
   Block<scalar_t> w{}, m{};
   if constexpr (kForm != PenaltyForm::kNone) {
-    w = load_block(ptr.weight + i);
+    w = load_weight_block(ptr, i);
     m = load_block(ptr.anchor + i);
   }
   Block<scalar_t> a, new_p, new_a, selected;
@@ -320,8 +351,8 @@ template <typename scalar_t>
 constexpr int64_t kBlocksPerLine = std::max<int64_t>(1, 64 / (kBlock<scalar_t> * sizeof(scalar_t)));
 
 // Prefetches the `count` elements kPrefetchElements after element `i`.
-template <PenaltyForm kForm, typename scalar_t>
-C10_ALWAYS_INLINE void prefetch_range(const RangePointers<scalar_t>& ptr, int64_t i,
+template <PenaltyForm kForm, typename scalar_t, typename weight_t>
+C10_ALWAYS_INLINE void prefetch_range(const RangePointers<scalar_t, weight_t>& ptr, int64_t i,
                                       int64_t count) {
   const int64_t ahead = i + kPrefetchElements;
   prefetch_lines<1>(ptr.param + ahead, count);
@@ -367,8 +398,9 @@ void finish_tally(const Vectorized<math_t<scalar_t>>& probe,
 // Updates elements [0, n) of one tensor: whole blocks in place, the tail on zero-padded copies
 // (a zero gradient, importance and anchor are never selected since threshold >= 0), copied
 // back only if selected. `h` is a copy so that stores through `param` and `acc` cannot alias it.
-template <Power kPower, PenaltyForm kForm, typename scalar_t>
-Tally step_range(const RangePointers<scalar_t>& ptr, int64_t n, const Hyper<math_t<scalar_t>> h) {
+template <Power kPower, PenaltyForm kForm, typename scalar_t, typename weight_t>
+Tally step_range(const RangePointers<scalar_t, weight_t>& ptr, int64_t n,
+                 const Hyper<math_t<scalar_t>> h) {
   using T = math_t<scalar_t>;
   constexpr int64_t kSize = kBlock<scalar_t>;
   constexpr int64_t kLine = kSize * kBlocksPerLine<scalar_t>;  // elements per prefetch
@@ -395,7 +427,7 @@ Tally step_range(const RangePointers<scalar_t>& ptr, int64_t n, const Hyper<math
     scalar_t param_tail[kSize] = {};
     scalar_t grad_tail[kSize] = {};
     T acc_tail[kSize] = {};
-    scalar_t weight_tail[kSize] = {};
+    weight_t weight_tail[kSize] = {};
     scalar_t anchor_tail[kSize] = {};
     std::copy_n(ptr.param + i, rest, param_tail);
     std::copy_n(ptr.grad + i, rest, grad_tail);
@@ -404,8 +436,9 @@ Tally step_range(const RangePointers<scalar_t>& ptr, int64_t n, const Hyper<math
       std::copy_n(ptr.weight + i, rest, weight_tail);
       std::copy_n(ptr.anchor + i, rest, anchor_tail);
     }
-    const RangePointers<scalar_t> tail{param_tail, grad_tail, acc_tail, weight_tail,
-                                       anchor_tail};
+    const RangePointers<scalar_t, weight_t> tail{param_tail, grad_tail, acc_tail, weight_tail,
+                                                 anchor_tail, ptr.weight_scales,
+                                                 ptr.weight_index + i};
     const int updated =
         step_block<kPower, kForm>(tail, 0, sink, h, probe, squares, tally.nonfinite);
     if (updated > 0) {
@@ -462,18 +495,12 @@ struct Block8Acc {
 
   using Vec = Vectorized<float>;
   using IVec = Vectorized<int32_t>;
-  static_assert(Vectorized<uint8_t>::size() == 4 * IVec::size() && IVec::size() == Vec::size());
 
-  // q(c) * scale: q(c) = 2**(e - 32) * (1 + m/8) (float32 bits (c + kCodeBias) << 20) for
-  // c = 8*e + m >= 8, c * 2**-34 below.
+  // q(c) * scale (decode_codes).
   C10_ALWAYS_INLINE void decode(const Storage* data, int64_t i, float* out) const {
     const Vec scale(scales[i / kGroup]);
     for (int64_t k = 0; k < kGroup; k += Vec::size()) {
-      const IVec code = at::vec::convert<int32_t>(Vectorized<uint8_t>::loadu_one_fourth(data + k));
-      const Vec normal = at::vec::cast<float>((code + IVec(kCodeBias)) << IVec(20));
-      const Vec small = at::vec::convert_to_fp_of_same_size<float>(code) * Vec(0x1p-34f);
-      const Vec q = Vec::blendv(small, normal, at::vec::cast<float>(code >= IVec(8)));
-      (q * scale).store(out + k);
+      decode_codes(data + k, scale).store(out + k);
     }
   }
 
@@ -533,15 +560,16 @@ struct Block8Acc {
 
 // Steps the group at `data` (element `i` of its chunk), with param, grad, importance and anchor
 // at `ptr` (kGroup elements each); returns how many were selected.
-template <Power kPower, PenaltyForm kForm, typename Acc, typename scalar_t>
-C10_ALWAYS_INLINE int step_group(const RangePointers<scalar_t>& ptr, const Acc& acc,
+template <Power kPower, PenaltyForm kForm, typename Acc, typename scalar_t, typename weight_t>
+C10_ALWAYS_INLINE int step_group(const RangePointers<scalar_t, weight_t>& ptr, const Acc& acc,
                                  typename Acc::Storage* data, int64_t i, const Hyper<float>& h,
                                  Vectorized<float>& probe, Vectorized<float>& squares,
                                  int64_t& nonfinite) {
   static_assert(Acc::kGroup % kBlock<scalar_t> == 0);
   alignas(64) float values[Acc::kGroup];
   acc.decode(data, i, values);
-  const RangePointers<scalar_t> group{ptr.param, ptr.grad, values, ptr.weight, ptr.anchor};
+  const RangePointers<scalar_t, weight_t> group{ptr.param, ptr.grad, values, ptr.weight,
+                                                ptr.anchor, ptr.weight_scales, ptr.weight_index};
   Sink<scalar_t> sink;
   int updated = 0;
   for (int64_t b = 0; b < Acc::kGroup; b += kBlock<scalar_t>) {
@@ -556,8 +584,8 @@ C10_ALWAYS_INLINE int step_group(const RangePointers<scalar_t>& ptr, const Acc& 
 // Elements [0, n) of one tensor with a compressed accumulator at `data` (ptr.acc unused): whole
 // groups in place, the tail on zero-padded copies (zero values; a zero gradient is never
 // selected since threshold >= 0).
-template <Power kPower, PenaltyForm kForm, typename Acc, typename scalar_t>
-Tally step_compressed_range(const RangePointers<scalar_t>& ptr, const Acc& acc,
+template <Power kPower, PenaltyForm kForm, typename Acc, typename scalar_t, typename weight_t>
+Tally step_compressed_range(const RangePointers<scalar_t, weight_t>& ptr, const Acc& acc,
                             typename Acc::Storage* data, int64_t n, const Hyper<float> h) {
   constexpr int64_t kGroup = Acc::kGroup;
   constexpr bool kPenalty = kForm != PenaltyForm::kNone;
@@ -576,9 +604,9 @@ Tally step_compressed_range(const RangePointers<scalar_t>& ptr, const Acc& acc,
         prefetch_lines<0>(ptr.anchor + ahead, kGroup);
       }
     }
-    const RangePointers<scalar_t> group{ptr.param + i, ptr.grad + i, nullptr,
-                                        kPenalty ? ptr.weight + i : nullptr,
-                                        kPenalty ? ptr.anchor + i : nullptr};
+    const RangePointers<scalar_t, weight_t> group{
+        ptr.param + i, ptr.grad + i, nullptr, kPenalty ? ptr.weight + i : nullptr,
+        kPenalty ? ptr.anchor + i : nullptr, ptr.weight_scales, ptr.weight_index + i};
     tally.updated += step_group<kPower, kForm>(group, acc, data + i, i, h, probe, squares,
                                                tally.nonfinite);
   }
@@ -586,7 +614,7 @@ Tally step_compressed_range(const RangePointers<scalar_t>& ptr, const Acc& acc,
   if (rest > 0) {
     scalar_t param_tail[kGroup] = {};
     scalar_t grad_tail[kGroup] = {};
-    scalar_t weight_tail[kGroup] = {};
+    weight_t weight_tail[kGroup] = {};
     scalar_t anchor_tail[kGroup] = {};
     typename Acc::Storage data_tail[kGroup] = {};
     std::copy_n(ptr.param + i, rest, param_tail);
@@ -596,7 +624,9 @@ Tally step_compressed_range(const RangePointers<scalar_t>& ptr, const Acc& acc,
       std::copy_n(ptr.weight + i, rest, weight_tail);
       std::copy_n(ptr.anchor + i, rest, anchor_tail);
     }
-    const RangePointers<scalar_t> tail{param_tail, grad_tail, nullptr, weight_tail, anchor_tail};
+    const RangePointers<scalar_t, weight_t> tail{param_tail, grad_tail, nullptr, weight_tail,
+                                                 anchor_tail, ptr.weight_scales,
+                                                 ptr.weight_index + i};
     const int updated = step_group<kPower, kForm>(tail, acc, data_tail, i, h, probe, squares,
                                                   tally.nonfinite);
     if (updated > 0) {
@@ -612,7 +642,8 @@ Tally step_compressed_range(const RangePointers<scalar_t>& ptr, const Acc& acc,
 // One tensor's memory, laid out alike (contiguous, or dense with equal strides): param, grad,
 // accumulator, and importance and anchor where the penalty covers it (else nullptr); and its
 // threshold, a value of its arithmetic type. A compressed accumulator's format, 8-bit scales,
-// rounding key and the index of its first element within its parameter.
+// rounding key and the index of its first element within its parameter. The importance's
+// dtype (an importance format), and its block scales where it is uint8.
 struct TensorPointers {
   void* param;
   const void* grad;
@@ -625,6 +656,8 @@ struct TensorPointers {
   float* scales = nullptr;
   uint32_t key = 0;
   uint64_t index_offset = 0;
+  c10::ScalarType weight_dtype = c10::ScalarType::Undefined;
+  const float* weight_scales = nullptr;
 };
 
 // The threshold of a tensor with gradient mean `mean` (of its arithmetic type T, or nullptr):
@@ -640,8 +673,8 @@ double tensor_threshold(double threshold, double tau, const at::Tensor* mean) {
 }
 
 // A chunk of a tensor with a compressed accumulator (a chunk of an 8-bit one starts at a block).
-template <Power kPower, PenaltyForm kForm, typename scalar_t>
-Tally step_compressed_chunk(const TensorPointers& t, const RangePointers<scalar_t>& ptr,
+template <Power kPower, PenaltyForm kForm, typename scalar_t, typename weight_t>
+Tally step_compressed_chunk(const TensorPointers& t, const RangePointers<scalar_t, weight_t>& ptr,
                             const Chunk& chunk, const Hyper<float>& h) {
   const int64_t begin = chunk.begin;
   const int64_t n = chunk.end - begin;
@@ -656,25 +689,50 @@ Tally step_compressed_chunk(const TensorPointers& t, const RangePointers<scalar_
                                               h);
 }
 
-template <Power kPower, PenaltyForm kForm, typename scalar_t>
-Tally step_chunk_as(const TensorPointers& t, const Chunk& chunk,
-                    Hyper<math_t<scalar_t>> h) {
+// A chunk of a tensor whose importance (if any) is stored as weight_t (a chunk of a tensor with
+// 8-bit importances starts at a block).
+template <Power kPower, PenaltyForm kForm, typename scalar_t, typename weight_t>
+Tally step_chunk_with(const TensorPointers& t, const Chunk& chunk, Hyper<math_t<scalar_t>> h) {
   h.threshold = static_cast<math_t<scalar_t>>(t.threshold);
   const int64_t begin = chunk.begin;
-  const auto* weight = static_cast<const scalar_t*>(t.weight);
+  const auto* weight = static_cast<const weight_t*>(t.weight);
   const auto* anchor = static_cast<const scalar_t*>(t.anchor);
   const bool exact = t.format == AccFormat::kExact;
-  const RangePointers<scalar_t> ptr{static_cast<scalar_t*>(t.param) + begin,
-                                    static_cast<const scalar_t*>(t.grad) + begin,
-                                    exact ? static_cast<math_t<scalar_t>*>(t.acc) + begin : nullptr,
-                                    weight == nullptr ? nullptr : weight + begin,
-                                    anchor == nullptr ? nullptr : anchor + begin};
+  if constexpr (std::is_same_v<weight_t, uint8_t>) {
+    TORCH_INTERNAL_ASSERT(begin % kScaleBlock == 0);
+  }
+  const RangePointers<scalar_t, weight_t> ptr{
+      static_cast<scalar_t*>(t.param) + begin,
+      static_cast<const scalar_t*>(t.grad) + begin,
+      exact ? static_cast<math_t<scalar_t>*>(t.acc) + begin : nullptr,
+      weight == nullptr ? nullptr : weight + begin,
+      anchor == nullptr ? nullptr : anchor + begin,
+      t.weight_scales,
+      begin};
   if constexpr (!std::is_same_v<scalar_t, double>) {  // float64 params keep exact accumulators
     if (!exact) {
       return step_compressed_chunk<kPower, kForm>(t, ptr, chunk, h);
     }
   }
   return step_range<kPower, kForm>(ptr, chunk.end - begin, h);
+}
+
+// A chunk, its importance read in its format: the param's dtype, bfloat16 (float32 and float16
+// params) or 8-bit codes (params but float64).
+template <Power kPower, PenaltyForm kForm, typename scalar_t>
+Tally step_chunk_as(const TensorPointers& t, const Chunk& chunk,
+                    const Hyper<math_t<scalar_t>>& h) {
+  if constexpr (kForm != PenaltyForm::kNone && !std::is_same_v<scalar_t, double>) {
+    if (t.weight_dtype == c10::kByte) {
+      return step_chunk_with<kPower, kForm, scalar_t, uint8_t>(t, chunk, h);
+    }
+    if constexpr (!std::is_same_v<scalar_t, c10::BFloat16>) {
+      if (t.weight_dtype == c10::kBFloat16) {
+        return step_chunk_with<kPower, kForm, scalar_t, c10::BFloat16>(t, chunk, h);
+      }
+    }
+  }
+  return step_chunk_with<kPower, kForm, scalar_t, scalar_t>(t, chunk, h);
 }
 
 template <Power kPower, PenaltyForm kForm>
@@ -750,12 +808,6 @@ at::Tensor classp_step_cpu(at::TensorList params, at::TensorList grads, at::Tens
                     /*compressed=*/true);
   const PenaltyForm form = check_penalty_inputs(params, importances, importance_scales, anchors,
                                                 penalty_form, penalty_scale);
-  for (size_t i = 0; i < importances.size(); ++i) {
-    const std::optional<at::Tensor> weight = importances.get(i);
-    TORCH_CHECK(!weight.has_value() || weight->scalar_type() == params[i].scalar_type(),
-                "classp_step_: this kernel reads importances in the param's dtype; importances[",
-                i, "] is ", weight->scalar_type());
-  }
   check_grad_sq_means(params, relative_threshold, grad_sq_means);
   check_compressed_inputs(params, accs, acc_scales, rounding_keys, index_offsets, cpu);
   const bool sum_squares = !grad_sq_means.empty();
@@ -777,9 +829,10 @@ at::Tensor classp_step_cpu(at::TensorList params, at::TensorList grads, at::Tens
       work_anchors(n);
   std::vector<TensorPointers> tensors(n);
   std::vector<int64_t> numels(n);
-  std::vector<int64_t> alignments(n, 1);  // chunks of 8-bit accumulators start at blocks
+  std::vector<int64_t> alignments(n, 1);  // chunks of 8-bit accs and importances start at blocks
   int64_t total = 0;
   size_t num_scales = 0;
+  size_t num_weight_scales = 0;
   for (int64_t i = 0; i < n; ++i) {
     std::optional<at::Tensor> weight, anchor;
     if (form != PenaltyForm::kNone) {
@@ -806,6 +859,13 @@ at::Tensor classp_step_cpu(at::TensorList params, at::TensorList grads, at::Tens
                   params[i].scalar_type(),
                   wide ? tensor_threshold<double>(threshold, relative_threshold, mean)
                        : tensor_threshold<float>(threshold, relative_threshold, mean)};
+    if (weight.has_value()) {
+      tensors[i].weight_dtype = weight->scalar_type();
+      if (weight->scalar_type() == c10::kByte) {
+        tensors[i].weight_scales = importance_scales[num_weight_scales++].const_data_ptr<float>();
+        alignments[i] = kScaleBlock;
+      }
+    }
     const auto acc_dtype = accs[i].scalar_type();
     if (acc_dtype == c10::kBFloat16 || acc_dtype == c10::kByte) {
       TensorPointers& t = tensors[i];

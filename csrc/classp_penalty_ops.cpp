@@ -7,8 +7,11 @@
 //
 // with eta a float or a tensor per param. One pass over each tensor: at::vec arithmetic in fp32
 // (fp64 for fp64 params), each written value rounded once; one at::parallel_for region over all
-// (tensor, chunk) pairs, split between threads by element count (classp_plan.h). Tensors whose
-// layouts differ (or are not dense) are worked on as contiguous copies, written back afterwards.
+// (tensor, chunk) pairs, split between threads by element count (classp_plan.h; tensors with
+// 8-bit importances at blocks). Omega is read in its importance format (the param's dtype,
+// bfloat16, or 8-bit codes with block scales) as its exact value (state_formats.importance_values).
+// Tensors whose layouts differ (or are not dense) are worked on as contiguous copies, written
+// back afterwards.
 #include <ATen/ExpandUtils.h>
 #include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
@@ -24,6 +27,8 @@
 
 #include "classp_checks.h"
 #include "classp_plan.h"
+#include "classp_state_formats.h"
+#include "classp_vec_formats.h"
 
 namespace classp {
 namespace {
@@ -77,6 +82,35 @@ C10_ALWAYS_INLINE Block<scalar_t> load_math(const math_t<scalar_t>* ptr, int64_t
   return block;
 }
 
+// The importances of the `count` elements (at most kBlock, within one 8-bit block) from element
+// `i` of a tensor stored as weight_t (the param's dtype, bfloat16, or 8-bit codes with the
+// tensor's block scales `scales`), in the arithmetic type; lanes past `count` 0.
+template <typename scalar_t, typename weight_t>
+C10_ALWAYS_INLINE Block<scalar_t> load_weight(const weight_t* weight, const float* scales,
+                                              int64_t i, int64_t count) {
+  if constexpr (std::is_same_v<weight_t, scalar_t>) {
+    return load(weight + i, count);
+  } else {
+    static_assert(std::is_same_v<math_t<scalar_t>, float>);
+    constexpr int64_t kVec = Vectorized<float>::size();
+    const weight_t* data = weight + i;
+    weight_t padded[kBlock<scalar_t>] = {};  // zero codes and bfloat16 zeros: 0
+    if (count < kBlock<scalar_t>) {
+      std::copy_n(data, count, padded);
+      data = padded;
+    }
+    float scale = 0.0f;
+    if constexpr (std::is_same_v<weight_t, uint8_t>) {
+      scale = scales[i / kScaleBlock];
+    }
+    Block<scalar_t> w;
+    for (int v = 0; v < kVectors<scalar_t>; ++v) {
+      w[v] = load_importance(data + v * kVec, scale);
+    }
+    return w;
+  }
+}
+
 // Rounds a block to `scalar_t` and stores its first `count` elements at `ptr`.
 template <typename scalar_t>
 C10_ALWAYS_INLINE void store(scalar_t* ptr, const Block<scalar_t>& value, int64_t count) {
@@ -93,8 +127,9 @@ C10_ALWAYS_INLINE void store(scalar_t* ptr, const Block<scalar_t>& value, int64_
   }
 }
 
-// One tensor's memory, laid out alike: param, importance, anchor, and the written gradient
-// (add_penalty_grad_) or the step size tensor (proximal_step_, nullptr for a float step).
+// One tensor's memory, laid out alike: param, importance (of dtype `weight_dtype`, with its block
+// scales where uint8), anchor, and the written gradient (add_penalty_grad_) or the step size
+// tensor (proximal_step_, nullptr for a float step).
 struct TensorPointers {
   void* param;
   const void* weight;
@@ -103,16 +138,18 @@ struct TensorPointers {
   const void* eta;
   double eta_value;  // the float step size, where `eta` is nullptr
   c10::ScalarType dtype;
+  c10::ScalarType weight_dtype;
+  const float* weight_scales;
 };
 
 // grad += factor * (Omega * (theta - m)) * grad_scale over [begin, end) of one tensor.
-template <typename scalar_t>
+template <typename scalar_t, typename weight_t>
 void add_penalty_grad_range(const TensorPointers& t, int64_t begin, int64_t end, double factor,
                             double grad_scale) {
   using T = math_t<scalar_t>;
   using Vec = Vectorized<T>;
   const auto* param = static_cast<const scalar_t*>(t.param);
-  const auto* weight = static_cast<const scalar_t*>(t.weight);
+  const auto* weight = static_cast<const weight_t*>(t.weight);
   const auto* anchor = static_cast<const scalar_t*>(t.anchor);
   auto* grad = static_cast<scalar_t*>(t.grad);
   const Vec k(static_cast<T>(factor));
@@ -120,7 +157,7 @@ void add_penalty_grad_range(const TensorPointers& t, int64_t begin, int64_t end,
   for (int64_t i = begin; i < end; i += kBlock<scalar_t>) {
     const int64_t count = std::min(kBlock<scalar_t>, end - i);
     const Block<scalar_t> p = load(param + i, count);
-    const Block<scalar_t> w = load(weight + i, count);
+    const Block<scalar_t> w = load_weight<scalar_t>(weight, t.weight_scales, i, count);
     const Block<scalar_t> m = load(anchor + i, count);
     Block<scalar_t> g = load(grad + i, count);
     for (int v = 0; v < kVectors<scalar_t>; ++v) {
@@ -132,12 +169,12 @@ void add_penalty_grad_range(const TensorPointers& t, int64_t begin, int64_t end,
 
 // theta += c / (1 + c) * (m - theta), c = min(factor * Omega * eta, max / 2), over [begin, end)
 // of one tensor; eta from the step size tensor (kTensorStep) or the float.
-template <typename scalar_t, bool kTensorStep>
+template <typename scalar_t, typename weight_t, bool kTensorStep>
 void proximal_step_range(const TensorPointers& t, int64_t begin, int64_t end, double factor) {
   using T = math_t<scalar_t>;
   using Vec = Vectorized<T>;
   auto* param = static_cast<scalar_t*>(t.param);
-  const auto* weight = static_cast<const scalar_t*>(t.weight);
+  const auto* weight = static_cast<const weight_t*>(t.weight);
   const auto* anchor = static_cast<const scalar_t*>(t.anchor);
   const auto* eta = static_cast<const T*>(t.eta);
   const Vec k(static_cast<T>(factor));
@@ -148,7 +185,7 @@ void proximal_step_range(const TensorPointers& t, int64_t begin, int64_t end, do
   for (int64_t i = begin; i < end; i += kBlock<scalar_t>) {
     const int64_t count = std::min(kBlock<scalar_t>, end - i);
     Block<scalar_t> p = load(param + i, count);
-    const Block<scalar_t> w = load(weight + i, count);
+    const Block<scalar_t> w = load_weight<scalar_t>(weight, t.weight_scales, i, count);
     const Block<scalar_t> m = load(anchor + i, count);
     if constexpr (kTensorStep) {
       step = load_math<scalar_t>(eta + i, count);
@@ -165,16 +202,35 @@ void proximal_step_range(const TensorPointers& t, int64_t begin, int64_t end, do
 // Which op's pass a chunk takes.
 enum class Pass { kGrad, kProximal };
 
-// The pass over one chunk, for the tensor's dtype.
+// The pass over one chunk, for the tensor's dtype and its importance's.
+template <Pass kPass, typename scalar_t, typename weight_t>
+void run_chunk_with(const TensorPointers& t, const Chunk& chunk, double factor,
+                    double grad_scale) {
+  if constexpr (kPass == Pass::kGrad) {
+    add_penalty_grad_range<scalar_t, weight_t>(t, chunk.begin, chunk.end, factor, grad_scale);
+  } else if (t.eta != nullptr) {
+    proximal_step_range<scalar_t, weight_t, true>(t, chunk.begin, chunk.end, factor);
+  } else {
+    proximal_step_range<scalar_t, weight_t, false>(t, chunk.begin, chunk.end, factor);
+  }
+}
+
+// The importance formats: the param's dtype, bfloat16 (float32 and float16 params), 8-bit codes
+// (params but float64; a chunk starts at a block).
 template <Pass kPass, typename scalar_t>
 void run_chunk_as(const TensorPointers& t, const Chunk& chunk, double factor, double grad_scale) {
-  if constexpr (kPass == Pass::kGrad) {
-    add_penalty_grad_range<scalar_t>(t, chunk.begin, chunk.end, factor, grad_scale);
-  } else if (t.eta != nullptr) {
-    proximal_step_range<scalar_t, true>(t, chunk.begin, chunk.end, factor);
-  } else {
-    proximal_step_range<scalar_t, false>(t, chunk.begin, chunk.end, factor);
+  if constexpr (!std::is_same_v<scalar_t, double>) {
+    if (t.weight_dtype == c10::kByte) {
+      TORCH_INTERNAL_ASSERT(chunk.begin % kScaleBlock == 0);
+      return run_chunk_with<kPass, scalar_t, uint8_t>(t, chunk, factor, grad_scale);
+    }
+    if constexpr (!std::is_same_v<scalar_t, c10::BFloat16>) {
+      if (t.weight_dtype == c10::kBFloat16) {
+        return run_chunk_with<kPass, scalar_t, c10::BFloat16>(t, chunk, factor, grad_scale);
+      }
+    }
   }
+  run_chunk_with<kPass, scalar_t, scalar_t>(t, chunk, factor, grad_scale);
 }
 
 template <Pass kPass>
@@ -216,9 +272,11 @@ Operands lay_out(std::vector<at::Tensor> tensors, int64_t written_index) {
   return {std::move(tensors), std::move(written), written_index};
 }
 
-// TORCH_CHECKs one param's tensors for op `op`: each `name`[i] defined, dense, of the param's
-// dtype (one of the four), shape and device (the CPU).
+// TORCH_CHECKs one param's tensors for op `op`: the param of one of the four dtypes on the CPU,
+// its importance of an importance format (classp_checks.h), each other `name`[i] of its dtype;
+// all defined, dense, of its shape and device.
 void check_like_param(const char* op, size_t i, const at::Tensor& param,
+                      const at::Tensor& importance,
                       std::initializer_list<std::pair<const char*, const at::Tensor*>> others) {
   TORCH_CHECK(param.defined() && param.layout() == c10::kStrided, op, ": params[", i,
               "] must be a dense (strided) tensor");
@@ -228,11 +286,18 @@ void check_like_param(const char* op, size_t i, const at::Tensor& param,
               op, ": params[", i, "] must be float16, bfloat16, float32 or float64, got ", dtype);
   TORCH_CHECK(param.device().is_cpu(), op, ": params[", i, "] is on ", param.device(),
               ", expected the CPU");
-  for (const auto& [name, t] : others) {
+  std::vector<std::pair<const char*, const at::Tensor*>> tensors{{"importances", &importance}};
+  tensors.insert(tensors.end(), others);
+  for (const auto& [name, t] : tensors) {
     TORCH_CHECK(t->defined() && t->layout() == c10::kStrided, op, ": ", name, "[", i,
                 "] must be a dense (strided) tensor");
-    TORCH_CHECK(t->scalar_type() == dtype, op, ": ", name, "[", i, "] has dtype ",
-                t->scalar_type(), ", expected the param's ", dtype);
+    const bool weight = t == &importance;
+    TORCH_CHECK(weight ? is_importance_format(dtype, t->scalar_type())
+                       : t->scalar_type() == dtype,
+                op, ": ", name, "[", i, "] has dtype ", t->scalar_type(),
+                weight ? ", expected an importance format of the param's "
+                       : ", expected the param's ",
+                dtype, weight ? " (its dtype, bfloat16, or uint8 8-bit codes)" : "");
     TORCH_CHECK(t->sizes() == param.sizes(), op, ": ", name, "[", i, "] has shape ", t->sizes(),
                 ", expected the param's ", param.sizes());
     TORCH_CHECK(t->device() == param.device(), op, ": ", name, "[", i, "] is on ", t->device(),
@@ -246,15 +311,18 @@ template <Pass kPass>
 void run(const std::vector<Operands>& operands, const std::vector<TensorPointers>& pointers,
          double factor, double grad_scale) {
   std::vector<int64_t> numels;
+  std::vector<int64_t> alignments;  // tensors with 8-bit importances are cut at blocks
   numels.reserve(operands.size());
+  alignments.reserve(operands.size());
   int64_t total = 0;
-  for (const Operands& o : operands) {
-    numels.push_back(o.tensors[0].numel());
+  for (size_t i = 0; i < operands.size(); ++i) {
+    numels.push_back(operands[i].tensors[0].numel());
+    alignments.push_back(pointers[i].weight_dtype == c10::kByte ? kScaleBlock : 1);
     total += numels.back();
   }
   const int64_t num_parts =
       std::clamp<int64_t>(total / kMinElementsPerThread, 1, at::get_num_threads());
-  const Plan plan = plan_work(numels, num_parts);
+  const Plan plan = plan_work(numels, num_parts, alignments);
   at::parallel_for(0, num_parts, 1, [&](int64_t part_begin, int64_t part_end) {
     for (int64_t i = plan.part_starts[part_begin]; i < plan.part_starts[part_end]; ++i) {
       const Chunk& chunk = plan.chunks[i];
@@ -278,6 +346,31 @@ void check_lengths(const char* op, at::TensorList params, at::TensorList importa
               anchors.size(), " and ", others);
 }
 
+// TORCH_CHECKs the block scales of the uint8 importances (classp_checks.h).
+void check_scales(const char* op, at::TensorList params, at::TensorList importances,
+                  at::TensorList importance_scales) {
+  std::vector<const at::Tensor*> weights;
+  weights.reserve(importances.size());
+  for (const at::Tensor& weight : importances) {
+    weights.push_back(&weight);
+  }
+  check_importance_scales(op, params, weights, importance_scales);
+}
+
+// The block scales of each uint8 importance (in order, from `importance_scales`), else nullptr.
+std::vector<const float*> scales_of(at::TensorList importances,
+                                    at::TensorList importance_scales) {
+  std::vector<const float*> scales;
+  scales.reserve(importances.size());
+  size_t next = 0;
+  for (const at::Tensor& weight : importances) {
+    scales.push_back(weight.scalar_type() == c10::kByte
+                         ? importance_scales[next++].const_data_ptr<float>()
+                         : nullptr);
+  }
+  return scales;
+}
+
 void check_no_internal_overlap(const char* op, const char* name, size_t i, const at::Tensor& t) {
   TORCH_CHECK(at::has_internal_overlap(t) != at::MemOverlap::Yes, op, ": ", name, "[", i,
               "] must not have internal overlap (e.g. from expand())");
@@ -289,15 +382,15 @@ void add_penalty_grad_cpu(at::TensorList params, at::TensorList importances,
                           const std::optional<at::Tensor>& grad_scale) {
   constexpr const char* op = "add_penalty_grad_";
   check_lengths(op, params, importances, anchors, grads.size(), "grads");
-  TORCH_CHECK(importance_scales.empty(), op, ": importances are read in the param's dtype, so "
-              "importance_scales must be empty");
   TORCH_CHECK(!grad_scale.has_value() || grad_scale->numel() == 1, op,
               ": grad_scale must hold one element, got ", grad_scale->numel());
   for (size_t i = 0; i < params.size(); ++i) {
-    check_like_param(op, i, params[i], {{"importances", &importances[i]},
-                                        {"anchors", &anchors[i]}, {"grads", &grads[i]}});
+    check_like_param(op, i, params[i], importances[i],
+                     {{"anchors", &anchors[i]}, {"grads", &grads[i]}});
     check_no_internal_overlap(op, "grads", i, grads[i]);
   }
+  check_scales(op, params, importances, importance_scales);
+  const std::vector<const float*> scales = scales_of(importances, importance_scales);
   const double scale = grad_scale.has_value() ? grad_scale->item<double>() : 1.0;
   std::vector<Operands> operands;
   std::vector<TensorPointers> pointers;
@@ -306,9 +399,9 @@ void add_penalty_grad_cpu(at::TensorList params, at::TensorList importances,
   for (size_t i = 0; i < params.size(); ++i) {
     operands.push_back(lay_out({params[i], importances[i], anchors[i], grads[i]}, 3));
     const auto& t = operands.back().tensors;
-    pointers.push_back({t[0].data_ptr(), t[1].const_data_ptr(),
-                        t[2].const_data_ptr(), t[3].mutable_data_ptr(), nullptr, 0.0,
-                        params[i].scalar_type()});
+    pointers.push_back({t[0].data_ptr(), t[1].const_data_ptr(), t[2].const_data_ptr(),
+                        t[3].mutable_data_ptr(), nullptr, 0.0, params[i].scalar_type(),
+                        importances[i].scalar_type(), scales[i]});
   }
   run<Pass::kGrad>(operands, pointers, factor, scale);
 }
@@ -319,15 +412,12 @@ void proximal_step_cpu(at::TensorList params, at::TensorList importances,
                        c10::ArrayRef<double> step_values, double factor) {
   constexpr const char* op = "proximal_step_";
   check_lengths(op, params, importances, anchors, step_values.size(), "step_values");
-  TORCH_CHECK(importance_scales.empty(), op, ": importances are read in the param's dtype, so "
-              "importance_scales must be empty");
   TORCH_CHECK(step_tensors.empty() || step_tensors.size() == params.size(), op,
               ": step_tensors must be empty or have one entry per param (", params.size(),
               "), got ", step_tensors.size());
   std::vector<std::optional<at::Tensor>> steps(params.size());
   for (size_t i = 0; i < params.size(); ++i) {
-    check_like_param(op, i, params[i], {{"importances", &importances[i]},
-                                        {"anchors", &anchors[i]}});
+    check_like_param(op, i, params[i], importances[i], {{"anchors", &anchors[i]}});
     check_no_internal_overlap(op, "params", i, params[i]);
     if (!step_tensors.empty()) {
       steps[i] = step_tensors.get(i);
@@ -343,6 +433,8 @@ void proximal_step_cpu(at::TensorList params, at::TensorList importances,
                   params[i].sizes());
     }
   }
+  check_scales(op, params, importances, importance_scales);
+  const std::vector<const float*> scales = scales_of(importances, importance_scales);
   std::vector<Operands> operands;
   std::vector<TensorPointers> pointers;
   operands.reserve(params.size());
@@ -360,7 +452,7 @@ void proximal_step_cpu(at::TensorList params, at::TensorList importances,
     const auto& t = operands.back().tensors;
     pointers.push_back({t[0].data_ptr(), t[1].const_data_ptr(), t[2].const_data_ptr(),
                         nullptr, t.size() > 3 ? t[3].const_data_ptr() : nullptr, eta_value,
-                        params[i].scalar_type()});
+                        params[i].scalar_type(), importances[i].scalar_type(), scales[i]});
   }
   run<Pass::kProximal>(operands, pointers, factor, 1.0);
 }
