@@ -21,7 +21,7 @@ from classp_fused.regularizers import penalty as penalty_ops
 from classp_fused.state_formats import (BLOCK, encode_importance, importance_dtype,
                                         importance_values, num_blocks)
 from distributed_helpers import WORLD_SIZE, requires_gloo, run_ranks
-from helpers import bits, peak_extra_bytes
+from helpers import CPU_BACKENDS, bits, peak_extra_bytes
 from test_regularizer_state import edited, refused
 
 METHODS = {
@@ -31,6 +31,8 @@ METHODS = {
     "ewc-online": (EWC, {"lam": 2.0, "mode": "online", "gamma": 0.6}),
 }
 COMPRESSED = ("bf16", "8bit")
+# The backends of an attached CLASSP step, each against the reference's step.
+STEP_BACKENDS = ["torch", "foreach"] + [b for b in ("cpp", "triton") if b in CPU_BACKENDS]
 # The penalty passes' C++ ops where the extension is built, and the chunked multi-tensor ops.
 PATHS = [pytest.param(True, id="cpu-op", marks=pytest.mark.skipif(
              not penalty_ops.CPU_KERNELS, reason="C++ extension not built")),
@@ -39,11 +41,8 @@ PATHS = [pytest.param(True, id="cpu-op", marks=pytest.mark.skipif(
 
 def use_path(monkeypatch, cpu_op):
     """Send the compressed state and its decoded twin through one path: the C++ ops when
-    ``cpu_op`` and they read compressed importances (else both through the chunked ops, which
-    the compressed state takes until they do)."""
-    reads = penalty_ops.CPU_KERNELS and all(map(penalty_ops._op_reads_compressed,
-                                                ("add_penalty_grad_", "proximal_step_")))
-    monkeypatch.setattr(penalty_ops, "CPU_KERNELS", cpu_op and reads)
+    ``cpu_op``, else the chunked ops."""
+    monkeypatch.setattr(penalty_ops, "CPU_KERNELS", cpu_op)
 
 
 class Net(nn.Module):
@@ -267,32 +266,25 @@ def test_the_chunked_passes_decode_in_chunk_sized_pieces(monkeypatch):
 
 
 @pytest.mark.skipif(not penalty_ops.CPU_KERNELS, reason="C++ extension not built")
-def test_compressed_importances_take_the_cpu_op_where_it_reads_them(monkeypatch):
-    """On the CPU a pass with a bf16 or 8-bit importance goes to the C++ op when the op reads
-    them, else to the chunked ops; float importances go to the op."""
+def test_compressed_importances_take_the_cpu_op(monkeypatch):
+    """On the CPU a pass goes to the C++ op whatever the importance's format."""
     chunked = []
     real_batches = penalty_ops.batches
     monkeypatch.setattr(penalty_ops, "batches",
                         lambda *args: chunked.append(1) or real_batches(*args))
     g = torch.Generator().manual_seed(5)
     values = torch.rand(4096, generator=g)
-    for dtype, op_reads in ((torch.float32, True), (torch.bfloat16, None), (torch.uint8, None)):
+    for dtype in (torch.float32, torch.bfloat16, torch.uint8):
         stored, scales = encode_importance(values, dtype)
         params = [nn.Parameter(torch.randn(4096, generator=g))]
-        chunked.clear()
         penalty_ops.add_penalty_grad_(params, [stored], [torch.zeros(4096)], 2.0,
                                       importance_scales=[scales])
         penalty_ops.proximal_step_(params, [stored], [torch.zeros(4096)], [0.1], 2.0,
                                    importance_scales=[scales])
-        if op_reads is None:
-            op_reads = [penalty_ops._op_reads_compressed(op)
-                        for op in ("add_penalty_grad_", "proximal_step_")]
-        else:
-            op_reads = [op_reads] * 2
-        assert chunked == [1 for reads in op_reads if not reads], dtype
+        assert chunked == [], dtype
 
 
-@pytest.mark.parametrize("backend", ["torch", "foreach"])
+@pytest.mark.parametrize("backend", STEP_BACKENDS)
 @pytest.mark.parametrize("form", ["explicit", "proximal"])
 @pytest.mark.parametrize("state_dtype", COMPRESSED)
 @pytest.mark.parametrize("classp_state", ["fp32", "8bit"])

@@ -6,12 +6,11 @@ elsewhere, or without the extension, multi-tensor ops over bounded runs of chunk
 An importance may be stored compressed (``state_formats.importance_dtype``): bfloat16, or uint8
 8-bit codes with their float32 block scales (``importance_scales``: per tensor, None unless its
 importance is uint8). Every pass reads Omega as its decoded value in float32 (float64 for
-float64 params): the C++ ops decode as they go where they read compressed importances, the
+float64 params): the C++ ops decode as they go, the
 chunked ops decode one run of whole 256-element blocks at a time.
 """
 from __future__ import annotations
 
-import functools
 from typing import Sequence
 
 import torch
@@ -28,32 +27,10 @@ CPU_KERNELS = _extension.has_kernel("CPU", "classp_fused::add_penalty_grad_")
 Scales = Sequence[Tensor | None] | None
 
 
-@functools.cache
-def _op_reads_compressed(op_name: str) -> bool:
-    """Whether the C++ op ``op_name`` reads importances stored compressed (8-bit codes with
-    block scales), probed once on one element."""
-    x = [torch.zeros(1)]
-    codes, scales = [torch.zeros(1, dtype=torch.uint8)], [torch.zeros(1)]
-    try:
-        if op_name == "add_penalty_grad_":
-            torch.ops.classp_fused.add_penalty_grad_(x, codes, scales, [torch.zeros(1)],
-                                                     [torch.zeros(1)], 1.0, None)
-        else:
-            torch.ops.classp_fused.proximal_step_(x, codes, scales, [torch.zeros(1)], [None],
-                                                  [1.0], 1.0)
-    except (RuntimeError, TypeError, ValueError):  # the op's refusal of 8-bit codes
-        return False
-    return True
-
-
-def _cpu_kernels_take(op_name: str, tensors: list[Tensor], importances: list[Tensor]) -> bool:
-    """Whether the C++ op ``op_name`` takes a pass over ``tensors`` (local params) with
-    ``importances``: where the ops are built and there are tensors, all on the CPU, and the op
-    reads each importance's format; the chunked multi-tensor ops take it otherwise."""
-    if not (CPU_KERNELS and tensors and all(t.device.type == "cpu" for t in tensors)):
-        return False
-    compressed = any(w.dtype != t.dtype for t, w in zip(tensors, importances))
-    return not compressed or _op_reads_compressed(op_name)
+def _cpu_kernels_take(tensors: list[Tensor]) -> bool:
+    """Whether the C++ ops take a pass over ``tensors`` (local params): where they are built and
+    there are tensors, all on the CPU; the chunked multi-tensor ops take it otherwise."""
+    return CPU_KERNELS and bool(tensors) and all(t.device.type == "cpu" for t in tensors)
 
 
 def _codes_scales(importances: list[Tensor], importance_scales: Scales) -> list[Tensor]:
@@ -133,7 +110,7 @@ def add_penalty_grad_(params: list[Tensor], importances: list[Tensor], anchors: 
     elif grad_scale is not None:
         factor *= grad_scale
     grads = [local(p.grad) for p in params]
-    if _cpu_kernels_take("add_penalty_grad_", thetas, importances):
+    if _cpu_kernels_take(thetas):
         torch.ops.classp_fused.add_penalty_grad_(
             thetas, importances, _codes_scales(importances, importance_scales), anchors, grads,
             factor, grad_scale if isinstance(grad_scale, Tensor) else None)
@@ -165,7 +142,7 @@ def proximal_step_(params: list[Tensor], importances: list[Tensor], anchors: lis
     [0, 1] for any lambda (exactly 1 where c overflows). One pass, as ``add_penalty_grad_``.
     """
     thetas = [local(p) for p in params]
-    if _cpu_kernels_take("proximal_step_", thetas, importances):
+    if _cpu_kernels_take(thetas):
         torch.ops.classp_fused.proximal_step_(
             thetas, importances, _codes_scales(importances, importance_scales), anchors,
             [s if isinstance(s, Tensor) else None for s in step_sizes],
