@@ -17,6 +17,7 @@ from helpers import bits, random_like
 
 HYPER = dict(lr=0.05, threshold=0.01, eps=1e-5, power=2.0, apply_scaling=True)
 STEPS = 2
+TOLERANCE = {**PARAM_TOLERANCE, torch.float64: dict(rtol=1e-12, atol=1e-12)}
 PENALTY_SCALE = 0.3  # 2 * 0.3 is not a float32: the factor is rounded as the reference rounds it
 
 
@@ -102,6 +103,8 @@ def make_case(members, form, seed=0) -> Case:
     for m in members:
         param = random_like(m.shape, m.dtype, g)
         acc, acc_scale = stored(accumulator_values(m.shape, g), m.acc, g)
+        if m.dtype == torch.float64:
+            acc = acc.double()
         params.append(param.t().contiguous().t() if m.transposed else param)
         accs.append(acc)
         acc_scales.append(acc_scale)
@@ -120,6 +123,20 @@ def make_case(members, form, seed=0) -> Case:
                 anchors)
 
 
+def off_alignment(case: Case) -> Case:
+    """``case`` with its importances and their scales moved one element into fresh buffers:
+    contiguous, not on 16 bytes."""
+    def moved(t):
+        if t is None:
+            return None
+        buffer = torch.zeros(t.numel() + 1, dtype=t.dtype, device=t.device)
+        buffer[1:].copy_(t.reshape(-1))
+        return buffer[1:].view(t.shape)
+    return Case(case.members, case.form, case.params, case.accs, case.acc_scales,
+                [moved(t) for t in case.importances],
+                [moved(t) for t in case.importance_scales], case.anchors)
+
+
 def run(step, case: Case, steps=STEPS, hyper=HYPER, context=contextlib.nullcontext):
     """``steps`` steps of ``step(params, grads, accs, spec)`` on ``case`` (in place, inside
     ``context()``); returns each step's counts on the CPU."""
@@ -133,13 +150,15 @@ def run(step, case: Case, steps=STEPS, hyper=HYPER, context=contextlib.nullconte
 
 
 def assert_matches_reference(step, device, members, form, steps=STEPS, hyper=HYPER,
-                             exact_params=True, context=contextlib.nullcontext, seed=0) -> Case:
+                             exact_params=True, context=contextlib.nullcontext, seed=0,
+                             layout=lambda case: case) -> Case:
     """A backend's ``step`` on ``device`` against the reference on the CPU, both from
-    ``make_case(members, form)``: counts at every step, then accumulators and scales bit for
-    bit, params bit for bit (``exact_params``) or to their dtype's tolerance, importances,
-    their scales and anchors unchanged. Returns the backend's case."""
+    ``make_case(members, form)`` (the backend's tensors in ``layout(case)``): counts at every
+    step, then accumulators and scales bit for bit, params bit for bit (``exact_params``) or to
+    their dtype's tolerance, importances, their scales and anchors unchanged. Returns the
+    backend's case."""
     ref = make_case(members, form, seed)
-    ours = ref.on(device)
+    ours = layout(ref.on(device))
     before = [None if t is None else bits(t).clone()
               for t in ref.importances + ref.importance_scales + ref.anchors]
     expected = run(reference_backend.step, ref, steps, hyper)
@@ -153,7 +172,7 @@ def assert_matches_reference(step, device, members, form, steps=STEPS, hyper=HYP
                 f"params[{i}] ({theirs.dtype}): "
                 f"{int((bits(mine.cpu()) != bits(theirs)).sum())} elements differ")
         else:
-            torch.testing.assert_close(mine.cpu(), theirs, **PARAM_TOLERANCE[theirs.dtype])
+            torch.testing.assert_close(mine.cpu(), theirs, **TOLERANCE[theirs.dtype])
     for name in ("accs", "acc_scales"):
         for i, (mine, theirs) in enumerate(zip(getattr(ours, name), getattr(ref, name))):
             assert (mine is None) == (theirs is None)

@@ -15,7 +15,7 @@ from classp_fused.backends import triton as triton_backend
 from compressed_cases import copies
 from helpers import bits
 from importance_cases import (COMPRESSED_MEMBERS, TRANSPOSED_MEMBERS, Member,
-                              assert_matches_reference, make_case, mixed_members)
+                              assert_matches_reference, make_case, mixed_members, off_alignment)
 
 DEVICE = next((d for d in ("cuda", "cpu") if triton_backend.is_available(torch.device(d))), None)
 pytestmark = [
@@ -60,6 +60,13 @@ def test_power_one_and_no_scaling(power, apply_scaling):
 @pytest.mark.parametrize("form", FORMS)
 def test_non_contiguous_params(form):
     _check(TRANSPOSED_MEMBERS, form)
+
+
+def test_importances_off_16_bytes():
+    """Codes, block scales and bfloat16 importances that do not start on 16 bytes: stepped
+    through aligned copies."""
+    _check(COMPRESSED_MEMBERS[:3] + mixed_members(torch.float16)[:2], "explicit",
+           layout=off_alignment)
 
 
 def test_one_launch_per_importance_format(monkeypatch):

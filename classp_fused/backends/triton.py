@@ -1,18 +1,19 @@
-"""Backend ``triton``: the CLASSP step as one Triton kernel launch per parameter dtype and
-accumulator format.
+"""Backend ``triton``: the CLASSP step as one Triton kernel launch per parameter dtype,
+accumulator format and importance format.
 
 The tensors of a group (split by whether a penalty covers them, and by the format of its
 importances) are cut into ``CHUNK``-element chunks. An int64 table gives each chunk the element
 offsets of its param, grad and accumulator (and importance and anchor) from the group's first
 tensors, its length, its output row, the offsets of its first 8-bit scales (of accumulator and
 importance codes) and the index of its first element within its parameter; it is cached per set
-of tensor addresses, so repeated steps on the same tensors neither rebuild nor copy it. Programs are persistent: as many as the GPU holds
-at once, each striding over the chunks and adding its counts when the chunks' row changes.
-Grads, read once, are loaded with the evict-first hint. lr is read by the kernel from its
-tensor, or passed by value when it lives on the CPU; grad_scale and found_inf are read by the
-kernel. No step synchronizes, and once its table is cached a step copies nothing from the
-host (a new table comes from pinned memory, asynchronously). Params may be float32,
-bfloat16 or float16; arithmetic is float32, and the param is rounded once on write.
+of tensor addresses, so repeated steps on the same tensors neither rebuild nor copy it.
+Programs are persistent: as many as the GPU holds at once, each striding over the chunks and
+adding its counts when the chunks' row changes. Grads, read once, are loaded with the
+evict-first hint. lr is read by the kernel from its tensor, or passed by value when it lives on
+the CPU; grad_scale and found_inf are read by the kernel. No step synchronizes, and once its
+table is cached a step copies nothing from the host (a new table comes from pinned memory,
+asynchronously). Params may be float32, bfloat16 or float16; arithmetic is float32, and the
+param is rounded once on write.
 
 Accumulators are float32, or compressed (``classp_fused.state_formats``): bfloat16, or 8-bit
 codes with a float32 scale per block of 256 elements. A compressed accumulator is decoded to
@@ -627,8 +628,9 @@ if triton is not None:
                                         a_ptr + tl.multiple_of(a_offset + start, ACC_ALIGN),
                                         w_block, m_block, s_block, ws_block, key,
                                         first_index + start, idx, None, lr, grad_scale_ptr,
-                                        row_threshold, eps, power, factor, cap, True, FAST_POWER, APPLY_SCALING, PENALTY,
-                                        sums_ptr is not None, ACC_FORMAT, BLOCK_SIZE, ROW)
+                                        row_threshold, eps, power, factor, cap, True,
+                                        FAST_POWER, APPLY_SCALING, PENALTY, sums_ptr is not None,
+                                        ACC_FORMAT, BLOCK_SIZE, ROW)
                 updated += u
                 nonfinite += n
                 squares += q
