@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import classp_fused
 from classp_fused.backends import triton as triton_backend
 from compressed_cases import copies
 from helpers import bits
@@ -69,6 +70,20 @@ def test_importances_off_16_bytes():
            layout=off_alignment)
 
 
+def _public_step(params, grads, accs, spec):
+    """The public entry point, naming the triton backend."""
+    return classp_fused.classp_step_(params, grads, accs, lr=spec.lr, threshold=spec.threshold,
+                                     eps=spec.eps, power=spec.power,
+                                     apply_scaling=spec.apply_scaling, penalty=spec.penalty,
+                                     compressed=spec.compressed, backend="triton")
+
+
+def test_public_entry_point_validates_and_steps():
+    assert_matches_reference(_public_step, DEVICE,
+                             COMPRESSED_MEMBERS[:2] + mixed_members(torch.float32)[:3],
+                             "proximal", exact_params=EXACT)
+
+
 def test_one_launch_per_importance_format(monkeypatch):
     launches = []
     launch = triton_backend._launch
@@ -108,6 +123,7 @@ def test_bad_importance_arguments_are_refused_by_name():
     members = [Member((300,), importance="8bit"), Member((600,), importance="bf16")]
     args = list(_op_arguments(members, "explicit"))
     importances, importance_scales = args[10], args[14]
+    assert len(importance_scales) == 1  # those of the uint8 importance only
     with pytest.raises(ValueError, match="importance_scales must hold one"):
         triton_backend.classp_step_triton(*args[:14], [], *args[15:])
     wrong = [torch.ones(1, device=DEVICE)]
@@ -116,7 +132,6 @@ def test_bad_importance_arguments_are_refused_by_name():
     wide = [importances[0], importances[1].double()]
     with pytest.raises(TypeError, match=r"importances\[1\] has dtype torch.float64"):
         triton_backend.classp_step_triton(*args[:10], wide, *args[11:])
-    assert len(importance_scales) == 1
 
 
 def test_opcheck_with_compressed_importances():
