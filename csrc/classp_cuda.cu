@@ -10,8 +10,11 @@
 // explicitly rounded operations (no FMA contraction, IEEE division and square root: the CPU
 // kernel's results). lr, grad_scale and found_inf are read on the device; counts are summed per
 // block and tensor and added atomically. A launch over tensors a penalty covers (SPEC section
-// 4a) also reads their importances and anchors, in 128-bit streaming loads, and applies the
-// penalty in the same pass (explicit: into the gradient; proximal: into the new value). With
+// 4a), their importances all of one format, also reads importances and anchors in streaming
+// loads (128-bit words, or narrower ones for importances in a format narrower than the params)
+// and applies the penalty in the same pass (explicit: into the gradient; proximal: into the new
+// value). An importance in the param's dtype or bfloat16 is widened exactly, one of 8-bit codes
+// decoded with its block's scale (classp_fused/state_formats.py), also exact. With
 // gradient means (the relative threshold) a tensor's threshold is raised to tau * S, S read
 // from the means the op stacked before the launch, and the squared finite gradients (after the
 // explicit penalty) and element counts are summed like the counts into scratch the op turns
@@ -129,6 +132,36 @@ __device__ __forceinline__ float decode_code(uint32_t c, float scale) {
   return __fmul_rn(q, scale);
 }
 
+// How an importance of format kW of scalar_t params is stored: as scalar_t, as the upper 16 bits
+// of a float (bfloat16), or as an 8-bit code.
+template <ImportanceFormat kW, typename scalar_t>
+using weight_storage_t =
+    std::conditional_t<kW == ImportanceFormat::kParam, scalar_t,
+                       std::conditional_t<kW == ImportanceFormat::kBFloat16, uint16_t, uint8_t>>;
+
+// The value in T of a stored importance (exact); `scale` is that of its 8-bit block (kCode8).
+template <ImportanceFormat kW, typename T, typename S>
+__device__ __forceinline__ T decode_weight(S stored, float scale) {
+  if constexpr (kW == ImportanceFormat::kParam) {
+    return static_cast<T>(stored);
+  } else if constexpr (kW == ImportanceFormat::kBFloat16) {
+    return __uint_as_float(static_cast<uint32_t>(stored) << 16);
+  } else {
+    return decode_code(stored, scale);
+  }
+}
+
+// The scale of the 8-bit block of element `i` of importances whose blocks' scales start at
+// `scales` (kCode8; 0 for the other formats, which have none).
+template <ImportanceFormat kW>
+__device__ __forceinline__ float weight_scale(const float* scales, int i) {
+  if constexpr (kW == ImportanceFormat::kCode8) {
+    return __ldg(scales + i / kCodeBlock);
+  } else {
+    return 0.0f;
+  }
+}
+
 // The code of `x` (>= 0, at most the block's top) in a block of scale 1 / `inverse`, rounded
 // with `bits` (state_formats.encode_blocks): a positive x never gets code 0.
 __device__ __forceinline__ uint32_t encode_code(float x, float inverse, uint32_t bits) {
@@ -212,11 +245,19 @@ __device__ __forceinline__ void step_element(T param, T grad, T acc, T weight, T
   }
 }
 
-// N elements of T in whole 128-bit words.
+// The word a Vector of kBytes is loaded and stored in: 128 bits, or for the Vectors smaller than
+// that (importances in a format narrower than the params) 64 or 32 bits.
+template <int kBytes>
+using word_t = std::conditional_t<kBytes % kVectorBytes == 0, uint4,
+                                  std::conditional_t<kBytes % 8 == 0, uint2, uint32_t>>;
+
+// N elements of T in whole words: 128-bit ones, or one word of 64 or 32 bits.
 template <typename T, int N>
-struct alignas(kVectorBytes) Vector {
-  static_assert(sizeof(T) * N % kVectorBytes == 0, "a Vector is made of 128-bit words");
-  static constexpr int kWords = sizeof(T) * N / kVectorBytes;
+struct alignas(sizeof(word_t<sizeof(T) * N>)) Vector {
+  using Word = word_t<sizeof(T) * N>;
+  static_assert(sizeof(T) * N % kVectorBytes == 0 || sizeof(T) * N == sizeof(Word),
+                "a Vector is made of 128-bit words, or is one word of 64 or 32 bits");
+  static constexpr int kWords = sizeof(T) * N / sizeof(Word);
   T v[N];
 };
 
@@ -227,7 +268,8 @@ __device__ __forceinline__ V load_vector(const V* ptr) {
   V out;
 #pragma unroll
   for (int k = 0; k < V::kWords; ++k) {
-    reinterpret_cast<uint4*>(&out)[k] = __ldcg(reinterpret_cast<const uint4*>(ptr) + k);
+    using Word = typename V::Word;
+    reinterpret_cast<Word*>(&out)[k] = __ldcg(reinterpret_cast<const Word*>(ptr) + k);
   }
   return out;
 }
@@ -238,7 +280,8 @@ __device__ __forceinline__ V load_vector_streaming(const V* ptr) {
   V out;
 #pragma unroll
   for (int k = 0; k < V::kWords; ++k) {
-    reinterpret_cast<uint4*>(&out)[k] = __ldcs(reinterpret_cast<const uint4*>(ptr) + k);
+    using Word = typename V::Word;
+    reinterpret_cast<Word*>(&out)[k] = __ldcs(reinterpret_cast<const Word*>(ptr) + k);
   }
   return out;
 }
@@ -247,7 +290,8 @@ template <typename V>
 __device__ __forceinline__ void store_vector(V* ptr, const V& value) {
 #pragma unroll
   for (int k = 0; k < V::kWords; ++k) {
-    __stcg(reinterpret_cast<uint4*>(ptr) + k, reinterpret_cast<const uint4*>(&value)[k]);
+    using Word = typename V::Word;
+    __stcg(reinterpret_cast<Word*>(ptr) + k, reinterpret_cast<const Word*>(&value)[k]);
   }
 }
 
@@ -261,15 +305,16 @@ constexpr int kPack = kVectorBytes / (sizeof(scalar_t) < sizeof(storage_t) ? siz
                                                                             : sizeof(storage_t));
 
 // Updates one pack in registers; writes it back whole if any element was selected. `w` and
-// `m` (importances and anchors) are read with a penalty only; `index` is the index of the
-// pack's first element within its parameter, for the random bits of compressed accumulators.
-template <Power kPower, PenaltyForm kForm, AccFormat kAcc, typename scalar_t, typename T,
-          int kP = kPack<scalar_t, acc_storage_t<kAcc, T>>>
+// `m` (importances in format kW, `w_scale` their 8-bit block's scale, and anchors) are read
+// with a penalty only; `index` is the index of the pack's first element within its parameter,
+// for the random bits of compressed accumulators.
+template <Power kPower, PenaltyForm kForm, AccFormat kAcc, ImportanceFormat kW, typename scalar_t,
+          typename T, int kP = kPack<scalar_t, acc_storage_t<kAcc, T>>>
 __device__ __forceinline__ void update_pack(Vector<scalar_t, kP>& p, const Vector<scalar_t, kP>& g,
                                             Vector<acc_storage_t<kAcc, T>, kP>& a,
-                                            const Vector<scalar_t, kP>& w,
-                                            const Vector<scalar_t, kP>& m, const Hyper<T>& h,
-                                            uint32_t key, uint64_t index,
+                                            const Vector<weight_storage_t<kW, scalar_t>, kP>& w,
+                                            float w_scale, const Vector<scalar_t, kP>& m,
+                                            const Hyper<T>& h, uint32_t key, uint64_t index,
                                             Vector<scalar_t, kP>* p_out,
                                             Vector<acc_storage_t<kAcc, T>, kP>* a_out,
                                             int& updated, int& nonfinite, T& squares) {
@@ -279,7 +324,7 @@ __device__ __forceinline__ void update_pack(Vector<scalar_t, kP>& p, const Vecto
     bool selected, finite;
     T new_param, new_acc;
     step_element<kPower, kForm>(static_cast<T>(p.v[e]), static_cast<T>(g.v[e]),
-                                decode_acc<kAcc, T>(a.v[e]), static_cast<T>(w.v[e]),
+                                decode_acc<kAcc, T>(a.v[e]), decode_weight<kW, T>(w.v[e], w_scale),
                                 static_cast<T>(m.v[e]), h, selected, finite, new_param, new_acc,
                                 squares);
     p.v[e] = selected ? static_cast<scalar_t>(new_param) : p.v[e];
@@ -295,33 +340,42 @@ __device__ __forceinline__ void update_pack(Vector<scalar_t, kP>& p, const Vecto
 }
 
 // Updates the `n` elements of one chunk: packs of 128-bit words where all its tensors are
-// aligned, kIlp packs in flight per thread, then one element at a time. `weight` and `anchor`
-// (importances and anchors) are read with a penalty only; compressed accumulators are rounded
-// with the bits of `key` at indices from `first_index` (that of the chunk's first element).
-template <Power kPower, PenaltyForm kForm, AccFormat kAcc, typename scalar_t, typename T>
+// aligned (importances in a narrower format than the params: 64- or 32-bit words), kIlp packs
+// in flight per thread, then one element at a time. `weight` and `anchor` (importances in
+// format kW, with the scales of their 8-bit blocks from `weight_scales` on (kCode8), and
+// anchors) are read with a penalty only; compressed accumulators are rounded with the bits of
+// `key` at indices from `first_index` (that of the chunk's first element).
+template <Power kPower, PenaltyForm kForm, AccFormat kAcc, ImportanceFormat kW, typename scalar_t,
+          typename T>
 __device__ __forceinline__ void update_chunk(scalar_t* param, const scalar_t* grad,
-                                             acc_storage_t<kAcc, T>* acc, const scalar_t* weight,
-                                             const scalar_t* anchor, int n, uint32_t key,
-                                             uint64_t first_index, const Hyper<T>& h,
-                                             int& updated, int& nonfinite, T& squares) {
+                                             acc_storage_t<kAcc, T>* acc,
+                                             const weight_storage_t<kW, scalar_t>* weight,
+                                             const float* weight_scales, const scalar_t* anchor,
+                                             int n, uint32_t key, uint64_t first_index,
+                                             const Hyper<T>& h, int& updated, int& nonfinite,
+                                             T& squares) {
   using storage_t = acc_storage_t<kAcc, T>;
   constexpr int kP = kPack<scalar_t, storage_t>;
+  static_assert(kCodeBlock % kP == 0, "a pack lies in one 8-bit block of importances");
   constexpr bool kPenalty = kForm != PenaltyForm::kNone;
   using ParamPack = Vector<scalar_t, kP>;
   using AccPack = Vector<storage_t, kP>;
+  using WeightPack = Vector<weight_storage_t<kW, scalar_t>, kP>;
   int scalar_from = 0;
   if (is_vector_aligned(param) && is_vector_aligned(grad) && is_vector_aligned(acc) &&
       (!kPenalty || (is_vector_aligned(weight) && is_vector_aligned(anchor)))) {
     auto* params = reinterpret_cast<ParamPack*>(param);
     const auto* grads = reinterpret_cast<const ParamPack*>(grad);
     auto* accs = reinterpret_cast<AccPack*>(acc);
-    const auto* weights = reinterpret_cast<const ParamPack*>(weight);
+    const auto* weights = reinterpret_cast<const WeightPack*>(weight);
     const auto* anchors = reinterpret_cast<const ParamPack*>(anchor);
     const int packs = n / kP;
     int i = threadIdx.x;
     for (; i + (kIlp - 1) * kThreads < packs; i += kIlp * kThreads) {
-      ParamPack p[kIlp], g[kIlp], w[kIlp]{}, m[kIlp]{};
+      ParamPack p[kIlp], g[kIlp], m[kIlp]{};
       AccPack a[kIlp];
+      WeightPack w[kIlp]{};
+      float w_scale[kIlp] = {};
 #pragma unroll
       for (int k = 0; k < kIlp; ++k) {
         p[k] = load_vector(params + i + k * kThreads);
@@ -329,37 +383,45 @@ __device__ __forceinline__ void update_chunk(scalar_t* param, const scalar_t* gr
         a[k] = load_vector(accs + i + k * kThreads);
         if constexpr (kPenalty) {
           w[k] = load_vector_streaming(weights + i + k * kThreads);
+          w_scale[k] = weight_scale<kW>(weight_scales, (i + k * kThreads) * kP);
           m[k] = load_vector_streaming(anchors + i + k * kThreads);
         }
       }
 #pragma unroll
       for (int k = 0; k < kIlp; ++k) {
         const int pack = i + k * kThreads;
-        update_pack<kPower, kForm, kAcc>(p[k], g[k], a[k], w[k], m[k], h, key,
-                                         first_index + static_cast<uint64_t>(pack) * kP,
-                                         params + pack, accs + pack, updated, nonfinite,
-                                         squares);
+        update_pack<kPower, kForm, kAcc, kW>(p[k], g[k], a[k], w[k], w_scale[k], m[k], h, key,
+                                             first_index + static_cast<uint64_t>(pack) * kP,
+                                             params + pack, accs + pack, updated, nonfinite,
+                                             squares);
       }
     }
     for (; i < packs; i += kThreads) {
       ParamPack p = load_vector(params + i);
       AccPack a = load_vector(accs + i);
-      ParamPack w{}, m{};
+      ParamPack m{};
+      WeightPack w{};
+      float w_scale = 0.0f;
       if constexpr (kPenalty) {
         w = load_vector_streaming(weights + i);
+        w_scale = weight_scale<kW>(weight_scales, i * kP);
         m = load_vector_streaming(anchors + i);
       }
-      update_pack<kPower, kForm, kAcc>(p, load_vector_streaming(grads + i), a, w, m, h, key,
-                                       first_index + static_cast<uint64_t>(i) * kP, params + i,
-                                       accs + i, updated, nonfinite, squares);
+      update_pack<kPower, kForm, kAcc, kW>(p, load_vector_streaming(grads + i), a, w, w_scale, m,
+                                           h, key, first_index + static_cast<uint64_t>(i) * kP,
+                                           params + i, accs + i, updated, nonfinite, squares);
     }
     scalar_from = packs * kP;
   }
   for (int i = scalar_from + threadIdx.x; i < n; i += kThreads) {
     bool selected, finite;
     T new_param, new_acc;
-    const T w = kPenalty ? static_cast<T>(weight[i]) : T(0);
-    const T m = kPenalty ? static_cast<T>(anchor[i]) : T(0);
+    T w = T(0);
+    T m = T(0);
+    if constexpr (kPenalty) {
+      w = decode_weight<kW, T>(weight[i], weight_scale<kW>(weight_scales, i));
+      m = static_cast<T>(anchor[i]);
+    }
     step_element<kPower, kForm>(static_cast<T>(param[i]), static_cast<T>(grad[i]),
                                 decode_acc<kAcc, T>(acc[i]), w, m, h, selected, finite,
                                 new_param, new_acc, squares);
@@ -382,23 +444,28 @@ __device__ __forceinline__ float warp_max(float value) {
 
 // Updates the `n` elements of one chunk of a tensor with 8-bit accumulator codes, `scales` the
 // scales of its blocks: block b by warp b mod (warps per thread block), kCodesPerLane
-// consecutive elements per lane, in 128-bit words of params and grads (and importances and
-// anchors) and one 64-bit word of codes where the chunk's tensors are aligned and the lane's
-// elements all lie in the chunk, one element at a time otherwise. A block with a selected
+// consecutive elements per lane, in 128-bit words of params and grads (and importances, in one
+// 64-bit word when 8-bit codes, and anchors) and one 64-bit word of codes where the chunk's
+// tensors are aligned and the lane's elements all lie in the chunk, one element at a time
+// otherwise. Importances in format kW have the scales of their 8-bit blocks (kCode8) from
+// `weight_scales` on, in the blocks of the accumulator codes. A block with a selected
 // element gets new codes throughout and a new scale (state_formats.encode_blocks of the new
 // values of its selected elements, clamped to kSaturation, and the old values of the others);
 // the other blocks are not written. The random bits are those of `key` at indices from
 // `first_index` (that of the chunk's first element).
-template <Power kPower, PenaltyForm kForm, typename scalar_t>
+template <Power kPower, PenaltyForm kForm, ImportanceFormat kW, typename scalar_t>
 __device__ __forceinline__ void update_chunk_codes(scalar_t* param, const scalar_t* grad,
                                                    uint8_t* codes, float* scales,
-                                                   const scalar_t* weight, const scalar_t* anchor,
-                                                   int n, uint32_t key, uint64_t first_index,
-                                                   const Hyper<float>& h, int& updated,
-                                                   int& nonfinite, float& squares) {
+                                                   const weight_storage_t<kW, scalar_t>* weight,
+                                                   const float* weight_scales,
+                                                   const scalar_t* anchor, int n, uint32_t key,
+                                                   uint64_t first_index, const Hyper<float>& h,
+                                                   int& updated, int& nonfinite,
+                                                   float& squares) {
   constexpr bool kPenalty = kForm != PenaltyForm::kNone;
   constexpr int kL = kCodesPerLane;
   using ParamPack = Vector<scalar_t, kL>;
+  using WeightPack = Vector<weight_storage_t<kW, scalar_t>, kL>;
   using CodePack = uint2;  // kL codes
   static_assert(sizeof(CodePack) == kL, "a lane's codes are one 64-bit word");
   const bool aligned = is_vector_aligned(param) && is_vector_aligned(grad) &&
@@ -409,13 +476,14 @@ __device__ __forceinline__ void update_chunk_codes(scalar_t* param, const scalar
   for (int b = threadIdx.x / kWarp; b < blocks; b += kThreads / kWarp) {  // the same in a warp
     const int first = b * kCodeBlock + lane * kL;  // the lane's first element
     const bool whole = aligned && first + kL <= n;
-    ParamPack p{}, g{}, w{}, m{};
+    ParamPack p{}, g{}, m{};
+    WeightPack w{};
     uint8_t c[kL] = {};
     if (whole) {
       p = load_vector(reinterpret_cast<const ParamPack*>(param + first));
       g = load_vector_streaming(reinterpret_cast<const ParamPack*>(grad + first));
       if constexpr (kPenalty) {
-        w = load_vector_streaming(reinterpret_cast<const ParamPack*>(weight + first));
+        w = load_vector_streaming(reinterpret_cast<const WeightPack*>(weight + first));
         m = load_vector_streaming(reinterpret_cast<const ParamPack*>(anchor + first));
       }
       const CodePack word = __ldcg(reinterpret_cast<const CodePack*>(codes + first));
@@ -435,6 +503,7 @@ __device__ __forceinline__ void update_chunk_codes(scalar_t* param, const scalar
       }
     }
     const float old_scale = __ldcg(scales + b);
+    const float w_scale = weight_scale<kW>(weight_scales, b * kCodeBlock);
     float x[kL];  // the values the block is encoded from
     float top = 0.0f;
     int selected_count = 0;
@@ -445,8 +514,9 @@ __device__ __forceinline__ void update_chunk_codes(scalar_t* param, const scalar
       float new_param, new_acc;
       const float old = decode_code(c[e], old_scale);
       step_element<kPower, kForm>(static_cast<float>(p.v[e]), static_cast<float>(g.v[e]), old,
-                                  static_cast<float>(w.v[e]), static_cast<float>(m.v[e]), h,
-                                  selected, finite, new_param, new_acc, squares);
+                                  decode_weight<kW, float>(w.v[e], w_scale),
+                                  static_cast<float>(m.v[e]), h, selected, finite, new_param,
+                                  new_acc, squares);
       x[e] = selected ? fminf(new_acc, kSaturation) : old;
       top = fmaxf(top, x[e]);
       p.v[e] = selected ? static_cast<scalar_t>(new_param) : p.v[e];
@@ -535,10 +605,11 @@ __device__ __forceinline__ void add_counts(int64_t row, int updated, int nonfini
   }
 }
 
-template <typename scalar_t, Power kPower, PenaltyForm kForm, AccFormat kAcc>
+template <typename scalar_t, Power kPower, PenaltyForm kForm, AccFormat kAcc, ImportanceFormat kW>
 __global__ void __launch_bounds__(kThreads)
     classp_step_kernel(const DeviceWorkTable table, const StepArgs args, int64_t* counts) {
   using T = math_t<scalar_t>;
+  using weight_t = weight_storage_t<kW, scalar_t>;
   if (args.has_found_inf && read_scalar(args.found_inf) != 0.0) {
     return;  // an overflowed AMP step changes and counts nothing
   }
@@ -590,11 +661,15 @@ __global__ void __launch_bounds__(kThreads)
     }
     const int64_t rest = __ldg(record + 3) - begin;
     const int n = static_cast<int>(rest < kChunkElements ? rest : kChunkElements);
-    const scalar_t* weight = nullptr;
+    const weight_t* weight = nullptr;
+    const float* weight_scales = nullptr;
     const scalar_t* anchor = nullptr;
     if constexpr (kForm != PenaltyForm::kNone) {
-      weight = reinterpret_cast<const scalar_t*>(__ldg(record + 5)) + begin;
+      weight = reinterpret_cast<const weight_t*>(__ldg(record + 5)) + begin;
       anchor = reinterpret_cast<const scalar_t*>(__ldg(record + 6)) + begin;
+      if constexpr (kW == ImportanceFormat::kCode8) {
+        weight_scales = reinterpret_cast<const float*>(__ldg(record + 9)) + begin / kCodeBlock;
+      }
     }
     size += n;
     auto* param = reinterpret_cast<scalar_t*>(__ldg(record)) + begin;
@@ -602,14 +677,14 @@ __global__ void __launch_bounds__(kThreads)
     const uint64_t first_index = static_cast<uint64_t>(__ldg(record + 8) + begin);
     if constexpr (kAcc == AccFormat::kCode8) {
       static_assert(kChunkElements % kCodeBlock == 0, "chunks start on block boundaries");
-      update_chunk_codes<kPower, kForm>(
+      update_chunk_codes<kPower, kForm, kW>(
           param, grad, reinterpret_cast<uint8_t*>(__ldg(record + 2)) + begin,
-          reinterpret_cast<float*>(__ldg(record + 7)) + begin / kCodeBlock, weight, anchor, n,
-          key, first_index, h, updated, nonfinite, squares);
+          reinterpret_cast<float*>(__ldg(record + 7)) + begin / kCodeBlock, weight,
+          weight_scales, anchor, n, key, first_index, h, updated, nonfinite, squares);
     } else {
-      update_chunk<kPower, kForm, kAcc>(
+      update_chunk<kPower, kForm, kAcc, kW>(
           param, grad, reinterpret_cast<acc_storage_t<kAcc, T>*>(__ldg(record + 2)) + begin,
-          weight, anchor, n, key, first_index, h, updated, nonfinite, squares);
+          weight, weight_scales, anchor, n, key, first_index, h, updated, nonfinite, squares);
     }
   }
   if (row >= 0) {
@@ -644,7 +719,7 @@ cudaError_t resident_blocks(Kernel kernel, std::atomic<int>* known, int* blocks)
   return cudaSuccess;
 }
 
-template <typename scalar_t, AccFormat kAcc, Power kPower, PenaltyForm kForm>
+template <typename scalar_t, AccFormat kAcc, Power kPower, PenaltyForm kForm, ImportanceFormat kW>
 cudaError_t launch(const DeviceWorkTable& table, const StepArgs& args, int64_t* counts,
                    cudaStream_t stream) {
   if (table.num_chunks == 0) {
@@ -653,7 +728,7 @@ cudaError_t launch(const DeviceWorkTable& table, const StepArgs& args, int64_t* 
   static std::atomic<int> known[kMaxDevices];
   int resident = 0;
   const cudaError_t status =
-      resident_blocks(classp_step_kernel<scalar_t, kPower, kForm, kAcc>, known, &resident);
+      resident_blocks(classp_step_kernel<scalar_t, kPower, kForm, kAcc, kW>, known, &resident);
   if (status != cudaSuccess) {
     return status;
   }
@@ -661,49 +736,80 @@ cudaError_t launch(const DeviceWorkTable& table, const StepArgs& args, int64_t* 
   // one less: no last partial wave.
   const int64_t waves = (table.num_chunks + resident - 1) / resident;
   const int blocks = static_cast<int>((table.num_chunks + waves - 1) / waves);
-  classp_step_kernel<scalar_t, kPower, kForm, kAcc>
+  classp_step_kernel<scalar_t, kPower, kForm, kAcc, kW>
       <<<blocks, kThreads, 0, stream>>>(table, args, counts);
   return cudaGetLastError();
 }
 
-template <typename scalar_t, AccFormat kAcc, PenaltyForm kForm>
+template <typename scalar_t, AccFormat kAcc, PenaltyForm kForm, ImportanceFormat kW>
 cudaError_t launch_for_power(const DeviceWorkTable& table, const StepArgs& args,
                              int64_t* counts, cudaStream_t stream) {
   if (args.power == 1.0) {
-    return launch<scalar_t, kAcc, Power::kOne, kForm>(table, args, counts, stream);
+    return launch<scalar_t, kAcc, Power::kOne, kForm, kW>(table, args, counts, stream);
   }
   if (args.power == 2.0) {
-    return launch<scalar_t, kAcc, Power::kTwo, kForm>(table, args, counts, stream);
+    return launch<scalar_t, kAcc, Power::kTwo, kForm, kW>(table, args, counts, stream);
   }
-  return launch<scalar_t, kAcc, Power::kGeneric, kForm>(table, args, counts, stream);
+  return launch<scalar_t, kAcc, Power::kGeneric, kForm, kW>(table, args, counts, stream);
+}
+
+// The importance formats of scalar_t params: their dtype; bfloat16 for float and half params;
+// 8-bit codes for all but double ones.
+template <typename scalar_t, AccFormat kAcc, PenaltyForm kForm>
+cudaError_t launch_for_importance(ImportanceFormat importance, const DeviceWorkTable& table,
+                                  const StepArgs& args, int64_t* counts, cudaStream_t stream) {
+  switch (importance) {
+    case ImportanceFormat::kParam:
+      return launch_for_power<scalar_t, kAcc, kForm, ImportanceFormat::kParam>(table, args,
+                                                                              counts, stream);
+    case ImportanceFormat::kBFloat16:
+      if constexpr (std::is_same_v<scalar_t, float> || std::is_same_v<scalar_t, c10::Half>) {
+        return launch_for_power<scalar_t, kAcc, kForm, ImportanceFormat::kBFloat16>(
+            table, args, counts, stream);
+      }
+      break;
+    case ImportanceFormat::kCode8:
+      if constexpr (!std::is_same_v<scalar_t, double>) {
+        return launch_for_power<scalar_t, kAcc, kForm, ImportanceFormat::kCode8>(table, args,
+                                                                                counts, stream);
+      }
+      break;
+  }
+  return cudaErrorInvalidValue;
 }
 
 template <typename scalar_t, AccFormat kAcc>
-cudaError_t launch_for_form(PenaltyForm form, const DeviceWorkTable& table,
-                            const StepArgs& args, int64_t* counts, cudaStream_t stream) {
+cudaError_t launch_for_form(PenaltyForm form, ImportanceFormat importance,
+                            const DeviceWorkTable& table, const StepArgs& args, int64_t* counts,
+                            cudaStream_t stream) {
   switch (form) {
     case PenaltyForm::kNone:
-      return launch_for_power<scalar_t, kAcc, PenaltyForm::kNone>(table, args, counts, stream);
+      return launch_for_power<scalar_t, kAcc, PenaltyForm::kNone, ImportanceFormat::kParam>(
+          table, args, counts, stream);
     case PenaltyForm::kExplicit:
-      return launch_for_power<scalar_t, kAcc, PenaltyForm::kExplicit>(table, args, counts,
-                                                                      stream);
+      return launch_for_importance<scalar_t, kAcc, PenaltyForm::kExplicit>(importance, table,
+                                                                           args, counts, stream);
     case PenaltyForm::kProximal:
-      return launch_for_power<scalar_t, kAcc, PenaltyForm::kProximal>(table, args, counts,
-                                                                      stream);
+      return launch_for_importance<scalar_t, kAcc, PenaltyForm::kProximal>(importance, table,
+                                                                           args, counts, stream);
   }
   return cudaErrorInvalidValue;
 }
 
 template <typename scalar_t>
-cudaError_t launch_for_format(AccFormat format, PenaltyForm form, const DeviceWorkTable& table,
-                              const StepArgs& args, int64_t* counts, cudaStream_t stream) {
+cudaError_t launch_for_format(AccFormat format, PenaltyForm form, ImportanceFormat importance,
+                              const DeviceWorkTable& table, const StepArgs& args,
+                              int64_t* counts, cudaStream_t stream) {
   switch (format) {
     case AccFormat::kExact:
-      return launch_for_form<scalar_t, AccFormat::kExact>(form, table, args, counts, stream);
+      return launch_for_form<scalar_t, AccFormat::kExact>(form, importance, table, args, counts,
+                                                          stream);
     case AccFormat::kBFloat16:
-      return launch_for_form<scalar_t, AccFormat::kBFloat16>(form, table, args, counts, stream);
+      return launch_for_form<scalar_t, AccFormat::kBFloat16>(form, importance, table, args,
+                                                             counts, stream);
     case AccFormat::kCode8:
-      return launch_for_form<scalar_t, AccFormat::kCode8>(form, table, args, counts, stream);
+      return launch_for_form<scalar_t, AccFormat::kCode8>(form, importance, table, args, counts,
+                                                          stream);
   }
   return cudaErrorInvalidValue;
 }
@@ -739,18 +845,21 @@ cudaError_t write_to_device(const std::vector<int64_t>& values, int64_t* dst,
 }
 
 cudaError_t launch_classp_step(ParamDtype dtype, AccFormat format, PenaltyForm form,
-                               const DeviceWorkTable& table, const StepArgs& args,
-                               int64_t* counts, cudaStream_t stream) {
+                               ImportanceFormat importance, const DeviceWorkTable& table,
+                               const StepArgs& args, int64_t* counts, cudaStream_t stream) {
   switch (dtype) {
     case ParamDtype::kFloat:
-      return launch_for_format<float>(format, form, table, args, counts, stream);
+      return launch_for_format<float>(format, form, importance, table, args, counts, stream);
     case ParamDtype::kBFloat16:
-      return launch_for_format<c10::BFloat16>(format, form, table, args, counts, stream);
+      return launch_for_format<c10::BFloat16>(format, form, importance, table, args, counts,
+                                              stream);
     case ParamDtype::kHalf:
-      return launch_for_format<c10::Half>(format, form, table, args, counts, stream);
+      return launch_for_format<c10::Half>(format, form, importance, table, args, counts,
+                                          stream);
     case ParamDtype::kDouble:  // never compressed
       return format == AccFormat::kExact
-                 ? launch_for_form<double, AccFormat::kExact>(form, table, args, counts, stream)
+                 ? launch_for_form<double, AccFormat::kExact>(form, importance, table, args,
+                                                              counts, stream)
                  : cudaErrorInvalidValue;
   }
   return cudaErrorInvalidValue;

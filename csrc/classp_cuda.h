@@ -48,7 +48,8 @@ struct StepArgs {
 
 // A work table (classp_plan.h) in device memory: `num_records` tensor records, then
 // `num_chunks` chunk entries. Its tensors are all of one dtype and accumulator format, and all
-// covered by the penalty (records with importance and anchor addresses) or none.
+// covered by the penalty (records with importance and anchor addresses, importances of one
+// format) or none.
 struct DeviceWorkTable {
   const int64_t* data;
   int64_t num_records;
@@ -61,11 +62,12 @@ struct DeviceWorkTable {
 cudaError_t write_to_device(const std::vector<int64_t>& values, int64_t* dst, cudaStream_t stream);
 
 // Enqueues the step over the tensors of `table` (all of `dtype` with accumulators in `format`,
-// stepped with `form`) on `stream` as one launch; adds the per-tensor [updated, nonfinite]
-// counts into `counts` (int64, 2 per row, zeroed by the caller). float64 params take kExact
-// accumulators only.
+// stepped with `form`, their importances in `importance` unless the form is kNone) on `stream`
+// as one launch; adds the per-tensor [updated, nonfinite] counts into `counts` (int64, 2 per
+// row, zeroed by the caller). float64 params take kExact accumulators and kParam importances
+// only; kBFloat16 importances are of float32 and float16 params.
 cudaError_t launch_classp_step(ParamDtype dtype, AccFormat format, PenaltyForm form,
-                               const DeviceWorkTable& table, const StepArgs& args,
-                               int64_t* counts, cudaStream_t stream);
+                               ImportanceFormat importance, const DeviceWorkTable& table,
+                               const StepArgs& args, int64_t* counts, cudaStream_t stream);
 
 }  // namespace classp

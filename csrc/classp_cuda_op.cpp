@@ -30,25 +30,26 @@
 namespace classp {
 namespace {
 
-// Work tables in device memory, one per device, dtype, accumulator format and list of tensor
-// records, built on first use and reused while the same tensors are stepped: a step then copies
-// nothing from the host. The least recently used table is dropped beyond kCachedTables, except
-// tables a CUDA graph captured, kept for good since a replay reads them. A table first needed
-// while a stream is capturing is built inside the graph (its writes are kernels the graph
-// replays) and not cached, as eager steps could read it before any replay.
+// Work tables in device memory, one per device, dtype, accumulator format, importance format
+// and list of tensor records, built on first use and reused while the same tensors are
+// stepped: a step then copies nothing from the host. The least recently used table is dropped
+// beyond kCachedTables, except tables a CUDA graph captured, kept for good since a replay reads
+// them. A table first needed while a stream is capturing is built inside the graph (its writes
+// are kernels the graph replays) and not cached, as eager steps could read it before any
+// replay.
 class WorkTableCache {
  public:
   // The table and a tensor owning its memory (valid at least until the step is enqueued).
   std::pair<DeviceWorkTable, at::Tensor> get(c10::Device device, ParamDtype dtype,
-                                             AccFormat format,
+                                             AccFormat format, ImportanceFormat importance,
                                              const std::vector<TensorRecord>& records,
                                              const c10::cuda::CUDAStream& stream) {
     std::vector<int64_t> key{device.index(), static_cast<int64_t>(dtype),
-                             static_cast<int64_t>(format)};
-    key.reserve(3 + records.size() * kRecordColumns);
+                             static_cast<int64_t>(format), static_cast<int64_t>(importance)};
+    key.reserve(4 + records.size() * kRecordColumns);
     for (const TensorRecord& r : records) {
       key.insert(key.end(), {r.param, r.grad, r.acc, r.numel, r.row, r.weight, r.anchor,
-                             r.scales, r.first_index});
+                             r.scales, r.first_index, r.weight_scales});
     }
     cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
     C10_CUDA_CHECK(cudaStreamIsCapturing(stream.stream(), &capture));
@@ -154,6 +155,15 @@ c10::Device step_device(at::TensorList params, const at::Tensor& lr,
   return lr.device();
 }
 
+// The format of an importance of dtype `importance` of a `param` dtype param (one the checks
+// accepted).
+ImportanceFormat importance_format(c10::ScalarType param, c10::ScalarType importance) {
+  if (importance == param) {
+    return ImportanceFormat::kParam;
+  }
+  return importance == at::kByte ? ImportanceFormat::kCode8 : ImportanceFormat::kBFloat16;
+}
+
 ParamDtype param_dtype(c10::ScalarType dtype) {
   switch (dtype) {
     case at::kFloat:
@@ -206,12 +216,6 @@ at::Tensor classp_step_cuda(at::TensorList params, at::TensorList grads, at::Ten
                     device, /*compressed=*/true);
   const PenaltyForm form = check_penalty_inputs(params, importances, importance_scales, anchors,
                                                 penalty_form, penalty_scale);
-  for (size_t i = 0; i < importances.size(); ++i) {
-    const std::optional<at::Tensor> weight = importances.get(i);
-    TORCH_CHECK(!weight.has_value() || weight->scalar_type() == params[i].scalar_type(),
-                "classp_step_: this kernel reads importances in the param's dtype; importances[",
-                i, "] is ", weight->scalar_type());
-  }
   check_grad_sq_means(params, relative_threshold, grad_sq_means);
   check_compressed_inputs(params, accs, acc_scales, rounding_keys, index_offsets, device);
   const c10::cuda::CUDAGuard device_guard(device);
@@ -251,20 +255,25 @@ at::Tensor classp_step_cuda(at::TensorList params, at::TensorList grads, at::Ten
   // Tensors laid out differently are updated on contiguous copies, written back afterwards.
   std::vector<at::Tensor> work_params(n), work_grads(n), work_accs(n), work_weights(n),
       work_anchors(n);
-  // Records by ParamDtype and AccFormat, first of the tensors the penalty does not cover, then
-  // of those it does: one launch each.
-  std::array<std::array<std::array<std::vector<TensorRecord>, 3>, 4>, 2> groups;
+  // Records by coverage (0: the tensors the penalty does not cover, 1 + ImportanceFormat: those
+  // it covers, by the format of their importances), ParamDtype and AccFormat: one launch each.
+  std::array<std::array<std::array<std::vector<TensorRecord>, 3>, 4>, 4> groups;
   size_t codes = 0;  // the uint8 accumulators so far: their scales' index in acc_scales
+  size_t weight_codes = 0;  // the uint8 importances so far: their index in importance_scales
   for (int64_t i = 0; i < n; ++i) {
     const AccFormat format = acc_format(params[i].scalar_type(), accs[i].scalar_type());
     const at::Tensor* scales = format == AccFormat::kCode8 ? &acc_scales[codes++] : nullptr;
-    if (params[i].numel() == 0) {
-      continue;
-    }
     std::optional<at::Tensor> weight, anchor;
+    const at::Tensor* weight_scales = nullptr;
     if (form != PenaltyForm::kNone) {
       weight = importances.get(i);
       anchor = anchors.get(i);
+      if (weight.has_value() && weight->scalar_type() == at::kByte) {
+        weight_scales = &importance_scales[weight_codes++];
+      }
+    }
+    if (params[i].numel() == 0) {
+      continue;
     }
     const auto& strides = params[i].strides();
     const bool direct = params[i].is_non_overlapping_and_dense() &&
@@ -276,36 +285,46 @@ at::Tensor classp_step_cuda(at::TensorList params, at::TensorList grads, at::Ten
     work_accs[i] = direct ? accs[i] : accs[i].contiguous();
     int64_t weight_address = 0;
     int64_t anchor_address = 0;
+    int coverage = 0;
     if (weight.has_value()) {
+      // a uint8 importance is contiguous, its scales indexed in row-major order: when the param
+      // is not, none is direct
       work_weights[i] = direct ? *weight : weight->contiguous();
       work_anchors[i] = direct ? *anchor : anchor->contiguous();
       weight_address = reinterpret_cast<int64_t>(work_weights[i].data_ptr());
       anchor_address = reinterpret_cast<int64_t>(work_anchors[i].data_ptr());
+      coverage = 1 + static_cast<int>(importance_format(params[i].scalar_type(),
+                                                        weight->scalar_type()));
     }
-    groups[weight.has_value()][static_cast<int>(param_dtype(params[i].scalar_type()))]
+    groups[coverage][static_cast<int>(param_dtype(params[i].scalar_type()))]
           [static_cast<int>(format)]
               .push_back({reinterpret_cast<int64_t>(work_params[i].data_ptr()),
                           reinterpret_cast<int64_t>(work_grads[i].data_ptr()),
                           reinterpret_cast<int64_t>(work_accs[i].data_ptr()), params[i].numel(),
                           i, weight_address, anchor_address,
                           scales ? reinterpret_cast<int64_t>(scales->data_ptr()) : 0,
-                          format == AccFormat::kExact ? 0 : index_offsets[i]});
+                          format == AccFormat::kExact ? 0 : index_offsets[i],
+                          weight_scales ? reinterpret_cast<int64_t>(weight_scales->data_ptr())
+                                        : 0});
   }
   const c10::cuda::CUDAStream stream = c10::cuda::getCurrentCUDAStream();
-  for (int covered = 0; covered < 2; ++covered) {
-    const PenaltyForm launch_form = covered ? form : PenaltyForm::kNone;
-    for (size_t dtype = 0; dtype < groups[covered].size(); ++dtype) {
-      for (size_t format = 0; format < groups[covered][dtype].size(); ++format) {
-        const std::vector<TensorRecord>& records = groups[covered][dtype][format];
+  for (size_t coverage = 0; coverage < groups.size(); ++coverage) {
+    const PenaltyForm launch_form = coverage ? form : PenaltyForm::kNone;
+    const auto importance =
+        coverage ? static_cast<ImportanceFormat>(coverage - 1) : ImportanceFormat::kParam;
+    for (size_t dtype = 0; dtype < groups[coverage].size(); ++dtype) {
+      for (size_t format = 0; format < groups[coverage][dtype].size(); ++format) {
+        const std::vector<TensorRecord>& records = groups[coverage][dtype][format];
         if (records.empty()) {
           continue;
         }
         const auto [table, owner] = work_tables().get(device, static_cast<ParamDtype>(dtype),
-                                                      static_cast<AccFormat>(format), records,
-                                                      stream);
+                                                      static_cast<AccFormat>(format), importance,
+                                                      records, stream);
         C10_CUDA_CHECK(launch_classp_step(static_cast<ParamDtype>(dtype),
-                                          static_cast<AccFormat>(format), launch_form, table,
-                                          args, counts.data_ptr<int64_t>(), stream.stream()));
+                                          static_cast<AccFormat>(format), launch_form,
+                                          importance, table, args,
+                                          counts.data_ptr<int64_t>(), stream.stream()));
       }
     }
   }

@@ -72,7 +72,7 @@ inline Plan plan_work(const std::vector<int64_t>& numels, int64_t num_parts,
 // The CUDA kernel's work table, one int64 array in device memory: a record of kRecordColumns
 // values per tensor, then one entry per chunk of kChunkElements elements, tensor by tensor:
 // (record slot << 32) | chunk index within the tensor.
-constexpr int64_t kRecordColumns = 9;
+constexpr int64_t kRecordColumns = 10;
 struct TensorRecord {
   int64_t param, grad, acc;  // device addresses
   int64_t numel;             // > 0
@@ -80,6 +80,7 @@ struct TensorRecord {
   int64_t weight, anchor;    // device addresses of importance and anchor; 0 without a penalty
   int64_t scales;            // device address of the block scales of 8-bit codes, else 0
   int64_t first_index;       // index of the first element in its parameter (compressed accs)
+  int64_t weight_scales;     // device address of the block scales of 8-bit importances, else 0
 };
 
 inline std::vector<int64_t> work_table(const std::vector<TensorRecord>& records) {
@@ -91,7 +92,7 @@ inline std::vector<int64_t> work_table(const std::vector<TensorRecord>& records)
   table.reserve(records.size() * kRecordColumns + chunks);
   for (const TensorRecord& r : records) {
     table.insert(table.end(), {r.param, r.grad, r.acc, r.numel, r.row, r.weight, r.anchor,
-                               r.scales, r.first_index});
+                               r.scales, r.first_index, r.weight_scales});
   }
   for (int64_t slot = 0; slot < static_cast<int64_t>(records.size()); ++slot) {
     for (int64_t chunk = 0; chunk * kChunkElements < records[slot].numel; ++chunk) {

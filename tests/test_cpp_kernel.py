@@ -25,7 +25,7 @@ OP_PACKET = (torch.ops.classp_fused.classp_step_.default if _extension.LOAD_ERRO
 NO_PENALTY = ([], [], "none", 0.0, [], 0.0, [], [], None, [])
 DTYPES = [torch.float32, torch.bfloat16, torch.float16, torch.float64]
 CHUNK = 1 << 16
-RECORD_COLUMNS = 9
+RECORD_COLUMNS = 10
 # Tolerance of the generic power path (exp2/log2 vs torch.pow): about one rounding of the dtype.
 GENERIC_RTOL = {torch.float32: 2e-6, torch.float64: 1e-14, torch.bfloat16: 2 ** -7,
                 torch.float16: 2 ** -10}

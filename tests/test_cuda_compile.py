@@ -16,9 +16,15 @@ from torch.utils import cpp_extension
 ROOT = Path(__file__).resolve().parents[1]
 KERNEL = "csrc/classp_cuda.cu"
 SOURCES = [KERNEL, "csrc/classp_cuda_op.cpp"]
-# (param dtypes float, bfloat16, half x accumulator formats exact, bfloat16, 8-bit codes, plus
-# double with exact accumulators) x power paths 1, 2, generic x penalty none, explicit, proximal
-VARIANTS = (3 * 3 + 1) * 3 * 3
+# Per param dtype, accumulator formats x power paths 1, 2, generic x (penalty none, or explicit
+# and proximal with each importance format: the param's dtype, bfloat16 (of float and half
+# params), 8-bit codes (but of double params)): float and half, bfloat16, double (exact
+# accumulators only)
+CODE_VARIANTS = (2 * (1 + 2 * 3) + (1 + 2 * 2)) * 3  # with 8-bit accumulator codes
+VARIANTS = 3 * CODE_VARIANTS + (1 + 2 * 1) * 3
+# bytes of an element, by the mangled name of its param type and of its importance format
+PARAM_BYTES = {"IfL": 4, "IdL": 8, "IN3c104HalfE": 2, "IN3c108BFloat16E": 2}
+IMPORTANCE_BYTES = {"ImportanceFormatE1E": 2, "ImportanceFormatE2E": 1}
 
 
 def find_nvcc():
@@ -103,6 +109,19 @@ def step_kernels(code: str, entry: str) -> dict[str, str]:
     return bodies
 
 
+def streamed_bytes(body: str) -> int:
+    """The bytes the streaming (evict-first) loads of a kernel's PTX read, summed over the
+    instructions."""
+    widths = {"v4.u32": 16, "v2.u32": 8, "u32": 4}
+    return sum(widths[w] for w in re.findall(r"ld\.global\.cs\.(v4\.u32|v2\.u32|u32)\b", body))
+
+
+def element_bytes(name: str) -> tuple[int, int]:
+    """The bytes of a kernel variant's param and importance elements."""
+    param = next(n for key, n in PARAM_BYTES.items() if f"classp_step_kernel{key}" in name)
+    return param, next((n for key, n in IMPORTANCE_BYTES.items() if key in name), param)
+
+
 def test_kernel_ptx_has_128_bit_streaming_loads(built):
     """Every variant of the step kernel: params and accumulators in 128-bit global loads and
     stores, grads in 128-bit loads with the streaming (evict-first) hint, nothing in local
@@ -118,13 +137,17 @@ def test_kernel_ptx_has_128_bit_streaming_loads(built):
         assert re.search(r"ld\.global\.cs\.v4\.", body), name
         assert re.search(r"st\.global\.cg\.v4\.", body), name
         assert not re.search(r"(ld|st)\.local", body), name
-        streaming[name] = len(re.findall(r"ld\.global\.cs\.v4\.", body))
+        streaming[name] = streamed_bytes(body)
     # with a penalty (PenaltyForm 1 explicit, 2 proximal), importances and anchors stream in
-    # 128-bit loads as the grads do: three times the loads of the same variant without
+    # vector loads as the grads do (in 128-bit words, narrower importances in 64- or 32-bit
+    # ones): the bytes of the same variant without, times (grad + anchor + importance) / grad
     for name, count in streaming.items():
         if "PenaltyFormE0E" not in name:
             plain = re.sub(r"PenaltyFormE[12]E", "PenaltyFormE0E", name)
-            assert count == 3 * streaming[plain], (name, count, streaming[plain])
+            plain = re.sub(r"ImportanceFormatE[12]E", "ImportanceFormatE0E", plain)
+            param, importance = element_bytes(name)
+            assert count * param == streaming[plain] * (2 * param + importance), (
+                name, count, streaming[plain])
 
 
 def test_kernel_sass_has_128_bit_loads(built):
@@ -150,7 +173,7 @@ def test_kernel_ptx_rounds_each_operation_and_steps_codes_by_warp(built):
     assert returncode == 0 and outputs["ptx"] is not None, log
     kernels = step_kernels(outputs["ptx"].read_text(), r"\.entry\s+(\w+)")
     codes = [name for name in kernels if "AccFormatE2E" in name]
-    assert len(codes) == 3 * 3 * 3, sorted(kernels)
+    assert len(codes) == CODE_VARIANTS, sorted(kernels)
     for name, body in kernels.items():
         if "PowerE2E" not in name:  # the generic power calls exp2 and log2
             assert not re.search(r"\bfma\.", body), name

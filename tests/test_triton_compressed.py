@@ -297,14 +297,14 @@ def _op_arguments(shapes, formats):
 def test_bad_compressed_arguments_are_refused_by_name():
     args = list(_op_arguments([(300,), (600,)], ["8bit", "bf16"]))
     with pytest.raises(ValueError, match="acc_scales"):
-        triton_backend.classp_step_triton(*args[:16], [], *args[17:])
+        triton_backend.classp_step_triton(*args[:17], [], *args[18:])
     with pytest.raises(ValueError, match="rounding_keys"):
-        triton_backend.classp_step_triton(*args[:17], None, args[18])
+        triton_backend.classp_step_triton(*args[:18], None, args[19])
     with pytest.raises(ValueError, match="index_offsets"):
-        triton_backend.classp_step_triton(*args[:18], [0])
+        triton_backend.classp_step_triton(*args[:19], [0])
     wrong = [torch.ones(1, device=DEVICE)]
     with pytest.raises(ValueError, match=r"scales of accs\[0\]"):
-        triton_backend.classp_step_triton(*args[:16], wrong, *args[17:])
+        triton_backend.classp_step_triton(*args[:17], wrong, *args[18:])
 
 
 def test_opcheck_with_compressed_accumulators():
@@ -333,13 +333,14 @@ for dtype, acc_format, power, penalty in variants:
                      threshold="fp32", eps="fp32", power="fp32", factor="fp32", cap="fp32",
                      thresholds_ptr="constexpr", sums_ptr="constexpr", sizes_ptr="constexpr",
                      scales_ptr="*fp32" if acc_format == 2 else "constexpr", keys_ptr="*i64",
-                     FAST_POWER="constexpr", APPLY_SCALING="constexpr", PENALTY="constexpr",
-                     ACC_FORMAT="constexpr", GROUP="constexpr", ACC_ALIGN="constexpr",
-                     BLOCK_SIZE="constexpr")
+                     w_scales_ptr="constexpr", FAST_POWER="constexpr", APPLY_SCALING="constexpr",
+                     PENALTY="constexpr", ACC_FORMAT="constexpr", GROUP="constexpr",
+                     ACC_ALIGN="constexpr", W_ALIGN="constexpr", BLOCK_SIZE="constexpr")
     constexprs = dict(FAST_POWER=power, APPLY_SCALING=True, PENALTY=penalty,
                       ACC_FORMAT=acc_format, GROUP=8 if dtype == "fp32" else 16,
-                      ACC_ALIGN=8 if acc_format == 1 else 16, BLOCK_SIZE=1024,
-                      thresholds_ptr=None, sums_ptr=None, sizes_ptr=None)
+                      ACC_ALIGN=8 if acc_format == 1 else 16,
+                      W_ALIGN=4 if dtype == "fp32" else 8, BLOCK_SIZE=1024,
+                      thresholds_ptr=None, sums_ptr=None, sizes_ptr=None, w_scales_ptr=None)
     if not penalty:
         constexprs.update(w_ptr=None, m_ptr=None)
     if acc_format != 2:

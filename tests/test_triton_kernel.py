@@ -288,7 +288,8 @@ def test_traceable_body_takes_the_penalty(form):
         importances[3] = anchors[3] = None
         ours = _on_device(ref)
         penalty = ([None if t is None else t.to(DEVICE) for t in importances],
-                   [None if t is None else t.to(DEVICE) for t in anchors], form, 0.5, 0.0, [], [], None, [])
+                   [None if t is None else t.to(DEVICE) for t in anchors], form, 0.5, [], 0.0,
+                   [], [], None, [])
         with triton_backend.classp_step_triton.set_kernel_enabled(DEVICE, False):
             counts = triton_backend.classp_step_triton(
                 *ours, torch.tensor(0.05, device=DEVICE), 0.01, 1e-5, 2.0, True, None, None,
@@ -326,24 +327,25 @@ def test_opcheck(amp):
     anchors = [None if w is None else w.neg() for w in covered]
     for form in ("explicit", "proximal"):
         torch.library.opcheck(triton_backend.classp_step_triton,
-                              (*args, covered, anchors, form, 0.5, 0.0, [], [], None, []))
+                              (*args, covered, anchors, form, 0.5, [], 0.0, [], [], None, []))
 
 
 def test_chunk_table_offsets_past_two_to_the_31():
     """The chunk map in int64, built for numels and offsets no test could allocate."""
     big = 2 ** 31 + 5
     table = triton_backend.chunk_table(((0, 2 ** 33, -(2 ** 32), big, 3, 2 ** 34, 5, 6,
-                                         2 ** 35),
-                                        (big + 11, 2 ** 40, 7, 9, 0, 0, 0, 0, 0)))
+                                         2 ** 35, 2 ** 36),
+                                        (big + 11, 2 ** 40, 7, 9, 0, 0, 0, 0, 0, 0)))
     n_big = -(-big // CHUNK)
     assert table.dtype == torch.int64 and table.shape == (n_big + 1, triton_backend.TABLE_COLUMNS)
     last = n_big - 1
     assert table[last].tolist() == [last * CHUNK, 2 ** 33 + last * CHUNK,
                                     -(2 ** 32) + last * CHUNK, big - last * CHUNK, 3,
                                     2 ** 34 + last * CHUNK, 5 + last * CHUNK,
-                                    6 + last * CHUNK // 256, 2 ** 35 + last * CHUNK]
+                                    6 + last * CHUNK // 256, 2 ** 35 + last * CHUNK,
+                                    2 ** 36 + last * CHUNK // 256]
     assert table[last - 1, 3] == CHUNK and table[last, 0] >= 2 ** 31
-    assert table[-1].tolist() == [big + 11, 2 ** 40, 7, 9, 0, 0, 0, 0, 0]
+    assert table[-1].tolist() == [big + 11, 2 ** 40, 7, 9, 0, 0, 0, 0, 0, 0]
     assert torch.equal(table[:n_big, 3].sum(), torch.tensor(big))
 
 
@@ -375,12 +377,14 @@ for dtype, power, amp, penalty, relative in variants:
                      thresholds_ptr="*fp32" if relative else "constexpr",
                      sums_ptr="*fp32" if relative else "constexpr",
                      sizes_ptr="*i64" if relative else "constexpr", scales_ptr="constexpr",
-                     keys_ptr="constexpr", FAST_POWER="constexpr", APPLY_SCALING="constexpr",
-                     PENALTY="constexpr", ACC_FORMAT="constexpr", GROUP="constexpr",
-                     ACC_ALIGN="constexpr", BLOCK_SIZE="constexpr")
+                     keys_ptr="constexpr", w_scales_ptr="constexpr", FAST_POWER="constexpr",
+                     APPLY_SCALING="constexpr", PENALTY="constexpr", ACC_FORMAT="constexpr",
+                     GROUP="constexpr", ACC_ALIGN="constexpr", W_ALIGN="constexpr",
+                     BLOCK_SIZE="constexpr")
     constexprs = dict(FAST_POWER=power, APPLY_SCALING=amp, PENALTY=penalty, ACC_FORMAT=0,
-                      GROUP=8 if dtype == "fp32" else 16, ACC_ALIGN=4, BLOCK_SIZE=1024,
-                      scales_ptr=None, keys_ptr=None)
+                      GROUP=8 if dtype == "fp32" else 16, ACC_ALIGN=4,
+                      W_ALIGN=4 if dtype == "fp32" else 8, BLOCK_SIZE=1024,
+                      scales_ptr=None, keys_ptr=None, w_scales_ptr=None)
     if not amp:
         constexprs.update(lr_ptr=None, grad_scale_ptr=None, found_inf_ptr=None)
     if not penalty:

@@ -1,18 +1,19 @@
-"""Backend ``triton``: the CLASSP step as one Triton kernel launch per parameter dtype and
-accumulator format.
+"""Backend ``triton``: the CLASSP step as one Triton kernel launch per parameter dtype,
+accumulator format and importance format.
 
-The tensors of a group (split by whether a penalty covers them) are cut into
-``CHUNK``-element chunks. An int64 table gives each chunk the element offsets of its param,
-grad and accumulator (and importance and anchor) from the group's first tensors, its length,
-its output row, the offset of its first 8-bit scale and the index of its first element within
-its parameter; it is cached per set of tensor addresses, so repeated steps on the same tensors
-neither rebuild nor copy it. Programs are persistent: as many as the GPU holds
-at once, each striding over the chunks and adding its counts when the chunks' row changes.
-Grads, read once, are loaded with the evict-first hint. lr is read by the kernel from its
-tensor, or passed by value when it lives on the CPU; grad_scale and found_inf are read by the
-kernel. No step synchronizes, and once its table is cached a step copies nothing from the
-host (a new table comes from pinned memory, asynchronously). Params may be float32,
-bfloat16 or float16; arithmetic is float32, and the param is rounded once on write.
+The tensors of a group (split by whether a penalty covers them, and by the format of its
+importances) are cut into ``CHUNK``-element chunks. An int64 table gives each chunk the element
+offsets of its param, grad and accumulator (and importance and anchor) from the group's first
+tensors, its length, its output row, the offsets of its first 8-bit scales (of accumulator and
+importance codes) and the index of its first element within its parameter; it is cached per set
+of tensor addresses, so repeated steps on the same tensors neither rebuild nor copy it.
+Programs are persistent: as many as the GPU holds at once, each striding over the chunks and
+adding its counts when the chunks' row changes. Grads, read once, are loaded with the
+evict-first hint. lr is read by the kernel from its tensor, or passed by value when it lives on
+the CPU; grad_scale and found_inf are read by the kernel. No step synchronizes, and once its
+table is cached a step copies nothing from the host (a new table comes from pinned memory,
+asynchronously). Params may be float32, bfloat16 or float16; arithmetic is float32, and the
+param is rounded once on write.
 
 Accumulators are float32, or compressed (``classp_fused.state_formats``): bfloat16, or 8-bit
 codes with a float32 scale per block of 256 elements. A compressed accumulator is decoded to
@@ -25,6 +26,11 @@ decoding products are PTX instructions with an explicit rounding (no fused multi
 whatever the compile options, no approximate division), as numpy rounds them in the
 interpreter and the reference does: accumulators match the reference bit for bit, but for a
 generic power's ``|g|**p``, computed as ``exp2(p * log2|g|)``.
+
+A penalty's importances W (SPEC section 4a) are read in their importance format
+(``state_formats.importance_dtype``): the param's dtype, bfloat16, or 8-bit codes with a
+float32 scale per block of 256 elements, decoded as the accumulator codes are (exactly); every
+format gives W its float32 value, as the reference reads it.
 
 Gradient means (the relative threshold, SPEC section 4a): the kernel reads each tensor's
 threshold, ``max(threshold, tau * S)``, from a vector made from the means before the launch, and
@@ -97,25 +103,27 @@ def step(params, grads, accs, spec):
 
 
 def chunk_table(entries, device="cpu") -> Tensor:
-    """The kernel's ``(chunks, 9)`` int64 table (``TABLE_COLUMNS``).
+    """The kernel's ``(chunks, 10)`` int64 table (``TABLE_COLUMNS``).
 
     ``entries`` holds one ``(param offset, grad offset, acc offset, numel, row, importance
-    offset, anchor offset, scale offset, first index)`` per non-empty tensor, offsets in
-    elements from the group's base tensors (importance and anchor offsets 0 without a penalty;
-    the scale offset, in blocks from the base scales, 0 but for 8-bit accumulators; the first
-    index, that of the tensor's first element within its parameter, 0 but for compressed
-    ones). Each chunk gets its offsets, its length (at most ``CHUNK``), the row of the counts it
-    adds to, the offset of its first block's scale and its first element's index.
+    offset, anchor offset, scale offset, first index, importance scale offset)`` per non-empty
+    tensor, offsets in elements from the group's base tensors (importance and anchor offsets 0
+    without a penalty; the scale offsets, in blocks from the base scales, 0 but for 8-bit
+    accumulators and 8-bit importances; the first index, that of the tensor's first element
+    within its parameter, 0 but for compressed accumulators). Each chunk gets its offsets, its
+    length (at most ``CHUNK``), the row of the counts it adds to, the offset of its first
+    block's accumulator scale, its first element's index and the offset of its first block's
+    importance scale.
     """
     chunks = []
     for (p_offset, g_offset, a_offset, numel, row, w_offset, m_offset, s_offset,
-         first_index) in entries:
+         first_index, ws_offset) in entries:
         start = torch.arange(0, numel, CHUNK, dtype=torch.int64, device=device)
+        blocks = start // state_formats.BLOCK
         chunks.append(torch.stack([start + p_offset, start + g_offset, start + a_offset,
                                    (numel - start).clamp(max=CHUNK), torch.full_like(start, row),
-                                   start + w_offset, start + m_offset,
-                                   start // state_formats.BLOCK + s_offset,
-                                   start + first_index], dim=1))
+                                   start + w_offset, start + m_offset, blocks + s_offset,
+                                   start + first_index, blocks + ws_offset], dim=1))
     return torch.cat(chunks)
 
 
@@ -174,9 +182,16 @@ def _grid(num_chunks: int, device: torch.device) -> int:
     return max(1, -(-num_chunks // max(waves, 1)))
 
 
+def _importance_formats(dtype: torch.dtype) -> tuple:
+    """The dtypes an importance of a ``dtype`` param may have (``state_formats``)."""
+    compressed = (torch.bfloat16,) if dtype in (torch.float32, torch.float16) else ()
+    return (dtype,) + compressed + (torch.uint8,)
+
+
 def _dtype_groups(params, accs, importances) -> list[list[int]]:
-    """Indices of the non-empty params, grouped by dtype, accumulator format and whether the
-    penalty covers them (``importances``: empty, or an entry per param): one launch per group."""
+    """Indices of the non-empty params, grouped by dtype, accumulator format and the dtype of
+    the importance that covers them, if any (``importances``: empty, or an entry per param):
+    one launch per group."""
     groups = {}
     for i, p in enumerate(params):
         if p.dtype not in KERNEL_DTYPES:
@@ -188,9 +203,14 @@ def _dtype_groups(params, accs, importances) -> list[list[int]]:
         if p.device != params[0].device:
             raise ValueError(f"params[{i}] is on {p.device}, params[0] on {params[0].device}: "
                              f"the triton backend needs them on one device")
+        weight = importances[i] if importances else None
+        if weight is not None and weight.dtype not in _importance_formats(p.dtype):
+            raise TypeError(f"importances[{i}] has dtype {weight.dtype}, expected one of "
+                            f"{list(_importance_formats(p.dtype))} (an importance format of "
+                            f"the param's {p.dtype})")
         if p.numel():
-            covered = bool(importances) and importances[i] is not None
-            groups.setdefault((p.dtype, accs[i].dtype, covered), []).append(i)
+            key = (p.dtype, accs[i].dtype, None if weight is None else weight.dtype)
+            groups.setdefault(key, []).append(i)
     return list(groups.values())
 
 
@@ -216,6 +236,26 @@ def _code_scales(accs, acc_scales, rounding_keys, index_offsets) -> list:
             raise ValueError(f"the scales of accs[{i}] must be a float32 tensor of "
                              f"{state_formats.num_blocks(accs[i].numel())} elements, got "
                              f"{scale.dtype} of shape {tuple(scale.shape)}")
+        scales[i] = scale
+    return scales
+
+
+def _importance_code_scales(importances, importance_scales) -> list:
+    """Per param the block scales of its uint8 (8-bit) importance (``importance_scales`` holds
+    those, in order), None for the others; checks that they fit ``importances``."""
+    codes = [i for i, w in enumerate(importances) if w is not None and w.dtype == torch.uint8]
+    if len(importance_scales) != len(codes):
+        raise ValueError(f"importance_scales must hold one scales tensor per uint8 importance "
+                         f"({len(codes)}), got {len(importance_scales)}")
+    scales = [None] * len(importances)
+    for i, scale in zip(codes, importance_scales):
+        blocks = state_formats.num_blocks(importances[i].numel())
+        if scale.dtype != torch.float32 or scale.shape != (blocks,):
+            raise ValueError(f"the scales of importances[{i}] must be a float32 tensor of "
+                             f"{blocks} elements, got {scale.dtype} of shape "
+                             f"{tuple(scale.shape)}")
+        if not importances[i].is_contiguous():
+            raise ValueError(f"importances[{i}] (uint8 8-bit codes) must be contiguous")
         scales[i] = scale
     return scales
 
@@ -266,27 +306,32 @@ def _dense(t: Tensor) -> Tensor:
 
 def _entries(members) -> tuple:
     """The ``chunk_table`` entries of ``(row, param, grad, acc, importance, anchor, scales,
-    first index)`` members (dense, aligned, one dtype and accumulator format, all with a penalty
-    or all without: None; scales None but for 8-bit accumulators): element offsets from the
-    first member's tensors, each address read once."""
-    _, p0, g0, a0, w0, m0, s0, _ = members[0]
+    importance scales, first index)`` members (dense, aligned, one dtype, accumulator format
+    and importance format, all with a penalty or all without: None; scales None but for 8-bit
+    accumulators, importance scales but for 8-bit importances): element offsets from the first
+    member's tensors, each address read once."""
+    _, p0, g0, a0, w0, m0, s0, ws0, _ = members[0]
     p_base, g_base, a_base = p0.data_ptr(), g0.data_ptr(), a0.data_ptr()
     p_size, a_size = p0.element_size(), a0.element_size()
+    w_size = 0 if w0 is None else w0.element_size()
 
-    def offset(t, base, size=p_size):
+    def offset(t, base, size):
         return 0 if base is None else (t.data_ptr() - base) // size
 
-    w_base, m_base, s_base = (None if t is None else t.data_ptr() for t in (w0, m0, s0))
+    w_base, m_base, s_base, ws_base = (None if t is None else t.data_ptr()
+                                       for t in (w0, m0, s0, ws0))
     return tuple(((p.data_ptr() - p_base) // p_size, (g.data_ptr() - g_base) // p_size,
-                  (a.data_ptr() - a_base) // a_size, p.numel(), row, offset(w, w_base),
-                  offset(m, m_base), offset(scale, s_base, 4), first_index)
-                 for row, p, g, a, w, m, scale, first_index in members)
+                  (a.data_ptr() - a_base) // a_size, p.numel(), row, offset(w, w_base, w_size),
+                  offset(m, m_base, p_size), offset(scale, s_base, 4), first_index,
+                  offset(w_scale, ws_base, 4))
+                 for row, p, g, a, w, m, scale, w_scale, first_index in members)
 
 
 if triton is not None:
     # param, grad and acc offsets, length, output row, importance and anchor offsets, the offset
-    # of the first block's scale, the index of the first element within its parameter
-    TABLE_COLUMNS = tl.constexpr(9)
+    # of the first block's scale, the index of the first element within its parameter, the
+    # offset of the first block's importance scale
+    TABLE_COLUMNS = tl.constexpr(10)
     # On the GPU, the products and quotients accumulators are made of are PTX
     # instructions with an explicit rounding: never contracted into a fused multiply-add,
     # whatever the compile options; the interpreter (numpy) rounds each operation anyway.
@@ -373,8 +418,23 @@ if triton is not None:
         return code.to(tl.uint8), scales
 
     @triton.jit
-    def _update_block(p_ptr, g_ptr, a_ptr, w_ptr, m_ptr, s_ptr, key, first_index, idx, bounds,
-                      lr, grad_scale_ptr, threshold, eps, power, factor, cap, FULL: tl.constexpr,
+    def _row_scales(s_ptr, bounds, FULL: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                    ROW: tl.constexpr):
+        """The scale of each row's 8-bit block (rows of ``ROW`` elements, ``ROW`` dividing the
+        block) from ``s_ptr``, that of the first row's; rows with no element in ``bounds``
+        (unless ``FULL``) get 0."""
+        blocks = tl.arange(0, BLOCK_SIZE // ROW) // (CODE_BLOCK // ROW)
+        if FULL:
+            scales = tl.load(s_ptr + blocks)
+        else:
+            scales = tl.load(s_ptr + blocks, mask=tl.max(bounds.to(tl.int32), axis=1) != 0,
+                             other=0.0)
+        return scales
+
+    @triton.jit
+    def _update_block(p_ptr, g_ptr, a_ptr, w_ptr, m_ptr, s_ptr, ws_ptr, key, first_index, idx,
+                      bounds, lr, grad_scale_ptr, threshold, eps, power, factor, cap,
+                      FULL: tl.constexpr,
                       FAST_POWER: tl.constexpr, APPLY_SCALING: tl.constexpr,
                       PENALTY: tl.constexpr, SUM_SQUARES: tl.constexpr,
                       ACC_FORMAT: tl.constexpr, BLOCK_SIZE: tl.constexpr, ROW: tl.constexpr):
@@ -385,7 +445,9 @@ if triton is not None:
         Stores are masked per row of ``idx``: a row with an update is written whole,
         masked-out elements with the values just read, so stores stay vectors.
         ``PENALTY`` 1 adds ``factor * w * (p - m)`` to the gradient; 2 pulls each new value
-        toward ``m`` by ``c / (1 + c)``, ``c = min(factor * w * eta, cap)``.
+        toward ``m`` by ``c / (1 + c)``, ``c = min(factor * w * eta, cap)``; ``w`` is read as
+        float32 from ``w_ptr``'s dtype, or decoded from 8-bit codes with the block scales at
+        ``ws_ptr`` (that of the first row's block) unless it is None.
         ``ACC_FORMAT`` 1 (bfloat16) and 2 (8-bit codes; a row is a block, ``s_ptr`` its scales)
         round the new accumulator values with the bits of ``key`` at element indices
         ``first_index + idx``.
@@ -395,7 +457,7 @@ if triton is not None:
             g = tl.load(g_ptr + idx, eviction_policy="evict_first").to(tl.float32)
             stored = tl.load(a_ptr + idx)
             if PENALTY != 0:
-                w = tl.load(w_ptr + idx, eviction_policy="evict_first").to(tl.float32)
+                w = tl.load(w_ptr + idx, eviction_policy="evict_first")
                 m = tl.load(m_ptr + idx, eviction_policy="evict_first").to(tl.float32)
         else:
             p = tl.load(p_ptr + idx, mask=bounds, other=0.0)
@@ -403,23 +465,21 @@ if triton is not None:
                         eviction_policy="evict_first").to(tl.float32)
             stored = tl.load(a_ptr + idx, mask=bounds, other=0)
             if PENALTY != 0:
-                w = tl.load(w_ptr + idx, mask=bounds, other=0.0,
-                            eviction_policy="evict_first").to(tl.float32)
+                w = tl.load(w_ptr + idx, mask=bounds, other=0, eviction_policy="evict_first")
                 m = tl.load(m_ptr + idx, mask=bounds, other=0.0,
                             eviction_policy="evict_first").to(tl.float32)
+        if PENALTY != 0:
+            if ws_ptr is not None:
+                w = _decode_codes(w, _row_scales(ws_ptr, bounds, FULL, BLOCK_SIZE, ROW))
+            else:
+                w = w.to(tl.float32)
         if ACC_FORMAT == 0:
             a = stored
         elif ACC_FORMAT == 1:
             a = (stored.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32,
                                                                             bitcast=True)
         else:
-            rows = tl.arange(0, BLOCK_SIZE // ROW)
-            if FULL:
-                old_scales = tl.load(s_ptr + rows)
-            else:  # the rows (blocks) with an element in bounds
-                old_scales = tl.load(s_ptr + rows, mask=tl.max(bounds.to(tl.int32), axis=1) != 0,
-                                     other=0.0)
-            a = _decode_codes(stored, old_scales)
+            a = _decode_codes(stored, _row_scales(s_ptr, bounds, FULL, BLOCK_SIZE, ROW))
         if grad_scale_ptr is not None:
             g = _div_rn(g, tl.load(grad_scale_ptr).to(tl.float32))
         if PENALTY == 1:
@@ -486,18 +546,21 @@ if triton is not None:
     def _classp_kernel(p_ptr, g_ptr, a_ptr, w_ptr, m_ptr, table_ptr, num_chunks, counts_ptr,
                        lr_ptr, lr_value, grad_scale_ptr, found_inf_ptr, threshold, eps, power,
                        factor, cap, thresholds_ptr, sums_ptr, sizes_ptr, scales_ptr, keys_ptr,
-                       FAST_POWER: tl.constexpr, APPLY_SCALING: tl.constexpr,
+                       w_scales_ptr, FAST_POWER: tl.constexpr, APPLY_SCALING: tl.constexpr,
                        PENALTY: tl.constexpr, ACC_FORMAT: tl.constexpr, GROUP: tl.constexpr,
-                       ACC_ALIGN: tl.constexpr, BLOCK_SIZE: tl.constexpr):
+                       ACC_ALIGN: tl.constexpr, W_ALIGN: tl.constexpr,
+                       BLOCK_SIZE: tl.constexpr):
         """Update the chunks ``program_id``, ``program_id + num_programs``, ... of the table; add
         up their counts per output row. lr is read from ``lr_ptr``, or is ``lr_value`` when
         ``lr_ptr`` is None. ``w_ptr`` and ``m_ptr`` (importances and anchors) are read only
-        with a ``PENALTY`` (see ``_update_block``). A row's threshold is read from
+        with a ``PENALTY`` (see ``_update_block``); importances are 8-bit codes when
+        ``w_scales_ptr`` (their block scales) is not None. A row's threshold is read from
         ``thresholds_ptr`` unless it is None (then ``threshold``); unless ``sums_ptr`` is None,
         the finite squared gradients and the elements of each row are added into ``sums_ptr``
         and ``sizes_ptr``. Compressed accumulators (``ACC_FORMAT`` 1 or 2) are rounded with the
         key of their row in ``keys_ptr``; 8-bit ones (2) have their scales in ``scales_ptr``.
-        ``GROUP`` params are 32 bytes, ``ACC_ALIGN`` accumulators 16."""
+        ``GROUP`` params are 32 bytes, ``ACC_ALIGN`` accumulators and ``W_ALIGN`` importances
+        16."""
         if found_inf_ptr is not None:
             if tl.load(found_inf_ptr) != 0:
                 return
@@ -526,6 +589,8 @@ if triton is not None:
             if PENALTY != 0:
                 w_offset = tl.load(chunk + 5)
                 m_offset = tl.load(chunk + 6)
+                if w_scales_ptr is not None:
+                    ws_offset = tl.load(chunk + 9)
             if ACC_FORMAT == 2:
                 s_offset = tl.load(chunk + 7)
             if ACC_FORMAT != 0:
@@ -550,18 +615,22 @@ if triton is not None:
                 w_block = w_ptr
                 m_block = m_ptr
                 s_block = scales_ptr
+                ws_block = w_scales_ptr
                 if PENALTY != 0:
-                    w_block = w_ptr + tl.multiple_of(w_offset + start, GROUP // 2)
+                    w_block = w_ptr + tl.multiple_of(w_offset + start, W_ALIGN)
                     m_block = m_ptr + tl.multiple_of(m_offset + start, GROUP // 2)
+                    if w_scales_ptr is not None:
+                        ws_block = w_scales_ptr + ws_offset + start // CODE_BLOCK
                 if ACC_FORMAT == 2:
                     s_block = scales_ptr + s_offset + start // CODE_BLOCK
                 u, n, q = _update_block(p_ptr + tl.multiple_of(p_offset + start, GROUP // 2),
                                         g_ptr + tl.multiple_of(g_offset + start, GROUP // 2),
                                         a_ptr + tl.multiple_of(a_offset + start, ACC_ALIGN),
-                                        w_block, m_block, s_block, key, first_index + start, idx,
-                                        None, lr, grad_scale_ptr, row_threshold, eps, power,
-                                        factor, cap, True, FAST_POWER, APPLY_SCALING, PENALTY,
-                                        sums_ptr is not None, ACC_FORMAT, BLOCK_SIZE, ROW)
+                                        w_block, m_block, s_block, ws_block, key,
+                                        first_index + start, idx, None, lr, grad_scale_ptr,
+                                        row_threshold, eps, power, factor, cap, True,
+                                        FAST_POWER, APPLY_SCALING, PENALTY, sums_ptr is not None,
+                                        ACC_FORMAT, BLOCK_SIZE, ROW)
                 updated += u
                 nonfinite += n
                 squares += q
@@ -569,16 +638,20 @@ if triton is not None:
                 w_block = w_ptr
                 m_block = m_ptr
                 s_block = scales_ptr
+                ws_block = w_scales_ptr
                 if PENALTY != 0:
-                    w_block = w_ptr + tl.multiple_of(w_offset + full_end, GROUP // 2)
+                    w_block = w_ptr + tl.multiple_of(w_offset + full_end, W_ALIGN)
                     m_block = m_ptr + tl.multiple_of(m_offset + full_end, GROUP // 2)
+                    if w_scales_ptr is not None:
+                        ws_block = w_scales_ptr + ws_offset + full_end // CODE_BLOCK
                 if ACC_FORMAT == 2:
                     s_block = scales_ptr + s_offset + full_end // CODE_BLOCK
                 u, n, q = _update_block(p_ptr + tl.multiple_of(p_offset + full_end, GROUP // 2),
                                         g_ptr + tl.multiple_of(g_offset + full_end, GROUP // 2),
                                         a_ptr + tl.multiple_of(a_offset + full_end, ACC_ALIGN),
-                                        w_block, m_block, s_block, key, first_index + full_end,
-                                        idx, idx < length - full_end, lr, grad_scale_ptr,
+                                        w_block, m_block, s_block, ws_block, key,
+                                        first_index + full_end, idx, idx < length - full_end,
+                                        lr, grad_scale_ptr,
                                         row_threshold, eps, power, factor, cap, False,
                                         FAST_POWER, APPLY_SCALING, PENALTY, sums_ptr is not None,
                                         ACC_FORMAT, BLOCK_SIZE, ROW)
@@ -603,27 +676,30 @@ if triton is not None:
 
     def _launch(kernel, p, g, a, w, m, table, counts, lr, grad_scale, found_inf, threshold, eps,
                 power, apply_scaling, penalty, factor, means=(None, None, None), scales=None,
-                keys=None, **config):
+                keys=None, w_scales=None, **config):
         """One launch over every chunk of ``table``; ``p``, ``g``, ``a`` (and ``w``, ``m`` with
-        a ``penalty`` form other than "none", else None; ``scales`` with 8-bit accumulators)
-        are the base tensors. ``lr`` is a tensor on ``p``'s device or a float; ``factor`` is the
-        penalty's 2 * scale; ``means`` the per-row thresholds, sums and sizes of
-        ``_mean_buffers`` (None: none); ``keys`` the rounding keys of compressed accumulators,
-        per row."""
+        a ``penalty`` form other than "none", else None; ``scales`` with 8-bit accumulators,
+        ``w_scales`` with 8-bit importances) are the base tensors. ``lr`` is a tensor on ``p``'s
+        device or a float; ``factor`` is the penalty's 2 * scale; ``means`` the per-row
+        thresholds, sums and sizes of ``_mean_buffers`` (None: none); ``keys`` the rounding keys
+        of compressed accumulators, per row."""
         lr_ptr, lr_value = (lr, 0.0) if isinstance(lr, Tensor) else (None, float(lr))
         num_chunks = table.shape[0]
         acc_format = ACC_FORMATS[a.dtype]
+        codes = w is not None and w.dtype == torch.uint8
         kernel[(_grid(num_chunks, p.device),)](
             p, g, a, w, m, table, num_chunks, counts, lr_ptr, lr_value, grad_scale, found_inf,
             threshold, eps, power, factor, PROXIMAL_CAP, *means,
             scales if acc_format == CODE_FORMAT else None, keys if acc_format else None,
-            FAST_POWER=_power_path(power), APPLY_SCALING=apply_scaling,
-            PENALTY=PENALTY_PATHS[penalty], ACC_FORMAT=acc_format,
-            GROUP=32 // p.element_size(), ACC_ALIGN=ALIGNMENT // a.element_size(), **config)
+            w_scales if codes else None, FAST_POWER=_power_path(power),
+            APPLY_SCALING=apply_scaling, PENALTY=PENALTY_PATHS[penalty], ACC_FORMAT=acc_format,
+            GROUP=32 // p.element_size(), ACC_ALIGN=ALIGNMENT // a.element_size(),
+            W_ALIGN=1 if w is None else ALIGNMENT // w.element_size(), **config)
 
     @functools.lru_cache
-    def _tuned_config(device, dtype, acc_dtype, power_path, apply_scaling, penalty):
-        """The autotuner's choice for one kernel variant, tuned on scratch buffers."""
+    def _tuned_config(device, dtype, acc_dtype, w_dtype, power_path, apply_scaling, penalty):
+        """The autotuner's choice for one kernel variant (``w_dtype`` that of the importances,
+        with a ``penalty``), tuned on scratch buffers."""
         configs = _classp_kernel_autotuned.configs
         if len(configs) == 1:
             return configs[0]
@@ -635,21 +711,19 @@ if triton is not None:
             if acc_dtype == torch.uint8 else a.to(acc_dtype)
         scales = torch.ones(state_formats.num_blocks(numel), device=device)
         keys = torch.zeros(1, dtype=torch.int64, device=device)
-        w, m = (torch.rand(numel, device=device).to(dtype), p.clone()) if penalty != "none" \
-            else (None, None)
+        w, m = None, None
+        if penalty != "none":
+            w = torch.randint(0, 256, (numel,), dtype=w_dtype, device=device) \
+                if w_dtype == torch.uint8 else torch.rand(numel, device=device).to(w_dtype)
+            m = p.clone()
         counts = torch.zeros(1, 2, dtype=torch.int64, device=device)
         lr = torch.tensor(1e-3, device=device)
         power = float(power_path) if power_path else 3.0
         _launch(_classp_kernel_autotuned, p, g, a, w, m,
-                chunk_table(((0, 0, 0, numel, 0, 0, 0, 0, 0),), device), counts, lr, None, None,
-                0.0, 1e-5, power, apply_scaling, penalty, 1.0, scales=scales, keys=keys)
+                chunk_table(((0, 0, 0, numel, 0, 0, 0, 0, 0, 0),), device), counts, lr, None,
+                None, 0.0, 1e-5, power, apply_scaling, penalty, 1.0, scales=scales, keys=keys,
+                w_scales=scales)
         return _classp_kernel_autotuned.best_config
-
-    def _refuse_compressed_importances(params, importances) -> None:
-        for i, (p, w) in enumerate(zip(params, importances)):
-            if w is not None and w.dtype != p.dtype:
-                raise TypeError(f"classp_step_triton: this kernel reads importances in the "
-                                f"param's dtype; importances[{i}] is {w.dtype}")
 
     def _penalty_of(rows, importances, penalty_form) -> tuple[str, bool]:
         """The form a launch over ``rows`` (one group of ``_dtype_groups``) takes, "none"
@@ -672,7 +746,10 @@ if triton is not None:
 
         ``penalty_form`` "explicit" or "proximal" takes the penalty ``penalty_scale * sum W *
         (p - m)^2`` of the params with an entry in ``importances`` (W) and ``anchors`` (m)
-        (SPEC section 4a); "none" with empty lists takes none. ``grad_sq_means`` (one float32
+        (SPEC section 4a); "none" with empty lists takes none. An importance is in the param's
+        dtype, bfloat16 (float32 and float16 params) or uint8 8-bit codes, whose block scales
+        ``importance_scales`` holds (those of the uint8 importances only, in order).
+        ``grad_sq_means`` (one float32
         0-dim tensor per param, or empty) are the relative threshold's gradient means: read
         when ``relative_threshold`` > 0, and refreshed. Compressed accumulators (bfloat16, or
         uint8 8-bit codes with their block scales in ``acc_scales``, in order) are rounded with
@@ -682,18 +759,18 @@ if triton is not None:
         This body is what torch.compile traces: it steps concatenated copies of each group and
         writes them back. Eager calls take ``_classp_step_in_place`` instead.
         """
-        _refuse_compressed_importances(params, importances)
         counts = _new_counts(params, lr)
         scales_of = _code_scales(accs, acc_scales, rounding_keys, index_offsets)
+        w_scales_of = _importance_code_scales(importances, importance_scales)
         lr, grad_scale, found_inf, keys = _on(counts.device, lr, grad_scale, found_inf,
                                               rounding_keys)
         old, *means = _mean_buffers(grad_sq_means, threshold, relative_threshold, counts.device)
         for rows in _dtype_groups(params, accs, importances):
             penalty, covered = _penalty_of(rows, importances, penalty_form)
-            align = ALIGNMENT // min(params[rows[0]].element_size(), accs[rows[0]].element_size())
+            lists = (params, grads, accs) + ((importances, anchors) if covered else ())
+            align = ALIGNMENT // min(ts[rows[0]].element_size() for ts in lists)
             numels = [params[i].numel() for i in rows]
             slots = [numel + (-numel) % align for numel in numels]
-            lists = (params, grads, accs) + ((importances, anchors) if covered else ())
             flats = [torch.cat([F.pad(ts[i].reshape(-1), (0, slot - numel))
                                 for i, numel, slot in zip(rows, numels, slots)]) for ts in lists]
             p, g, a = flats[:3]
@@ -701,15 +778,17 @@ if triton is not None:
             starts = list(itertools.accumulate(slots[:-1], initial=0))
             blocks = [state_formats.num_blocks(n) for n in numels]
             block_starts = list(itertools.accumulate(blocks[:-1], initial=0))
-            scales = None
+            scales = w_scales = None
             if scales_of[rows[0]] is not None:
                 scales = torch.cat([scales_of[i] for i in rows])
+            if covered and w_scales_of[rows[0]] is not None:  # in the blocks' order, as scales
+                w_scales = torch.cat([w_scales_of[i] for i in rows])
             first_indices = [index_offsets[i] if index_offsets else 0 for i in rows]
-            table = chunk_table(tuple((s, s, s, n, i, s, s, b, f) for s, n, i, b, f in zip(
+            table = chunk_table(tuple((s, s, s, n, i, s, s, b, f, b) for s, n, i, b, f in zip(
                 starts, numels, rows, block_starts, first_indices)), counts.device)
             _launch(wrap_triton(_classp_kernel_autotuned), p, g, a, w, m, table, counts,
                     lr, grad_scale, found_inf, threshold, eps, power, apply_scaling, penalty,
-                    2.0 * penalty_scale, means, scales, keys)
+                    2.0 * penalty_scale, means, scales, keys, w_scales)
             for i, s, n, b, k in zip(rows, starts, numels, block_starts, blocks):
                 params[i].copy_(p[s:s + n].view_as(params[i]))
                 accs[i].copy_(a[s:s + n].view_as(accs[i]))
@@ -733,10 +812,10 @@ if triton is not None:
 
         Non-contiguous or misaligned tensors are stepped through contiguous copies.
         """
-        _refuse_compressed_importances(params, importances)
         counts = _new_counts(params, lr)
         device = counts.device
         scales_of = _code_scales(accs, acc_scales, rounding_keys, index_offsets)
+        w_scales_of = _importance_code_scales(importances, importance_scales)
         # an lr on the CPU is passed by value: no copy to the device
         lr = lr.item() if lr.device.type == "cpu" else lr.to(device)
         grad_scale, found_inf, keys = _on(device, grad_scale, found_inf, rounding_keys)
@@ -747,15 +826,17 @@ if triton is not None:
                         _dense(importances[i]) if covered else None,
                         _dense(anchors[i]) if covered else None,
                         None if scales_of[i] is None else _dense(scales_of[i]),
+                        _dense(w_scales_of[i]) if covered and w_scales_of[i] is not None
+                        else None,
                         index_offsets[i] if index_offsets else 0) for i in rows]
-            _, p0, g0, a0, w0, m0, s0, _ = members[0]
+            _, p0, g0, a0, w0, m0, s0, ws0, _ = members[0]
             entries = _entries(members)
-            config = _tuned_config(device, p0.dtype, a0.dtype, _power_path(power), apply_scaling,
-                                   penalty)
+            config = _tuned_config(device, p0.dtype, a0.dtype, None if w0 is None else w0.dtype,
+                                   _power_path(power), apply_scaling, penalty)
             _launch(_classp_kernel, p0, g0, a0, w0, m0, _work_table(entries, device), counts,
                     lr, grad_scale, found_inf, threshold, eps, power, apply_scaling, penalty,
-                    2.0 * penalty_scale, means, s0, keys, **config.all_kwargs())
-            for i, p, _, a, _, _, scale, _ in members:
+                    2.0 * penalty_scale, means, s0, keys, ws0, **config.all_kwargs())
+            for i, p, _, a, _, _, scale, _, _ in members:
                 for copy, original in ((p, params[i]), (a, accs[i]), (scale, scales_of[i])):
                     if copy is not original:
                         original.copy_(copy)
