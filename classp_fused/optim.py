@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import functools
 import numbers
-import os
-import sys
-import warnings
 from typing import Callable, Optional
 
 import torch
@@ -19,6 +16,7 @@ from .compressed_state import COMPRESSED_ACC_DTYPES
 from .backends import (BACKENDS, param_dtypes, resolve_backend, run_backend,
                        steps_compressed_state)
 from .backends.step_spec import CompressedState, Penalty, StepSpec, step_spec
+from .caller_warnings import warn_at_caller
 from .group_plan import GroupPlan
 from .reference import classp_legacy_step_, compute_dtype, penalized_grad
 from .state_formats import STATE_DTYPES, importance_values, tensor_key
@@ -185,7 +183,7 @@ class CLASSP(Optimizer):
             if device.type != "meta":  # meta params are placed later; resolved at the step
                 resolve_backend(backend, device)
         for key, value in foreign_options.items():  # all set off: check_foreign_options
-            _warn_at_caller(f"CLASSP ignores {key}={value!r}: {FOREIGN_KEYS[key]}")
+            warn_at_caller(f"CLASSP ignores {key}={value!r}: {FOREIGN_KEYS[key]}")
 
     @property
     def backend(self) -> str:
@@ -260,11 +258,11 @@ class CLASSP(Optimizer):
     def _warn_foreign_keys(self, group: dict, index: int) -> None:
         """Warn, once per key, that a foreign key set to an "off" value is ignored, at the line
         that built the optimizer, added the group, loaded the state dict or stepped
-        (``_warn_at_caller``)."""
+        (``warn_at_caller``)."""
         for key in foreign_keys(group):
             if key not in self._warned_keys:
                 self._warned_keys.add(key)
-                _warn_at_caller(f"CLASSP ignores the param group key {key}={group[key]!r} "
+                warn_at_caller(f"CLASSP ignores the param group key {key}={group[key]!r} "
                                 f"(param group {index}): {FOREIGN_KEYS[key]}")
 
     def _set_penalty_source(self, source) -> None:
@@ -644,17 +642,6 @@ def _contiguous_strides(shape: torch.Size) -> tuple:
         strides.append(inner)
         inner *= size
     return tuple(reversed(strides))
-
-
-def _warn_at_caller(message: str) -> None:
-    """A UserWarning pointing at the first caller outside classp_fused and torch (the user's
-    line, whether it reached CLASSP through torch's ``Optimizer`` or ``GradScaler`` or not)."""
-    internal = tuple(os.path.dirname(module.__file__) + os.sep
-                     for module in (sys.modules[__package__], torch))
-    frame, level = sys._getframe(1), 2  # this function's caller is stacklevel 2
-    while frame is not None and frame.f_code.co_filename.startswith(internal):
-        frame, level = frame.f_back, level + 1
-    warnings.warn(message, UserWarning, stacklevel=level)
 
 
 def _step_counter(step, device: torch.device) -> Tensor:

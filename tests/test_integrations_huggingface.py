@@ -267,7 +267,7 @@ def test_the_proximal_option_takes_the_proximal_form_in_the_step(tmp_path, monke
     assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
-def test_the_ignored_weight_decay_warning_points_at_the_trainer_not_at_torch(tmp_path):
+def test_the_ignored_weight_decay_warning_points_at_the_users_line_not_into_libraries(tmp_path):
     import warnings
 
     trainer = _trainer(_model(), ContinualCallback(), tmp_path, 0)
@@ -276,7 +276,17 @@ def test_the_ignored_weight_decay_warning_points_at_the_trainer_not_at_torch(tmp
         trainer.create_optimizer()
     ignored = [w for w in seen if "CLASSP ignores" in str(w.message)]
     assert len(ignored) == 1
-    assert ignored[0].filename.startswith(os.path.dirname(transformers.__file__))
+    assert ignored[0].filename == __file__
+
+
+def test_the_callbacks_stiffness_warning_points_at_the_users_line(tmp_path):
+    model = _model()
+    callback = ContinualCallback(MAS(model, lam=1e4), data=_consolidation_batches)
+    trainer = _trainer(model, callback, tmp_path, 0)
+    with pytest.warns(StiffnessWarning) as record:
+        trainer.train()
+    stiff = [w for w in record if issubclass(w.category, StiffnessWarning)]
+    assert [w.filename for w in stiff] == [__file__]
 
 
 def test_bad_callback_arguments_raise():

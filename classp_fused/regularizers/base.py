@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import abc
 import math
-import warnings
 from typing import Iterable, Optional
 
 import torch
@@ -47,6 +46,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from ..state_formats import importance_values
+from ..caller_warnings import warn_at_caller
 from . import penalty as penalty_ops
 from . import stability
 from .amp import current_grad_scale
@@ -322,7 +322,7 @@ class Regularizer(ImportancePasses, TaskState, Attachment, abc.ABC):
                        f"{where}. Keep {limits}, or apply the penalty in proximal form "
                        f"(penalty='proximal' for attach and the callbacks, or "
                        f"proximal_step_())")
-        warnings.warn(message, StiffnessWarning, stacklevel=3)
+        warn_at_caller(message, StiffnessWarning)
 
     def _all_reduce_max(self, values: list[float], params: list[Tensor]) -> list[float]:
         """Elementwise maxima of ``values`` over ranks when parameters are sharded."""
