@@ -13,12 +13,11 @@
 #     absolute thresholds 0 and 1e-4, each stream's tuned CLASSP settings otherwise.
 # A stage runs the seeds after its colon (default 0-4) with --resume, so a second pass with more
 # seeds keeps the cells the first one finished. The default passes are the ones docs/RESULTS.md
-# reports; the five seeds everywhere would be `bash docs/results_text.sh OUT eval-task
-# class-at-task-picks tau-text ablation-threshold ablation-power ablation-scaling` after them.
+# reports (the tune, then every other stage on seeds 0-4; the evaluation reads the picks from
+# OUT/tune/synthetic-sentiment-task/tuned.json, of which docs/text_picks.json is the picks part).
 # tune-class and eval-class (tune and evaluate class-incremental) exist but were not run.
 # Usage: bash docs/results_text.sh [OUT [STAGE[:SEEDS]...]]   (default runs/results-text and
-# the passes that were run, in the order below). PYTHON names the interpreter (default
-# .venv/bin/python).
+# the passes in the order below). PYTHON names the interpreter (default .venv/bin/python).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-runs/results-text}
@@ -100,9 +99,8 @@ stage() {
   esac
 }
 PASSES=("$@")
-[ ${#PASSES[@]} -gt 0 ] || PASSES=(tune-task tau-digits:0 eval-task:0,1,2 tau-text:0,1,2
-  ablation-threshold:0,1,2 tau-digits class-at-task-picks:0 ablation-power:0 ablation-scaling:0
-  ablation-power:0,1,2 ablation-scaling:0,1,2)
+[ ${#PASSES[@]} -gt 0 ] || PASSES=(tune-task tau-digits eval-task class-at-task-picks tau-text
+  ablation-threshold ablation-power ablation-scaling)
 for pass in "${PASSES[@]}"; do
   name=${pass%%:*}
   SEEDS=$([ "$name" = "$pass" ] && echo 0,1,2,3,4 || echo "${pass#*:}")
