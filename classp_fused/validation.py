@@ -274,15 +274,21 @@ def check_compressed(params: Sequence[Tensor], accs: Sequence[Tensor], compresse
             if scale is not None:
                 raise ValueError(f"{where}.scales[{i}] must be None: accs[{i}] is not 8-bit")
             continue
-        blocks = state_formats.num_blocks(p.numel())
-        if (not isinstance(scale, Tensor) or scale.dtype != torch.float32
-                or scale.shape != (blocks,) or not scale.is_contiguous()):
-            raise TypeError(f"{where}.scales[{i}] must be a contiguous float32 tensor of shape "
-                            f"({blocks},) (one scale per block of {state_formats.BLOCK}), got "
-                            f"{_describe(scale)}")
-        if scale.device != p.device:
-            raise RuntimeError(f"{where}.scales[{i}] is on {scale.device}, expected the "
-                               f"param's device {p.device}")
+        _check_block_scales(scale, p, f"{where}.scales[{i}]")
+
+
+def _check_block_scales(scale, p: Tensor, entry: str) -> None:
+    """Raise unless ``scale`` is the contiguous float32 tensor of one scale per 8-bit block of
+    ``p``'s elements, on ``p``'s device."""
+    blocks = state_formats.num_blocks(p.numel())
+    if (not isinstance(scale, Tensor) or scale.dtype != torch.float32
+            or scale.shape != (blocks,) or not scale.is_contiguous()):
+        raise TypeError(f"{entry} must be a contiguous float32 tensor of shape ({blocks},) "
+                        f"(one scale per block of {state_formats.BLOCK}), got "
+                        f"{_describe(scale)}")
+    if scale.device != p.device:
+        raise RuntimeError(f"{entry} is on {scale.device}, expected the param's device "
+                           f"{p.device}")
 
 
 def check_grad_sq_means(params: Sequence[Tensor], means, where: str = "grad_sq_means") -> None:
@@ -355,15 +361,7 @@ def _check_importance_formats(params: Sequence[Tensor], penalty, where: str) -> 
         if imp is not None and imp.dtype == torch.uint8:
             if not imp.is_contiguous():
                 raise ValueError(f"{where}.importances[{i}] (uint8 codes) must be contiguous")
-            blocks = state_formats.num_blocks(imp.numel())
-            if (not isinstance(scale, Tensor) or scale.dtype != torch.float32
-                    or scale.shape != (blocks,) or not scale.is_contiguous()):
-                raise TypeError(f"{where}.importance_scales[{i}] must be the contiguous "
-                                 f"float32 block scales of shape ({blocks},) of the uint8 "
-                                 f"importances[{i}], got {_describe(scale)}")
-            if scale.device != p.device:
-                raise RuntimeError(f"{where}.importance_scales[{i}] is on {scale.device}, "
-                                 f"expected the param's device {p.device}")
+            _check_block_scales(scale, p, f"{where}.importance_scales[{i}]")
         elif scale is not None:
             raise ValueError(f"{where}.importance_scales[{i}] must be None: importances[{i}] "
                              f"is not uint8")

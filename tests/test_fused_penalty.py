@@ -202,6 +202,11 @@ def test_an_overflowing_penalty_is_counted_and_a_huge_proximal_one_lands_on_the_
     assert proximal[0][0][0] != param[0] and torch.isfinite(proximal[0][0]).all()
 
 
+def codes(importance):
+    """``importance`` (shape kept) as 8-bit codes, without its block scales."""
+    return torch.zeros(importance.shape, dtype=torch.uint8)
+
+
 def test_penalty_lists_are_checked_before_anything_changes():
     case = make_case(torch.float32, seed=7, nonfinite=False)
     params, grads, accs, importances, anchors = case
@@ -216,12 +221,26 @@ def test_penalty_lists_are_checked_before_anything_changes():
         "length": (ValueError, "one entry per param", lambda w, m: (w[:-1], m)),
         "device": (RuntimeError, r"penalty.importances\[0\] is on meta",
                    lambda w, m: ([torch.empty_like(w[0], device="meta")] + w[1:], m)),
+        "anchor dtype": (TypeError, r"penalty.anchors\[0\] has dtype torch.bfloat16",
+                         lambda w, m: (w, [m[0].bfloat16()] + m[1:])),
+        "codes without scales": (TypeError, r"penalty.importance_scales\[0\] must be a "
+                                 r"contiguous float32 tensor",
+                                 lambda w, m: ([codes(w[0])] + w[1:], m)),
+        "scales of a float importance": (ValueError, r"importance_scales\[1\] must be None",
+                                         lambda w, m: (w, m, [None, torch.ones(1)]
+                                                       + [None] * (len(w) - 2))),
+        "scales length": (ValueError, "importance_scales must be None or a list with one "
+                          "entry per param", lambda w, m: (w, m, [None])),
+        "scales shape": (TypeError, r"importance_scales\[0\] must be a contiguous float32 "
+                         r"tensor of shape", lambda w, m: ([codes(w[0])] + w[1:], m,
+                                                            [torch.ones(1)]
+                                                            + [None] * (len(w) - 1))),
     }
     for error, message, corrupt in bad.values():
-        w, m = corrupt(importances, anchors)
+        w, m, *scales = corrupt(importances, anchors)
         with pytest.raises(error, match=message):
             classp_step_(params, grads, accs, **HYPER, power=1.0,
-                         penalty=Penalty("explicit", SCALE, w, m))
+                         penalty=Penalty("explicit", SCALE, w, m, *scales))
     with pytest.raises(ValueError, match="form must be one of"):
         classp_step_(params, grads, accs, **HYPER, penalty=Penalty("both", SCALE, importances,
                                                                     anchors))

@@ -2,11 +2,6 @@
 bit for bit on codes, scales and bfloat16 bits: on the GPU, or on the CPU through the
 interpreter."""
 import contextlib
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -19,6 +14,7 @@ from classp_fused.reference import classp_step_ as reference_step_
 from compressed_cases import (HYPER, STEPS, assert_same_state, compare_steps, compressed,
                               copies, make_grads, make_state, step_keys)
 from helpers import bits
+from triton_aot import compile_results
 
 DEVICE = next((d for d in ("cuda", "cpu") if triton_backend.is_available(torch.device(d))), None)
 pytestmark = [
@@ -366,16 +362,7 @@ def test_compressed_kernels_compile_for_sm90_ahead_of_time():
     arithmetic and the block reductions, the rounded products and quotients (PTX instructions
     with an explicit rounding, no flush of subnormals in the arithmetic the codes come from,
     whatever the fusion option), and vector loads and stores of full blocks."""
-    compiler = pytest.importorskip("triton.compiler")
-    backends = pytest.importorskip("triton.backends.compiler")
-    if not (hasattr(compiler, "ASTSource") and hasattr(backends, "GPUTarget")):
-        pytest.skip("this triton has no triton.compile(ASTSource, target=GPUTarget) API")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"  # as torch.compile compiles user kernels
-    done = subprocess.run([sys.executable, "-c", AOT_SCRIPT], env=env, capture_output=True,
-                          text=True, cwd=Path(__file__).resolve().parents[1], timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    results = json.loads(done.stdout.splitlines()[-1])
+    results = compile_results(AOT_SCRIPT)
     assert len(results) == 14
     for result in results:
         assert result["cubin"] > 0, result

@@ -2,11 +2,6 @@
 8-bit codes with block scales) against the reference backend: bit for bit in the interpreter
 (params too), on the GPU accumulators and scales bit for bit and params to a tolerance."""
 import dataclasses
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +12,7 @@ from compressed_cases import copies
 from helpers import bits
 from importance_cases import (COMPRESSED_MEMBERS, TRANSPOSED_MEMBERS, Member,
                               assert_matches_reference, make_case, mixed_members, off_alignment)
+from triton_aot import compile_results
 
 DEVICE = next((d for d in ("cuda", "cpu") if triton_backend.is_available(torch.device(d))), None)
 pytestmark = [
@@ -205,16 +201,7 @@ def test_importance_formats_compile_for_sm90_ahead_of_time():
     """Real GPU code for bfloat16 and 8-bit importances, without a GPU: full blocks (1024
     elements, 4 warps: 8 per thread) stream grads, importances and anchors in vector loads
     with the evict-first hint, exactly their bytes (8-bit codes in 8-byte loads)."""
-    compiler = pytest.importorskip("triton.compiler")
-    backends = pytest.importorskip("triton.backends.compiler")
-    if not (hasattr(compiler, "ASTSource") and hasattr(backends, "GPUTarget")):
-        pytest.skip("this triton has no triton.compile(ASTSource, target=GPUTarget) API")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"  # as torch.compile compiles user kernels
-    done = subprocess.run([sys.executable, "-c", AOT_SCRIPT], env=env, capture_output=True,
-                          text=True, cwd=Path(__file__).resolve().parents[1], timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    results = json.loads(done.stdout.splitlines()[-1])
+    results = compile_results(AOT_SCRIPT)
     assert len(results) == 7
     for result in results:
         assert result["cubin"] > 0 and result["mul_rn"] > 0, result

@@ -1,10 +1,5 @@
 """The Triton backend against the reference: on the GPU, or on the CPU through the interpreter."""
 import itertools
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +9,7 @@ from classp_fused.backends import triton as triton_backend
 from classp_fused.backends.step_spec import Penalty, step_spec
 from classp_fused.reference import classp_step_ as reference_step_
 from helpers import bits, random_like
+from triton_aot import compile_results
 
 DEVICE = next((d for d in ("cuda", "cpu") if triton_backend.is_available(torch.device(d))), None)
 pytestmark = [
@@ -409,16 +405,7 @@ print(json.dumps(results))
 def test_kernel_compiles_for_sm90_ahead_of_time():
     """Real GPU code for every power path and dtype, without a GPU: catches GPU-only lowering
     errors the interpreter cannot, and checks that full blocks use 128-bit loads and stores."""
-    compiler = pytest.importorskip("triton.compiler")
-    backends = pytest.importorskip("triton.backends.compiler")
-    if not (hasattr(compiler, "ASTSource") and hasattr(backends, "GPUTarget")):
-        pytest.skip("this triton has no triton.compile(ASTSource, target=GPUTarget) API")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}  # compile, not interpret
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    done = subprocess.run([sys.executable, "-c", AOT_SCRIPT], env=env, capture_output=True,
-                          text=True, cwd=Path(__file__).resolve().parents[1], timeout=300)
-    assert done.returncode == 0, done.stderr[-3000:]
-    results = json.loads(done.stdout.splitlines()[-1])
+    results = compile_results(AOT_SCRIPT)
     assert len(results) == 20
     for result in results:
         assert result["cubin"] > 0, result

@@ -33,6 +33,22 @@ def _cpu_kernels_take(tensors: list[Tensor]) -> bool:
     return CPU_KERNELS and bool(tensors) and all(t.device.type == "cpu" for t in tensors)
 
 
+def _runs(thetas: list[Tensor], importances: list[Tensor], importance_scales: Scales,
+          anchors: list[Tensor], others: list):
+    """The chunked passes' runs: ``(thetas, importance values, anchors, others)`` per run of
+    chunk views (``chunks.batches``), the importances decoded where stored compressed (to
+    float32, float64 for float64 params), else as stored."""
+    decoders = _decoders(importances, importance_scales)
+    size = _chunk_size(thetas[0].device, decoders) if thetas else 0
+    for theta, importance, anchor, other, decoder in batches(
+            [thetas, importances, anchors, others, decoders], size):
+        if any(d is not None or w.dtype != t.dtype
+               for d, w, t in zip(decoder, importance, theta)):
+            importance = [_piece_values(w, d, torch.promote_types(t.dtype, torch.float32))
+                          for w, d, t in zip(importance, decoder, theta)]
+        yield theta, importance, anchor, other
+
+
 def _codes_scales(importances: list[Tensor], importance_scales: Scales) -> list[Tensor]:
     """The block scales of the uint8 importances, in order (the C++ ops' argument)."""
     if importance_scales is None:
@@ -115,14 +131,8 @@ def add_penalty_grad_(params: list[Tensor], importances: list[Tensor], anchors: 
             thetas, importances, _codes_scales(importances, importance_scales), anchors, grads,
             factor, grad_scale if isinstance(grad_scale, Tensor) else None)
         return
-    decoders = _decoders(importances, importance_scales)
-    size = _chunk_size(thetas[0].device, decoders) if thetas else 0
-    lists = [thetas, importances, anchors, grads, decoders]
-    for theta, importance, anchor, grad, decoder in batches(lists, size):
-        if any(d is not None or w.dtype != t.dtype
-               for d, w, t in zip(decoder, importance, theta)):
-            importance = [_piece_values(w, d, torch.promote_types(t.dtype, torch.float32))
-                          for w, d, t in zip(importance, decoder, theta)]
+    for theta, importance, anchor, grad in _runs(thetas, importances, importance_scales,
+                                                 anchors, grads):
         diffs = torch._foreach_sub(theta, anchor)
         torch._foreach_mul_(diffs, importance)
         if isinstance(grad_scale, Tensor):
@@ -150,14 +160,8 @@ def proximal_step_(params: list[Tensor], importances: list[Tensor], anchors: lis
         return
     steps = [s.expand_as(t) if isinstance(s, Tensor) else float(s)
              for s, t in zip(step_sizes, thetas)]
-    decoders = _decoders(importances, importance_scales)
-    size = _chunk_size(thetas[0].device, decoders) if thetas else 0
-    lists = [thetas, importances, anchors, steps, decoders]
-    for theta, importance, anchor, step, decoder in batches(lists, size):
-        if any(d is not None or w.dtype != t.dtype
-               for d, w, t in zip(decoder, importance, theta)):
-            importance = [_piece_values(w, d, torch.promote_types(t.dtype, torch.float32))
-                          for w, d, t in zip(importance, decoder, theta)]
+    for theta, importance, anchor, step in _runs(thetas, importances, importance_scales,
+                                                 anchors, steps):
         coeffs = torch._foreach_mul(importance, factor)
         scalar = [i for i, s in enumerate(step) if not isinstance(s, Tensor)]
         tensor = [i for i, s in enumerate(step) if isinstance(s, Tensor)]
