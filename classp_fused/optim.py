@@ -651,12 +651,16 @@ class CLASSP(Optimizer):
         if acc.dtype == torch.uint8 and (exponents is not None or local is not acc
                                          or local_part(p) is not p):
             acc, scales = self._loaded_codes(acc, scales, exponents, step, p)
-        elif local is acc:
-            acc, scales = compressed_state.converted(acc, scales, step, p, self.state_dtype,
-                                                     self.state_seed)
-        else:  # a DTensor: its local shard converted, placed as it was
-            rounded = compressed_state.accumulator_dtype(p, self.state_dtype) == torch.bfloat16
-            local, _ = compressed_state.converted(
+        elif local_part(p) is p:  # a plain param (a DTensor accumulator is gathered)
+            acc, scales = compressed_state.converted(sharded_codes.like_param(acc, p), scales,
+                                                     step, p, self.state_dtype, self.state_seed)
+        else:  # laid out like p (a whole tensor, or shards of another layout): its local
+            # shard converted, placed as p's
+            acc = sharded_codes.like_param(acc, p)
+            local = local_part(acc)
+            rounded = (compressed_state.accumulator_dtype(p, self.state_dtype)
+                       in COMPRESSED_ACC_DTYPES)
+            local, scales = compressed_state.converted(
                 local, None, step, p, self.state_dtype, self.state_seed,
                 compressed_state.index_offset(acc) if rounded else 0)
             acc = type(acc).from_local(local, acc.device_mesh, acc.placements, run_check=False,

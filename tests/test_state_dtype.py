@@ -770,22 +770,33 @@ def _local_state(optimizer, params):
 def dtensor_8bit_ranks(rank, backends):
     """8-bit state of FSDP2 shards steps as the whole params do in one process: bit for bit
     where the shards' blocks are the whole's, within a rounding where a shard starts inside a
-    block; its state dict carries per-element exponents and loads back bit for bit; bad
-    exponents, on one rank only, are refused by every rank, changing nothing."""
+    block, also after both load the whole's state (8-bit, then exact); its state dict carries
+    per-element exponents and loads back bit for bit; bad exponents, on one rank only, are
+    refused by every rank, changing nothing."""
     from torch.distributed.tensor import DTensor
 
-    grads = _shard_grads(3)
+    grads = _shard_grads(5)
     for backend in backends:
         model = _fully_sharded()
         params = list(model.parameters())
         ref_params = list(Shards().parameters())
         runs = [CLASSP(ps, **HYPER, backend=backend, state_dtype="8bit", state_seed=7)
                 for ps in (params, ref_params)]
-        for step_grads in grads:
+        for step_grads in grads[:3]:
             for optimizer, ps in zip(runs, (params, ref_params)):
                 _step_with(optimizer, ps, step_grads)
         _assert_same_runs(_whole_run(params, runs[0]), _whole_run(ref_params, runs[1]),
                           exact=[True, False, True])
+        # the whole state of one process, 8-bit and exact, loads into the shards
+        exact = CLASSP(ref_params, **HYPER, backend=backend, state_seed=7)
+        exact.load_state_dict(runs[1].state_dict())
+        for source, step_grads in zip((runs[1], exact), grads[3:]):
+            whole_state = copy.deepcopy(source.state_dict())
+            for optimizer, ps in zip(runs, (params, ref_params)):
+                optimizer.load_state_dict(whole_state)
+                _step_with(optimizer, ps, step_grads)
+            _assert_same_runs(_whole_run(params, runs[0]), _whole_run(ref_params, runs[1]),
+                              exact=[True, False, True])
         scales = runs[0].state[params[0]]["accumulator_scales"]
         assert type(scales) is torch.Tensor and scales.shape == (16,)
         assert torch.equal(scales, runs[1].state[ref_params[0]]["accumulator_scales"]
