@@ -22,11 +22,11 @@ from .reference import classp_legacy_step_, compute_dtype, penalized_grad
 from .state_formats import STATE_DTYPES, importance_values, tensor_key
 from .telemetry import StepTelemetry
 from .validation import (ADDED_HYPERPARAMETERS, EXPONENTS_KEY, FOREIGN_KEYS, HYPERPARAMETERS,
-                         PARAM_DTYPES,
-                         check_amp_scalars, check_foreign_options, check_group, check_group_keys,
-                         check_hyperparameters, check_penalty, check_penalty_scale,
-                         check_state_dict, check_state_values, check_stepped_group,
-                         foreign_keys, group_tensors, is_settled, local_part)
+                         PARAM_DTYPES, check_amp_scalars, check_foreign_options, check_group,
+                         check_group_keys, check_hyperparameters, check_penalty,
+                         check_penalty_scale, check_state_dict, check_state_values,
+                         check_stepped_group, foreign_keys, group_tensors, is_settled,
+                         local_part)
 
 MODES = ("paper", "legacy")
 NONFINITE_POLICIES = ("skip", "raise")
@@ -103,23 +103,22 @@ class CLASSP(Optimizer):
 
     State per parameter: ``"accumulator"`` (param-shaped, contiguous: fp32, fp64 for fp64
     params; with compressed ``state_dtype`` bf16 or uint8 codes, see above) with, for 8-bit
-    codes, ``"accumulator_scales"`` (fp32, one per block of 256 elements of the local
-    tensor), and ``"step"``
-    (0-dim fp32); with ``relative_threshold > 0`` also ``"grad_sq_mean"`` (S, 0-dim, fp32, fp64
-    for fp64 params), created at the param's first such step and refreshed by every step its
-    group takes with ``relative_threshold > 0`` (one with found_inf excepted). Accumulators
-    stay fp32 for fp16/bf16 params, also after ``load_state_dict``, which converts loaded
-    state to ``state_dtype``. Values are checked where state enters (``load_state_dict``,
-    unpickling): an accumulator with a negative or NaN element, 8-bit scales that are not 0
-    or powers of two, a step that is not a finite count >= 0, or a gradient mean that is not a
-    finite number >= 0, raises. A step counter replaced by a number or by a tensor of
-    another dtype, shape or device (``state[p]["step"] = 0``) is converted to a 0-dim fp32
-    tensor before the next step (a gradient mean likewise, to its fp32 or fp64 dtype); an
-    accumulator replaced by one of the wrong dtype, shape or device raises there (its values
-    are not read at a step). With ``torch.amp.GradScaler`` gradients are unscaled inside the
-    kernel and a step with ``found_inf`` is a no-op; the ``grad_scale`` and ``found_inf`` it
-    sets must be floating-point tensors of shape ``()`` or ``(1,)`` on the CPU or on the
-    params' device (checked at every step).
+    codes, ``"accumulator_scales"`` (fp32, one per block of 256 elements of the local tensor),
+    and ``"step"`` (0-dim fp32); with ``relative_threshold > 0`` also ``"grad_sq_mean"`` (S,
+    0-dim, fp32, fp64 for fp64 params), created at the param's first such step and refreshed by
+    every step its group takes with ``relative_threshold > 0`` (one with found_inf excepted).
+    Accumulators stay fp32 for fp16/bf16 params, also after ``load_state_dict``, which converts
+    loaded state to ``state_dtype``. Values are checked where state enters (``load_state_dict``,
+    unpickling): an accumulator with a negative or NaN element, 8-bit scales that are not 0 or
+    powers of two, a step that is not a finite count >= 0, or a gradient mean that is not a
+    finite number >= 0, raises. A step counter replaced by a number or by a tensor of another
+    dtype, shape or device (``state[p]["step"] = 0``) is converted to a 0-dim fp32 tensor before
+    the next step (a gradient mean likewise, to its fp32 or fp64 dtype); an accumulator replaced
+    by one of the wrong dtype, shape or device raises there (its values are not read at a step).
+    With ``torch.amp.GradScaler`` gradients are unscaled inside the kernel and a step with
+    ``found_inf`` is a no-op; the ``grad_scale`` and ``found_inf`` it sets must be
+    floating-point tensors of shape ``()`` or ``(1,)`` on the CPU or on the params' device
+    (checked at every step).
 
     Under FSDP2 (``fully_shard``) parameters, gradients and accumulators are DTensors; the
     step runs on their local shards, and the counts (``last_update_fraction``,
@@ -619,9 +618,9 @@ class CLASSP(Optimizer):
         without their block scales or with a scale that is neither 0 nor a power of two, a
         step that is not a finite count >= 0, a gradient mean that is not a finite number >= 0,
         8-bit exponents outside [-115, 127] but for -128 (a zero block), a tensor ``lr`` on
-        another device than the CPU and the group's params, ...) raises and
-        changes nothing. Keys of other optimizers set to "off" in the loaded groups are
-        ignored with a warning, as at construction.
+        another device than the CPU and the group's params, ...) raises and changes nothing.
+        Keys of other optimizers set to "off" in the loaded groups are ignored with a warning,
+        as at construction.
         """
         check_state_dict(state_dict, self.param_groups, self.state_dtype)
         saved = {key: dict(value) for key, value in state_dict["state"].items()}
