@@ -17,6 +17,7 @@ from torch import Tensor
 
 from . import state_formats
 from .reference import compute_dtype
+from .sharded_codes import DTensor
 
 COMPRESSED_ACC_DTYPES = (torch.bfloat16, torch.uint8)
 
@@ -29,14 +30,15 @@ def accumulator_dtype(param: Tensor, state_dtype: str) -> torch.dtype:
 
 def new_state(param: Tensor, state_dtype: str) -> dict:
     """The zero ``"accumulator"`` of ``param`` (param-shaped, contiguous, a DTensor like a
-    DTensor param) and, for 8-bit codes (plain tensors only), its ``"accumulator_scales"``
-    (float32, one per block)."""
+    DTensor param) and, for 8-bit codes, its ``"accumulator_scales"`` (float32, one per block
+    of the local tensor: a plain tensor also for a DTensor param)."""
     acc = torch.zeros_like(param, dtype=accumulator_dtype(param, state_dtype),
                            memory_format=torch.contiguous_format)
     if acc.dtype != torch.uint8:
         return {"accumulator": acc}
-    scales = torch.zeros(state_formats.num_blocks(param.numel()), dtype=torch.float32,
-                         device=param.device)
+    local = acc.to_local() if isinstance(acc, DTensor) else acc
+    scales = torch.zeros(state_formats.num_blocks(local.numel()), dtype=torch.float32,
+                         device=local.device)
     return {"accumulator": acc, "accumulator_scales": scales}
 
 

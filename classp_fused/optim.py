@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 from torch.optim.optimizer import _global_optimizer_post_hooks, _global_optimizer_pre_hooks
 
-from . import compressed_state
+from . import compressed_state, sharded_codes
 from .compressed_state import COMPRESSED_ACC_DTYPES
 from .backends import (BACKENDS, param_dtypes, resolve_backend, run_backend,
                        steps_compressed_state)
@@ -21,11 +21,12 @@ from .group_plan import GroupPlan
 from .reference import classp_legacy_step_, compute_dtype, penalized_grad
 from .state_formats import STATE_DTYPES, importance_values, tensor_key
 from .telemetry import StepTelemetry
-from .validation import (ADDED_HYPERPARAMETERS, FOREIGN_KEYS, HYPERPARAMETERS, PARAM_DTYPES,
-                         check_amp_scalars, check_foreign_options, check_group, check_group_keys,
-                         check_hyperparameters, check_penalty, check_penalty_scale,
-                         check_state_dict, check_state_values, check_stepped_group,
-                         foreign_keys, group_tensors, is_settled, local_part)
+from .validation import (ADDED_HYPERPARAMETERS, EXPONENTS_KEY, FOREIGN_KEYS, HYPERPARAMETERS,
+                         PARAM_DTYPES, check_amp_scalars, check_foreign_options, check_group,
+                         check_group_keys, check_hyperparameters, check_penalty,
+                         check_penalty_scale, check_state_dict, check_state_values,
+                         check_stepped_group, foreign_keys, group_tensors, is_settled,
+                         local_part)
 
 MODES = ("paper", "legacy")
 NONFINITE_POLICIES = ("skip", "raise")
@@ -102,29 +103,35 @@ class CLASSP(Optimizer):
 
     State per parameter: ``"accumulator"`` (param-shaped, contiguous: fp32, fp64 for fp64
     params; with compressed ``state_dtype`` bf16 or uint8 codes, see above) with, for 8-bit
-    codes, ``"accumulator_scales"`` (fp32, one per block of 256 elements), and ``"step"``
-    (0-dim fp32); with ``relative_threshold > 0`` also ``"grad_sq_mean"`` (S, 0-dim, fp32, fp64
-    for fp64 params), created at the param's first such step and refreshed by every step its
-    group takes with ``relative_threshold > 0`` (one with found_inf excepted). Accumulators
-    stay fp32 for fp16/bf16 params, also after ``load_state_dict``, which converts loaded
-    state to ``state_dtype``. Values are checked where state enters (``load_state_dict``,
-    unpickling): an accumulator with a negative or NaN element, 8-bit scales that are not 0
-    or powers of two, a step that is not a finite count >= 0, or a gradient mean that is not a
-    finite number >= 0, raises. A step counter replaced by a number or by a tensor of
-    another dtype, shape or device (``state[p]["step"] = 0``) is converted to a 0-dim fp32
-    tensor before the next step (a gradient mean likewise, to its fp32 or fp64 dtype); an
-    accumulator replaced by one of the wrong dtype, shape or device raises there (its values
-    are not read at a step). With ``torch.amp.GradScaler`` gradients are unscaled inside the
-    kernel and a step with ``found_inf`` is a no-op; the ``grad_scale`` and ``found_inf`` it
-    sets must be floating-point tensors of shape ``()`` or ``(1,)`` on the CPU or on the
-    params' device (checked at every step).
+    codes, ``"accumulator_scales"`` (fp32, one per block of 256 elements of the local tensor),
+    and ``"step"`` (0-dim fp32); with ``relative_threshold > 0`` also ``"grad_sq_mean"`` (S,
+    0-dim, fp32, fp64 for fp64 params), created at the param's first such step and refreshed by
+    every step its group takes with ``relative_threshold > 0`` (one with found_inf excepted).
+    Accumulators stay fp32 for fp16/bf16 params, also after ``load_state_dict``, which converts
+    loaded state to ``state_dtype``. Values are checked where state enters (``load_state_dict``,
+    unpickling): an accumulator with a negative or NaN element, 8-bit scales that are not 0 or
+    powers of two, a step that is not a finite count >= 0, or a gradient mean that is not a
+    finite number >= 0, raises. A step counter replaced by a number or by a tensor of another
+    dtype, shape or device (``state[p]["step"] = 0``) is converted to a 0-dim fp32 tensor before
+    the next step (a gradient mean likewise, to its fp32 or fp64 dtype); an accumulator replaced
+    by one of the wrong dtype, shape or device raises there (its values are not read at a step).
+    With ``torch.amp.GradScaler`` gradients are unscaled inside the kernel and a step with
+    ``found_inf`` is a no-op; the ``grad_scale`` and ``found_inf`` it sets must be
+    floating-point tensors of shape ``()`` or ``(1,)`` on the CPU or on the params' device
+    (checked at every step).
 
     Under FSDP2 (``fully_shard``) parameters, gradients and accumulators are DTensors; the
     step runs on their local shards, and the counts (``last_update_fraction``,
     ``nonfinite_skipped``) are this rank's, as is S (the mean over the local shard).
-    ``state_dtype="bf16"`` works there (local shards of consecutive elements, as FSDP2's
-    ``Shard(0)``, draw the random bits of the whole param); ``"8bit"`` is refused for DTensor
-    params (the block scales of a local shard would not go through distributed checkpoints).
+    Compressed state works there for local shards of consecutive elements (FSDP2's
+    ``Shard(0)``): they draw the random bits of the whole param, and 8-bit codes (a DTensor
+    like the param) have plain scales per block of the local shard. ``state_dict()`` gives
+    those codes per-element exponents in place of their scales, a DTensor that
+    torch.distributed.checkpoint saves and reshards (``classp_fused.sharded_codes``), and
+    ``load_state_dict`` rebuilds the local blocks: bit for bit on the layout saved from, so a
+    resumed run continues bit for bit; on another layout (other shards, or the whole param in
+    one process) a block mixing scales is encoded again from its exact values, rounded to
+    nearest.
     Under ``torch.compile`` the per-step input validation is skipped; give ``lr`` as a tensor
     so that a scheduler changing it causes no recompilation.
 
@@ -577,6 +584,24 @@ class CLASSP(Optimizer):
         return sum(t.numel() * t.element_size() for state in self.state.values()
                    for t in state.values() if isinstance(t, Tensor))
 
+    def state_dict(self) -> dict:
+        """``torch.optim.Optimizer.state_dict()``: the state tensors themselves (DTensors for
+        DTensor params, as torch.distributed.checkpoint needs), but for the 8-bit codes of a
+        DTensor param: their block scales belong to its local shard, so the entry holds
+        ``"accumulator_exponents"`` in place of ``"accumulator_scales"``, a new int8 DTensor
+        laid out like the codes with the exponent of each element's block scale
+        (``classp_fused.sharded_codes``; one more byte per element while the dict exists)."""
+        state_dict = super().state_dict()
+        state = state_dict["state"]
+        for key, entry in state.items():
+            acc = entry.get("accumulator")
+            if getattr(acc, "dtype", None) == torch.uint8 and local_part(acc) is not acc:
+                saved = {name: t for name, t in entry.items() if name != "accumulator_scales"}
+                saved[EXPONENTS_KEY] = sharded_codes.exponents_of(acc,
+                                                                  entry["accumulator_scales"])
+                state[key] = saved
+        return state_dict
+
     def load_state_dict(self, state_dict: dict) -> None:
         """Load state after checking all of it (:func:`classp_fused.validation.check_state_dict`).
 
@@ -584,15 +609,18 @@ class CLASSP(Optimizer):
         and the format they were saved in: exact ones become fp32 (fp64 for fp64 params),
         compressed ones are loaded as they are into the same format, decoded into an exact
         one, and exact values are rounded into a compressed one with the param's rounding key
-        at its saved step (deterministic; bf16 <-> 8-bit goes through fp32). Gradient means
+        at its saved step (deterministic; bf16 <-> 8-bit goes through fp32). 8-bit codes with
+        per-element exponents (``state_dict()`` of a DTensor param) are laid out like the
+        param, their local blocks rebuilt (``classp_fused.sharded_codes``). Gradient means
         take the accumulator's compute dtype; a ``step`` saved as a Python number or an integer
         tensor becomes a 0-dim fp32 tensor. A dict saved before ``relative_threshold`` existed
         loads with it 0. A bad dict (an accumulator with a negative or NaN element, 8-bit codes
         without their block scales or with a scale that is neither 0 nor a power of two, a
         step that is not a finite count >= 0, a gradient mean that is not a finite number >= 0,
-        a tensor ``lr`` on another device than the CPU and the group's params, ...) raises and
-        changes nothing. Keys of other optimizers set to "off" in the loaded groups are
-        ignored with a warning, as at construction.
+        8-bit exponents outside [-115, 127] but for -128 (a zero block), a tensor ``lr`` on
+        another device than the CPU and the group's params, ...) raises and changes nothing.
+        Keys of other optimizers set to "off" in the loaded groups are ignored with a warning,
+        as at construction.
         """
         check_state_dict(state_dict, self.param_groups, self.state_dtype)
         saved = {key: dict(value) for key, value in state_dict["state"].items()}
@@ -607,6 +635,7 @@ class CLASSP(Optimizer):
             if pid in loaded:
                 state = self.state[p]
                 state.pop("accumulator_scales", None)
+                state.pop(EXPONENTS_KEY, None)
                 state.update(loaded[pid])
         for index, group in enumerate(self.param_groups):  # loaded keys of other optimizers
             self._warn_foreign_keys(group, index)
@@ -616,13 +645,21 @@ class CLASSP(Optimizer):
         optimizer's format on ``p``'s device."""
         step = _step_counter(entry["step"], p.device)
         acc, scales = entry["accumulator"], entry.get("accumulator_scales")
+        exponents = entry.get(EXPONENTS_KEY)
         local = local_part(acc)
-        if local is acc:
-            acc, scales = compressed_state.converted(acc, scales, step, p, self.state_dtype,
-                                                     self.state_seed)
-        else:  # a DTensor (no 8-bit codes): its local shard converted, placed as it was
-            rounded = compressed_state.accumulator_dtype(p, self.state_dtype) == torch.bfloat16
-            local, _ = compressed_state.converted(
+        if acc.dtype == torch.uint8 and (exponents is not None or local is not acc
+                                         or local_part(p) is not p):
+            acc, scales = self._loaded_codes(acc, scales, exponents, step, p)
+        elif local_part(p) is p:  # a plain param (a DTensor accumulator is gathered)
+            acc, scales = compressed_state.converted(sharded_codes.like_param(acc, p), scales,
+                                                     step, p, self.state_dtype, self.state_seed)
+        else:  # laid out like p (a whole tensor, or shards of another layout): its local
+            # shard converted, placed as p's
+            acc = sharded_codes.like_param(acc, p)
+            local = local_part(acc)
+            rounded = (compressed_state.accumulator_dtype(p, self.state_dtype)
+                       in COMPRESSED_ACC_DTYPES)
+            local, scales = compressed_state.converted(
                 local, None, step, p, self.state_dtype, self.state_seed,
                 compressed_state.index_offset(acc) if rounded else 0)
             acc = type(acc).from_local(local, acc.device_mesh, acc.placements, run_check=False,
@@ -633,6 +670,29 @@ class CLASSP(Optimizer):
         if "grad_sq_mean" in entry:
             loaded["grad_sq_mean"] = _grad_sq_mean(entry["grad_sq_mean"], p)
         return loaded
+
+    def _loaded_codes(self, codes: Tensor, scales: Optional[Tensor], exponents: Optional[Tensor],
+                      step: Tensor, p: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+        """Checked 8-bit ``codes`` of a DTensor (or for one) with their per-element
+        ``exponents`` or their local blocks' ``scales``, as ``p``'s accumulator and its scales
+        (None but for 8-bit) in this optimizer's format: laid out like ``p``, 8-bit blocks
+        rebuilt (``sharded_codes.restored``: bit for bit in the layout they were saved from,
+        else re-rounded where blocks mix scales), other formats from the exact values."""
+        if exponents is None:
+            exponents = sharded_codes.exponents_of(codes, scales)
+        target = compressed_state.accumulator_dtype(p, self.state_dtype)
+        if target == torch.uint8:
+            local, scales = sharded_codes.restored(codes, exponents, p)
+        else:
+            values = sharded_codes.decoded(codes, exponents, p)
+            offset = compressed_state.index_offset(p) if target == torch.bfloat16 else 0
+            local, scales = compressed_state.converted(values, None, step, p, self.state_dtype,
+                                                       self.state_seed, offset)
+        if local_part(p) is p:
+            return local, scales
+        return sharded_codes.DTensor.from_local(
+            local, p.device_mesh, p.placements, run_check=False, shape=p.shape,
+            stride=_contiguous_strides(p.shape)), scales
 
 
 def _contiguous_strides(shape: torch.Size) -> tuple:

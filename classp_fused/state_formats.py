@@ -34,6 +34,10 @@ and ``"bf16"`` elements a step rewrites are rounded.
 Tensors of fewer than ``MIN_COMPRESSED_NUMEL`` elements, and float64 params, keep exact
 accumulators in every format (their state is small, and their steps cost more host time than
 memory).
+
+In a checkpoint of sharded state the block scales of 8-bit codes are given per element, as the
+int8 exponent ``E`` of the element's block scale (``ZERO_EXPONENT`` for 0; bottom of the file,
+used by ``classp_fused.sharded_codes``).
 """
 from __future__ import annotations
 
@@ -97,12 +101,16 @@ def round_bf16(x: Tensor, bits: Tensor) -> Tensor:
     return (rounded << 16).to(torch.int32).view(torch.float32).to(torch.bfloat16)
 
 
-def decode(codes: Tensor, scales: Tensor) -> Tensor:
-    """The float32 values of a flat uint8 ``codes`` tensor with its blocks' ``scales``."""
+def code_values(codes: Tensor) -> Tensor:
+    """``q(c)`` of each uint8 code: its float32 value at scale 1."""
     c = codes.to(torch.int32)
     normal = ((c + _CODE_BIAS) << 20).view(torch.float32)
-    q = torch.where(c >= 8, normal, c.to(torch.float32) * 2.0 ** -34)
-    return q * scales.repeat_interleave(BLOCK)[:codes.numel()]
+    return torch.where(c >= 8, normal, c.to(torch.float32) * 2.0 ** -34)
+
+
+def decode(codes: Tensor, scales: Tensor) -> Tensor:
+    """The float32 values of a flat uint8 ``codes`` tensor with its blocks' ``scales``."""
+    return code_values(codes) * scales.repeat_interleave(BLOCK)[:codes.numel()]
 
 
 def block_scales(x: Tensor) -> Tensor:
@@ -168,3 +176,55 @@ def importance_values(stored: Tensor, scales: Tensor | None, dtype: torch.dtype)
     if stored.dtype == torch.uint8:
         return decode(stored.reshape(-1), scales).view(stored.shape).to(dtype)
     return stored.to(dtype)
+
+
+# Per-element exponents: the form 8-bit codes take in a checkpoint of sharded (DTensor) state.
+ZERO_EXPONENT = -128  # the exponent of an element whose block scale is 0
+MIN_EXPONENT, MAX_EXPONENT = -115, 127
+
+
+def scale_exponents(scales: Tensor) -> Tensor:
+    """``E`` of each block scale ``2**E`` (checked: 0 or a power of two, -115 <= E <= 127) as
+    int8, ``ZERO_EXPONENT`` for a scale of 0."""
+    bits = scales.to(torch.float32).view(torch.int32)
+    return torch.where(bits == 0, ZERO_EXPONENT, (bits >> 23) - 127).to(torch.int8)
+
+
+def exponent_scales(exponents: Tensor) -> Tensor:
+    """The float32 scales ``2**E`` of int8 exponents (each in [-115, 127] or
+    ``ZERO_EXPONENT``), 0 for ``ZERO_EXPONENT``."""
+    e = exponents.to(torch.int32)
+    return torch.where(e == ZERO_EXPONENT, 0.0, ((e + 127) << 23).view(torch.float32))
+
+
+def element_exponents(scales: Tensor, numel: int) -> Tensor:
+    """Per element of flat 8-bit codes of ``numel`` elements, the int8 exponent of its block's
+    scale (``scale_exponents``)."""
+    return scale_exponents(scales).repeat_interleave(BLOCK)[:numel]
+
+
+def decode_elements(codes: Tensor, exponents: Tensor) -> Tensor:
+    """The float32 values of flat uint8 ``codes``, each with the scale of its own int8
+    exponent (exact)."""
+    return code_values(codes) * exponent_scales(exponents)
+
+
+def blocks_from_exponents(codes: Tensor, exponents: Tensor) -> tuple[Tensor, Tensor]:
+    """Flat uint8 ``codes`` with per-element int8 ``exponents`` (checked) as new ``(codes,
+    scales)`` in blocks of ``BLOCK`` from their first element: a block whose elements carry
+    one exponent keeps its codes, with that scale (bit for bit); any other holds elements of
+    blocks with other scales (laid out otherwise when encoded) and is encoded again from its
+    exact values, rounded to nearest (as ``encode_importance``)."""
+    n = codes.numel()
+    first = exponents[::BLOCK]
+    padded = first.repeat_interleave(BLOCK)  # the last block's tail carries its first one's
+    padded[:n] = exponents
+    uniform = (padded.view(-1, BLOCK) == first[:, None]).all(dim=1)
+    scales = exponent_scales(first)
+    if bool(uniform.all()):
+        return codes.clone(), scales
+    values = decode_elements(codes, exponents)
+    new_codes, new_scales = encode_blocks(values, torch.full_like(values, _HALF20,
+                                                                  dtype=torch.int64))
+    keep = uniform.repeat_interleave(BLOCK)[:n]
+    return torch.where(keep, codes, new_codes), torch.where(uniform, scales, new_scales)

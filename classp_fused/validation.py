@@ -20,6 +20,7 @@ from torch._subclasses.fake_tensor import is_fake
 from . import state_formats
 from .backends.step_spec import PENALTY_FORMS, CompressedState, Penalty, StepSpec
 from .compressed_state import COMPRESSED_ACC_DTYPES, accumulator_dtype, index_offset
+from .sharded_codes import check_exponents
 from .reference import compute_dtype
 
 PARAM_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -33,6 +34,11 @@ _STATE_KEY_SET = frozenset(STATE_KEYS)
 OPTIONAL_STATE_KEYS = ("grad_sq_mean", "accumulator_scales")
 _STATE_KEY_SETS = tuple(_STATE_KEY_SET | frozenset(extra) for extra in
                         ((), ("grad_sq_mean",), ("accumulator_scales",), OPTIONAL_STATE_KEYS))
+#: What a state dict holds in place of ``"accumulator_scales"`` for a DTensor param's 8-bit
+#: codes: their per-element block exponents (``classp_fused.sharded_codes``).
+EXPONENTS_KEY = "accumulator_exponents"
+_SAVED_KEY_SETS = _STATE_KEY_SETS + tuple(_STATE_KEY_SET | frozenset(extra) for extra in
+                                          ((EXPONENTS_KEY,), ("grad_sq_mean", EXPONENTS_KEY)))
 _NO_STATE: dict = {}  # what a param that was never stepped has (read only)
 # Keys other torch optimizers put in param groups (and take as constructor arguments) for
 # features CLASSP does not have. Set to an "off" value (0, False, None) they are ignored with a
@@ -521,15 +527,10 @@ def check_stepped_group(index: int, group: Mapping, state: Mapping,
 def check_compressible(param: Tensor, state_dtype: str, where: str) -> None:
     """Raise unless ``param``'s accumulator can be compressed as ``state_dtype`` says: a DTensor
     param's local shard must be a run of consecutive elements of the whole
-    (``compressed_state.index_offset``), and 8-bit codes are for plain tensors only (their
-    per-block scales belong to a local shard, which a distributed checkpoint would not keep)."""
+    (``compressed_state.index_offset``), whose elements draw the whole param's random bits."""
     dtype = state_formats.compressed_dtype(param, state_dtype)
     if dtype is None or type(param) in (Tensor, torch.nn.Parameter):
         return
-    if dtype == torch.uint8 and local_part(param) is not param:
-        raise ValueError(f"{where}: state_dtype='8bit' is not supported for DTensor (FSDP2, "
-                         f"tensor parallel) params: the per-block scales of a local shard do not "
-                         f"go through distributed checkpoints; use state_dtype='bf16'")
     try:
         index_offset(param)
     except ValueError as error:
@@ -695,23 +696,28 @@ def check_state_entry(entry, param: Tensor, where: str) -> None:
     """Raise unless ``entry`` is a CLASSP state entry for ``param``: exactly ``"step"`` (a count,
     ``check_step_count``) and ``"accumulator"`` (a dense tensor of the param's shape: a real
     floating one, bfloat16 included, with no negative or NaN element, +inf kept as
-    ``|g|**power`` may overflow; or uint8 8-bit codes, any values, of a plain tensor), and
-    optionally ``"grad_sq_mean"`` (a one-element floating tensor, finite and >= 0) and, exactly
-    with uint8 codes, ``"accumulator_scales"`` (``check_scales``, each 0 or a power of two
-    ``2**E``, -115 <= E <= 127; ``classp_fused.state_formats``).
+    ``|g|**power`` may overflow; or uint8 8-bit codes, any values), and optionally
+    ``"grad_sq_mean"`` (a one-element floating tensor, finite and >= 0) and, exactly with uint8
+    codes, either ``"accumulator_scales"`` (``check_scales``, each 0 or a power of two ``2**E``,
+    -115 <= E <= 127; ``classp_fused.state_formats``; of the local blocks for DTensor codes) or,
+    as ``state_dict()`` gives for a DTensor param, ``"accumulator_exponents"`` (int8, per
+    element, laid out like the codes: ``sharded_codes.check_exponents``).
 
     The values of tensors that hold data are read (a reduction per accumulator), so this runs
     where state enters, never at a step.
     """
-    if not isinstance(entry, Mapping) or frozenset(entry) not in _STATE_KEY_SETS:
+    if not isinstance(entry, Mapping) or frozenset(entry) not in _SAVED_KEY_SETS:
         keys = sorted(entry) if isinstance(entry, Mapping) else _describe(entry)
         raise ValueError(f"{where} must hold exactly {list(STATE_KEYS)}, got {keys}: "
-                         f"not a CLASSP state dict (optional: {list(OPTIONAL_STATE_KEYS)})")
+                         f"not a CLASSP state dict (optional: {list(OPTIONAL_STATE_KEYS)}, or "
+                         f"{EXPONENTS_KEY!r} in place of 'accumulator_scales')")
     check_step_count(entry["step"], f"{where}['step']")
     check_has_values(entry["step"], param.device, f"{where}['step']")
     if "grad_sq_mean" in entry:
         check_grad_sq_mean(entry["grad_sq_mean"], param.device, f"{where}['grad_sq_mean']")
     acc, scales = entry["accumulator"], entry.get("accumulator_scales")
+    exponents = entry.get(EXPONENTS_KEY)
+    where_exponents = f"{where}[{EXPONENTS_KEY!r}]"
     where, where_scales = f"{where}['accumulator']", f"{where}['accumulator_scales']"
     if not isinstance(acc, Tensor) or not (acc.is_floating_point() or acc.dtype == torch.uint8):
         raise TypeError(f"{where} must be a floating-point tensor (or uint8 8-bit codes), got "
@@ -723,14 +729,16 @@ def check_state_entry(entry, param: Tensor, where: str) -> None:
                          f"{tuple(param.shape)}")
     check_has_values(acc, param.device, where)
     codes = acc.dtype == torch.uint8
+    if codes and exponents is not None:
+        check_has_values(exponents, param.device, where_exponents)
+        check_exponents(exponents, acc, where_exponents)
+        return
     if codes:
-        if local_part(acc) is not acc:
-            raise ValueError(f"{where}: 8-bit accumulator codes are not supported for DTensor "
-                             f"(sharded) state")
         check_scales(scales, acc, where_scales)
         check_has_values(scales, param.device, where_scales)
-    elif scales is not None:
-        raise ValueError(f"{where_scales}: only 8-bit (uint8) accumulator codes have block "
+    elif scales is not None or exponents is not None:
+        where_extra = where_scales if scales is not None else where_exponents
+        raise ValueError(f"{where_extra}: only 8-bit (uint8) accumulator codes have block "
                          f"scales; the accumulator is {acc.dtype}")
     values = local_part(acc)
     if values.device.type == "meta" or is_fake(values):

@@ -18,8 +18,8 @@ from classp_fused import CLASSP, chunks
 from classp_fused.cl.methods import build_method, resolve_hparams
 from classp_fused.regularizers import EWC, MAS
 from classp_fused.regularizers import penalty as penalty_ops
-from classp_fused.state_formats import (BLOCK, encode_importance, importance_dtype,
-                                        importance_values, num_blocks)
+from classp_fused.state_formats import (BLOCK, element_exponents, encode_importance,
+                                        importance_dtype, importance_values, num_blocks)
 from distributed_helpers import WORLD_SIZE, requires_gloo, run_ranks
 from helpers import CPU_BACKENDS, bits, peak_extra_bytes
 from test_regularizer_state import edited, refused
@@ -379,6 +379,16 @@ def bad_loads():
             return edited(s, scales, "body.weight", t)
         return edit
 
+    def exponents_of(s, value=None, dtype=torch.int8, keep_scales=False):
+        """``s`` with the per-element exponents of body.weight's block scales (a sharded
+        state gathered into one process), ``value`` at element 9."""
+        exponents = element_exponents(s[scales]["body.weight"], 61 * 70)
+        if value is not None:
+            exponents[9] = value
+        s = edited(s, "importance_exponents", None,
+                   {"body.weight": exponents.view(61, 70).to(dtype)})
+        return s if keep_scales else edited(s, scales, None, {})
+
     return {
         "scale 3": (scale_set(3.0), ValueError,
                     r"state importance_scales 'body.weight' must hold 0 or powers of two in "
@@ -422,6 +432,19 @@ def bad_loads():
         "bad anchor after good codes": (lambda s: edited(s, "anchor", "head.bias", torch.full(
                                             (5,), math.inf)),
                                         ValueError, r"state anchor 'head.bias' must be finite"),
+        "exponent -116": (lambda s: exponents_of(s, -116), ValueError,
+                          r"state importance_exponents 'body.weight' has 1 of its 4270 "
+                          r"elements outside \[-115, 127\] and not -128"),
+        "int16 exponents": (lambda s: exponents_of(s, dtype=torch.int16), TypeError,
+                            r"state importance_exponents 'body.weight' must be a dense int8 "
+                            r"tensor of the codes' shape \(61, 70\)"),
+        "exponents and scales": (lambda s: exponents_of(s, keep_scales=True), ValueError,
+                                 r"state importance 'body.weight' has an entry in "
+                                 r"importance_scales and in importance_exponents"),
+        "exponents of a float": (lambda s: edited(s, "importance_exponents", None, {
+                                     "head.weight": torch.zeros(5, 61, dtype=torch.int8)}),
+                                 ValueError, r"state importance_exponents 'head.weight' belongs "
+                                             r"to no uint8 importance entry"),
     }
 
 
@@ -435,6 +458,26 @@ def test_a_bad_8bit_state_is_refused_naming_the_entry_and_changes_nothing(case):
     _, other = consolidated("ewc-separate", "8bit", tasks=2)
     state = edit(saved_and_loaded(other.state_dict()))
     refused(reg, error, match, lambda: reg.load_state_dict(state))
+
+
+@pytest.mark.parametrize("into", ["8bit", "param"])
+def test_per_element_exponents_load_as_the_block_scales_do(into):
+    """The form a sharded 8-bit importance takes in a state dict, gathered into one process,
+    loads as the block scales it came from do: bit for bit into 8 bits, decoded into another
+    format."""
+    _, reg = consolidated("ewc-separate", "8bit")
+    state = reg.state_dict()
+    gathered = edited(state, "importance_exponents", None, {
+        "body.weight": element_exponents(state["importance_scales"]["body.weight"],
+                                         61 * 70).view(61, 70)})
+    gathered["importance_scales"] = {}
+    runs = [consolidated("ewc-separate", into, tasks=1)[1] for _ in range(2)]
+    runs[0].load_state_dict(state)
+    runs[1].load_state_dict(gathered)
+    for kind in ("_importance", "_importance_scales"):
+        mine, theirs = getattr(runs[1], kind), getattr(runs[0], kind)
+        assert mine.keys() == theirs.keys()
+        assert all(torch.equal(mine[name], theirs[name]) for name in mine)
 
 
 def test_a_scale_at_either_end_of_the_range_loads():
@@ -495,7 +538,7 @@ def test_the_harness_passes_importance_dtype_to_the_regularizer():
 
 def sharded_worker(rank, out_dir):
     """bf16 importance on FSDP2 shards: consolidate, penalty gradient and a DCP round trip;
-    8-bit importance refused for DTensor params."""
+    then 8-bit importance on shards (``sharded_8bit``)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
@@ -503,19 +546,8 @@ def sharded_worker(rank, out_dir):
 
     mesh = init_device_mesh("cpu", (WORLD_SIZE,))
     model = Net(contiguous=True)
-    plain = MAS(model, state_dtype="8bit")
-    plain.consolidate(task_data(0))
     fully_shard(model.body, mesh=mesh)
     fully_shard(model, mesh=mesh)
-    for attempt in (lambda: MAS(model, state_dtype="8bit"), plain.penalty, plain.state_dict,
-                    lambda: plain.consolidate(task_data(1))):
-        try:
-            attempt()
-        except ValueError as error:
-            assert "state_dtype='8bit') does not support DTensor" in str(error), error
-            assert "'body.weight'" in str(error) and "use state_dtype='bf16'" in str(error)
-        else:
-            raise AssertionError("an 8-bit importance of a DTensor param was accepted")
     reg = MAS(model, lam=2.0, state_dtype="bf16")
     shard = task_data(0)[rank::WORLD_SIZE]
     reg.consolidate(shard)
@@ -534,10 +566,166 @@ def sharded_worker(rank, out_dir):
     results = {"importance": reg.importance["body.weight"].full_tensor(),
                "grad": model.body.weight.grad.full_tensor()}
     torch.save(results, f"{out_dir}/rank{rank}.pt")
+    sharded_8bit(rank, mesh, out_dir)
+
+
+class Blocks(nn.Module):
+    """A 128x64 weight whose 2-rank FSDP2 shards are runs of whole 8-bit blocks (``a``), a
+    61x128 one whose second shard starts inside a block (``b``: at element 3968, in the block
+    from 3840) and a small head."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.head = nn.Linear(64, 128), nn.Linear(128, 61), nn.Linear(61, 5)
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.b(torch.tanh(self.a(x)))))
+
+
+def block_data(task):
+    gen = torch.Generator().manual_seed(200 + task)
+    return [(torch.randn(n, 64, generator=gen), torch.randint(0, 5, (n,), generator=gen))
+            for n in (6, 4)]
+
+
+def whole(t):
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def assert_within_a_rounding(values, exact):
+    """8-bit importances rounded to nearest from ``exact`` (or from values a float sum apart):
+    within half a code step above 2**-31 of the largest."""
+    torch.testing.assert_close(values, exact, rtol=2 ** -3, atol=float(exact.max()) * 2 ** -31)
+
+
+def local_state(reg):
+    """Copies of the local tensors of ``reg``'s stored importances, scales and anchors."""
+    return {kind: {name: (t.to_local() if hasattr(t, "to_local") else t).clone()
+                   for name, t in tensors.items()}
+            for kind, tensors in (("importance", reg._importance),
+                                  ("scales", reg._importance_scales), ("anchor", reg._anchor))}
+
+
+def assert_same_local_state(a, b):
+    for kind in a:
+        assert a[kind].keys() == b[kind].keys()
+        assert all(torch.equal(a[kind][name], b[kind][name]) for name in a[kind]), kind
+
+
+def sharded_8bit(rank, mesh, out_dir):
+    """8-bit MAS importance of a model FSDP2 shards after consolidate: the shard's blocks hold
+    the whole's codes and scales where they are its blocks, its values within a rounding
+    elsewhere; the penalty gradient and an attached CLASSP step equal a plain "param" MAS
+    holding the decoded values bit for bit; a consolidate on the shards equals one process
+    within a rounding; DCP round trips bit for bit on the same shards and into one process
+    within a rounding; bad exponents, on one rank only, are refused by all, changing nothing."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor import DTensor
+
+    model = Blocks()
+    reg = MAS(model, lam=2.0, state_dtype="8bit")
+    reg.consolidate(block_data(0))  # all ranks' data: the same importance everywhere
+    before = copy.deepcopy(reg.state_dict())
+    for layer in (model.a, model.b, model):
+        fully_shard(layer, mesh=mesh)
+    state = reg.state_dict()
+    assert sorted(state["importance_exponents"]) == ["a.weight", "b.weight"]
+    assert sorted(state["importance_scales"]) == []
+    for name in ("a.weight", "b.weight"):
+        codes, exponents = state["importance"][name], state["importance_exponents"][name]
+        assert isinstance(codes, DTensor) and codes.dtype == torch.uint8
+        assert isinstance(exponents, DTensor) and exponents.dtype == torch.int8
+        assert exponents.placements == codes.placements == model.get_parameter(name).placements
+    local = reg._importance["a.weight"].to_local()
+    assert torch.equal(local, before["importance"]["a.weight"][64 * rank:64 * rank + 64])
+    assert torch.equal(reg._importance_scales["a.weight"],
+                       before["importance_scales"]["a.weight"][16 * rank:16 * rank + 16])
+    exact = {name: importance_values(t, before["importance_scales"].get(name), torch.float32)
+             for name, t in before["importance"].items()}
+    values = {name: whole(t) for name, t in reg.importance.items()}
+    assert torch.equal(values["a.weight"], exact["a.weight"])
+    assert_within_a_rounding(values["b.weight"], exact["b.weight"])
+
+    # the penalty gradient and an attached CLASSP step, against a plain "param" MAS
+    perturb_(model, seed=5)
+    twin_model = Blocks()
+    with torch.no_grad():
+        for p, q in zip(model.parameters(), twin_model.parameters()):
+            q.copy_(whole(p))
+    twin = MAS(twin_model, lam=2.0)
+    twin.load_state_dict({"method": "MAS", "tasks_seen": 1, "importance": values,
+                          "anchor": {n: whole(t) for n, t in reg.anchor.items()}})
+    for regularizer, net in ((reg, model), (twin, twin_model)):
+        for p in net.parameters():
+            p.grad = torch.zeros_like(p)
+        regularizer.add_penalty_grad_()
+    for p, q in zip(model.parameters(), twin_model.parameters()):
+        assert torch.equal(whole(p.grad), q.grad)
+    for regularizer, net in ((reg, model), (twin, twin_model)):
+        optimizer = CLASSP(net.parameters(), lr=0.01, backend="foreach", state_dtype="8bit")
+        regularizer.attach(optimizer)
+        for p in net.parameters():
+            p.grad = torch.zeros_like(p)
+        optimizer.step()
+        regularizer.detach()
+    for p, q in zip(model.parameters(), twin_model.parameters()):
+        assert torch.equal(whole(p), q.detach())
+
+    # a consolidate on the shards, against one process on the whole data
+    reg.consolidate(block_data(1)[rank::WORLD_SIZE])
+    twin_8bit = MAS(twin_model, lam=2.0, state_dtype="8bit")
+    twin_8bit.load_state_dict({"method": "MAS", "tasks_seen": 1, "importance": values,
+                               "anchor": {n: whole(t) for n, t in reg.anchor.items()}})
+    twin_8bit.consolidate(block_data(1))
+    for name, t in reg.importance.items():
+        assert_within_a_rounding(whole(t), twin_8bit.importance[name])
+
+    # DCP: the same shards, then one process
+    path = f"{out_dir}/checkpoint-8bit"
+    dcp.save({"reg": reg.state_dict()}, checkpoint_id=path)
+    restored = MAS(model, lam=2.0, state_dtype="8bit")
+    template = {"reg": restored.empty_state_dict()}
+    assert sorted(template["reg"]["importance_exponents"]) == ["a.weight", "b.weight"]
+    dcp.load(template, checkpoint_id=path)
+    restored.load_state_dict(template["reg"])
+    assert_same_local_state(local_state(restored), local_state(reg))
+    values = {name: whole(t) for name, t in reg.importance.items()}
+    dist.barrier()
+    if rank == 0:
+        dcp_to_torch_save(path, f"{out_dir}/whole-8bit.pt")
+        saved = torch.load(f"{out_dir}/whole-8bit.pt", weights_only=False)["reg"]
+        plain = MAS(Blocks(), lam=2.0, state_dtype="8bit")
+        plain.load_state_dict(saved)
+        for name, t in plain.importance.items():
+            if name == "b.weight":
+                assert_within_a_rounding(t, values[name])
+            else:
+                assert torch.equal(t, values[name])
+        assert plain._importance_scales["a.weight"].shape == (32,)
+    dist.barrier()
+
+    # bad exponents are refused by every rank
+    kept = local_state(restored)
+    state = restored.state_dict()
+    exponents = state["importance_exponents"]["a.weight"]
+    if rank == 1:
+        exponents.to_local()[3, 7] = -120
+    with pytest.raises(ValueError, match=r"state importance_exponents 'a.weight' has 1 of its "
+                                         r"8192 elements outside \[-115, 127\] and not -128"):
+        restored.load_state_dict(state)
+    state["importance_exponents"]["a.weight"] = exponents.to(torch.int16)
+    with pytest.raises(TypeError, match=r"state importance_exponents 'a.weight' must be a "
+                                        r"dense int8 DTensor of the codes' shape \(128, 64\)"):
+        restored.load_state_dict(state)
+    assert_same_local_state(local_state(restored), kept)
 
 
 @requires_gloo
-def test_bf16_importance_works_on_fsdp2_shards_and_8bit_is_refused(tmp_path):
+def test_compressed_importances_work_on_fsdp2_shards(tmp_path):
     run_ranks(sharded_worker, str(tmp_path), timeout_s=300)
     model = Net(contiguous=True)
     reg = MAS(model, lam=2.0, state_dtype="bf16")

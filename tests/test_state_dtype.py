@@ -367,6 +367,19 @@ def _scale_edit(index, value):
     return edit
 
 
+def _exponent_edit(index, value=None, dtype=torch.int8, keep_scales=False):
+    """Give entry ``index`` its codes' per-element exponents (in place of its block scales
+    unless ``keep_scales``), ``value`` at element 5, as ``dtype``."""
+    def edit(state_dict):
+        entry = state_dict["state"][index]
+        scales = entry["accumulator_scales"] if keep_scales else entry.pop("accumulator_scales")
+        exponents = state_formats.element_exponents(scales, entry["accumulator"].numel())
+        if value is not None:
+            exponents[5] = value
+        entry["accumulator_exponents"] = exponents.view(entry["accumulator"].shape).to(dtype)
+    return edit
+
+
 BAD_LOADS = {
     "scale 3": (_scale_edit(0, 3.0), r"\['accumulator_scales'\] has 1 of its 293 scales "
                                      r"neither 0 nor a power of two"),
@@ -396,6 +409,17 @@ BAD_LOADS = {
                  r"negative or NaN"),
     "codes int8": (_state_edit(0, accumulator=torch.zeros(300, 250, dtype=torch.int8)),
                    r"must be a floating-point tensor \(or uint8 8-bit codes\)"),
+    "exponent -116": (_exponent_edit(0, -116),
+                      r"\['accumulator_exponents'\] has 1 of its 75000 elements outside "
+                      r"\[-115, 127\] and not -128"),
+    "exponents int16": (_exponent_edit(0, dtype=torch.int16),
+                        r"\['accumulator_exponents'\] must be a dense int8 tensor of the codes' "
+                        r"shape \(300, 250\)"),
+    "exponents beside scales": (_exponent_edit(0, keep_scales=True),
+                                r"or 'accumulator_exponents' in place of 'accumulator_scales'"),
+    "exponents beside fp32": (_state_edit(3, accumulator_exponents=torch.zeros(
+        100, dtype=torch.int8)), r"\['accumulator_exponents'\]: only 8-bit \(uint8\) "
+                                 r"accumulator codes have block scales"),
 }
 
 
@@ -411,6 +435,24 @@ def test_bad_compressed_state_is_refused_and_changes_nothing(case, target):
     with pytest.raises((TypeError, ValueError), match=message):
         optimizer.load_state_dict(state_dict)
     assert_unchanged(optimizer, before)
+
+
+@pytest.mark.parametrize("target", ("fp32", "bf16", "8bit"))
+def test_per_element_exponents_load_as_the_block_scales_do(target):
+    """The form a DTensor param's 8-bit codes take in a state dict loads into a plain param
+    (a sharded checkpoint gathered into one process) as its block scales do."""
+    params, saved = _trained("8bit")
+    state_dict = saved.state_dict()
+    edited = copy.deepcopy(state_dict)
+    _exponent_edit(0)(edited)
+    _exponent_edit(1)(edited)
+    runs = [_trained(target)[1] for _ in range(2)]
+    runs[0].load_state_dict(state_dict)
+    runs[1].load_state_dict(edited)
+    for p, q in zip(*(run.param_groups[0]["params"] for run in runs)):
+        mine, theirs = runs[1].state[q], runs[0].state[p]
+        assert mine.keys() == theirs.keys()
+        assert all(torch.equal(mine[key], theirs[key]) for key in mine)
 
 
 def test_a_stepped_state_entry_edited_to_another_format_fails_the_step():
@@ -580,7 +622,7 @@ def test_compiled_training_with_compressed_state_matches_eager(backend, state_dt
 def dtensor_ranks(rank, backends):
     """bf16 state of a DTensor param sharded by rows (FSDP2's layout; the second rank's shard
     starts at element 3300) steps, saves and loads as the whole param does in one process;
-    8-bit state and shards that are not runs of the whole are refused where compressed."""
+    shards that are not runs of the whole are refused where compressed."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Shard, distribute_tensor
 
@@ -622,14 +664,11 @@ def dtensor_ranks(rank, backends):
         optimizer.step()  # small: an exact accumulator, whatever its placement
         assert optimizer.state[small]["accumulator"].dtype == torch.float32
 
-        refused = [(nn.Parameter(distribute_tensor(full, mesh, [Shard(0)])), "8bit",
-                    r"state_dtype='8bit' is not supported for DTensor"),
-                   (nn.Parameter(distribute_tensor(full, mesh, [Shard(1)])), "bf16",
-                    r"local shards that are runs of consecutive elements")]
-        for p, state_dtype, message in refused:
+        for state_dtype in COMPRESSED:
+            p = nn.Parameter(distribute_tensor(full, mesh, [Shard(1)]))
             p.grad = distribute_tensor(grads[0], mesh, p.placements)
             optimizer = CLASSP([p], **HYPER, backend=backend, state_dtype=state_dtype)
-            with pytest.raises(ValueError, match=message):
+            with pytest.raises(ValueError, match=r"local shards that are runs of consecutive"):
                 optimizer.step()
             assert not optimizer.state
 
@@ -639,3 +678,243 @@ def test_dtensor_bf16_state_draws_the_bits_of_the_whole_param():
     backends = [name for name in CPU_BACKENDS if steps_compressed_state(name)]
     distributed_helpers.run_ranks(dtensor_ranks, backends, timeout_s=300,
                                   collective_timeout_s=60)
+
+
+# ---------------------------------------------------------------- 8-bit DTensors (2 gloo ranks)
+class Shards(nn.Module):
+    """Params whose 2-rank FSDP2 shards are runs of whole 8-bit blocks (``aligned``, 4096
+    elements a rank), whose second shard starts inside a block (``unaligned``: at element
+    2500, in the block from 2304), and one the first rank holds alone (``single``: the second
+    rank's shard is empty)."""
+
+    def __init__(self, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.aligned = nn.Parameter(torch.randn(16, 512, generator=g))
+        self.unaligned = nn.Parameter(torch.randn(10, 500, generator=g))
+        self.single = nn.Parameter(torch.randn(1, 4096, generator=g))
+
+
+def _shard_grads(steps, seed=1):
+    """Per step a gradient per param of ``Shards``, its rows of scales 2**0, 2**3, ..., 2**27
+    (so that a block spanning two rows mixes scales) and a few zeros."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(16, 512), (10, 500), (1, 4096)]
+    return [[random_with_zeros(shape, torch.float32, g)
+             * 2.0 ** (3 * (torch.arange(shape[0]) % 10)).reshape(-1, 1) for shape in shapes]
+            for _ in range(steps)]
+
+
+def _fully_sharded(seed=0):
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    model = Shards(seed)
+    fully_shard(model, mesh=init_device_mesh("cpu", (distributed_helpers.WORLD_SIZE,)))
+    return model
+
+
+def _step_with(optimizer, params, grads):
+    """Set ``grads`` (whole tensors; a DTensor param gets its shard) and step."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    for p, grad in zip(params, grads):
+        p.grad = (distribute_tensor(grad, p.device_mesh, p.placements)
+                  if isinstance(p, DTensor) else grad.clone())
+    optimizer.step()
+
+
+def _whole_values(state):
+    """The whole accumulator of a (DTensor) param's 8-bit state, decoded: codes and values."""
+    from torch.distributed.tensor import DTensor
+
+    acc = state["accumulator"]
+    local = acc.to_local() if isinstance(acc, DTensor) else acc
+    values = state_formats.decode(local.reshape(-1), state["accumulator_scales"]).view(local.shape)
+    if isinstance(acc, DTensor):
+        values = DTensor.from_local(values, acc.device_mesh, acc.placements, shape=acc.shape,
+                                    stride=acc.stride()).full_tensor()
+        acc = acc.full_tensor()
+    return acc, values
+
+
+def _whole_run(params, optimizer):
+    """Per param (plain or DTensor): its whole value, whole accumulator codes and their
+    decoded values, and its step count."""
+    from torch.distributed.tensor import DTensor
+
+    return [(p.full_tensor() if isinstance(p, DTensor) else p.detach(),
+             *_whole_values(optimizer.state[p]), optimizer.state[p]["step"]) for p in params]
+
+
+def _assert_same_runs(run, ref_run, exact):
+    """Two ``_whole_run`` results are equal: bit for bit where ``exact[i]``, else within the
+    8-bit format's rounding (one code step)."""
+    for (value, codes, acc, step), (ref_value, ref_codes, ref_acc, ref_step), same in zip(
+            run, ref_run, exact):
+        if same:
+            assert torch.equal(value, ref_value) and torch.equal(codes, ref_codes)
+            assert torch.equal(acc, ref_acc)
+        else:
+            torch.testing.assert_close(acc, ref_acc, rtol=2 ** -3, atol=0)
+            torch.testing.assert_close(value, ref_value, rtol=0, atol=0.2 * HYPER["lr"])
+        assert torch.equal(step, ref_step)
+
+
+def _local_state(optimizer, params):
+    """Copies of the local tensors of each param's state."""
+    return [{key: (t.to_local() if hasattr(t, "to_local") else t).clone()
+             for key, t in optimizer.state[p].items()} for p in params]
+
+
+def dtensor_8bit_ranks(rank, backends):
+    """8-bit state of FSDP2 shards steps as the whole params do in one process: bit for bit
+    where the shards' blocks are the whole's, within a rounding where a shard starts inside a
+    block, also after both load the whole's state (8-bit, then exact); its state dict carries
+    per-element exponents and loads back bit for bit; bad exponents, on one rank only, are
+    refused by every rank, changing nothing."""
+    from torch.distributed.tensor import DTensor
+
+    grads = _shard_grads(5)
+    for backend in backends:
+        model = _fully_sharded()
+        params = list(model.parameters())
+        ref_params = list(Shards().parameters())
+        runs = [CLASSP(ps, **HYPER, backend=backend, state_dtype="8bit", state_seed=7)
+                for ps in (params, ref_params)]
+        for step_grads in grads[:3]:
+            for optimizer, ps in zip(runs, (params, ref_params)):
+                _step_with(optimizer, ps, step_grads)
+        _assert_same_runs(_whole_run(params, runs[0]), _whole_run(ref_params, runs[1]),
+                          exact=[True, False, True])
+        # the whole state of one process, 8-bit and exact, loads into the shards
+        exact = CLASSP(ref_params, **HYPER, backend=backend, state_seed=7)
+        exact.load_state_dict(runs[1].state_dict())
+        for source, step_grads in zip((runs[1], exact), grads[3:]):
+            whole_state = copy.deepcopy(source.state_dict())
+            for optimizer, ps in zip(runs, (params, ref_params)):
+                optimizer.load_state_dict(whole_state)
+                _step_with(optimizer, ps, step_grads)
+            _assert_same_runs(_whole_run(params, runs[0]), _whole_run(ref_params, runs[1]),
+                              exact=[True, False, True])
+        scales = runs[0].state[params[0]]["accumulator_scales"]
+        assert type(scales) is torch.Tensor and scales.shape == (16,)
+        assert torch.equal(scales, runs[1].state[ref_params[0]]["accumulator_scales"]
+                           [16 * rank:16 * rank + 16])
+
+        state_dict = runs[0].state_dict()
+        for index, p in enumerate(params):
+            entry = state_dict["state"][index]
+            assert sorted(entry) == ["accumulator", "accumulator_exponents", "step"]
+            exponents = entry["accumulator_exponents"]
+            assert isinstance(exponents, DTensor) and exponents.dtype == torch.int8
+            assert exponents.placements == p.placements and exponents.shape == p.shape
+            assert "accumulator_scales" in runs[0].state[p]  # the live state keeps its scales
+        before = _local_state(runs[0], params)
+        restored = CLASSP(params, **HYPER, backend=backend, state_dtype="8bit", state_seed=7)
+        restored.load_state_dict(state_dict)
+        for saved, loaded in zip(before, _local_state(restored, params)):
+            assert saved.keys() == loaded.keys()
+            assert all(torch.equal(saved[key], loaded[key]) for key in saved)
+
+        exponents = state_dict["state"][0]["accumulator_exponents"]
+        if rank == 1:
+            exponents.to_local()[3, 7] = -120
+        with pytest.raises(ValueError, match=r"param group 0, param 0: state_dict\['state'\]\[0\]"
+                                             r"\['accumulator_exponents'\] has 1 of its 8192 "
+                                             r"elements outside \[-115, 127\] and not -128"):
+            restored.load_state_dict(state_dict)
+        state_dict["state"][0]["accumulator_exponents"] = exponents.to(torch.int32)
+        with pytest.raises(TypeError, match=r"\['accumulator_exponents'\] must be a dense int8 "
+                                            r"DTensor of the codes' shape \(16, 512\)"):
+            restored.load_state_dict(state_dict)
+        for saved, kept in zip(before, _local_state(restored, params)):
+            assert all(torch.equal(saved[key], kept[key]) for key in saved)
+
+
+@requires_gloo
+def test_dtensor_8bit_state_steps_as_the_whole_param_and_refuses_bad_exponents():
+    backends = [name for name in CPU_BACKENDS if steps_compressed_state(name)]
+    distributed_helpers.run_ranks(dtensor_8bit_ranks, backends, timeout_s=300,
+                                  collective_timeout_s=60)
+
+
+def _dcp_load(model, optimizer, checkpoint_id):
+    """Load a DCP checkpoint into ``model`` and ``optimizer`` through their state dicts."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)
+    state = {"model": model_state, "optim": optim_state}
+    dcp.load(state, checkpoint_id=checkpoint_id)
+    set_state_dict(model, optimizer, model_state_dict=state["model"],
+                   optim_state_dict=state["optim"])
+
+
+def dtensor_8bit_checkpoint_ranks(rank, backend, checkpoint_dir):
+    """A DCP checkpoint of 8-bit state on FSDP2 shards: loaded on the same shards, the run
+    continues bit for bit; loaded into one process (``dcp_to_torch_save``), every value comes
+    back exactly (the whole's block that the second shard starts inside mixes two scales and
+    is encoded again; they are one binade apart, so no value is rounded), and the run
+    continues as the sharded one."""
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    grads = _shard_grads(4, seed=2)
+    model = _fully_sharded()
+    params = list(model.parameters())
+    optimizer = CLASSP(params, **HYPER, backend=backend, state_dtype="8bit", state_seed=3)
+    for step_grads in grads[:2]:
+        _step_with(optimizer, params, step_grads)
+    model_state, optim_state = get_state_dict(model, optimizer)
+    path = f"{checkpoint_dir}/sharded"
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=path)
+    saved = [_whole_values(optimizer.state[p])[1] for p in params]
+    for step_grads in grads[2:]:
+        _step_with(optimizer, params, step_grads)
+
+    restored = _fully_sharded(seed=5)
+    restored_params = list(restored.parameters())
+    restored_optimizer = CLASSP(restored_params, **HYPER, backend=backend, state_dtype="8bit",
+                                state_seed=3)
+    _dcp_load(restored, restored_optimizer, path)
+    for step_grads in grads[2:]:
+        _step_with(restored_optimizer, restored_params, step_grads)
+    sharded_run = _whole_run(params, optimizer)
+    _assert_same_runs(_whole_run(restored_params, restored_optimizer), sharded_run, [True] * 3)
+
+    dist.barrier()
+    if rank == 0:
+        dcp_to_torch_save(path, f"{checkpoint_dir}/whole.pt")
+        whole = torch.load(f"{checkpoint_dir}/whole.pt", weights_only=False)
+        plain = Shards(seed=5)
+        plain_params = list(plain.parameters())
+        plain_optimizer = CLASSP(plain_params, **HYPER, backend=backend, state_dtype="8bit",
+                                 state_seed=3)
+        set_state_dict(plain, plain_optimizer, model_state_dict=whole["model"],
+                       optim_state_dict=whole["optim"])
+        for (name, p), values in zip(plain.named_parameters(), saved):
+            codes, loaded = _whole_values(plain_optimizer.state[p])
+            assert torch.equal(loaded, values)
+            changed = codes != whole["optim"]["state"][name]["accumulator"]
+            if name == "unaligned":  # elements 2304..2499 of the block from 2304 were encoded
+                # with rank 0's scale, 2500..2559 with rank 1's: the block is encoded again
+                mixed = changed.view(-1)[2304:2560]
+                assert torch.equal(mixed[:196], codes.view(-1)[2304:2500] != 0)
+                assert not mixed[196:].any() and not changed.view(-1)[:2304].any()
+            else:
+                assert not changed.any()
+        for step_grads in grads[2:]:
+            _step_with(plain_optimizer, plain_params, step_grads)
+        _assert_same_runs(_whole_run(plain_params, plain_optimizer), sharded_run,
+                          [True, False, True])
+    dist.barrier()
+
+
+@requires_gloo
+def test_dtensor_8bit_checkpoint_resumes_bit_for_bit_and_loads_into_one_process(tmp_path):
+    backend = next(name for name in ("cpp", "foreach") if name in CPU_BACKENDS)
+    distributed_helpers.run_ranks(dtensor_8bit_checkpoint_ranks, backend, str(tmp_path),
+                                  timeout_s=300, collective_timeout_s=60)

@@ -112,3 +112,50 @@ def test_block_scale_thresholds():
     x = torch.zeros(len(tops) * BLOCK)
     x[::BLOCK] = tops
     assert sf.block_scales(x).tolist() == [0.0, 1.0, 2.0, 2.0, 2.0 ** -115, 2.0 ** 102]
+
+
+def test_exponents_are_those_of_the_block_scales():
+    exponents = torch.arange(sf.MIN_EXPONENT, sf.MAX_EXPONENT + 1)
+    scales = torch.cat([2.0 ** exponents.double(), torch.zeros(1, dtype=torch.float64)]).float()
+    assert torch.equal(sf.scale_exponents(scales)[:-1], exponents.to(torch.int8))
+    assert sf.scale_exponents(scales)[-1] == sf.ZERO_EXPONENT
+    assert torch.equal(sf.exponent_scales(sf.scale_exponents(scales)), scales)
+    per_element = sf.element_exponents(scales[:3], 2 * BLOCK + 5)
+    assert per_element.shape == (2 * BLOCK + 5,) and per_element.dtype == torch.int8
+    assert per_element[BLOCK - 1] == sf.MIN_EXPONENT and per_element[-1] == sf.MIN_EXPONENT + 2
+
+
+def test_blocks_from_exponents_keep_one_exponent_blocks_and_round_mixed_ones_to_nearest():
+    """Blocks whose elements carry one exponent come back bit for bit (a zero block keeps its
+    codes); a block mixing exponents is the round-to-nearest encoding of its exact values."""
+    g = torch.Generator().manual_seed(3)
+    n = 4 * BLOCK - 24
+    codes = torch.randint(1, 256, (n,), generator=g).to(torch.uint8)
+    scales = torch.tensor([2.0 ** 3, 0.0, 2.0 ** -115, 2.0 ** 127])
+    exponents = sf.element_exponents(scales, n)
+    restored_codes, restored_scales = sf.blocks_from_exponents(codes, exponents)
+    assert torch.equal(restored_codes, codes) and torch.equal(restored_scales, scales)
+    assert restored_codes.data_ptr() != codes.data_ptr()
+
+    mixed = exponents.clone()
+    mixed[:100] = -37  # 40 binades below the rest of block 0: rounded in its linear range
+    mixed[3 * BLOCK:3 * BLOCK + 9] = sf.ZERO_EXPONENT  # zeros among the last block's elements
+    values = sf.decode_elements(codes, mixed)
+    assert torch.equal(values[:100], (q_of(codes[:100]) * 2.0 ** -37).float())
+    restored_codes, restored_scales = sf.blocks_from_exponents(codes, mixed)
+    half = torch.full((n,), 1 << 19, dtype=torch.int64)
+    expected_codes, expected_scales = sf.encode_blocks(values, half)
+    for block in (0, 3):
+        part = slice(block * BLOCK, (block + 1) * BLOCK)
+        assert torch.equal(restored_codes[part], expected_codes[part])
+        assert restored_scales[block] == expected_scales[block]
+    assert not torch.equal(restored_codes[:100], codes[:100])
+    assert torch.equal(restored_codes[BLOCK:3 * BLOCK], codes[BLOCK:3 * BLOCK])
+    assert torch.equal(restored_scales[1:3], scales[1:3])
+    decoded = sf.decode(restored_codes, restored_scales)
+    assert torch.equal(decoded[100:BLOCK], values[100:BLOCK])  # at the scale they had
+    assert torch.equal(decoded[3 * BLOCK:3 * BLOCK + 9], torch.zeros(9))
+
+    empty = torch.zeros(0, dtype=torch.uint8)
+    restored_codes, restored_scales = sf.blocks_from_exponents(empty, empty.to(torch.int8))
+    assert restored_codes.shape == (0,) and restored_scales.shape == (0,)

@@ -9,7 +9,7 @@ optimizer that unscales inside its step ``grad_scale``), a post-hook takes the p
 ``penalty_form`` at every step.
 
 ``Attachment`` is mixed into ``Regularizer``; it uses ``self.model``, ``_scale``,
-``_importance``, ``_importance_scales``, ``_anchor``, ``_terms``, ``_refuse_sharded_codes``,
+``_importance``, ``_importance_scales``, ``_anchor``, ``_terms``, ``_laid_out_importance``,
 ``_regularized_params``, ``add_penalty_grad_`` and ``proximal_step_``.
 """
 from __future__ import annotations
@@ -75,9 +75,7 @@ class Attachment:
                 anchors.append(None)
                 scales.append(None)
             else:
-                if self._importance[name].dtype == torch.uint8:
-                    self._refuse_sharded_codes(name, p)
-                importances.append(local(match_shard(self._importance, name, p)))
+                importances.append(local(self._laid_out_importance(name, p)))
                 anchors.append(local(match_shard(self._anchor, name, p)))
                 scales.append(self._importance_scales.get(name))
         return importances, anchors, scales

@@ -33,7 +33,8 @@ Under FSDP2 the parameters are DTensors: ``add_penalty_grad_``, ``proximal_step_
 data, keeping only its shards (``sharded``). State consolidated before ``fully_shard`` becomes
 DTensors laid out like the parameters (same mesh and placements) the first time it is used or
 ``state_dict`` is called, so the state can be saved and loaded with
-torch.distributed.checkpoint.
+torch.distributed.checkpoint; 8-bit codes then take the scales of the local shard's blocks,
+and ``state_dict`` gives them per-element exponents in their place (``state``).
 """
 from __future__ import annotations
 
@@ -104,8 +105,6 @@ class Regularizer(ImportancePasses, TaskState, Attachment, abc.ABC):
         check_choice("normalize", normalize, NORMALIZATIONS)
         self.normalize = normalize
         self.state_dtype = check_state_dtype(state_dtype)
-        for name, p in model.named_parameters():
-            self._refuse_sharded_codes(name, p)
         self.per_sample = bool(per_sample)
         self.process_group = process_group
         self._reset_state(bool(keep_task_importances))
@@ -156,8 +155,6 @@ class Regularizer(ImportancePasses, TaskState, Attachment, abc.ABC):
         if optimizer is not None:
             for p in params.values():
                 stability.group_of(optimizer, p)
-        for name, p in params.items():
-            self._refuse_sharded_codes(name, p)
         device = local(next(iter(params.values()))).device
         shards = [isinstance(p, DTensor) for p in params.values()]
         if any(shards) and not all(shards):

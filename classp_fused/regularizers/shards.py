@@ -5,25 +5,17 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from ..sharded_codes import like_param
+
 try:
-    from torch.distributed.tensor import DTensor, Shard, distribute_tensor
+    from torch.distributed.tensor import DTensor, Shard
 except ImportError:  # torch built without distributed support
-    DTensor, Shard, distribute_tensor = (), (), None
+    DTensor, Shard = (), ()
 
 
 def local(t: Tensor) -> Tensor:
     """The tensor this rank holds: a DTensor's local shard, any other tensor itself."""
     return t.to_local() if isinstance(t, DTensor) else t
-
-
-def like_param(t: Tensor, p: Tensor) -> Tensor:
-    """``t`` (full-shaped, plain or DTensor) laid out like ``p``: on p's mesh and placements
-    when ``p`` is a DTensor, else a plain tensor on p's device."""
-    if isinstance(p, DTensor):
-        if isinstance(t, DTensor):
-            return t.redistribute(p.device_mesh, p.placements)
-        return distribute_tensor(t.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
-    return (t.full_tensor() if isinstance(t, DTensor) else t).to(p.device)
 
 
 def match_shard(state: dict[str, Tensor], name: str, p: Tensor) -> Tensor:

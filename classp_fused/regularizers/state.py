@@ -18,8 +18,10 @@ Float64 parameters and tensors under 4096 elements keep the parameter's dtype in
 A task boundary decodes the old Omega to float32, merges it with the new task's in float32
 (under ``"param"``: in the parameter's dtype, as stored), checks the result and rounds it to
 nearest into the format, one parameter at a time. Every reader (penalty, its gradient and
-proximal step, stability bounds, an attached CLASSP) reads the decoded values. 8-bit codes are
-for plain tensors only: their block scales would not go through distributed checkpoints.
+proximal step, stability bounds, an attached CLASSP) reads the decoded values. The 8-bit codes
+of a DTensor parameter (FSDP2) are a DTensor laid out like it, their block scales those of its
+local shard; its state dict holds per-element exponents in their place
+(``classp_fused.sharded_codes``).
 
 ``TaskState`` is mixed into ``Regularizer``; it uses ``self.model``, ``self.normalize`` and
 the subclass's ``_merge``.
@@ -32,11 +34,11 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
+from ..sharded_codes import check_exponents, decoded, exponents_of, like_param, restored
 from ..state_formats import (BLOCK, IMPORTANCE_FORMATS, encode_importance, importance_dtype,
                              importance_values, num_blocks)
 from .checks import bad_values
-from .shards import (DTensor, any_over_mesh, like_param, local, match_shard, sum_over_mesh,
-                     wrap_like)
+from .shards import DTensor, any_over_mesh, local, match_shard, sum_over_mesh, wrap_like
 
 
 def check_state_dtype(state_dtype) -> str:
@@ -74,8 +76,8 @@ class TaskState:
 
         Under FSDP2 an entry is a DTensor once the state has been laid out like its parameter.
         """
-        return {name: importance_values(t, self._importance_scales.get(name),
-                                        self._anchor[name].dtype)
+        return {name: wrap_like(importance_values(local(t), self._importance_scales.get(name),
+                                                  self._anchor[name].dtype), t)
                 for name, t in self._importance.items()}
 
     @property
@@ -110,18 +112,24 @@ class TaskState:
     def _fitting_importance(self, name: str, p: Tensor) -> Tensor:
         """The local stored importance of ``name`` laid out like ``p`` (``_fitting``), in the
         dtype this regularizer's format gives ``p``."""
-        self._refuse_sharded_codes(name, p)
+        self._laid_out_importance(name, p)
         return self._fitting(self._importance, name, p, "importance",
                              importance_dtype(p, self.state_dtype))
 
-    def _refuse_sharded_codes(self, name: str, p: Tensor) -> None:
-        """Raise ValueError when ``p`` is a DTensor whose importance would be 8-bit codes."""
-        if isinstance(p, DTensor) and importance_dtype(p, self.state_dtype) == torch.uint8:
-            raise ValueError(
-                f"{type(self).__name__}(state_dtype='8bit') does not support DTensor (FSDP2, "
-                f"tensor parallel) parameters such as {name!r}: the per-block scales of a "
-                f"local shard do not go through distributed checkpoints; use "
-                f"state_dtype='bf16'")
+    def _laid_out_importance(self, name: str, p: Tensor) -> Tensor:
+        """The stored importance of ``name``, made (once, in place) a DTensor like ``p`` if
+        ``p`` is one of its shape (``match_shard``). 8-bit codes of the whole tensor
+        (consolidated before FSDP2 sharded ``p``) become the codes of its local shard with the
+        scales of the shard's blocks (``sharded_codes.restored``: re-rounded to nearest only
+        where a local block mixes blocks of the whole with different scales)."""
+        t = self._importance[name]
+        if (t.dtype != torch.uint8 or not isinstance(p, DTensor) or isinstance(t, DTensor)
+                or t.shape != p.shape):
+            return match_shard(self._importance, name, p) if t.shape == p.shape else t
+        codes, scales = restored(t, exponents_of(t, self._importance_scales[name]), p)
+        self._importance[name] = wrap_like(codes, p)
+        self._importance_scales[name] = scales
+        return self._importance[name]
 
     @staticmethod
     def _fitting(state: dict[str, Tensor], name: str, p: Tensor, key: str,
@@ -210,7 +218,7 @@ class TaskState:
     def _local_values(self, name: str, like: Tensor, dtype: torch.dtype) -> Tensor:
         """The local values of the stored importance of ``name``, laid out like ``like``
         (``match_shard``), decoded to ``dtype``."""
-        stored = local(match_shard(self._importance, name, like))
+        stored = local(self._laid_out_importance(name, like))
         return importance_values(stored, self._importance_scales.get(name), dtype)
 
     def _store(self, importance: dict, scales: dict, name: str, values: Tensor,
@@ -223,7 +231,8 @@ class TaskState:
         if dtype == torch.uint8:
             detail = bad_values(values, True)
             if detail is None:
-                importance[name], scales[name] = encode_importance(values, dtype)
+                codes, scales[name] = encode_importance(values, dtype)
+                importance[name] = wrap_like(codes, like)
         else:
             importance[name] = wrap_like(values.to(dtype), like)
             detail = bad_values(local(importance[name]), True)
@@ -247,22 +256,31 @@ class TaskState:
         (that entry is there under ``state_dtype="8bit"``).
         For a DTensor parameter (FSDP2) the importance and anchor entries are DTensors with its
         mesh and placements, as torch.distributed.checkpoint needs; the returned tensors are
-        the state itself, so ``dcp.load`` into them loads in place. Residuals are plain
-        float64 scalars, equal on every rank. Entries of frozen parameters are included: the
-        state always loads back into this regularizer.
+        the state itself, so ``dcp.load`` into them loads in place. The block scales of a
+        DTensor's 8-bit codes belong to its local shard: ``importance_exponents`` (there when
+        some importance is such) holds in their place a new int8 DTensor laid out like the
+        codes with the exponent of each element's block scale (``classp_fused.sharded_codes``;
+        one more byte per element while the dict exists). Residuals are plain float64
+        scalars, equal on every rank. Entries of frozen parameters are included: the state
+        always loads back into this regularizer.
         """
         params = dict(self.model.named_parameters())
         for name in self._importance:
             p = params.get(name)
             if p is not None and p.shape == self._importance[name].shape:
-                self._refuse_sharded_codes(name, p)
-                match_shard(self._importance, name, p)
+                self._laid_out_importance(name, p)
                 match_shard(self._anchor, name, p)
+        importance = dict(self._importance)
         state = {"method": self._method_name(), "normalize": self.normalize,
-                 "tasks_seen": self.tasks_seen, "importance": dict(self._importance),
+                 "tasks_seen": self.tasks_seen, "importance": importance,
                  "anchor": dict(self._anchor), "residual": dict(self._residual)}
         if self.state_dtype == "8bit":
-            state["importance_scales"] = dict(self._importance_scales)
+            sharded = [n for n in self._importance_scales if isinstance(importance[n], DTensor)]
+            state["importance_scales"] = {n: t for n, t in self._importance_scales.items()
+                                          if n not in sharded}
+            if sharded:
+                state["importance_exponents"] = {
+                    n: exponents_of(importance[n], self._importance_scales[n]) for n in sharded}
         if self.task_importances is not None:
             state["task_importances"] = [dict(task) for task in self.task_importances]
         return state
@@ -275,23 +293,28 @@ class TaskState:
         Per-task importances are not part of it."""
         params = {n: p for n, p in self.model.named_parameters()
                   if p.requires_grad or n in self._importance}
-        dtypes = {n: importance_dtype(p, self.state_dtype) for n, p in params.items()}
-        for name, p in params.items():
-            self._refuse_sharded_codes(name, p)
+        codes = [n for n, p in params.items()
+                 if importance_dtype(p, self.state_dtype) == torch.uint8]
+        sharded = [n for n in codes if isinstance(params[n], DTensor)]
         with torch.no_grad():
             state = {"method": self._method_name(), "normalize": self.normalize,
                      "tasks_seen": 0,
                      "importance": {n: torch.zeros(p.shape, dtype=torch.uint8, device=p.device)
-                                    if dtypes[n] == torch.uint8
-                                    else torch.zeros_like(p, dtype=dtypes[n])
+                                    if n in codes and n not in sharded
+                                    else torch.zeros_like(
+                                        p, dtype=importance_dtype(p, self.state_dtype))
                                     for n, p in params.items()},
                      "anchor": {n: torch.zeros_like(p) for n, p in params.items()},
                      "residual": {n: torch.zeros((), dtype=torch.float64) for n in params}
                      if self._folds_tasks_exactly() else {}}
             if self.state_dtype == "8bit":
                 state["importance_scales"] = {
-                    n: torch.zeros(num_blocks(p.numel()), dtype=torch.float32, device=p.device)
-                    for n, p in params.items() if dtypes[n] == torch.uint8}
+                    n: torch.zeros(num_blocks(params[n].numel()), dtype=torch.float32,
+                                   device=params[n].device)
+                    for n in codes if n not in sharded}
+                if sharded:
+                    state["importance_exponents"] = {
+                        n: torch.zeros_like(params[n], dtype=torch.int8) for n in sharded}
         return state
 
     def load_state_dict(self, state: Mapping) -> None:
@@ -303,14 +326,19 @@ class TaskState:
         "anchor"}, ...]}``) is folded task by task into the constant-memory form.
 
         Importances are converted to this regularizer's ``state_dtype``, whatever format they
-        were saved in: 8-bit codes load as they are into an 8-bit state (bit for bit) and are
-        decoded into any other; values are rounded to nearest into bfloat16 or 8-bit codes.
+        were saved in: 8-bit codes load as they are into an 8-bit state (bit for bit; laid out
+        otherwise than saved, a block of the local shard that mixes elements of blocks with
+        other scales is rounded again to nearest from its exact values,
+        ``classp_fused.sharded_codes``) and are decoded into any other; values are rounded to
+        nearest into bfloat16 or 8-bit codes.
 
         Everything is checked before anything changes; each refusal names the entry and what
         it expected: importance and anchor for the same parameters, of their parameter's
         shape, anchors floating-point, importances floating-point or uint8 codes with their
         ``importance_scales`` entry (float32, one per block of 256 elements, each 0 or a power
-        of two in [2**-115, 2**127]; scales only for uint8 importances); importances (also per
+        of two in [2**-115, 2**127]; plain codes only) or their ``importance_exponents`` entry
+        (int8, laid out like the codes, each in [-115, 127] or -128 for a zero block; scales
+        and exponents only for uint8 importances); importances (also per
         task, decoded) and residuals finite and >= 0, anchors finite, in the parameter's
         dtype; residuals scalars, only for EWC-separate; ``tasks_seen`` an int >= 0;
         ``normalize`` (absent: ``"none"``, as states of earlier versions) this regularizer's,
@@ -326,8 +354,6 @@ class TaskState:
                              f"importance is in other units; build the regularizer with "
                              f"normalize={normalize!r}")
         params = dict(self.model.named_parameters())
-        for name, p in params.items():
-            self._refuse_sharded_codes(name, p)
         if "tasks" in state and state.get("method") == type(self).__name__:
             self._load_per_task(state["tasks"], params)
             return
@@ -335,7 +361,8 @@ class TaskState:
             raise ValueError(f"state is for {state.get('method')!r}, not {self._method_name()}")
         importances, anchors = _pair(state, "state")
         importance, scales, bad = self._load_importances(
-            importances, state.get("importance_scales", {}), params)
+            importances, state.get("importance_scales", {}),
+            state.get("importance_exponents", {}), params)
         anchor = _load_tensors(anchors, params, "state anchor")
         residual = self._load_residuals(state.get("residual", {}), importance)
         tasks_seen = state.get("tasks_seen", 1 if importance else 0)
@@ -393,16 +420,18 @@ class TaskState:
         return (_load_tensors(importance, params, f"{where} importance"),
                 _load_tensors(anchor, params, f"{where} anchor"))
 
-    def _load_importances(self, tensors: Mapping, scales, params: dict
+    def _load_importances(self, tensors: Mapping, scales, exponents, params: dict
                           ) -> tuple[dict, dict, tuple | None]:
-        """A state's importances (``tensors``, with the 8-bit ones' ``scales``) in this
-        regularizer's format, laid out like their parameters: (stored, 8-bit block scales,
-        the first entry whose values are not finite and >= 0 as ``(label, True, what)`` or
-        None). Malformed entries raise, naming the entry. One parameter at a time: decoded or
-        float32 temporaries are one parameter's."""
-        if not isinstance(scales, Mapping):
-            raise TypeError("state importance_scales must be a dict of float32 tensors by "
-                            f"parameter name, got {type(scales).__name__}")
+        """A state's importances (``tensors``, the 8-bit ones with their block ``scales`` or
+        per-element ``exponents``) in this regularizer's format, laid out like their
+        parameters: (stored, 8-bit block scales, the first entry whose values are not finite
+        and >= 0 as ``(label, True, what)`` or None). Malformed entries raise, naming the
+        entry. One parameter at a time: decoded or float32 temporaries are one parameter's."""
+        entries = {"importance_scales": scales, "importance_exponents": exponents}
+        for key, per_name in entries.items():
+            if not isinstance(per_name, Mapping):
+                raise TypeError(f"state {key} must be a dict of tensors by parameter name, got "
+                                f"{type(per_name).__name__}")
         stored, kept_scales, bad = {}, {}, None
         for name, t in tensors.items():
             label = f"state importance {name!r}"
@@ -416,31 +445,41 @@ class TaskState:
                 raise ValueError(f"{label} has shape {tuple(t.shape)}, its parameter "
                                  f"{tuple(p.shape)}")
             dtype = importance_dtype(p, self.state_dtype)
-            if t.dtype == torch.uint8:
+            codes = block_scales = None
+            if t.dtype == torch.uint8 and (name in exponents or isinstance(t, DTensor)
+                                           or isinstance(p, DTensor)):
+                element_exponents = _checked_exponents(t, scales.get(name),
+                                                       exponents.get(name), name)
+                if dtype == torch.uint8:
+                    codes, block_scales = restored(t, element_exponents, p)
+                    codes = wrap_like(codes, p)
+                else:
+                    values = decoded(t, element_exponents, p)
+            elif t.dtype == torch.uint8:
                 codes, block_scales = _checked_codes(t, scales.get(name), name, p.device)
                 values = importance_values(codes, block_scales, torch.float32)
-            elif dtype == torch.uint8:  # a plain param (``_refuse_sharded_codes``)
-                codes, block_scales = None, None
-                values = like_param(t.detach(), p).to(torch.float32)
             else:
-                values = t.detach().to(dtype)
+                values = local(like_param(t.detach(), p)).to(
+                    torch.float32 if dtype == torch.uint8 else dtype)
             if dtype == torch.uint8:
-                detail = bad_values(values, True)
+                detail = None if codes is not None else bad_values(values, True)
                 if codes is None and detail is None:
                     codes, block_scales = encode_importance(values, dtype)
+                    codes = wrap_like(codes, p)
                 stored[name], kept_scales[name] = codes, block_scales
             else:
-                out = like_param(values.to(dtype), p)
+                out = wrap_like(values.to(dtype), p)
                 if local(out).untyped_storage().data_ptr() == local(t).untyped_storage().data_ptr():
                     out = out.clone()
                 stored[name] = out
                 detail = bad_values(local(out), True)
             if bad is None and detail is not None:
                 bad = (label, True, detail)
-        stray = [n for n in scales if n not in tensors or tensors[n].dtype != torch.uint8]
-        if stray:
-            raise ValueError(f"state importance_scales {stray[0]!r} belongs to no uint8 "
-                             f"importance entry: block scales go with 8-bit codes only")
+        for key, per_name in entries.items():
+            stray = [n for n in per_name if n not in tensors or tensors[n].dtype != torch.uint8]
+            if stray:
+                raise ValueError(f"state {key} {stray[0]!r} belongs to no uint8 importance "
+                                 f"entry: block scales and exponents go with 8-bit codes only")
         return stored, kept_scales, bad
 
     def _load_residuals(self, residuals, importance: dict) -> dict[str, Tensor]:
@@ -488,13 +527,17 @@ def _pair(state, where: str) -> tuple[Mapping, Mapping]:
 
 
 def _checked_codes(codes: Tensor, scales, name: str, device) -> tuple[Tensor, Tensor]:
-    """Copies on ``device`` of the uint8 importance ``codes`` of ``name`` (plain, contiguous)
-    and of its block ``scales``, checked: float32, one per block of 256 elements, each 0 or a
-    power of two in [2**-115, 2**127]."""
-    if isinstance(codes, DTensor):
-        raise ValueError(f"state importance {name!r} holds 8-bit codes as a DTensor: 8-bit "
-                         f"importances are plain tensors (their block scales do not go "
-                         f"through distributed checkpoints)")
+    """Copies on ``device`` of the plain uint8 importance ``codes`` of ``name`` (contiguous)
+    and of its block ``scales`` (``_check_block_scales``)."""
+    _check_block_scales(codes, scales, name)
+    return (codes.detach().to(device).contiguous().clone(),
+            scales.detach().to(device).contiguous().clone())
+
+
+def _check_block_scales(codes: Tensor, scales, name: str) -> None:
+    """Raise unless ``scales`` are the block scales of the plain uint8 importance ``codes`` of
+    ``name``: float32, one per block of 256 elements, each 0 or a power of two in
+    [2**-115, 2**127]."""
     label = f"state importance_scales {name!r}"
     if scales is None:
         raise ValueError(f"state importance {name!r} holds uint8 8-bit codes, but "
@@ -511,8 +554,24 @@ def _checked_codes(codes: Tensor, scales, name: str, device) -> tuple[Tensor, Te
     if wrong:
         raise ValueError(f"{label} must hold 0 or powers of two in [2**-115, 2**127], got "
                          f"{wrong} other element(s)")
-    return (codes.detach().to(device).contiguous().clone(),
-            scales.detach().to(device).contiguous().clone())
+
+
+def _checked_exponents(codes: Tensor, scales, exponents, name: str) -> Tensor:
+    """The per-element block exponents of the uint8 importance ``codes`` of ``name``: its
+    ``importance_exponents`` entry, checked (``sharded_codes.check_exponents``), or for plain
+    codes of the whole tensor those of its checked block ``scales``."""
+    if scales is not None and exponents is not None:
+        raise ValueError(f"state importance {name!r} has an entry in importance_scales and in "
+                         f"importance_exponents: 8-bit codes carry one of them")
+    if exponents is not None:
+        check_exponents(exponents, codes, f"state importance_exponents {name!r}")
+        return exponents.detach()
+    if isinstance(codes, DTensor):
+        raise ValueError(f"state importance {name!r} holds 8-bit codes as a DTensor without "
+                         f"an importance_exponents entry (the exponent of each element's block "
+                         f"scale, as state_dict() gives)")
+    _check_block_scales(codes, scales, name)
+    return exponents_of(codes.detach(), scales.detach())
 
 
 def _load_tensors(tensors, params: dict, where: str) -> dict[str, Tensor]:
