@@ -18,6 +18,7 @@ from .backends import (BACKENDS, param_dtypes, resolve_backend, run_backend,
 from .backends.step_spec import CompressedState, Penalty, StepSpec, step_spec
 from .caller_warnings import warn_at_caller
 from .group_plan import GroupPlan
+from .loaded_state import grad_sq_mean, loaded_entry, step_counter
 from .reference import classp_legacy_step_, compute_dtype, penalized_grad
 from .state_formats import STATE_DTYPES, importance_values, tensor_key
 from .telemetry import StepTelemetry
@@ -375,11 +376,11 @@ class CLASSP(Optimizer):
                 if "accumulator_scales" in state:
                     state["accumulator_scales"] = state["accumulator_scales"].to(p.device)
             if not is_settled(state["step"], state["accumulator"], p.device):
-                state["step"] = _step_counter(state["step"], p.device)
+                state["step"] = step_counter(state["step"], p.device)
             mean = state.get("grad_sq_mean")
             if mean is not None and not is_settled(state["step"], state["accumulator"],
                                                    p.device, mean):
-                state["grad_sq_mean"] = _grad_sq_mean(mean, p)
+                state["grad_sq_mean"] = grad_sq_mean(mean, p)
 
     def _raise_on_nonfinite(self, grad_scale: Optional[Tensor], terms: list) -> None:
         """Raise FloatingPointError for a non-finite element of a gradient the update would see
@@ -628,8 +629,8 @@ class CLASSP(Optimizer):
         params = [p for group in self.param_groups for p in group["params"]]
         # copies, made before anything changes: the loaded state never aliases the tensors of
         # the state_dict it came from
-        loaded = {pid: self._loaded_entry(saved[pid], p) for pid, p in zip(ids, params)
-                  if pid in saved}
+        loaded = {pid: loaded_entry(saved[pid], p, self.state_dtype, self.state_seed)
+                  for pid, p in zip(ids, params) if pid in saved}
         super().load_state_dict(state_dict)
         for pid, p in zip(ids, params):
             if pid in loaded:
@@ -639,79 +640,3 @@ class CLASSP(Optimizer):
                 state.update(loaded[pid])
         for index, group in enumerate(self.param_groups):  # loaded keys of other optimizers
             self._warn_foreign_keys(group, index)
-
-    def _loaded_entry(self, entry: dict, p: Tensor) -> dict:
-        """The state of ``p`` from its checked saved ``entry``, as new tensors in this
-        optimizer's format on ``p``'s device."""
-        step = _step_counter(entry["step"], p.device)
-        acc, scales = entry["accumulator"], entry.get("accumulator_scales")
-        exponents = entry.get(EXPONENTS_KEY)
-        local = local_part(acc)
-        if acc.dtype == torch.uint8 and (exponents is not None or local is not acc
-                                         or local_part(p) is not p):
-            acc, scales = self._loaded_codes(acc, scales, exponents, step, p)
-        elif local_part(p) is p:  # a plain param (a DTensor accumulator is gathered)
-            acc, scales = compressed_state.converted(sharded_codes.like_param(acc, p), scales,
-                                                     step, p, self.state_dtype, self.state_seed)
-        else:  # laid out like p (a whole tensor, or shards of another layout): its local
-            # shard converted, placed as p's
-            acc = sharded_codes.like_param(acc, p)
-            local = local_part(acc)
-            rounded = (compressed_state.accumulator_dtype(p, self.state_dtype)
-                       in COMPRESSED_ACC_DTYPES)
-            local, scales = compressed_state.converted(
-                local, None, step, p, self.state_dtype, self.state_seed,
-                compressed_state.index_offset(acc) if rounded else 0)
-            acc = type(acc).from_local(local, acc.device_mesh, acc.placements, run_check=False,
-                                       shape=acc.shape, stride=_contiguous_strides(acc.shape))
-        loaded = {"step": step, "accumulator": acc}
-        if scales is not None:
-            loaded["accumulator_scales"] = scales
-        if "grad_sq_mean" in entry:
-            loaded["grad_sq_mean"] = _grad_sq_mean(entry["grad_sq_mean"], p)
-        return loaded
-
-    def _loaded_codes(self, codes: Tensor, scales: Optional[Tensor], exponents: Optional[Tensor],
-                      step: Tensor, p: Tensor) -> tuple[Tensor, Optional[Tensor]]:
-        """Checked 8-bit ``codes`` of a DTensor (or for one) with their per-element
-        ``exponents`` or their local blocks' ``scales``, as ``p``'s accumulator and its scales
-        (None but for 8-bit) in this optimizer's format: laid out like ``p``, 8-bit blocks
-        rebuilt (``sharded_codes.restored``: bit for bit in the layout they were saved from,
-        else re-rounded where blocks mix scales), other formats from the exact values."""
-        if exponents is None:
-            exponents = sharded_codes.exponents_of(codes, scales)
-        target = compressed_state.accumulator_dtype(p, self.state_dtype)
-        if target == torch.uint8:
-            local, scales = sharded_codes.restored(codes, exponents, p)
-        else:
-            values = sharded_codes.decoded(codes, exponents, p)
-            offset = compressed_state.index_offset(p) if target == torch.bfloat16 else 0
-            local, scales = compressed_state.converted(values, None, step, p, self.state_dtype,
-                                                       self.state_seed, offset)
-        if local_part(p) is p:
-            return local, scales
-        return sharded_codes.DTensor.from_local(
-            local, p.device_mesh, p.placements, run_check=False, shape=p.shape,
-            stride=_contiguous_strides(p.shape)), scales
-
-
-def _contiguous_strides(shape: torch.Size) -> tuple:
-    """The strides of a contiguous tensor of ``shape``."""
-    strides, inner = [], 1
-    for size in reversed(shape):
-        strides.append(inner)
-        inner *= size
-    return tuple(reversed(strides))
-
-
-def _step_counter(step, device: torch.device) -> Tensor:
-    """A step count (a number or a one-element tensor, checked) as a new 0-dim fp32 tensor on
-    ``device``."""
-    step = local_part(step) if isinstance(step, Tensor) else step
-    return torch.as_tensor(step).to(device=device, dtype=torch.float32, copy=True).reshape(())
-
-
-def _grad_sq_mean(mean: Tensor, p: Tensor) -> Tensor:
-    """A gradient mean S (a one-element floating tensor, checked) as a new 0-dim tensor of
-    ``p``'s accumulator dtype on ``p``'s device."""
-    return local_part(mean).to(device=p.device, dtype=compute_dtype(p), copy=True).reshape(())
