@@ -20,3 +20,6 @@ run split-task-classp-mas split-digits task classp+mas --hparam classp+mas.lr=0.
 run permuted-task-mas permuted-digits task mas --hparam mas.lr=0.1 --hparam mas.lam=0.1
 run permuted-task-ewc permuted-digits task ewc --hparam ewc.lr=0.1 --hparam ewc.lam=1.0
 run split-class-ewc split-digits class ewc --hparam ewc.lr=0.01 --hparam ewc.lam=100.0
+run split-task-online-ewc split-digits task online-ewc --hparam online-ewc.lr=0.1 --hparam online-ewc.lam=100.0
+run split-class-mas split-digits class mas --hparam mas.lr=0.01 --hparam mas.lam=1.0
+run permuted-task-online-ewc permuted-digits task online-ewc --hparam online-ewc.lr=0.1 --hparam online-ewc.lam=1.0
