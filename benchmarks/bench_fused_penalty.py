@@ -35,8 +35,6 @@ tensor of 1e7 float32 elements, each form) with its importance stored in each im
 format (``state_formats.encode_importance``: float32, bfloat16, 8-bit codes with block
 scales; 28, 26 and about 25 B/element) the same way, against the float32 importance.
 """
-import statistics
-import time
 
 import pytest
 import torch
@@ -46,6 +44,7 @@ from classp_fused import CLASSP, MAS, classp_step_, state_formats
 from classp_fused.backends.step_spec import Penalty
 from classp_fused.regularizers import penalty as penalty_ops
 
+from interleaved import time_interleaved
 from memory import peak_extra_bytes
 
 NUMEL = 10 ** 7
@@ -133,48 +132,6 @@ def test_step(benchmark, layout, candidate):
     benchmark(candidates[candidate])
 
 
-def time_interleaved(benchmark, candidates: dict, peer: str, threads: int) -> None:
-    """Time every candidate once per round, in turn, on ``threads`` threads; record per
-    candidate its median and min time, the median (min, max) over rounds of its ratio to
-    ``peer`` and the ratio of the min times.
-
-    With 2 threads the clock is wall time. With 1 thread it is the calling thread's CPU time,
-    which a loaded machine does not inflate by descheduling it (memory stalls still count), so
-    its min times make the steadiest ratios on a shared machine."""
-    clock = time.thread_time if threads == 1 else time.perf_counter
-    times = {candidate: [] for candidate in candidates}
-
-    def one_round():
-        for candidate, fn in candidates.items():
-            start = clock()
-            fn()
-            times[candidate].append(clock() - start)
-
-    saved_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        one_round()  # warm-up, not counted
-        for samples in times.values():
-            samples.clear()
-        benchmark.pedantic(one_round, rounds=ROUNDS, iterations=1)
-    finally:
-        torch.set_num_threads(saved_threads)
-    print(f"\n{benchmark.group}, {'CPU' if threads == 1 else 'wall'} time: median and min time; "
-          f"median / min / max over rounds of the ratio to {peer}; ratio of the min times (the "
-          f"least disturbed runs)")
-    for candidate, samples in times.items():
-        ratios = [t / p for t, p in zip(samples, times[peer])]
-        median_ratio = statistics.median(ratios)
-        min_ratio = min(samples) / min(times[peer])
-        benchmark.extra_info[f"{candidate} median ms"] = statistics.median(samples) * 1e3
-        benchmark.extra_info[f"{candidate} min ms"] = min(samples) * 1e3
-        benchmark.extra_info[f"{candidate} / {peer}"] = median_ratio
-        benchmark.extra_info[f"{candidate} / {peer}, min times"] = min_ratio
-        print(f"  {candidate:26s} {statistics.median(samples) * 1e3:8.2f} ms "
-              f"{min(samples) * 1e3:8.2f} ms   {median_ratio:5.2f}x "
-              f"(min {min(ratios):.2f}, max {max(ratios):.2f})   {min_ratio:5.2f}x")
-
-
 @pytest.mark.parametrize("threads", [2, 1])
 def test_interleaved_ratios(benchmark, layout, device, threads):
     """Each round times every candidate once, in turn; the ratios to ``plain`` are per round
@@ -183,7 +140,7 @@ def test_interleaved_ratios(benchmark, layout, device, threads):
         pytest.skip("the single-thread run is a CPU measurement")
     name, candidates = layout
     benchmark.group = f"regularized-step-{name}-interleaved-{threads}-threads"
-    time_interleaved(benchmark, candidates, "plain", threads)
+    time_interleaved(benchmark, candidates, "plain", threads, ROUNDS)
 
 
 def chunked(fn):
@@ -236,7 +193,7 @@ def test_unfused_pass_ratios(benchmark, device, name, threads):
     for candidate in PASSES[1:]:
         benchmark.extra_info[f"{candidate} peak extra / params bytes"] = (
             peak_extra_bytes(calls[candidate]) / param_bytes)
-    time_interleaved(benchmark, calls, "foreach_add_", threads)
+    time_interleaved(benchmark, calls, "foreach_add_", threads, ROUNDS)
 
 
 IMPORTANCE_FORMATS = {"W float32": torch.float32, "W bfloat16": torch.bfloat16,
@@ -271,4 +228,5 @@ def test_importance_format_ratios(benchmark, device, form, threads):
     if device.type != "cpu":
         pytest.skip("the cpp step is the CPU kernel")
     benchmark.group = f"importance-formats-{form}-interleaved-{threads}-threads"
-    time_interleaved(benchmark, importance_format_steps(form), "W float32", threads)
+    time_interleaved(benchmark, importance_format_steps(form), "W float32", threads,
+                     ROUNDS)

@@ -20,8 +20,6 @@ median over rounds of each one's per-round ratio to ``fp32`` and the ratio of th
 (on a loaded machine, the runs least disturbed): compare those, not timings taken in different
 benchmarks.
 """
-import statistics
-import time
 
 import pytest
 import torch
@@ -29,6 +27,8 @@ import torch
 from classp_fused import state_formats
 from classp_fused.backends import classp_step_
 from classp_fused.backends.step_spec import CompressedState
+
+from interleaved import time_interleaved
 
 NUMEL = 10 ** 7
 CANDIDATES = ("fp32", "bf16", "8bit")
@@ -73,41 +73,7 @@ def test_step(benchmark, candidates, candidate):
 
 @pytest.mark.parametrize("threads", [2, 1])
 def test_interleaved_ratios(benchmark, candidates, threads):
-    """Each round times every candidate once, in turn; the ratios to ``fp32`` are per round.
-
-    With 2 threads the clock is wall time. With 1 thread it is the stepping thread's CPU time,
-    which a loaded machine does not inflate by descheduling it (memory stalls still count), so
-    its min times make the steadiest ratios on a shared machine."""
-    clock = time.thread_time if threads == 1 else time.perf_counter
+    """Each round times every candidate once, in turn; the ratios to ``fp32`` are per round
+    (``time_interleaved``)."""
     benchmark.group = f"state-formats-1x1e7-interleaved-{threads}-threads"
-    times = {candidate: [] for candidate in CANDIDATES}
-
-    def one_round():
-        for candidate in CANDIDATES:
-            start = clock()
-            candidates[candidate]()
-            times[candidate].append(clock() - start)
-
-    saved_threads = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        one_round()  # warm-up, not counted
-        for samples in times.values():
-            samples.clear()
-        benchmark.pedantic(one_round, rounds=ROUNDS, iterations=1)
-    finally:
-        torch.set_num_threads(saved_threads)
-    print(f"\n1x1e7, {threads} thread(s), {'CPU' if threads == 1 else 'wall'} time: median and "
-          f"min time; median / min / max over rounds of the ratio to fp32; ratio of the min "
-          f"times (the least disturbed runs)")
-    for candidate, samples in times.items():
-        ratios = [t / p for t, p in zip(samples, times["fp32"])]
-        median_ratio = statistics.median(ratios)
-        min_ratio = min(samples) / min(times["fp32"])
-        benchmark.extra_info[f"{candidate} median ms"] = statistics.median(samples) * 1e3
-        benchmark.extra_info[f"{candidate} min ms"] = min(samples) * 1e3
-        benchmark.extra_info[f"{candidate} / fp32"] = median_ratio
-        benchmark.extra_info[f"{candidate} / fp32, min times"] = min_ratio
-        print(f"  {candidate:5s} {statistics.median(samples) * 1e3:8.2f} ms "
-              f"{min(samples) * 1e3:8.2f} ms   {median_ratio:5.2f}x "
-              f"(min {min(ratios):.2f}, max {max(ratios):.2f})   {min_ratio:5.2f}x")
+    time_interleaved(benchmark, {c: candidates[c] for c in CANDIDATES}, "fp32", threads, ROUNDS)
