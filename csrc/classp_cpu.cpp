@@ -46,6 +46,7 @@
 #include "classp_penalty.h"
 #include "classp_plan.h"
 #include "classp_state_formats.h"
+#include "classp_vec_blocks.h"
 #include "classp_vec_formats.h"
 
 namespace classp {
@@ -60,10 +61,6 @@ constexpr int64_t kMinElementsPerThread = 1 << 15;
 constexpr int64_t kPrefetchElements = 1024;
 
 enum class Power { kOne, kTwo, kGeneric };
-
-// fp32 arithmetic for fp32/bf16/fp16 params, fp64 for fp64 params.
-template <typename scalar_t>
-using math_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
 
 // The step's scalars in the arithmetic type, rounded as the reference rounds them.
 // `factor` is the penalty's 2 * scale; `cap` bounds its proximal coefficient c. `threshold` is
@@ -170,16 +167,6 @@ C10_ALWAYS_INLINE void update_vector(const Vectorized<T>& param, const Vectorize
     new_param = new_param + c / (Vec(T(1)) + c) * (anchor - new_param);
   }
 }
-
-// A block is one native vector of the param dtype: one vector of the arithmetic type, two for
-// bf16/fp16.
-template <typename scalar_t>
-constexpr int kVectors = at::vec::is_reduced_floating_point_v<scalar_t> ? 2 : 1;
-template <typename scalar_t>
-constexpr int64_t kBlock = kVectors<scalar_t> * Vectorized<math_t<scalar_t>>::size();
-
-template <typename scalar_t>
-using Block = std::array<Vectorized<math_t<scalar_t>>, kVectors<scalar_t>>;
 
 template <typename scalar_t>
 C10_ALWAYS_INLINE Block<scalar_t> load_block(const scalar_t* ptr) {

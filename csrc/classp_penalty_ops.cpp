@@ -28,6 +28,7 @@
 #include "classp_checks.h"
 #include "classp_plan.h"
 #include "classp_state_formats.h"
+#include "classp_vec_blocks.h"
 #include "classp_vec_formats.h"
 
 namespace classp {
@@ -37,20 +38,6 @@ using at::vec::Vectorized;
 
 // Below this many elements per thread, fewer threads are used.
 constexpr int64_t kMinElementsPerThread = 1 << 15;
-
-// fp32 arithmetic for fp32/bf16/fp16 params, fp64 for fp64 params.
-template <typename scalar_t>
-using math_t = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
-
-// A block is one native vector of the param dtype: one vector of the arithmetic type, two for
-// bf16/fp16.
-template <typename scalar_t>
-constexpr int kVectors = at::vec::is_reduced_floating_point_v<scalar_t> ? 2 : 1;
-template <typename scalar_t>
-constexpr int64_t kBlock = kVectors<scalar_t> * Vectorized<math_t<scalar_t>>::size();
-
-template <typename scalar_t>
-using Block = std::array<Vectorized<math_t<scalar_t>>, kVectors<scalar_t>>;
 
 // The `count` (at most kBlock) elements at `ptr` in the arithmetic type; lanes past `count` 0.
 template <typename scalar_t>
