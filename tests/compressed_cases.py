@@ -65,6 +65,18 @@ def make_grads(shapes, dtype=torch.float32, seed=0, scale=0.6):
             for shape, d in zip(shapes, _dtypes(dtype, len(shapes)))]
 
 
+def powers_of_four(shapes, step):
+    """Gradients +-4**k, k in -3..1: |g|**1.5 = 8**k is exact both as torch.pow and as
+    exp2(1.5 * log2|g|), so the generic power's accumulators can be compared bit for bit."""
+    g = torch.Generator().manual_seed(500 + step)
+    out = []
+    for shape in shapes:
+        k = torch.randint(-3, 2, shape, generator=g).to(torch.float64)
+        sign = torch.randint(0, 2, shape, generator=g).to(torch.float64) * 2 - 1
+        out.append((sign * torch.pow(4.0, k)).to(torch.float32))
+    return out
+
+
 def step_keys(n: int, step: int) -> torch.Tensor:
     """The rounding keys of ``n`` tensors at ``step`` (one seed per tensor)."""
     count = torch.tensor(float(step))

@@ -10,7 +10,7 @@ from classp_fused.backends import triton as triton_backend
 from classp_fused.backends.step_spec import step_spec
 from classp_fused.reference import classp_step_ as reference_step_
 from compressed_cases import (HYPER, compare_steps, compressed, copies, make_grads, make_state,
-                              step_keys)
+                              powers_of_four, step_keys)
 from helpers import bits
 
 GPU_BACKENDS = [name for name in ("cuda", "triton")
@@ -39,18 +39,11 @@ def test_powers_and_scaling(fmt, power, apply_scaling):
 
 @pytest.mark.parametrize("fmt", ["bf16", "8bit"])
 def test_generic_power_on_exact_powers(fmt):
-    """Gradients +-4**k: |g|**1.5 = 8**k exactly, as torch.pow and as exp2f(1.5 * log2f|g|)."""
+    """Gradients +-4**k (``powers_of_four``): |g|**1.5 = 8**k exactly, as torch.pow and as
+    exp2f(1.5 * log2f|g|)."""
     shapes = [(CHUNK + 300,), (300,)]
-
-    def grads(step):
-        g = torch.Generator().manual_seed(500 + step)
-        out = []
-        for shape in shapes:
-            k = torch.randint(-3, 2, shape, generator=g).to(torch.float64)
-            sign = torch.randint(0, 2, shape, generator=g).to(torch.float64) * 2 - 1
-            out.append((sign * torch.pow(4.0, k)).to(torch.float32))
-        return out
-    _run(shapes, [fmt, fmt], hyper=dict(HYPER, power=1.5), grads=grads)
+    _run(shapes, [fmt, fmt], hyper=dict(HYPER, power=1.5),
+         grads=lambda step: powers_of_four(shapes, step))
 
 
 @pytest.mark.parametrize("fmt", ["bf16", "8bit"])

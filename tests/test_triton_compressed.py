@@ -12,7 +12,7 @@ from classp_fused.backends import triton as triton_backend
 from classp_fused.backends.step_spec import step_spec
 from classp_fused.reference import classp_step_ as reference_step_
 from compressed_cases import (HYPER, STEPS, assert_same_state, compare_steps, compressed,
-                              copies, make_grads, make_state, step_keys)
+                              copies, make_grads, make_state, powers_of_four, step_keys)
 from helpers import bits
 from triton_aot import compile_results
 
@@ -53,22 +53,10 @@ def test_powers_and_scaling(fmt, power, apply_scaling):
          dict(HYPER, power=power, apply_scaling=apply_scaling))
 
 
-def _powers_of_four(shapes, step):
-    """Gradients +-4**k, k in -3..1: |g|**1.5 = 8**k is exact both as torch.pow and as
-    exp2(1.5 * log2|g|), so the generic power's accumulators can be compared bit for bit."""
-    g = torch.Generator().manual_seed(500 + step)
-    out = []
-    for shape in shapes:
-        k = torch.randint(-3, 2, shape, generator=g).to(torch.float64)
-        sign = torch.randint(0, 2, shape, generator=g).to(torch.float64) * 2 - 1
-        out.append((sign * torch.pow(4.0, k)).to(torch.float32))
-    return out
-
-
 @pytest.mark.parametrize("fmt", ["bf16", "8bit"])
 def test_generic_power_on_exact_powers(fmt):
     shapes = [(CHUNK + 300,), (300,)]
-    _run(shapes, [fmt, fmt], dict(HYPER, power=1.5), grads=lambda step: _powers_of_four(
+    _run(shapes, [fmt, fmt], dict(HYPER, power=1.5), grads=lambda step: powers_of_four(
         shapes, step))
 
 
